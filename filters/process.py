@@ -1,0 +1,145 @@
+"""git's long-running filter process (``filter.fmhub.process``), speaking pkt-lines through dulwich.
+
+One process serves every clean and smudge of one git command. Protocol:
+https://git-scm.com/docs/gitattributes#_long_running_filter_process
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import BinaryIO, TextIO
+
+from dulwich.errors import HangupException
+from dulwich.protocol import Protocol
+
+from fmhub import checkpoint
+from fmhub.errors import FmhubError
+from fmhub.repo import open_store
+from fmhub.store import ObjectStore
+from fmhub_filters.pktio import PktReader, PktWriter
+
+CAPABILITIES = ("clean", "smudge")
+
+
+class FilterProtocolError(Exception):
+    pass
+
+
+class FilterServer:
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO, store: ObjectStore | None = None) -> None:
+        self._out = stdout
+        self.proto = Protocol(stdin.read, stdout.write)
+        self.stderr = stderr
+        self._store = store
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store()
+        return self._store
+
+    def _read_list(self) -> list[bytes]:
+        return [line.rstrip(b"\n") for line in self.proto.read_pkt_seq()]
+
+    def _send_list(self, *lines: bytes) -> None:
+        for line in lines:
+            self.proto.write_pkt_line(line)
+        self.proto.write_pkt_line(None)
+
+    def handshake(self) -> None:
+        hello = self._read_list()
+        if hello[:1] != [b"git-filter-client"] or b"version=2" not in hello[1:]:
+            raise FilterProtocolError(f"unexpected filter handshake {hello!r}")
+        self._send_list(b"git-filter-server", b"version=2")
+        offered = {line.split(b"=", 1)[1] for line in self._read_list() if line.startswith(b"capability=")}
+        self._send_list(*(b"capability=" + c.encode() for c in CAPABILITIES if c.encode() in offered))
+        self._out.flush()
+
+    def serve(self) -> int:
+        self.handshake()
+        try:
+            while True:
+                try:
+                    request = self._read_list()
+                except HangupException:
+                    return 0
+                if not request:
+                    return 0
+                self.handle(dict(line.split(b"=", 1) for line in request if b"=" in line))
+                self._out.flush()
+        finally:
+            if self._store is not None:
+                self._store.close()
+
+    def handle(self, request: dict[bytes, bytes]) -> None:
+        command = request.get(b"command", b"").decode()
+        path = request.get(b"pathname", b"").decode("utf-8", "replace")
+        reader = PktReader(self.proto)
+        if command == "clean":
+            self._clean(reader, path)
+        elif command == "smudge":
+            self._smudge(reader, path)
+        else:
+            reader.drain()
+            self._fail(path, f"unsupported filter command {command!r}")
+
+    def _fail(self, path: str, message: str) -> None:
+        self.stderr.write(f"fmhub: {message}\n")
+        self.stderr.flush()
+        self._send_list(b"status=error")
+
+    def _clean(self, reader: PktReader, path: str) -> None:
+        try:
+            result = checkpoint.clean(reader, self.store, path)
+        except FmhubError as exc:
+            reader.drain()
+            return self._fail(path, str(exc))
+        except Exception as exc:  # a bug must fail this file, not wedge git's protocol
+            reader.drain()
+            return self._fail(path, f"{path}: internal error while cleaning: {exc!r}; please report it")
+        self._send_list(b"status=success")
+        PktWriter(self.proto).write(result)
+        self.proto.write_pkt_line(None)
+        self._send_list()
+
+    def _smudge(self, reader: PktReader, path: str) -> None:
+        data = reader.read_all()
+        started = False
+
+        def start() -> None:
+            nonlocal started
+            started = True
+            self._send_list(b"status=success")
+
+        try:
+            checkpoint.smudge(data, self.store, PktWriter(self.proto), path, on_start=start)
+        except Exception as exc:
+            msg = str(exc) if isinstance(exc, FmhubError) else f"{path}: internal error while smudging: {exc!r}; please report it"
+            if not started:
+                return self._fail(path, msg)
+            # content is half sent: close it, then overrule the status as the protocol allows
+            self.proto.write_pkt_line(None)
+            return self._fail(path, msg)
+        if not started:
+            start()
+        self.proto.write_pkt_line(None)
+        self._send_list()
+
+
+def main() -> int:
+    stdout = sys.stdout.buffer
+    # Anything printed by accident must not corrupt the protocol stream.
+    sys.stdout = sys.stderr
+    server = FilterServer(sys.stdin.buffer, stdout, sys.stderr)
+    try:
+        return server.serve()
+    except FilterProtocolError as exc:
+        sys.stderr.write(f"fmhub: {exc}\n")
+        return 2
+    except (BrokenPipeError, HangupException):
+        return 1
+
+
+if __name__ == "__main__":
+    os._exit(main())

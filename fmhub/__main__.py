@@ -1,0 +1,3 @@
+from fmhub.cli import main
+
+main()

@@ -1,0 +1,209 @@
+"""Clean and smudge: a checkpoint file to a manifest plus objects, and back, byte for byte.
+
+Both directions stream: clean reads its input once, front to back, holding at
+most one tensor (or `fmhub.store.SPILL_BYTES` of it) in memory; smudge copies
+objects out in 1 MiB chunks. Neither knows about git: `fmhub_filters.process`
+feeds them from git's filter protocol, the CLI from files.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import BinaryIO, Callable, Protocol
+
+from fmhub import host
+from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject
+from fmhub.interfaces import CheckpointFormat, Layout
+from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
+from fmhub.store import CHUNK, ObjectStore, copy_object
+
+SNIFF_BYTES = 16
+
+
+class Readable(Protocol):
+    def read(self, n: int) -> bytes: ...
+
+
+class _Input:
+    """A forward-only reader with a little look-ahead for sniffing."""
+
+    def __init__(self, src: Readable) -> None:
+        self._src = src
+        self._ahead = b""
+        self.pos = 0
+
+    def peek(self, n: int) -> bytes:
+        while len(self._ahead) < n:
+            more = self._src.read(n - len(self._ahead))
+            if not more:
+                break
+            self._ahead += more
+        return self._ahead[:n]
+
+    def read(self, n: int) -> bytes:
+        if self._ahead:
+            out, self._ahead = self._ahead[:n], self._ahead[n:]
+        else:
+            out = self._src.read(n)
+        self.pos += len(out)
+        return out
+
+    def read_upto(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            chunk = self.read(min(CHUNK, n - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+
+def checkpoint_formats() -> list[CheckpointFormat]:
+    return list(host.registry("format").values())
+
+
+def format_named(name: str) -> CheckpointFormat:
+    return host.lookup("format", name)
+
+
+def sniff_format(head: bytes) -> CheckpointFormat | None:
+    for fmt in checkpoint_formats():
+        if fmt.sniff(head):
+            return fmt
+    return None
+
+
+def clean(src: Readable, store: ObjectStore, path: str) -> bytes:
+    """Store a checkpoint's header and tensors as objects; return the manifest git should keep.
+
+    An empty input and an input that already is a manifest come back unchanged,
+    so cleaning is idempotent (git re-cleans files when it checks their status).
+    """
+    inp = _Input(src)
+    head = inp.peek(SNIFF_BYTES)
+    if not head:
+        return b""
+    if is_manifest(head):
+        data = inp.read_upto(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: looks like an fmhub manifest but is over {MAX_MANIFEST_BYTES} bytes")
+        Manifest.from_bytes(data, path)
+        return data
+    fmt = sniff_format(head)
+    if fmt is None:
+        names = ", ".join(f.name for f in checkpoint_formats())
+        raise CorruptCheckpoint(
+            f"{path}: not a checkpoint fmhub can store (formats: {names}); "
+            "if it should not be tracked, narrow the pattern with `fmhub untrack`"
+        )
+    try:
+        return _clean_checkpoint(inp, fmt, store, path).to_bytes()
+    finally:
+        store.flush()
+
+
+def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str) -> Manifest:
+    def read_exact(n: int) -> bytes:
+        data = inp.read_upto(n)
+        if len(data) != n:
+            raise CorruptCheckpoint(f"{path}: truncated inside the header ({inp.pos} bytes in all); the file is incomplete")
+        return data
+
+    layout: Layout = fmt.read_layout(read_exact, path)
+    header_oid = store.write_bytes(layout.header)
+    entries: list[TensorEntry] = []
+    for t in layout.tensors:
+        w = store.writer()
+        try:
+            remaining = t.size
+            while remaining:
+                chunk = inp.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise CorruptCheckpoint(
+                        f"{path}: truncated: tensor {t.name!r} needs {t.size} bytes but the file ends after "
+                        f"{t.size - remaining}; the file is incomplete (an interrupted download or save?)"
+                    )
+                w.write(chunk)
+                remaining -= len(chunk)
+        except BaseException:
+            w.abort()
+            raise
+        entries.append(TensorEntry(t.name, t.dtype, t.shape, t.size, w.commit()))
+    if inp.peek(1):
+        extra = len(inp.read_upto(1 << 30))
+        raise CorruptCheckpoint(f"{path}: {extra} bytes follow the last tensor that the header does not describe; the file is corrupt")
+    size = len(layout.header) + sum(e.size for e in entries)
+    metadata = dict(layout.metadata) if layout.metadata is not None else None
+    return Manifest(fmt.name, size, header_oid, len(layout.header), entries, metadata)
+
+
+def missing_objects(manifest: Manifest, store: ObjectStore) -> list[str]:
+    """Names of the tensors (and ``<header>``) whose objects are neither here nor in an alternate store."""
+    missing = [t.name for t in manifest.tensors if not store.ensure(t.oid)]
+    if not store.ensure(manifest.header_oid):
+        missing.insert(0, "<header>")
+    return missing
+
+
+def check_objects(manifest: Manifest, store: ObjectStore, path: str) -> None:
+    """Raise MissingObject naming every tensor whose object is missing."""
+    missing = missing_objects(manifest, store)
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MissingObject(
+            f"{path}: {len(missing)} object(s) missing from the store {store.path}: {shown}; "
+            "fetch them from the repository that committed this file (`fmhub fsck` lists what is missing)"
+        )
+
+
+def check_header(manifest: Manifest, header: bytes, path: str) -> None:
+    """Refuse a manifest whose tensor list disagrees with its own header object."""
+    layout = format_named(manifest.format).read_layout(_exact_reader(io.BytesIO(header), path), path)
+    want = [(t.name, t.dtype, t.shape, t.size) for t in layout.tensors]
+    have = [(t.name, t.dtype, t.shape, t.size) for t in manifest.tensors]
+    if want != have or len(header) != manifest.header_size:
+        raise ManifestError(f"{path}: the manifest's tensor list does not match its header object; the manifest was edited or is corrupt")
+
+
+def smudge(data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: Callable[[], None] | None = None) -> None:
+    """Write the original file for a manifest to ``out``; anything that is not a manifest is written as is.
+
+    Every check that can fail before output starts (parsing, missing objects,
+    header agreement) is done first; ``on_start`` is called just before the
+    first byte is written. An object that turns out corrupt while streaming
+    raises CorruptObject after partial output.
+    """
+    if not is_manifest(data):
+        if on_start:
+            on_start()
+        out.write(data)
+        return
+    manifest = Manifest.from_bytes(data, path)
+    check_objects(manifest, store, path)
+    header = store.read_bytes(manifest.header_oid)
+    check_header(manifest, header, path)
+    if on_start:
+        on_start()
+    out.write(header)
+    for t in manifest.tensors:
+        try:
+            copy_object(store, t.oid, out)
+        except FmhubError as exc:
+            raise type(exc)(f"{path}: tensor {t.name!r}: {exc}; run `fmhub fsck`") from None
+
+
+def _exact_reader(f: BinaryIO, path: str) -> Callable[[int], bytes]:
+    def read_exact(n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise CorruptCheckpoint(f"{path}: header object is truncated")
+        return data
+
+    return read_exact
+
+
+def read_manifest(data: bytes, path: str) -> Manifest | None:
+    """The manifest in ``data``, or None when ``data`` is not one (an untracked or pre-fmhub version)."""
+    return Manifest.from_bytes(data, path) if is_manifest(data) else None
+

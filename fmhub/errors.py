@@ -1,0 +1,33 @@
+"""Errors fmhub reports to users.
+
+Every message is one line that says what went wrong and what to do about it;
+the CLI and the git filter print it as is.
+"""
+
+
+class FmhubError(Exception):
+    """Base class: a problem the user can act on."""
+
+
+class CorruptCheckpoint(FmhubError):
+    """A checkpoint file does not match its own header (truncated, bad offsets, not a checkpoint)."""
+
+
+class ManifestError(FmhubError):
+    """A manifest that cannot be parsed or does not match its objects."""
+
+
+class MissingObject(FmhubError):
+    """An object a manifest names is not in the store."""
+
+
+class CorruptObject(FmhubError):
+    """An object whose bytes do not hash to its name."""
+
+
+class MergeConflict(FmhubError):
+    """Tensors changed differently on both sides of a merge, with no strategy to combine them."""
+
+
+class PluginError(FmhubError):
+    """A plugin is missing or broke its hook contract."""

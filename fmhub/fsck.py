@@ -1,0 +1,66 @@
+"""Consistency check of the object store against what a revision needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dulwich.objects import Blob, Tree
+from dulwich.repo import Repo
+
+from fmhub.checkpoint import missing_objects
+from fmhub.errors import FmhubError, ManifestError
+from fmhub.manifest import Manifest, is_manifest
+from fmhub.repo import open_store, toplevel
+
+
+@dataclass
+class Report:
+    objects: int = 0
+    stale_temp: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def manifests_at(repo: Repo, rev: str):
+    """Yield (path, manifest bytes) for every manifest committed in ``rev``'s tree."""
+    try:
+        commit = repo[repo.refs[b"HEAD"] if rev == "HEAD" else rev.encode()]
+    except KeyError:
+        from dulwich.objectspec import parse_commit
+
+        try:
+            commit = parse_commit(repo, rev.encode())
+        except KeyError:
+            raise FmhubError(f"unknown revision {rev!r}") from None
+    for entry in repo.object_store.iter_tree_contents(commit.tree):
+        obj = repo.object_store[entry.sha]
+        if isinstance(obj, Blob) and not isinstance(obj, Tree):
+            data = obj.as_raw_string()
+            if is_manifest(data):
+                yield entry.path.decode("utf-8", "replace"), data
+
+
+def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
+    top = toplevel(cwd)
+    store = open_store(top)
+    report = Report(stale_temp=store.remove_stale_temp())
+    for oid in store.iter_oids():
+        report.objects += 1
+        if not store.verify(oid):
+            report.problems.append(f"object sha256:{oid} is corrupt (its bytes do not hash to its name); delete it and re-add or re-fetch the file")
+    repo = Repo(top)
+    try:
+        has_head = b"HEAD" in repo.refs and repo.refs[b"HEAD"]
+    except KeyError:
+        has_head = False
+    if not has_head:
+        return report
+    for path, data in manifests_at(repo, rev):
+        try:
+            m = Manifest.from_bytes(data, path)
+        except ManifestError as exc:
+            report.problems.append(str(exc))
+            continue
+        missing = missing_objects(m, store)
+        if missing:
+            report.problems.append(f"{path} at {rev}: {len(missing)} object(s) missing: {', '.join(missing[:5])}")
+    return report

@@ -1,0 +1,113 @@
+"""Hook specifications: the plugin author's manual.
+
+A plugin is a module (or any object) with functions named after these hooks,
+marked with ``fmhub.hookimpl``. It is found through the ``fmhub`` entry-point
+group, the same way for fmhub's built-in plugins and for third-party ones::
+
+    # pyproject.toml of your package
+    [project.entry-points.fmhub]
+    my-plugin = "my_package.my_plugin"
+
+    # my_package/my_plugin.py
+    from fmhub import hookimpl
+
+    class Sparse:
+        name = "prefer-sparse"
+        def merge(self, name, base, load, sides, options): ...
+
+    @hookimpl
+    def fmhub_merge_strategies():
+        return [Sparse()]
+
+``fmhub plugins`` lists every plugin loaded and what it provides.
+
+The "provider" hooks below each return a list of objects of one kind; fmhub
+collects the lists of every plugin. Each object has a ``name``, unique within
+its kind: when two plugins provide the same name, fmhub refuses to guess and
+says which plugins clash. The shape of each kind is a ``typing.Protocol`` in
+`fmhub.interfaces`.
+
+Keep plugin modules cheap to import: the git filter process loads every plugin
+at start-up, once per git command. Import heavy libraries (torch,
+transformers) inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from fmhub.interfaces import (
+        AccessPolicy,
+        CheckpointFormat,
+        Cleaner,
+        Labeler,
+        MergeStrategy,
+        ServingBackend,
+    )
+
+hookspec = pluggy.HookspecMarker("fmhub")
+
+
+@hookspec
+def fmhub_checkpoint_formats() -> list[CheckpointFormat]:
+    """Return the checkpoint file formats this plugin can store tensor by tensor.
+
+    :return: a list of `fmhub.interfaces.CheckpointFormat` objects. The git
+        clean filter asks each format's ``sniff`` in turn (plugins registered
+        later first) and uses the first that recognises a file. fmhub ships
+        ``safetensors``.
+
+    A format's ``name`` is written into every manifest made with it; renaming it
+    makes those manifests unreadable.
+    """
+
+
+@hookspec
+def fmhub_merge_strategies() -> list[MergeStrategy]:
+    """Return merge strategies: ways to combine one tensor changed on several sides.
+
+    :return: a list of `fmhub.interfaces.MergeStrategy` objects. A strategy is
+        chosen per path with the git attribute ``fmhub-merge=NAME`` (in
+        ``.gitattributes``) or for all paths with ``git config fmhub.merge.strategy NAME``.
+        The merge driver calls ``merge`` only for tensors changed differently on
+        both sides; a tensor changed on one side takes that side without asking.
+        fmhub ships ``ours`` and ``theirs``.
+    """
+
+
+@hookspec
+def fmhub_cleaners() -> list[Cleaner]:
+    """Return data cleaners (dedup, filters, redaction, ...).
+
+    :return: a list of `fmhub.interfaces.Cleaner` objects, each a step that takes
+        records and yields the records to keep.
+    """
+
+
+@hookspec
+def fmhub_labelers() -> list[Labeler]:
+    """Return labelling functions for weak supervision.
+
+    :return: a list of `fmhub.interfaces.Labeler` objects, each voting a label
+        (or abstaining with ``None``) for every record.
+    """
+
+
+@hookspec
+def fmhub_access_policies() -> list[AccessPolicy]:
+    """Return access policies for datasets and models.
+
+    :return: a list of `fmhub.interfaces.AccessPolicy` objects. A request is
+        allowed when at least one policy allows it and none denies it.
+    """
+
+
+@hookspec
+def fmhub_serving_backends() -> list[ServingBackend]:
+    """Return serving backends that share one base model across many adapters.
+
+    :return: a list of `fmhub.interfaces.ServingBackend` objects.
+    """

@@ -1,0 +1,140 @@
+"""The objects plugins hand to fmhub through its hooks.
+
+`fmhub.hookspecs` says *when* each hook is called; this module says what the
+objects the hooks return must look like. They are `typing.Protocol` classes:
+a plugin returns any object with these attributes, no base class needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint file as its header describes it.
+
+    ``size`` is the number of payload bytes the tensor occupies in the file.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    size: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint file splits into a header and tensor payloads.
+
+    The file is exactly ``header`` followed by each tensor's payload, in the
+    order of ``tensors``, with nothing in between and nothing after. A format
+    plugin must refuse a file that does not fit this shape (gaps, overlaps,
+    trailing bytes) rather than describe it approximately: fmhub rebuilds files
+    byte for byte from this description.
+    """
+
+    header: bytes
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, str] | None = None
+    data_size: int = field(default=0)
+
+
+ReadExact = Callable[[int], bytes]
+"""``read_exact(n)`` returns exactly ``n`` bytes or raises `fmhub.errors.CorruptCheckpoint` at end of input."""
+
+
+@runtime_checkable
+class CheckpointFormat(Protocol):
+    """A file format that fmhub can store tensor by tensor.
+
+    ``name`` is written into manifests (``format NAME``), so it must never change
+    once files have been committed with it.
+    """
+
+    name: str
+
+    def sniff(self, head: bytes) -> bool:
+        """Say whether a file starting with ``head`` (at most 16 bytes, fewer for tiny files) is in this format."""
+
+    def read_layout(self, read_exact: ReadExact, path: str) -> Layout:
+        """Read the header from the start of the file through ``read_exact`` and return its layout.
+
+        Must read the header and nothing more: fmhub streams the tensor payloads
+        that follow. Raise `fmhub.errors.CorruptCheckpoint` naming ``path`` (and the
+        tensor, where one is at fault) for a header that is malformed or lies.
+        """
+
+    def build_header(self, tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+        """Return a header for a new file made of ``tensors`` in this order (used when a merge mixes two files)."""
+
+
+@runtime_checkable
+class MergeStrategy(Protocol):
+    """Combines the versions of one tensor that changed on several sides of a merge.
+
+    ``merge`` gets the tensor's name, its version in the merge base (``None`` when
+    the tensor is new on every side) and one version per side, in the order the
+    sides were given (for ``git merge``: ours, theirs). Versions are loaded
+    lazily: ``load(i)`` returns side ``i`` as a ``torch.Tensor``. Strategies that
+    only pick a side (ours/theirs) return an ``int`` (the index of the side to
+    keep) so the chosen object is reused without being read. Others return a
+    ``torch.Tensor`` of the same dtype and shape.
+    """
+
+    name: str
+
+    def merge(
+        self,
+        name: str,
+        base: Callable[[], Any] | None,
+        load: Callable[[int], Any],
+        sides: int,
+        options: Mapping[str, Any],
+    ) -> int | Any:
+        ...
+
+
+@runtime_checkable
+class Cleaner(Protocol):
+    """A data-cleaning step: records in, the records to keep (possibly edited) out."""
+
+    name: str
+
+    def clean(self, records: Iterable[Mapping[str, Any]], options: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+        ...
+
+
+@runtime_checkable
+class Labeler(Protocol):
+    """A labelling function: one vote (a label, or ``None`` to abstain) per record."""
+
+    name: str
+
+    def label(self, records: Iterable[Mapping[str, Any]], options: Mapping[str, Any]) -> Iterator[Any]:
+        ...
+
+
+@runtime_checkable
+class AccessPolicy(Protocol):
+    """Decides whether ``principal`` may do ``action`` on ``resource``.
+
+    Returns ``True`` (allow), ``False`` (deny) or ``None`` (no opinion). A deny
+    from any policy wins.
+    """
+
+    name: str
+
+    def check(self, principal: str, action: str, resource: str) -> bool | None:
+        ...
+
+
+@runtime_checkable
+class ServingBackend(Protocol):
+    """Serves one base model with many adapters."""
+
+    name: str
+
+    def start(self, base_model: str, options: Mapping[str, Any]) -> Any:
+        """Load ``base_model`` and return a server handle."""

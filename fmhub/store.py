@@ -1,0 +1,313 @@
+"""Content-addressed object store with Git LFS's on-disk layout.
+
+Objects live at ``<store>/objects/OID[0:2]/OID[2:4]/OID`` (the layout of
+``dulwich.lfs.LFSStore`` and of git-lfs itself), keyed by the sha256 of their
+bytes. An object is written to ``<store>/tmp``, fsynced, then renamed into
+place, so a visible object is always complete; a crash leaves at most a stray
+temp file, which `ObjectStore.remove_stale_temp` clears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, Iterator, Sequence
+
+from dulwich.lfs import LFSStore
+
+from fmhub.errors import CorruptObject, FmhubError, MissingObject
+
+CHUNK = 1 << 20
+SPILL_BYTES = 64 << 20  # an object larger than this is streamed to a temp file instead of buffered
+MAX_PENDING_BYTES = 128 << 20  # buffered bytes awaiting their background write, at most
+
+
+class ObjectStore(LFSStore):
+    """An LFS-layout store that writes atomically, streams, and can borrow from other stores."""
+
+    def __init__(self, path: str, alternates: Sequence[str] = ()) -> None:
+        super().__init__(path)
+        self.alternates = [a for a in alternates if os.path.abspath(a) != os.path.abspath(path)]
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future, int]] = deque()
+        self._pending_bytes = 0
+        self._pending_oids: set[str] = set()
+
+    @classmethod
+    def create(cls, lfs_dir: str, alternates: Sequence[str] = ()) -> "ObjectStore":
+        os.makedirs(os.path.join(lfs_dir, "objects"), exist_ok=True)
+        os.makedirs(os.path.join(lfs_dir, "tmp"), exist_ok=True)
+        return cls(lfs_dir, alternates)
+
+    # -- reading -------------------------------------------------------------
+
+    def object_path(self, oid: str) -> str:
+        return self._sha_path(oid)
+
+    def has(self, oid: str) -> bool:
+        return oid in self._pending_oids or os.path.isfile(self._sha_path(oid))
+
+    def open_object(self, oid: str) -> BinaryIO:
+        """Open an object for reading, importing it from an alternate store if only that has it."""
+        try:
+            return open(self._sha_path(oid), "rb")
+        except FileNotFoundError:
+            pass
+        for alt in self.alternates:
+            src = os.path.join(alt, "objects", oid[0:2], oid[2:4], oid)
+            if os.path.isfile(src):
+                self._import(src, oid)
+                return open(self._sha_path(oid), "rb")
+        raise KeyError(oid)
+
+    def ensure(self, oid: str) -> bool:
+        """True if the object is here or could be imported from an alternate store."""
+        if self.has(oid):
+            return True
+        try:
+            self.open_object(oid).close()
+        except KeyError:
+            return False
+        return True
+
+    def read_bytes(self, oid: str) -> bytes:
+        with self.open_object(oid) as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != oid:
+            raise CorruptObject(f"object sha256:{oid} in {self.path} is corrupt; run `fmhub fsck` and restore it")
+        return data
+
+    def iter_oids(self) -> Iterator[str]:
+        root = os.path.join(self.path, "objects")
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                if len(name) == 64 and dirpath.endswith(os.path.join(name[0:2], name[2:4])):
+                    yield name
+
+    def verify(self, oid: str) -> bool:
+        """Re-hash an object; False if its bytes do not match its name."""
+        h = hashlib.sha256()
+        with open(self._sha_path(oid), "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        return h.hexdigest() == oid
+
+    # -- writing -------------------------------------------------------------
+
+    def writer(self) -> "ObjectWriter":
+        return ObjectWriter(self)
+
+    def write_bytes(self, data: bytes) -> str:
+        w = self.writer()
+        w.write(data)
+        return w.commit()
+
+    def write_object(self, chunks) -> str:  # dulwich's API, kept streaming
+        w = self.writer()
+        try:
+            for chunk in chunks:
+                w.write(chunk)
+        except BaseException:
+            w.abort()
+            raise
+        return w.commit()
+
+    def _tmp_dir(self) -> str:
+        d = os.path.join(self.path, "tmp")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def _new_temp(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self._tmp_dir(), prefix="obj-")
+
+    def _publish(self, tmp_path: str, oid: str) -> None:
+        dest = self._sha_path(oid)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.chmod(tmp_path, 0o444)  # objects are immutable; a stray write fails loudly
+        os.replace(tmp_path, dest)
+
+    def _import(self, src: str, oid: str) -> None:
+        fd, tmp = self._new_temp()
+        h = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                while chunk := inp.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != oid:
+                raise CorruptObject(f"object sha256:{oid} in {os.path.dirname(src)} is corrupt; it was not copied")
+            self._publish(tmp, oid)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+
+    def _submit(self, fn, nbytes: int, oid: str) -> None:
+        """Run a write in the background so fsync overlaps with reading the next tensor."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmhub-store")
+        while self._pending and self._pending_bytes + nbytes > MAX_PENDING_BYTES:
+            self._wait_oldest()
+        self._pending_oids.add(oid)
+        self._pending.append((self._pool.submit(fn), nbytes))
+        self._pending_bytes += nbytes
+
+    def _wait_oldest(self) -> None:
+        fut, nbytes = self._pending.popleft()
+        self._pending_bytes -= nbytes
+        fut.result()
+
+    def flush(self) -> None:
+        """Wait until every object written so far is durable and visible; re-raise a write's error."""
+        error: BaseException | None = None
+        while self._pending:
+            try:
+                self._wait_oldest()
+            except BaseException as exc:  # keep draining so no write is left running
+                error = error or exc
+        self._pending_oids.clear()
+        if error is not None:
+            raise _as_user_error(error, self.path)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def remove_stale_temp(self, older_than_s: float = 3600.0) -> int:
+        """Remove temp files left by killed writers; returns how many."""
+        d = os.path.join(self.path, "tmp")
+        if not os.path.isdir(d):
+            return 0
+        now, n = time.time(), 0
+        for name in os.listdir(d):
+            p = os.path.join(d, name)
+            try:
+                if now - os.stat(p).st_mtime >= older_than_s:
+                    os.unlink(p)
+                    n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
+
+class ObjectWriter:
+    """Streams one object into the store: hash while buffering, spill big objects to a temp file."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._hash = hashlib.sha256()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._fd: int | None = None
+        self._tmp: str | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        if self._fd is None:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > SPILL_BYTES:
+                self._fd, self._tmp = self.store._new_temp()
+                self._drain_to_file()
+        else:
+            _write_all(self._fd, data)
+
+    def _drain_to_file(self) -> None:
+        for chunk in self._chunks:
+            _write_all(self._fd, chunk)
+        self._chunks, self._buffered = [], 0
+
+    def commit(self) -> str:
+        """Make the object visible (soon: call `ObjectStore.flush` before relying on it); returns its oid."""
+        oid = self._hash.hexdigest()
+        store = self.store
+        if store.has(oid):
+            self.abort()
+            return oid
+        chunks, fd, tmp = self._chunks, self._fd, self._tmp
+        self._chunks, self._fd, self._tmp = [], None, None
+
+        def finish() -> None:
+            nonlocal fd, tmp
+            try:
+                if fd is None:
+                    fd, tmp = store._new_temp()
+                    for chunk in chunks:
+                        _write_all(fd, chunk)
+                os.fsync(fd)
+                os.close(fd)
+                fd = None
+                if os.path.isfile(store._sha_path(oid)):
+                    _unlink_quiet(tmp)
+                else:
+                    store._publish(tmp, oid)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                if tmp is not None:
+                    _unlink_quiet(tmp)
+                raise
+
+        store._submit(finish, sum(len(c) for c in chunks), oid)
+        return oid
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            _unlink_quiet(self._tmp)
+            self._tmp = None
+        self._chunks = []
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _as_user_error(exc: BaseException, where: str) -> BaseException:
+    if isinstance(exc, OSError):
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return FmhubError(f"cannot write to the object store {where}: {exc.strerror}; free some space and run the command again")
+        return FmhubError(f"cannot write to the object store {where}: {exc}")
+    return exc
+
+
+def copy_object(store: ObjectStore, oid: str, out: BinaryIO) -> None:
+    """Copy an object's bytes to ``out``, verifying its hash; raises MissingObject / CorruptObject."""
+    try:
+        f = store.open_object(oid)
+    except KeyError:
+        raise MissingObject(f"object sha256:{oid} is not in {store.path}") from None
+    with f:
+        h = hashlib.sha256()
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+    if h.hexdigest() != oid:
+        raise CorruptObject(f"object sha256:{oid} in {store.path} is corrupt")
+
+

@@ -1,0 +1,94 @@
+"""Checkpoints in the work tree and at revisions: describe them, materialize manifests left in place."""
+
+from __future__ import annotations
+
+
+import os
+import subprocess
+
+from fmhub import checkpoint
+from fmhub.errors import FmhubError
+from fmhub.manifest import Manifest, TensorEntry, is_manifest
+from fmhub.repo import git, open_store, toplevel
+
+
+def blob_at(rev: str, path: str, cwd: str | None = None) -> bytes:
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=cwd, capture_output=True)
+    if proc.returncode != 0:
+        raise FmhubError(f"{path} does not exist at {rev}: {proc.stderr.decode().strip()}")
+    return proc.stdout
+
+
+def describe(path: str, rev: str | None = None) -> Manifest:
+    """The manifest of a checkpoint: committed at ``rev``, or in the work tree (read, not stored)."""
+    if rev is not None:
+        data = blob_at(rev, path)
+        if not is_manifest(data):
+            raise FmhubError(f"{path} at {rev} is not stored by fmhub (is it tracked? see `fmhub track`)")
+        return Manifest.from_bytes(data, path)
+    with open(path, "rb") as f:
+        head = f.read(checkpoint.SNIFF_BYTES)
+        if is_manifest(head):
+            return Manifest.from_bytes(head + f.read(), path)
+        fmt = checkpoint.sniff_format(head)
+        if fmt is None:
+            raise FmhubError(f"{path}: not a checkpoint fmhub can read")
+        f.seek(0)
+
+        def read_exact(n: int) -> bytes:
+            data = f.read(n)
+            if len(data) != n:
+                raise FmhubError(f"{path}: truncated header")
+            return data
+
+        layout = fmt.read_layout(read_exact, path)
+    size = os.path.getsize(path)
+    tensors = [TensorEntry(t.name, t.dtype, t.shape, t.size, "") for t in layout.tensors]
+    return Manifest(fmt.name, size, "", len(layout.header), tensors, layout.metadata)
+
+
+def tracked_files(cwd: str | None = None) -> list[str]:
+    """Files in the index whose filter attribute is fmhub."""
+    top = toplevel(cwd)
+    files = git("ls-files", "-z", cwd=top).split("\0")
+    files = [f for f in files if f]
+    if not files:
+        return []
+    out = subprocess.run(
+        ["git", "check-attr", "-z", "--stdin", "filter"], cwd=top, input="\0".join(files) + "\0",
+        capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    return [out[i] for i in range(0, len(out) - 2, 3) if out[i + 2] == "fmhub"]
+
+
+def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[str]:
+    """Replace work-tree files that hold a manifest with the checkpoint it describes; returns those paths."""
+    top = toplevel(cwd)
+    candidates = paths if paths is not None else tracked_files(top)
+    store = open_store(top)
+    done = []
+    for rel in candidates:
+        full = rel if os.path.isabs(rel) else os.path.join(top, rel)
+        with open(full, "rb") as f:
+            data = f.read(len(b"fmhub manifest "))
+            if not is_manifest(data):
+                continue
+            data += f.read()
+        tmp = full + ".fmhub-tmp"
+        try:
+            with open(tmp, "wb") as out:
+                checkpoint.smudge(data, store, out, rel)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, full)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        done.append(rel)
+    if done:
+        git("update-index", "-q", "--refresh", cwd=top, check=False)
+    return done
+
+
+

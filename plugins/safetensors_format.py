@@ -1,0 +1,122 @@
+"""Built-in plugin: the safetensors checkpoint format.
+
+File layout (https://github.com/huggingface/safetensors): an 8-byte
+little-endian header length N, N bytes of JSON (possibly padded with spaces),
+then the data buffer, which the tensors' ``data_offsets`` must cover exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Mapping, Sequence
+
+from fmhub import hookimpl
+from fmhub.errors import CorruptCheckpoint
+from fmhub.interfaces import Layout, ReadExact, TensorInfo
+
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+# bits per element; dtypes not listed here are stored without a size check
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}
+
+
+class SafetensorsFormat:
+    name = "safetensors"
+
+    def sniff(self, head: bytes) -> bool:
+        if len(head) < 9:
+            return False
+        (n,) = struct.unpack("<Q", head[:8])
+        return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
+
+    def read_layout(self, read_exact: ReadExact, path: str) -> Layout:
+        prefix = read_exact(8)
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER:
+            raise CorruptCheckpoint(f"{path}: header length {n} is over the safetensors limit; the file is corrupt or not safetensors")
+        raw = read_exact(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from None
+        if not isinstance(header, dict):
+            raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise CorruptCheckpoint(f"{path}: __metadata__ must map strings to strings")
+        spans = []
+        for name, info in header.items():
+            spans.append((*_check_entry(path, name, info), name))
+        spans.sort(key=lambda s: (s[0], s[1]))  # stable: ties (empty tensors) keep header order
+        expected = 0
+        tensors = []
+        for begin, end, dtype, shape, name in spans:
+            if begin != expected:
+                what = "overlaps the previous tensor" if begin < expected else f"leaves a gap of {begin - expected} bytes before it"
+                raise CorruptCheckpoint(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] {what}; the header lies about offsets")
+            expected = end
+            tensors.append(TensorInfo(name, dtype, shape, end - begin))
+        return Layout(prefix + raw, tuple(tensors), metadata, expected)
+
+    def build_header(self, tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+        obj: dict = {}
+        if metadata is not None:
+            obj["__metadata__"] = dict(metadata)
+        offset = 0
+        for t in tensors:
+            obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.size]}
+            offset += t.size
+        raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"key {k!r} appears twice")
+        d[k] = v
+    return d
+
+
+def _check_entry(path: str, name: str, info) -> tuple[int, int, str, tuple[int, ...]]:
+    bad = f"{path}: tensor {name!r}:"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CorruptCheckpoint(f"{bad} header entry needs dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or not dtype.replace("_", "").isalnum():
+        raise CorruptCheckpoint(f"{bad} bad dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CorruptCheckpoint(f"{bad} bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise CorruptCheckpoint(f"{bad} bad data_offsets {offsets!r}")
+    begin, end = offsets
+    bits = DTYPE_BITS.get(dtype)
+    if bits is not None:
+        nbits = math.prod(shape) * bits
+        if nbits % 8 or nbits // 8 != end - begin:
+            raise CorruptCheckpoint(
+                f"{bad} {dtype}{shape} needs {nbits / 8:g} bytes but data_offsets [{begin}, {end}] give {end - begin}; the header lies"
+            )
+    return begin, end, dtype, tuple(shape)
+
+
+@hookimpl
+def fmhub_checkpoint_formats():
+    return [SafetensorsFormat()]
