@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import hashlib
 import os
 import subprocess
 
@@ -66,7 +67,8 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
     top = toplevel(cwd)
     candidates = paths if paths is not None else tracked_files(top)
     store = open_store(top)
-    done = []
+    done: list[str] = []
+    blob_ids: dict[str, str] = {}
     for rel in candidates:
         full = rel if os.path.isabs(rel) else os.path.join(top, rel)
         with open(full, "rb") as f:
@@ -74,6 +76,7 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
             if not is_manifest(data):
                 continue
             data += f.read()
+        blob_ids[rel] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         tmp = full + ".fmhub-tmp"
         try:
             with open(tmp, "wb") as out:
@@ -87,7 +90,12 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
             raise
         done.append(rel)
     if done:
-        git("update-index", "-q", "--refresh", cwd=top, check=False)
+        # git trusts a changed file size over content, so it would call these files modified;
+        # re-index the ones whose manifest is what the index already holds (the content is unchanged).
+        staged = {line.split("\t", 1)[1]: line.split()[1] for line in git("ls-files", "-s", "--", *done, cwd=top).splitlines()}
+        same = [p for p in done if staged.get(p) == blob_ids.get(p)]
+        if same:
+            git("update-index", "-q", "--", *same, cwd=top)
     return done
 
 

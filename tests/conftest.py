@@ -1,0 +1,79 @@
+"""Shared fixtures: isolated git config, and fmhub-enabled repositories in temp dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FMHUB = [sys.executable, "-m", "fmhub"]
+
+
+@pytest.fixture(autouse=True)
+def git_env(tmp_path_factory, monkeypatch):
+    """Keep tests away from the user's git config: a private HOME and global config."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / ".gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for k, v in {
+        "GIT_AUTHOR_NAME": "fmhub tests", "GIT_AUTHOR_EMAIL": "tests@fmhub.invalid",
+        "GIT_COMMITTER_NAME": "fmhub tests", "GIT_COMMITTER_EMAIL": "tests@fmhub.invalid",
+    }.items():
+        monkeypatch.setenv(k, v)
+    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n")
+    return home
+
+
+def run(cmd: list[str], cwd: Path | str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd} failed ({proc.returncode}):\n{proc.stdout.decode(errors='replace')}\n{proc.stderr.decode(errors='replace')}"
+        )
+    return proc
+
+
+def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["git", *args], repo, check=check)
+
+
+def fmhub(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([*FMHUB, *args], repo, check=check)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def store_objects(repo: Path) -> dict[str, int]:
+    """oid -> size of every object in the repo's fmhub store."""
+    root = repo / ".git" / "lfs" / "objects"
+    return {p.name: p.stat().st_size for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A fresh git repo with fmhub installed and *.safetensors tracked."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    git(path, "init", "-q")
+    fmhub(path, "install")
+    fmhub(path, "track", "*.safetensors")
+    git(path, "add", ".gitattributes")
+    git(path, "commit", "-qm", "track safetensors")
+    return path
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
