@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dulwich.objects import Blob, Tree
+from dulwich.objects import Blob
 from dulwich.repo import Repo
 
 from fmhub.checkpoint import missing_objects
 from fmhub.errors import FmhubError, ManifestError
 from fmhub.manifest import Manifest, is_manifest
-from fmhub.repo import open_store, toplevel
+from fmhub.repo import git, open_store, toplevel
 
 
 @dataclass
@@ -22,18 +22,13 @@ class Report:
 
 def manifests_at(repo: Repo, rev: str):
     """Yield (path, manifest bytes) for every manifest committed in ``rev``'s tree."""
-    try:
-        commit = repo[repo.refs[b"HEAD"] if rev == "HEAD" else rev.encode()]
-    except KeyError:
-        from dulwich.objectspec import parse_commit
-
-        try:
-            commit = parse_commit(repo, rev.encode())
-        except KeyError:
-            raise FmhubError(f"unknown revision {rev!r}") from None
+    sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=repo.path, check=False).strip()
+    if not sha:
+        raise FmhubError(f"unknown revision {rev!r}")
+    commit = repo[sha.encode()]
     for entry in repo.object_store.iter_tree_contents(commit.tree):
         obj = repo.object_store[entry.sha]
-        if isinstance(obj, Blob) and not isinstance(obj, Tree):
+        if isinstance(obj, Blob):
             data = obj.as_raw_string()
             if is_manifest(data):
                 yield entry.path.decode("utf-8", "replace"), data
@@ -48,12 +43,8 @@ def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
         if not store.verify(oid):
             report.problems.append(f"object sha256:{oid} is corrupt (its bytes do not hash to its name); delete it and re-add or re-fetch the file")
     repo = Repo(top)
-    try:
-        has_head = b"HEAD" in repo.refs and repo.refs[b"HEAD"]
-    except KeyError:
-        has_head = False
-    if not has_head:
-        return report
+    if rev == "HEAD" and not git("rev-parse", "--verify", "--quiet", "HEAD", cwd=top, check=False).strip():
+        return report  # no commits yet
     for path, data in manifests_at(repo, rev):
         try:
             m = Manifest.from_bytes(data, path)
