@@ -12,7 +12,7 @@ import io
 from typing import BinaryIO, Callable, Protocol
 
 from fmhub import host
-from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject
+from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject, StoreWriteError
 from fmhub.interfaces import CheckpointFormat, Layout
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.store import CHUNK, ObjectStore, copy_object
@@ -98,9 +98,13 @@ def clean(src: Readable, store: ObjectStore, path: str) -> bytes:
             "if it should not be tracked, narrow the pattern with `fmhub untrack`"
         )
     try:
-        return _clean_checkpoint(inp, fmt, store, path).to_bytes()
-    finally:
-        store.flush()
+        try:
+            manifest = _clean_checkpoint(inp, fmt, store, path)
+        finally:
+            store.flush()
+    except StoreWriteError as exc:  # a full disk, say: name the file it struck
+        raise StoreWriteError(f"{path}: {exc}") from None
+    return manifest.to_bytes()
 
 
 def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str) -> Manifest:
@@ -181,7 +185,10 @@ def smudge(data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: 
         return
     manifest = Manifest.from_bytes(data, path)
     check_objects(manifest, store, path)
-    header = store.read_bytes(manifest.header_oid)
+    try:
+        header = store.read_bytes(manifest.header_oid)
+    except FmhubError as exc:
+        raise type(exc)(f"{path}: header: {exc}") from None
     check_header(manifest, header, path)
     if on_start:
         on_start()

@@ -25,6 +25,10 @@ class CorruptObject(FmhubError):
     """An object whose bytes do not hash to its name."""
 
 
+class StoreWriteError(FmhubError):
+    """The object store could not be written (a full disk, a file size limit, permissions)."""
+
+
 class MergeConflict(FmhubError):
     """Tensors changed differently on both sides of a merge, with no strategy to combine them."""
 

@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 from dulwich.lfs import LFSStore
 
-from fmhub.errors import CorruptObject, FmhubError, MissingObject
+from fmhub.errors import CorruptObject, MissingObject, StoreWriteError
 
 CHUNK = 1 << 20
 SPILL_BYTES = 64 << 20  # an object larger than this is streamed to a temp file instead of buffered
@@ -160,7 +160,10 @@ class ObjectStore(LFSStore):
     def _wait_oldest(self) -> None:
         fut, nbytes = self._pending.popleft()
         self._pending_bytes -= nbytes
-        fut.result()
+        try:
+            fut.result()
+        except OSError as exc:
+            raise _as_user_error(exc, self.path) from None
 
     def flush(self) -> None:
         """Wait until every object written so far is durable and visible; re-raise a write's error."""
@@ -214,14 +217,17 @@ class ObjectWriter:
     def write(self, data: bytes) -> None:
         self._hash.update(data)
         self.size += len(data)
-        if self._fd is None:
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered > SPILL_BYTES:
-                self._fd, self._tmp = self.store._new_temp()
-                self._drain_to_file()
-        else:
-            _write_all(self._fd, data)
+        try:
+            if self._fd is None:
+                self._chunks.append(data)
+                self._buffered += len(data)
+                if self._buffered > SPILL_BYTES:
+                    self._fd, self._tmp = self.store._new_temp()
+                    self._drain_to_file()
+            else:
+                _write_all(self._fd, data)
+        except OSError as exc:
+            raise _as_user_error(exc, self.store.path) from None
 
     def _drain_to_file(self) -> None:
         for chunk in self._chunks:
@@ -291,8 +297,8 @@ def _as_user_error(exc: BaseException, where: str) -> BaseException:
         import errno
 
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return FmhubError(f"cannot write to the object store {where}: {exc.strerror}; free some space and run the command again")
-        return FmhubError(f"cannot write to the object store {where}: {exc}")
+            return StoreWriteError(f"cannot write to the object store {where}: {exc.strerror}; free some space and run the command again")
+        return StoreWriteError(f"cannot write to the object store {where}: {exc}")
     return exc
 
 

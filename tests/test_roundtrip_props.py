@@ -99,6 +99,20 @@ def store_files(store_dir: Path) -> dict[str, bytes]:
     return out
 
 
+class ShortReads:
+    """A source that hands out fewer bytes than asked, as a pipe or git's pkt-lines do."""
+
+    SIZES = (1, 3, 7, 8, 9, 4096, 65516)
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+        self._i = 0
+
+    def read(self, n: int) -> bytes:
+        self._i += 1
+        return self._f.read(min(n, self.SIZES[self._i % len(self.SIZES)]))
+
+
 def roundtrip(data: bytes, path: str = "model.safetensors") -> Manifest:
     """Clean ``data`` into a fresh store, check the store and the manifest, smudge it back."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,6 +125,9 @@ def roundtrip(data: bytes, path: str = "model.safetensors") -> Manifest:
             # the manifest round-trips through its own text form
             assert Manifest.from_bytes(m.to_bytes(), path) == m
             assert m.to_bytes() == mbytes
+
+            # short reads from the source change nothing
+            assert clean(ShortReads(data), store, path) == mbytes
 
             # cleaning a manifest again is the identity (git re-cleans on status checks)
             assert clean(io.BytesIO(mbytes), store, path) == mbytes
