@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import BinaryIO
+
 from dulwich.protocol import Protocol
 
 MAX_PKT_PAYLOAD = 65516  # git's LARGE_PACKET_DATA_MAX
@@ -17,27 +20,28 @@ class PktReader:
         self.done = False
 
     def read(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        want = n
-        while want > 0:
-            if self._pos < len(self._buf):
-                take = self._buf[self._pos : self._pos + want]
-                self._pos += len(take)
-                want -= len(take)
-                parts.append(take)
-                continue
+        """Up to ``n`` bytes, never more than one pkt-line's worth: a short read is not the end.
+
+        Handing out whole packets as they are avoids copying gigabytes into
+        bigger buffers; readers loop until they have what they need.
+        """
+        if n <= 0:
+            return b""
+        while self._pos >= len(self._buf):
             if self.done:
-                break
+                return b""
             pkt = self._proto.read_pkt_line()
             if pkt is None:
                 self.done = True
-                break
-            if want >= len(pkt):  # whole packet: no slicing copy
-                parts.append(pkt)
-                want -= len(pkt)
-            else:
-                self._buf, self._pos = pkt, 0
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                return b""
+            if not pkt:  # an empty pkt-line carries nothing; it is not the end
+                continue
+            if n >= len(pkt):
+                return pkt
+            self._buf, self._pos = pkt, 0
+        take = self._buf[self._pos : self._pos + n]
+        self._pos += len(take)
+        return take
 
     def read_all(self) -> bytes:
         parts = []
@@ -54,15 +58,50 @@ class PktReader:
 
 
 class PktWriter:
-    """Writes bytes as pkt-lines of at most git's maximum payload."""
+    """Writes bytes as pkt-lines of at most git's maximum payload.
 
-    def __init__(self, proto: Protocol) -> None:
+    With ``out`` (the buffered stream the protocol writes to), payloads go
+    straight to its file descriptor with ``os.writev``: one system call per
+    pkt-line and no copy of the payload, which matters at gigabytes per file.
+    """
+
+    def __init__(self, proto: Protocol, out: BinaryIO | None = None) -> None:
         self._proto = proto
+        self._out = out
+        self._fd = _fileno(out)
         self.written = 0
 
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        for start in range(0, len(view), MAX_PKT_PAYLOAD):
-            self._proto.write_pkt_line(bytes(view[start : start + MAX_PKT_PAYLOAD]))
-        self.written += len(data)
-        return len(data)
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self._fd is None:
+            for start in range(0, len(view), MAX_PKT_PAYLOAD):
+                self._proto.write_pkt_line(bytes(view[start : start + MAX_PKT_PAYLOAD]))
+        else:
+            self._out.flush()  # keep order with pkt-lines written through the buffer
+            for start in range(0, len(view), MAX_PKT_PAYLOAD):
+                part = view[start : start + MAX_PKT_PAYLOAD]
+                _writev_all(self._fd, b"%04x" % (len(part) + 4), part)
+        self.written += len(view)
+        return len(view)
+
+
+def _fileno(out: BinaryIO | None) -> int | None:
+    if out is None or not hasattr(os, "writev"):
+        return None
+    try:
+        return out.fileno()
+    except (AttributeError, OSError, ValueError):  # BytesIO and friends in tests
+        return None
+
+
+def _writev_all(fd: int, head: bytes, payload: memoryview) -> None:
+    n = os.writev(fd, [head, payload])
+    if n < len(head):  # a signal cut the write short: finish by hand
+        _write_all(fd, memoryview(head)[n:])
+        n = len(head)
+    _write_all(fd, payload[n - len(head) :])
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]

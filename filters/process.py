@@ -15,7 +15,8 @@ from dulwich.protocol import Protocol
 
 from fmhub import checkpoint
 from fmhub.errors import FmhubError
-from fmhub.repo import open_store
+from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
+from fmhub.repo import open_store, staged_blob
 from fmhub.store import ObjectStore
 from fmhub_filters.pktio import PktReader, PktWriter
 
@@ -91,7 +92,7 @@ class FilterServer:
 
     def _clean(self, reader: PktReader, path: str) -> None:
         try:
-            result = checkpoint.clean(reader, self.store, path)
+            result = checkpoint.clean(reader, self.store, path, previous=self._staged_manifest(path))
         except FmhubError as exc:
             reader.drain()
             return self._fail(path, str(exc))
@@ -99,9 +100,19 @@ class FilterServer:
             reader.drain()
             return self._fail(path, f"{path}: internal error while cleaning: {exc!r}; please report it")
         self._send_list(b"status=success")
-        PktWriter(self.proto).write(result)
+        PktWriter(self.proto, self._out).write(result)
         self.proto.write_pkt_line(None)
         self._send_list()
+
+    def _staged_manifest(self, path: str) -> Manifest | None:
+        """The manifest git's index holds for ``path``: clean compares against it to skip unchanged tensors."""
+        data = staged_blob(path, MAX_MANIFEST_BYTES)
+        if data is None or not is_manifest(data):
+            return None
+        try:
+            return Manifest.from_bytes(data, path)
+        except FmhubError:  # a broken staged manifest only costs speed here
+            return None
 
     def _smudge(self, reader: PktReader, path: str) -> None:
         data = reader.read_all()
@@ -113,7 +124,7 @@ class FilterServer:
             self._send_list(b"status=success")
 
         try:
-            checkpoint.smudge(data, self.store, PktWriter(self.proto), path, on_start=start)
+            checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start)
         except Exception as exc:
             msg = str(exc) if isinstance(exc, FmhubError) else f"{path}: internal error while smudging: {exc!r}; please report it"
             if not started:
@@ -127,11 +138,26 @@ class FilterServer:
         self._send_list()
 
 
+def _widen_pipes(*streams: BinaryIO) -> None:
+    """Ask for 1 MiB pipe buffers (Linux): git and the filter then trade data in fewer, larger steps."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for stream in streams:
+        try:
+            fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except (OSError, ValueError, AttributeError):
+            pass  # not a pipe, or over /proc/sys/fs/pipe-max-size: the default works, only slower
+
+
 def main() -> int:
     stdout = sys.stdout.buffer
+    _widen_pipes(sys.stdin.buffer, stdout)
     # Anything printed by accident must not corrupt the protocol stream.
     sys.stdout = sys.stderr
-    server = FilterServer(sys.stdin.buffer, stdout, sys.stderr)
+    stdin = open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False)  # fewer reads for 64 KiB pkt-lines
+    server = FilterServer(stdin, stdout, sys.stderr)
     try:
         return server.serve()
     except FilterProtocolError as exc:

@@ -15,7 +15,7 @@ from fmhub import host
 from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject, StoreWriteError
 from fmhub.interfaces import CheckpointFormat, Layout
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
-from fmhub.store import CHUNK, ObjectStore, copy_object
+from fmhub.store import CHUNK, ObjectStore, ObjectStream, copy_objects
 
 SNIFF_BYTES = 16
 
@@ -74,11 +74,17 @@ def sniff_format(head: bytes) -> CheckpointFormat | None:
     return None
 
 
-def clean(src: Readable, store: ObjectStore, path: str) -> bytes:
+def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | None = None) -> bytes:
     """Store a checkpoint's header and tensors as objects; return the manifest git should keep.
 
     An empty input and an input that already is a manifest come back unchanged,
     so cleaning is idempotent (git re-cleans files when it checks their status).
+
+    ``previous`` is the manifest of the version this one probably replaces (the
+    one in git's index). A tensor whose bytes equal its namesake's stored object
+    is recognised by comparing bytes, which is several times faster than
+    hashing them; that is what makes re-adding a lightly changed model cheap.
+    The result is the same with or without ``previous``.
     """
     inp = _Input(src)
     head = inp.peek(SNIFF_BYTES)
@@ -99,7 +105,7 @@ def clean(src: Readable, store: ObjectStore, path: str) -> bytes:
         )
     try:
         try:
-            manifest = _clean_checkpoint(inp, fmt, store, path)
+            manifest = _clean_checkpoint(inp, fmt, store, path, previous)
         finally:
             store.flush()
     except StoreWriteError as exc:  # a full disk, say: name the file it struck
@@ -107,7 +113,7 @@ def clean(src: Readable, store: ObjectStore, path: str) -> bytes:
     return manifest.to_bytes()
 
 
-def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str) -> Manifest:
+def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str, previous: Manifest | None) -> Manifest:
     def read_exact(n: int) -> bytes:
         data = inp.read_upto(n)
         if len(data) != n:
@@ -116,10 +122,12 @@ def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, pa
 
     layout: Layout = fmt.read_layout(read_exact, path)
     header_oid = store.write_bytes(layout.header)
-    entries: list[TensorEntry] = []
-    for t in layout.tensors:
-        w = store.writer()
-        try:
+    before = {t.name: t for t in previous.tensors} if previous is not None else {}
+    stream = ObjectStream(store)
+    try:
+        for t in layout.tensors:
+            old = before.get(t.name)
+            stream.begin(old.oid if old is not None and old.size == t.size else None)
             remaining = t.size
             while remaining:
                 chunk = inp.read(min(CHUNK, remaining))
@@ -128,12 +136,14 @@ def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, pa
                         f"{path}: truncated: tensor {t.name!r} needs {t.size} bytes but the file ends after "
                         f"{t.size - remaining}; the file is incomplete (an interrupted download or save?)"
                     )
-                w.write(chunk)
+                stream.write(chunk)
                 remaining -= len(chunk)
-        except BaseException:
-            w.abort()
-            raise
-        entries.append(TensorEntry(t.name, t.dtype, t.shape, t.size, w.commit()))
+            stream.end_object()
+        oids = stream.close()
+    except BaseException:
+        stream.abort()
+        raise
+    entries = [TensorEntry(t.name, t.dtype, t.shape, t.size, oid) for t, oid in zip(layout.tensors, oids)]
     if inp.peek(1):
         extra = len(inp.read_upto(1 << 30))
         raise CorruptCheckpoint(f"{path}: {extra} bytes follow the last tensor that the header does not describe; the file is corrupt")
@@ -193,11 +203,10 @@ def smudge(data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: 
     if on_start:
         on_start()
     out.write(header)
-    for t in manifest.tensors:
-        try:
-            copy_object(store, t.oid, out)
-        except FmhubError as exc:
-            raise type(exc)(f"{path}: tensor {t.name!r}: {exc}; run `fmhub fsck`") from None
+    try:
+        copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
+    except FmhubError as exc:
+        raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
 
 
 def _exact_reader(f: BinaryIO, path: str) -> Callable[[int], bytes]:

@@ -13,6 +13,7 @@ group, the same way for fmhub's built-in plugins and for third-party ones::
 
     class Sparse:
         name = "prefer-sparse"
+        needs_base = True
         def merge(self, name, base, load, sides, options): ...
 
     @hookimpl

@@ -72,18 +72,35 @@ class CheckpointFormat(Protocol):
 
 @runtime_checkable
 class MergeStrategy(Protocol):
-    """Combines the versions of one tensor that changed on several sides of a merge.
+    """Combines the versions of one tensor from several sides of a merge.
 
-    ``merge`` gets the tensor's name, its version in the merge base (``None`` when
-    the tensor is new on every side) and one version per side, in the order the
-    sides were given (for ``git merge``: ours, theirs). Versions are loaded
-    lazily: ``load(i)`` returns side ``i`` as a ``torch.Tensor``. Strategies that
-    only pick a side (ours/theirs) return an ``int`` (the index of the side to
-    keep) so the chosen object is reused without being read. Others return a
-    ``torch.Tensor`` of the same dtype and shape.
+    ``merge`` gets the tensor's name, its version in the merge base (``None``
+    when there is no base version) and one version per side, in the order the
+    sides were given (for ``git merge``: ours, theirs; for ``fmhub merge``: the
+    recipe's models). Versions are loaded lazily as ``torch.Tensor`` of the
+    file's dtype: ``base()`` and ``load(i)``. Every side has the same dtype and
+    shape (fmhub checks before calling).
+
+    Return an ``int`` to keep that side's tensor as is (ours/theirs: the object
+    is reused without being read), or a ``torch.Tensor`` of the same shape in
+    any floating dtype; fmhub casts it back to the file's dtype (round to
+    nearest) and refuses a result holding NaN or Inf.
+
+    ``options`` holds the recipe's or git config's parameters for this tensor,
+    already parsed: ``weights`` (list of float, one per side), ``scale``
+    (float), ``density`` (float in (0, 1]), ``seed`` (int), ``t`` (float) and,
+    when Fisher diagonals were supplied, ``fisher`` (a callable ``fisher(i)``
+    giving side ``i``'s diagonal as a tensor of the same shape). Raise
+    `fmhub.errors.MergeConflict` with a message naming what is missing (a
+    base, a Fisher diagonal, an option out of range); fmhub adds the tensor's
+    name and writes nothing.
+
+    ``needs_base`` says the strategy works on task vectors (side − base):
+    fmhub refuses, before reading any tensor, to run it without a base.
     """
 
     name: str
+    needs_base: bool
 
     def merge(
         self,

@@ -74,3 +74,28 @@ def open_store(cwd: str | None = None, create: bool = True) -> ObjectStore:
     path = store_dir(gitdir)
     alternates = local_remote_stores(gitdir)
     return ObjectStore.create(path, alternates) if create else ObjectStore(path, alternates)
+
+
+def staged_blob(path: str, limit: int, cwd: str | None = None) -> bytes | None:
+    """What git's index holds for ``path`` (honouring ``GIT_INDEX_FILE``), if it is a blob of at most ``limit`` bytes.
+
+    None when the path is not staged, is conflicted, or is bigger: a raw
+    checkpoint committed before tracking is not read just to be thrown away.
+    """
+    try:
+        proc = subprocess.Popen(
+            ["git", "cat-file", "--batch"], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        return None
+    try:
+        proc.stdin.write(b":" + os.fsencode(path) + b"\n")
+        proc.stdin.close()
+        head = proc.stdout.readline().split()
+        if len(head) != 3 or head[1] != b"blob" or int(head[2]) > limit:
+            return None
+        data = proc.stdout.read(int(head[2]))
+        return data if len(data) == int(head[2]) else None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -6,6 +6,8 @@ from fmhub import hookimpl
 
 
 class KeepSide:
+    needs_base = False
+
     def __init__(self, name: str, side: int) -> None:
         self.name = name
         self.side = side

@@ -228,3 +228,47 @@ def test_one_filter_process_per_git_command(repo, tmp_path):
         (repo / f"m{i}.safetensors").unlink()
     git(repo, "checkout", "--", ".")
     assert log.read_text().count("start") == 2
+
+
+def test_staged_blob_reads_the_index_git_uses(repo, monkeypatch):
+    """The re-add fast path compares with what the index holds, including a temporary index."""
+    from fmhub.repo import staged_blob
+
+    ckpt = repo / "model.safetensors"
+    save_tensors(ckpt, model())
+    git(repo, "add", "model.safetensors")
+    staged = staged_blob("model.safetensors", 1 << 20, cwd=str(repo))
+    assert staged == git(repo, "show", ":model.safetensors").stdout
+    assert staged_blob("model.safetensors", len(staged) - 1, cwd=str(repo)) is None  # over the limit: not read
+    assert staged_blob("absent.safetensors", 1 << 20, cwd=str(repo)) is None
+
+    monkeypatch.setenv("GIT_INDEX_FILE", str(repo / ".git" / "other-index"))
+    assert staged_blob("model.safetensors", 1 << 20, cwd=str(repo)) is None
+
+
+def test_in_place_edit_of_one_tensor_restages_only_it(repo):
+    ckpt = repo / "model.safetensors"
+    save_tensors(ckpt, model())
+    git(repo, "add", "model.safetensors")
+    git(repo, "commit", "-qm", "v0")
+    before = Manifest.from_bytes(git(repo, "show", "HEAD:model.safetensors").stdout)
+    # flip the last byte of layers.2.weight in place, as a tool patching a file would
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "pt") as f:
+        names = list(f.keys())
+    header_len = int.from_bytes(ckpt.read_bytes()[:8], "little")
+    offsets = json.loads(ckpt.read_bytes()[8 : 8 + header_len])["layers.2.weight"]["data_offsets"]
+    with open(ckpt, "r+b") as f:
+        f.seek(8 + header_len + offsets[1] - 1)
+        last = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([last[0] ^ 1]))
+    want = sha256_file(ckpt)
+    git(repo, "add", "model.safetensors")
+    after = Manifest.from_bytes(git(repo, "show", ":model.safetensors").stdout)
+    changed = [t.name for t, u in zip(before.tensors, after.tensors) if t.oid != u.oid]
+    assert changed == ["layers.2.weight"] and len(names) == len(after.tensors)
+    ckpt.unlink()
+    git(repo, "checkout", "--", "model.safetensors")
+    assert sha256_file(ckpt) == want

@@ -260,3 +260,72 @@ def test_handwritten_headers_roundtrip_byte_for_byte(case):
     by_name = m.by_name()
     for name, dtype, shape, payload in specs:
         assert (by_name[name].dtype, by_name[name].shape, by_name[name].oid) == (dtype, shape, sha256(payload))
+
+
+@st.composite
+def edited_versions(draw):
+    """A checkpoint and an edit of it: bytes flipped at the start, middle or end of some tensors,
+    tensors resized, renamed, dropped or added."""
+    specs = draw(tensor_specs(min_size=1, max_size=5))
+    edited = []
+    for name, dtype, shape, payload in specs:
+        action = draw(st.sampled_from(["keep", "keep", "flip", "resize", "rename", "drop"]))
+        if action == "flip" and payload and dtype != "BOOL":
+            where = draw(st.sampled_from([0, len(payload) // 2, len(payload) - 1]))
+            payload = payload[:where] + bytes([payload[where] ^ 0xFF]) + payload[where + 1 :]
+        elif action == "resize":
+            shape = (math.prod(shape) + 1,)
+            payload = payload + bytes(DTYPES[dtype][1]) if dtype != "BOOL" else payload + b"\x01"
+        elif action == "rename":
+            name = name + "~renamed"
+        elif action == "drop":
+            continue
+        edited.append((name, dtype, shape, payload))
+    edited += draw(tensor_specs(max_size=2).filter(lambda extra: not {n for n, *_ in extra} & {n for n, *_ in edited}))
+    return specs, edited
+
+
+@PROPS
+@given(versions=edited_versions(), chunking=st.sampled_from(["whole", "short"]))
+def test_clean_against_the_previous_version_changes_nothing_but_speed(versions, chunking):
+    """Comparing with the staged version (the re-add fast path) gives the manifest and objects a full hash gives."""
+    before, after = versions
+    old = st_save({n: to_tensor(d, s, p) for n, d, s, p in before})
+    new = st_save({n: to_tensor(d, s, p) for n, d, s, p in after}) if after else st_save({"x": torch.zeros(1)})
+    source = (lambda b: io.BytesIO(b)) if chunking == "whole" else ShortReads
+    with tempfile.TemporaryDirectory() as tmp:
+        fast_dir, slow_dir = Path(tmp) / "fast", Path(tmp) / "slow"
+        fast, slow = ObjectStore.create(str(fast_dir)), ObjectStore.create(str(slow_dir))
+        try:
+            previous = Manifest.from_bytes(clean(io.BytesIO(old), fast, "m.safetensors"), "m.safetensors")
+            clean(io.BytesIO(old), slow, "m.safetensors")
+            got = clean(source(new), fast, "m.safetensors", previous=previous)
+            want = clean(io.BytesIO(new), slow, "m.safetensors")
+            assert got == want
+            assert store_files(fast_dir) == store_files(slow_dir)
+            out = io.BytesIO()
+            smudge(got, fast, out, "m.safetensors")
+            assert out.getvalue() == new
+        finally:
+            fast.close()
+            slow.close()
+
+
+def test_a_candidate_longer_than_the_new_bytes_is_not_taken_for_them(tmp_path):
+    """A stored object the new tensor is only a prefix of (a corrupt store, say) must not be reused."""
+    from fmhub.store import ObjectStream
+
+    store = ObjectStore.create(str(tmp_path / "lfs"))
+    long_oid = store.write_bytes(b"abcdef" * 1000)
+    store.flush()
+    stream = ObjectStream(store)
+    stream.begin(long_oid)
+    stream.write(b"abcdef" * 500)
+    stream.end_object()
+    stream.begin(long_oid)
+    stream.write(b"abcdef" * 1000)
+    stream.end_object()
+    oids = stream.close()
+    store.close()
+    assert oids == [sha256(b"abcdef" * 500), long_oid]
+    assert (tmp_path / "lfs" / "objects" / oids[0][:2] / oids[0][2:4] / oids[0]).read_bytes() == b"abcdef" * 500

@@ -1,0 +1,50 @@
+"""The filter benchmark runs end to end at tiny scale and its figures mean what they say.
+
+Speed is not asserted here (that is the benchmark's job at 1 GiB); what is asserted are the
+behaviours the timings rest on: both tools check out v0 byte-identically, and fmhub stores only
+the changed tensors of v1 while git-lfs stores the whole file again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "filter_bench.py"
+
+pytestmark = pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs is not installed")
+
+
+def test_filter_benchmark_small(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--size-mb", "8", "--tensors", "7", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    ck = data["checkpoint"]
+    res = data["results"]
+
+    for tool in ("git-lfs", "fmhub"):
+        assert res[tool]["checkout"]["byte_identical"] is True, tool
+        assert res[tool]["checkout"]["sha256"] == ck["sha256"]["v0"]
+        for step in ("first_add", "re_add", "checkout"):
+            assert res[tool][step]["filter_peak_rss_bytes"] > 0, (tool, step)
+
+    changed = sum(t["bytes"] for t in ck["v1_changed_tensors"])
+    assert changed < ck["bytes"] / 2
+    fm, lfs = res["fmhub"]["repo_bytes"], res["git-lfs"]["repo_bytes"]
+    fm_growth = fm["after_v1"] - fm["after_v0"]
+    lfs_growth = lfs["after_v1"] - lfs["after_v0"]
+    # fmhub's store grows by the changed tensors (plus a manifest and git objects), git-lfs by a whole file.
+    assert fm_growth < changed + 256 * 1024, (fm_growth, changed)
+    assert lfs_growth >= ck["bytes"]
+    assert "fmhub/git-lfs" in proc.stdout
