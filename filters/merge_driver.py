@@ -10,16 +10,19 @@ records the path as conflicted (``git merge --abort`` restores everything).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
-from fmhub import host
+from fmhub import tensors
 from fmhub.checkpoint import format_named
 from fmhub.errors import FmhubError, MergeConflict
 from fmhub.interfaces import TensorInfo
 from fmhub.manifest import Manifest, TensorEntry, is_manifest
-from fmhub.repo import git, open_store
+from fmhub.merge import MergePlan, load_plan_file, merge_tensor, strategy_named
+from fmhub.repo import git, open_store, toplevel
 from fmhub.store import ObjectStore
+from fmhub.views import CheckpointView, entry_ref, from_path
 
 _Key = tuple[str, tuple[int, ...], str]  # what makes two versions of a tensor the same
 
@@ -44,8 +47,9 @@ def merge_manifests(
     ours: Manifest,
     theirs: Manifest,
     store: ObjectStore,
-    strategy: Any = None,
+    plan: MergePlan | None = None,
     path: str = "<file>",
+    fisher: list[CheckpointView] | None = None,
 ) -> Manifest:
     """The merged manifest; raises MergeConflict naming every tensor that could not be merged."""
     if ours.format != theirs.format:
@@ -54,32 +58,29 @@ def merge_manifests(
     o_t, t_t = ours.by_name(), theirs.by_name()
     names = list(o_t) + [n for n in t_t if n not in o_t]
     merged: list[TensorEntry] = []
-    conflicts: list[str] = []
+    problems: list[str] = []
     for name in names:
         ok, key = _three_way(_key(b_t.get(name)), _key(o_t.get(name)), _key(t_t.get(name)))
         if ok:
             if key is not None:
                 merged.append(o_t[name] if _key(o_t.get(name)) == key else t_t[name])
             continue
-        resolved = _resolve(name, b_t.get(name), o_t.get(name), t_t.get(name), store, strategy)
-        if resolved is None:
-            conflicts.append(name)
-        else:
+        resolved = _resolve(name, b_t.get(name), o_t.get(name), t_t.get(name), store, plan, fisher, problems)
+        if resolved is not None:
             merged.append(resolved)
     ok, metadata = _three_way(
         base.metadata if base else None, ours.metadata, theirs.metadata
     )
     if not ok:
-        conflicts.append("__metadata__")
-    if conflicts:
-        shown = ", ".join(conflicts[:10]) + (f" and {len(conflicts) - 10} more" if len(conflicts) > 10 else "")
+        problems.append("__metadata__: changed differently on both sides")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  and {len(problems) - 20} more" if len(problems) > 20 else "")
         how = (
-            "set a merge strategy (`fmhub-merge=NAME` in .gitattributes or `git config fmhub.merge.strategy NAME`; "
-            "`fmhub plugins` lists them), or keep one side with `git checkout --ours/--theirs` and `git add`"
+            "set a merge strategy (`fmhub-merge=NAME` in .gitattributes, rules in .fmhub/merge.yaml, or "
+            "`git config fmhub.merge.strategy NAME`; `fmhub plugins` lists them), or keep one side with "
+            "`git checkout --ours/--theirs` and `git add`"
         )
-        if strategy is not None:
-            how = f"strategy {strategy.name!r} could not combine them (a tensor deleted on one side, or dtype/shape differ); " + how
-        raise MergeConflict(f"{path}: {len(conflicts)} tensor(s) changed differently on both sides: {shown}; {how}")
+        raise MergeConflict(f"{path}: {len(problems)} tensor(s) could not be merged:\n  {shown}\n{how}")
     for side in (ours, theirs):
         if merged == side.tensors and metadata == side.metadata:
             return side  # reuse that side's header object: byte-identical to it
@@ -91,44 +92,56 @@ def merge_manifests(
     return Manifest(ours.format, size, header_oid, len(header), merged, metadata)
 
 
-def _resolve(name, base, ours, theirs, store: ObjectStore, strategy) -> TensorEntry | None:
-    if strategy is None or ours is None or theirs is None:
+def _resolve(name, base, ours, theirs, store: ObjectStore, plan: MergePlan | None, fisher, problems: list[str]) -> TensorEntry | None:
+    """Merge one tensor changed on both sides; None (with the reason in ``problems``) when it cannot be."""
+    sname, options = plan.for_tensor(name) if plan is not None else (None, {})
+    if sname is None:
+        problems.append(f"{name}: changed differently on both sides")
         return None
-    if (ours.dtype, ours.shape) != (theirs.dtype, theirs.shape):
+    if ours is None or theirs is None:
+        problems.append(f"{name}: deleted on one side, changed on the other")
         return None
-    sides = [ours, theirs]
-    load = lambda i: _load_tensor(store, sides[i])  # noqa: E731
-    load_base = (lambda: _load_tensor(store, base)) if base is not None else None
-    result = strategy.merge(name, load_base, load, 2, {})
+    sides = [entry_ref(ours, store, "ours"), entry_ref(theirs, store, "theirs")]
+    base_ref = entry_ref(base, store, "base") if base is not None else None
+    try:
+        fisher_refs = [fv.tensors.get(name) for fv in fisher] if fisher else None
+        result = merge_tensor(name, base_ref, sides, strategy_named(sname), options, fisher_refs)
+    except FmhubError as exc:
+        problems.append(f"{name}: {exc}")
+        return None
     if isinstance(result, int):
-        return sides[result]
-    data = _tensor_bytes(result, ours)
-    oid = store.write_bytes(data)
-    return TensorEntry(name, ours.dtype, ours.shape, len(data), oid)
+        return (ours, theirs)[result]
+    data = tensors.to_bytes(result)
+    return TensorEntry(name, ours.dtype, ours.shape, len(data), store.write_bytes(data))
 
 
-def _load_tensor(store: ObjectStore, entry: TensorEntry):
-    import torch
-    from safetensors.torch import _TYPES
-
-    data = bytearray(store.read_bytes(entry.oid))
-    return torch.frombuffer(data, dtype=_TYPES[entry.dtype]).reshape(entry.shape) if data else torch.empty(entry.shape, dtype=_TYPES[entry.dtype])
+PLAN_FILE = os.path.join(".fmhub", "merge.yaml")
 
 
-def _tensor_bytes(tensor, like: TensorEntry) -> bytes:
-    if tuple(tensor.shape) != like.shape:
-        raise FmhubError(f"merge strategy returned shape {tuple(tensor.shape)} for a {like.shape} tensor")
-    import torch
+def plan_for(path: str, cwd: str | None = None) -> tuple[MergePlan | None, list[CheckpointView] | None]:
+    """The merge plan for ``path``: `.fmhub/merge.yaml`, the ``fmhub-merge`` attribute, ``fmhub.merge.strategy``.
 
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def strategy_for(path: str, cwd: str | None = None) -> Any:
+    Tensor rules in the plan file win; then the attribute; then the file's
+    default strategy; then git config. The plan file's ``fisher: [OURS, THEIRS]``
+    names Fisher-diagonal files (work-tree paths) for the ``fisher`` strategy.
+    """
+    root = toplevel(cwd)
+    plan_path = os.path.join(root, PLAN_FILE)
+    data = load_plan_file(plan_path) if os.path.isfile(plan_path) else {}
+    plan = MergePlan.from_dict(data, PLAN_FILE)
     out = git("check-attr", "fmhub-merge", "--", path, cwd=cwd, check=False).strip()
-    name = out.rsplit(": ", 1)[-1] if out else ""
-    if name in ("", "unspecified", "unset", "set"):
-        name = git("config", "--get", "fmhub.merge.strategy", cwd=cwd, check=False).strip()
-    return host.lookup("merge-strategy", name) if name else None
+    attr = out.rsplit(": ", 1)[-1] if out else ""
+    if attr not in ("", "unspecified", "unset", "set"):
+        plan.strategy = attr
+    if plan.strategy is None:
+        plan.strategy = git("config", "--get", "fmhub.merge.strategy", cwd=cwd, check=False).strip() or None
+    fisher = None
+    if data.get("fisher"):
+        files = data["fisher"]
+        if not isinstance(files, list) or len(files) != 2:
+            raise FmhubError(f"{PLAN_FILE}: `fisher` must list two files: ours, theirs")
+        fisher = [from_path(f if os.path.isabs(f) else os.path.join(root, f)) for f in files]
+    return plan, fisher
 
 
 def _read(path: str) -> bytes:
@@ -146,9 +159,10 @@ def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr:
         base = Manifest.from_bytes(base_b, pathname) if is_manifest(base_b) else None
         ours = Manifest.from_bytes(ours_b, pathname)
         theirs = Manifest.from_bytes(theirs_b, pathname)
+        plan, fisher = plan_for(pathname)
         store = open_store()
         try:
-            result = merge_manifests(base, ours, theirs, store, strategy_for(pathname), pathname)
+            result = merge_manifests(base, ours, theirs, store, plan, pathname, fisher)
         finally:
             store.close()
     except FmhubError as exc:

@@ -74,6 +74,16 @@ def sniff_format(head: bytes) -> CheckpointFormat | None:
     return None
 
 
+def file_layout(f: BinaryIO, label: str) -> tuple[CheckpointFormat, Layout]:
+    """The format and layout of the checkpoint file ``f`` (read from its start); CorruptCheckpoint if it is not one."""
+    f.seek(0)
+    fmt = sniff_format(f.read(SNIFF_BYTES))
+    if fmt is None:
+        raise CorruptCheckpoint(f"{label}: not a checkpoint fmhub can read")
+    f.seek(0)
+    return fmt, fmt.read_layout(_exact_reader(f, label, "truncated inside the header; the file is incomplete"), label)
+
+
 def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | None = None) -> bytes:
     """Store a checkpoint's header and tensors as objects; return the manifest git should keep.
 
@@ -209,11 +219,11 @@ def smudge(data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: 
         raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
 
 
-def _exact_reader(f: BinaryIO, path: str) -> Callable[[int], bytes]:
+def _exact_reader(f: BinaryIO, path: str, what: str = "header object is truncated") -> Callable[[int], bytes]:
     def read_exact(n: int) -> bytes:
         data = f.read(n)
         if len(data) != n:
-            raise CorruptCheckpoint(f"{path}: header object is truncated")
+            raise CorruptCheckpoint(f"{path}: {what}")
         return data
 
     return read_exact

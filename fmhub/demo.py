@@ -83,9 +83,8 @@ def run(directory: str | None, console: Console) -> str:
     model.save_pretrained(model_dir)
     _sh(["git", "commit", "-qam", "v1: tune layer 0 q_proj and lm_head"], repo)
     console.print("\n[bold]git diff HEAD~1 -- model/model.safetensors[/bold] (changed tensors only):")
-    for line in _sh(["git", "diff", "HEAD~1", "--", "model/model.safetensors"], repo).splitlines():
-        if line.startswith(("+tensor", "-tensor")):
-            console.print("  " + line, style="green" if line[0] == "+" else "red", highlight=False, soft_wrap=True)
+    for line in _sh(["git", "diff", "HEAD~1", "--", "model/model.safetensors"], repo).splitlines()[1:]:
+        console.print("  " + line, highlight=False, soft_wrap=True)
 
     store = _dir_size(os.path.join(repo, ".git", "lfs", "objects"))
     size = os.path.getsize(ckpt)

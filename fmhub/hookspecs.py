@@ -35,7 +35,7 @@ transformers) inside the functions that need them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -75,7 +75,27 @@ def fmhub_merge_strategies() -> list[MergeStrategy]:
         ``.gitattributes``) or for all paths with ``git config fmhub.merge.strategy NAME``.
         The merge driver calls ``merge`` only for tensors changed differently on
         both sides; a tensor changed on one side takes that side without asking.
-        fmhub ships ``ours`` and ``theirs``.
+        ``fmhub merge`` calls it for every tensor not identical everywhere.
+        Rules per tensor-name pattern live in ``.fmhub/merge.yaml`` or a recipe
+        (docs/merge.md). fmhub ships ``ours``, ``theirs``, ``linear``,
+        ``task-arithmetic``, ``ties``, ``dare-linear``, ``dare-ties``,
+        ``fisher`` and ``slerp``; their arithmetic is in `fmhub.merge_math`.
+    """
+
+
+@hookspec(firstresult=True)
+def fmhub_fisher_diagonal(model: str, tensor: str) -> Any:
+    """Compute the diagonal Fisher information of one tensor of a model, for the ``fisher`` strategy.
+
+    Called by ``fmhub merge`` for each model that has no ``fisher:`` file in
+    the recipe, tensor by tensor, so an implementation can compute or look up
+    Fisher diagonals on demand (from a cache, a dataset, another tool).
+
+    :param model: the model as the recipe names it (a path or ``REV:PATH``).
+    :param tensor: the tensor's name.
+    :return: a ``torch.Tensor`` of the tensor's shape with non-negative
+        values, or ``None`` to let the next plugin answer. When no plugin
+        answers, the merge reports the tensor as missing its Fisher diagonal.
     """
 
 

@@ -27,6 +27,11 @@ def driver_config(command: str) -> dict[str, str]:
         f"filter.{DRIVER}.clean": f"{command} clean %f",
         f"filter.{DRIVER}.smudge": f"{command} smudge %f",
         f"filter.{DRIVER}.required": "true",
+        # semantic diffs: `git diff` runs the command (git appends its 7 arguments); `git log -p` / `git show`
+        # use the textconv (one line per tensor), cached per blob. diff.fmhub.binary stays unset.
+        f"diff.{DRIVER}.command": f"{command} diff-driver",
+        f"diff.{DRIVER}.textconv": f"{command} textconv",
+        f"diff.{DRIVER}.cachetextconv": "true",
         f"merge.{DRIVER}.name": "fmhub tensor-level three-way merge",
         f"merge.{DRIVER}.driver": f"{command} merge-driver %O %A %B %P",
     }

@@ -79,7 +79,8 @@ class MergeStrategy(Protocol):
     sides were given (for ``git merge``: ours, theirs; for ``fmhub merge``: the
     recipe's models). Versions are loaded lazily as ``torch.Tensor`` of the
     file's dtype: ``base()`` and ``load(i)``. Every side has the same dtype and
-    shape (fmhub checks before calling).
+    shape (fmhub checks before calling). The tensors may share memory with
+    fmhub's read buffers: never modify them in place.
 
     Return an ``int`` to keep that side's tensor as is (ours/theirs: the object
     is reused without being read), or a ``torch.Tensor`` of the same shape in

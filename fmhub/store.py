@@ -79,6 +79,7 @@ class ObjectStore(LFSStore):
         return True
 
     def read_bytes(self, oid: str) -> bytes:
+        """An object's bytes, hash verified."""
         with self.open_object(oid) as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != oid:

@@ -8,7 +8,7 @@ import os
 import subprocess
 
 from fmhub import checkpoint
-from fmhub.errors import FmhubError
+from fmhub.errors import CorruptCheckpoint, FmhubError
 from fmhub.manifest import Manifest, TensorEntry, is_manifest
 from fmhub.repo import git, open_store, toplevel
 
@@ -31,18 +31,10 @@ def describe(path: str, rev: str | None = None) -> Manifest:
         head = f.read(checkpoint.SNIFF_BYTES)
         if is_manifest(head):
             return Manifest.from_bytes(head + f.read(), path)
-        fmt = checkpoint.sniff_format(head)
-        if fmt is None:
-            raise FmhubError(f"{path}: not a checkpoint fmhub can read")
-        f.seek(0)
-
-        def read_exact(n: int) -> bytes:
-            data = f.read(n)
-            if len(data) != n:
-                raise FmhubError(f"{path}: truncated header")
-            return data
-
-        layout = fmt.read_layout(read_exact, path)
+        try:
+            fmt, layout = checkpoint.file_layout(f, path)
+        except CorruptCheckpoint as exc:
+            raise FmhubError(str(exc)) from None
     size = os.path.getsize(path)
     tensors = [TensorEntry(t.name, t.dtype, t.shape, t.size, "") for t in layout.tensors]
     return Manifest(fmt.name, size, "", len(layout.header), tensors, layout.metadata)
