@@ -98,10 +98,16 @@ class MergeStrategy(Protocol):
 
     ``needs_base`` says the strategy works on task vectors (side − base):
     fmhub refuses, before reading any tensor, to run it without a base.
+
+    ``elementwise`` (optional, default False) says each output element depends
+    only on the same element of the inputs (no statistics across elements, no
+    random stream): fmhub may then call ``merge`` on 1-D chunks of the
+    flattened tensors, so a large tensor never sits in memory whole.
     """
 
     name: str
     needs_base: bool
+    elementwise: bool
 
     def merge(
         self,

@@ -34,7 +34,7 @@ import fnmatch
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from fmhub import host, tensors
 from fmhub.errors import FmhubError, MergeConflict
@@ -171,11 +171,9 @@ def merge_tensor(
         raise MergeConflict(f"strategy {strategy.name!r} returned shape {list(result.shape)} for a {list(sides[0].shape)} tensor")
     if sides[0].dtype not in tensors.FLOAT_DTYPES:
         raise MergeConflict(f"{sides[0].dtype} tensors cannot be averaged; give this tensor a rule with strategy ours or theirs")
-    if result.is_floating_point() and not bool(torch.isfinite(result).all()):
-        raise MergeConflict(f"strategy {strategy.name!r} produced NaN or Inf (check the inputs for NaN/Inf)")
     out = tensors.cast_like(result, sides[0].dtype)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        raise MergeConflict(f"the merged values overflow {sides[0].dtype}")
+    if not tensors.all_finite(out):
+        raise MergeConflict(f"strategy {strategy.name!r} produced NaN or Inf (from NaN/Inf inputs, or values that overflow {sides[0].dtype})")
     return out
 
 
@@ -252,13 +250,13 @@ def merge_models(
                 if progress:
                     progress(name)
                 fisher_refs = [fv.tensors.get(name) if fv is not None else None for fv in fisher] if fisher else None
+                what = ""
                 try:
-                    data, what = _merge_one(name, b, sides, strategy, opts, fisher_refs, models)
-                except MergeConflict as exc:
+                    for data, what in _merge_pieces(name, b, sides, strategy, opts, fisher_refs, models):
+                        f.write(data)
+                        del data  # one tensor's (or chunk's) buffers at a time
+                except MergeConflict as exc:  # keep going to report every tensor; the file is thrown away
                     problems.append(f"{name}: {exc}")
-                    data, what = bytes(sides[0].size), ""  # keeps offsets; the file is thrown away
-                f.write(data)
-                del data  # one tensor's buffers at a time
                 actions.append((name, what))
             f.flush()
             os.fsync(f.fileno())
@@ -279,10 +277,32 @@ def merge_models(
     return MergeReport(output, actions, len(header) + sum(s[0].size for _, _, s, _, _ in jobs))
 
 
-def _merge_one(name, base, sides, strategy, opts, fisher_refs, models) -> tuple[Any, str]:
-    """One tensor's merged bytes and what was done; its buffers are freed on return."""
+CHUNK_ELEMS = 1 << 22  # elements per chunk for elementwise strategies (16 MiB of fp32 per version)
+
+
+def _merge_pieces(name, base, sides, strategy, opts, fisher_refs, models) -> Iterator[tuple[Any, str]]:
+    """One tensor's merged bytes, as (bytes, what was done) pieces; each piece's buffers die with it.
+
+    An elementwise strategy (``strategy.elementwise``) gets big tensors in
+    chunks of `CHUNK_ELEMS` flattened elements, so memory stays at a few chunks
+    whatever the tensor's size; others get whole tensors.
+    """
     if strategy is None:
-        return sides[0].read(), "same in every model"
+        yield sides[0].read(), "same in every model"
+        return
+    refs = [*sides, *([base] if base is not None else []), *(r for r in fisher_refs or () if r is not None)]
+    numel = sides[0].numel
+    if getattr(strategy, "elementwise", False) and numel > CHUNK_ELEMS and all(r.opener is not None for r in refs):
+        for start in range(0, numel, CHUNK_ELEMS):
+            stop = min(numel, start + CHUNK_ELEMS)
+            cut = lambda r: r.slice(start, stop) if r is not None else None  # noqa: E731
+            yield _merge_whole(name, cut(base), [cut(r) for r in sides], strategy, opts,
+                               [cut(r) for r in fisher_refs] if fisher_refs else None, models)
+        return
+    yield _merge_whole(name, base, sides, strategy, opts, fisher_refs, models)
+
+
+def _merge_whole(name, base, sides, strategy, opts, fisher_refs, models) -> tuple[Any, str]:
     # read each version once; identical everywhere (base included) means nothing to merge
     sides = [_cached(r) for r in sides]
     base = _cached(base) if base is not None else None

@@ -63,6 +63,17 @@ def as_buffer(tensor: Any) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+def all_finite(t: Any) -> bool:
+    """No NaN or Inf in ``t``: one float64 reduction, no temporary mask (a NaN or Inf anywhere makes the sum non-finite)."""
+    import math
+
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return math.isfinite(float(torch.sum(t, dtype=torch.float64)))
+
+
 def cast_like(result: Any, dtype: str) -> Any:
     """A merge result back in the file's dtype (round to nearest for floats)."""
     return result.to(torch_dtype(dtype))

@@ -79,6 +79,19 @@ class TensorRef:
         """The tensor, built over the buffer `read` returns (no copy): do not modify it in place."""
         return tensors.from_bytes(self.read(), self.dtype, self.shape)
 
+    def slice(self, start: int, stop: int) -> "TensorRef":
+        """Flattened elements [start, stop) as a 1-D tensor, read straight from the file (no oid)."""
+        item = self.size // self.numel if self.numel else 0
+        opener = self.opener
+        if opener is None or item * self.numel != self.size:
+            raise ValueError(f"{self.name}: only whole-byte tensors read from a file can be sliced")
+
+        def sliced() -> tuple[BinaryIO, int]:
+            f, offset = opener()
+            return f, offset + start * item
+
+        return TensorRef(self.name, self.dtype, (stop - start,), (stop - start) * item, None, self.path, sliced)
+
     def computed(self, reader: Callable[[], bytes | bytearray], path: str | None = None, dtype: str | None = None) -> "TensorRef":
         """A tensor of this name and shape whose bytes come from ``reader`` (no oid)."""
         dtype = dtype or self.dtype

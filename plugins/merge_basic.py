@@ -7,6 +7,7 @@ from fmhub import hookimpl
 
 class KeepSide:
     needs_base = False
+    elementwise = False  # keeps a whole side without reading it
 
     def __init__(self, name: str, side: int) -> None:
         self.name = name

@@ -18,6 +18,7 @@ class Fisher:
 
     name = "fisher"
     needs_base = False
+    elementwise = True
 
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]

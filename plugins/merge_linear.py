@@ -17,6 +17,7 @@ class Linear:
 
     name = "linear"
     needs_base = False
+    elementwise = True
 
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
@@ -31,6 +32,7 @@ class TaskArithmetic:
 
     name = "task-arithmetic"
     needs_base = True
+    elementwise = True
 
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]

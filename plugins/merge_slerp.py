@@ -15,6 +15,7 @@ from fmhub.errors import MergeConflict
 class Slerp:
     name = "slerp"
     needs_base = False
+    elementwise = False  # the angle between the sides is a statistic of the whole tensor
 
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]

@@ -23,6 +23,7 @@ def _get(options: Mapping[str, Any], key: str, default: Any) -> Any:
 
 class _TaskVectorStrategy:
     needs_base = True
+    elementwise = False  # TIES trims by a per-tensor magnitude rank; DARE draws one mask stream per tensor
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -293,3 +293,50 @@ def test_fisher_diagonals_computed_by_a_plugin_hook(tmp_path):
         fa, fb = a[n] ** 2 + 1e-8, b[n] ** 2 + 1e-8
         torch.testing.assert_close(merged[n], (fa * a[n] + fb * b[n]) / (fa + fb), rtol=1e-4, atol=1e-6)
     assert (str(tmp_path / "a.safetensors"), "head") in asked
+
+
+def test_git_merge_fisher_weighted_with_fisher_files_from_the_plan(repo):
+    """`.fmhub/merge.yaml` names each side's Fisher diagonal; the merge driver weights by them."""
+    commit_model(repo, base_model(), "base")
+    a, b = finetune(1), finetune(2)
+    fa = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(5)) for n, t in a.items()}
+    fb = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(6)) for n, t in b.items()}
+    (repo / "fisher").mkdir()
+    save_tensors(repo / "fisher" / "a.safetensors", fa)
+    save_tensors(repo / "fisher" / "b.safetensors", fb)
+    (repo / ".fmhub").mkdir()
+    (repo / ".fmhub" / "merge.yaml").write_text("strategy: fisher\nfisher: [fisher/a.safetensors, fisher/b.safetensors]\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "fisher plan")
+    commit_model(repo, a, "a", "a", "main")
+    commit_model(repo, b, "b", "b", "main")
+    git(repo, "checkout", "-q", "a")
+    git(repo, "merge", "-q", "--no-edit", "b")
+    merged = load_file(str(repo / "model.safetensors"))
+    for n in ("l0.weight", "l1.weight", "head"):
+        want = ((fa[n] + 1e-8) * a[n] + (fb[n] + 1e-8) * b[n]) / (fa[n] + fb[n] + 2e-8)
+        torch.testing.assert_close(merged[n], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["linear", "task-arithmetic", "fisher"])
+def test_elementwise_strategies_stream_big_tensors_in_chunks_with_the_same_result(tmp_path, monkeypatch, strategy):
+    """With tiny chunks every tensor is merged in many pieces; the file equals a whole-tensor merge."""
+    from fmhub import merge as mg
+
+    a, b = finetune(1), finetune(2)
+    fa = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) for n, t in a.items()}
+    for name, t in (("base", base_model()), ("a", a), ("b", b), ("fa", fa), ("fb", fa)):
+        save_tensors(tmp_path / f"{name}.safetensors", t)
+    recipe = {
+        "base": str(tmp_path / "base.safetensors"),
+        "models": [{"model": str(tmp_path / "a.safetensors"), "weight": 0.7, "fisher": str(tmp_path / "fa.safetensors")},
+                   {"model": str(tmp_path / "b.safetensors"), "weight": 0.3, "fisher": str(tmp_path / "fb.safetensors")}],
+        "strategy": strategy,
+        "options": {"scale": 0.9},
+    }
+    whole = mg.run_recipe(mg.Recipe.from_dict(recipe, "t"), str(tmp_path / "whole.safetensors"))
+    monkeypatch.setattr(mg, "CHUNK_ELEMS", 7)
+    chunked = mg.run_recipe(mg.Recipe.from_dict(recipe, "t"), str(tmp_path / "chunked.safetensors"))
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "chunked.safetensors").read_bytes()
+    assert dict(whole.actions)["l0.weight"] == strategy == dict(chunked.actions)["l0.weight"]
+    assert dict(chunked.actions)["l2.weight"] == "same in every model"

@@ -406,3 +406,14 @@ def test_other_bad_options_are_refused():
         run("task-arithmetic", base, sides, scale=float("inf"))
     with pytest.raises(MergeConflict, match="has shape"):
         merge_math.linear([torch.zeros(3), torch.zeros(4)])
+
+
+def test_magnitude_prune_keeps_exactly_k_even_with_ties_at_the_threshold():
+    import torch
+
+    from fmhub.merge_math import magnitude_prune
+
+    tau = torch.tensor([3.0, -1.0, 1.0, 1.0, -2.0, 1.0, 0.5, -1.0])
+    kept = magnitude_prune(tau, 0.5)  # k = 4: 3, -2 and the first two of the four |1|s
+    assert torch.equal(kept, torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 0.0, 0.0, 0.0]))
+    assert int((magnitude_prune(tau, 0.125) != 0).sum()) == 1 and torch.count_nonzero(magnitude_prune(tau, 0.1)) == 0
