@@ -128,7 +128,6 @@ def fmhub_cmd(paths, strategy: str, options: dict, weights: list[float], out: Pa
 
 def compare(fm_dir: Path, mk_dir: Path) -> tuple[float, float, int]:
     """(max |Δ|, max ‖Δ‖/‖mergekit‖, tensors compared), reading one tensor pair at a time."""
-    import torch
     from safetensors import safe_open
 
     def index(d: Path) -> dict[str, Path]:

@@ -33,12 +33,24 @@ class FilterServer:
         self.proto = Protocol(stdin.read, stdout.write)
         self.stderr = stderr
         self._store = store
+        self._fetcher = None
 
     @property
     def store(self) -> ObjectStore:
         if self._store is None:
             self._store = open_store()
         return self._store
+
+    def _fetch_missing(self, objects: list[tuple[str, int]]) -> None:
+        """Download objects a smudge lacks from the remote's LFS server (lazy clone); one fetcher per git command.
+
+        Imported here, not at the top: most smudges find every object local and never need the transfer layer.
+        """
+        if self._fetcher is None:
+            from fmhub.sync import LazyFetcher
+
+            self._fetcher = LazyFetcher(self.store)
+        self._fetcher(objects)
 
     def _read_list(self) -> list[bytes]:
         return [line.rstrip(b"\n") for line in self.proto.read_pkt_seq()]
@@ -124,7 +136,7 @@ class FilterServer:
             self._send_list(b"status=success")
 
         try:
-            checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start)
+            checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start, fetch=self._fetch_missing)
         except Exception as exc:
             msg = str(exc) if isinstance(exc, FmhubError) else f"{path}: internal error while smudging: {exc!r}; please report it"
             if not started:

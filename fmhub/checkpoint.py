@@ -170,15 +170,35 @@ def missing_objects(manifest: Manifest, store: ObjectStore) -> list[str]:
     return missing
 
 
-def check_objects(manifest: Manifest, store: ObjectStore, path: str) -> None:
-    """Raise MissingObject naming every tensor whose object is missing."""
+def check_objects(manifest: Manifest, store: ObjectStore, path: str, fetch_error: str | None = None) -> None:
+    """Raise MissingObject naming every tensor whose object is missing (and why downloading them failed, if tried)."""
     missing = missing_objects(manifest, store)
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise MissingObject(
-            f"{path}: {len(missing)} object(s) missing from the store {store.path}: {shown}; "
-            "fetch them from the repository that committed this file (`fmhub fsck` lists what is missing)"
-        )
+        advice = "fetch them from the repository that committed this file (`fmhub fsck` lists what is missing)"
+        if fetch_error is not None:
+            advice = f"downloading them failed: {fetch_error}; {advice}, or retry with `fmhub fetch` once the server answers"
+        raise MissingObject(f"{path}: {len(missing)} object(s) missing from the store {store.path}: {shown}; {advice}")
+
+
+Fetcher = Callable[[list[tuple[str, int]]], None]
+"""Downloads ``(oid, size)`` objects into the store, verified; raises FmhubError saying why it could not."""
+
+
+def ensure_objects(manifest: Manifest, store: ObjectStore, path: str, fetch: Fetcher | None = None) -> None:
+    """Make sure every object of ``manifest`` is here, downloading just the missing ones with ``fetch`` if given.
+
+    The fetcher is only called when something is missing, so a smudge whose
+    objects are all local never imports the transfer layer.
+    """
+    if fetch is not None:
+        want = [(oid, size) for oid, size in dict(manifest.oids()).items() if not store.ensure(oid)]
+        if want:
+            try:
+                fetch(want)
+            except FmhubError as exc:
+                return check_objects(manifest, store, path, fetch_error=str(exc))
+    check_objects(manifest, store, path)
 
 
 def check_header(manifest: Manifest, header: bytes, path: str) -> None:
@@ -190,12 +210,17 @@ def check_header(manifest: Manifest, header: bytes, path: str) -> None:
         raise ManifestError(f"{path}: the manifest's tensor list does not match its header object; the manifest was edited or is corrupt")
 
 
-def smudge(data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: Callable[[], None] | None = None) -> None:
+def smudge(
+    data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: Callable[[], None] | None = None,
+    fetch: Fetcher | None = None,
+) -> None:
     """Write the original file for a manifest to ``out``; anything that is not a manifest is written as is.
 
     Every check that can fail before output starts (parsing, missing objects,
     header agreement) is done first; ``on_start`` is called just before the
-    first byte is written. An object that turns out corrupt while streaming
+    first byte is written. Objects the store lacks are downloaded with
+    ``fetch`` first, when one is given (the git filter passes one that asks
+    the remote's LFS server). An object that turns out corrupt while streaming
     raises CorruptObject after partial output.
     """
     if not is_manifest(data):
@@ -204,7 +229,7 @@ def smudge(data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: 
         out.write(data)
         return
     manifest = Manifest.from_bytes(data, path)
-    check_objects(manifest, store, path)
+    ensure_objects(manifest, store, path, fetch)
     try:
         header = store.read_bytes(manifest.header_oid)
     except FmhubError as exc:

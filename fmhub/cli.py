@@ -42,6 +42,8 @@ def install(
     console.print(f"fmhub drivers installed ({'global' if global_ else 'this repository'}):")
     for key, value in cfg.items():
         console.print(f"  {key} = {value}", highlight=False)
+    if not global_:
+        console.print(f"  pre-push hook: {inst.pre_push_path()} (uploads tensor objects on git push)", highlight=False)
 
 
 @app.command()
@@ -148,10 +150,83 @@ def smudge(path: str = typer.Argument("<stdin>")) -> None:
     from fmhub import checkpoint
 
     try:
-        checkpoint.smudge(sys.stdin.buffer.read(), _open_store(), sys.stdout.buffer, path)
+        store = _open_store()
+        checkpoint.smudge(sys.stdin.buffer.read(), store, sys.stdout.buffer, path, fetch=_lazy_fetcher(store))
     except FmhubError as exc:
         _fail(exc)
     sys.stdout.buffer.flush()
+
+
+def _lazy_fetcher(store):
+    """Downloads objects a smudge lacks from the remote's LFS server; imports the transfer layer only when called."""
+
+    def fetch(objects) -> None:
+        from fmhub.sync import LazyFetcher
+
+        LazyFetcher(store)(objects)
+
+    return fetch
+
+
+def _summary(verb: str, report) -> str:
+    from fmhub.units import human_bytes
+
+    where = f" {'to' if verb == 'uploaded' else 'from'} {report.destination}" if report.destination else ""
+    have = report.needed - report.count
+    rest = f"; {have} of {report.needed} already there" if have > 0 else ""
+    return f"fmhub: {verb} {report.count} object(s), {human_bytes(report.bytes)}{where}{rest}"
+
+
+def _remote_and_revs(args: List[str]) -> tuple[Optional[str], List[str]]:
+    """[REMOTE] [REV...]: the first word is a remote when one of that name is configured (as `git lfs fetch` reads it)."""
+    from fmhub import sync
+
+    if args and args[0] in sync.remote_names():
+        return args[0], args[1:]
+    return None, args
+
+
+@app.command("pre-push", hidden=True)
+def pre_push(remote: str, url: str = typer.Argument("")) -> None:
+    """git's pre-push hook: upload the tensor objects of the pushed commits that the server lacks (reads git's stdin)."""
+    from fmhub import sync
+
+    try:
+        report = sync.push(remote, sys.stdin.read().splitlines(), url=url or None)
+    except FmhubError as exc:
+        err.print(f"[red]fmhub:[/red] push stopped: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if report.needed:
+        err.print(_summary("uploaded", report), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def fetch(args: List[str] = typer.Argument(None, metavar="[REMOTE] [REV...]")) -> None:
+    """Download every tensor object the checkpoints committed at REVs (default HEAD) need, so checkouts work offline."""
+    from fmhub import sync
+
+    try:
+        remote, revs = _remote_and_revs(list(args or []))
+        report = sync.fetch(remote, revs or ["HEAD"])
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(_summary("downloaded", report), highlight=False, soft_wrap=True)
+
+
+@app.command("push-objects")
+def push_objects(
+    args: List[str] = typer.Argument(None, metavar="[REMOTE] [REV...]"),
+    all_: bool = typer.Option(False, "--all", help="Every branch and tag, not just REVs."),
+) -> None:
+    """Upload the tensor objects of REVs' history (default HEAD) that the server lacks: for commits pushed before `fmhub install`."""
+    from fmhub import sync
+
+    try:
+        remote, revs = _remote_and_revs(list(args or []))
+        report = sync.push_objects(remote or sync.default_remote(), (["--all"] if all_ else []) + (revs or ([] if all_ else ["HEAD"])))
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(_summary("uploaded", report), highlight=False, soft_wrap=True)
 
 
 @app.command("merge-driver", hidden=True)
@@ -338,12 +413,15 @@ def ls(path: str, rev: Optional[str] = typer.Option(None, help="Read the file as
 @app.command()
 def checkout(paths: List[str] = typer.Argument(None)) -> None:
     """Turn work-tree files that are still manifests (a clone made before `fmhub install`) into checkpoints."""
-    from fmhub import worktree
+    from fmhub import sync, worktree
+    from fmhub.errors import MissingObject
 
+    reason = None
     try:
+        reason = sync.prefetch_index(paths or ())  # downloads only what the store lacks
         done = worktree.materialize(paths or None)
     except FmhubError as exc:
-        _fail(exc)
+        _fail(MissingObject(f"{exc}; downloading them failed: {reason}") if reason and isinstance(exc, MissingObject) else exc)
     for p in done:
         console.print(f"checked out {p}", highlight=False)
     if not done:
@@ -365,6 +443,88 @@ def fsck(rev: str = typer.Option("HEAD", help="Check that every checkpoint commi
     if report.problems:
         raise typer.Exit(1)
     console.print("store is consistent")
+
+
+@app.command()
+def extract(
+    source: str = typer.Argument(..., help="A checkpoint file or directory, or REV:PATH (e.g. main:model/)."),
+    tensors: List[str] = typer.Option(..., "--tensors", "-t", help='Tensor-name pattern, e.g. "model.layers.0.*" (repeatable).'),
+    output: str = typer.Option(..., "-o", "--output", help="The .safetensors file to write."),
+) -> None:
+    """Partial checkout: write only the matching tensors to a new file, reading (and fetching) only their objects."""
+    from fmhub import extract as ex
+    from fmhub.units import human_bytes
+    from fmhub.views import open_view
+
+    try:
+        done = ex.extract(open_view(source), tensors, output, before_read=_fetch_missing)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"wrote {done.output}: {len(done.tensors)} tensors, {human_bytes(done.bytes_written)}", highlight=False)
+
+
+def _fetch_missing(refs) -> None:
+    """Download the objects of ``refs`` the local store lacks (only those), when a remote is set up."""
+    oids = [(r.oid, r.size) for r in refs if r.oid is not None]
+    if not oids:
+        return
+    try:
+        from fmhub import sync
+    except ImportError:  # remotes not available in this build
+        return
+    sync.ensure_objects(oids)
+
+
+hub_app = typer.Typer(no_args_is_help=True, help="Hugging Face Hub repositories through huggingface_hub (HF_ENDPOINT, HF_TOKEN).")
+app.add_typer(hub_app, name="hub")
+
+
+@hub_app.command("push")
+def hub_push(
+    repo_id: Optional[str] = typer.Argument(None, help="user/name on the Hub (default: the repo this one was cloned from or last pushed to)."),
+    rev: str = typer.Option("HEAD", "--rev", help="The git revision whose files to push."),
+    branch: str = typer.Option("main", help="The Hub branch to commit to (created if missing)."),
+    message: Optional[str] = typer.Option(None, "-m", "--message", help="The Hub commit message (default: from the git commit)."),
+    private: bool = typer.Option(False, help="Create the Hub repo private if it does not exist."),
+) -> None:
+    """Commit REV's files to a Hub repo in fmhub's layout; only tensor objects the Hub lacks are uploaded."""
+    from fmhub import hub
+    from fmhub.units import human_bytes
+
+    try:
+        repo_id = repo_id or hub.default_repo_id()
+        if not repo_id:
+            raise FmhubError("which Hub repo? give REPO_ID (user/name); later pushes remember it")
+        res = hub.push(repo_id, rev, branch, message, private, progress=err.is_terminal)
+    except FmhubError as exc:
+        _fail(exc)
+    if not res.changed:
+        console.print(f"{repo_id} on the Hub already holds these files ({res.objects_present} objects); nothing to push", highlight=False)
+        return
+    console.print(
+        f"pushed {res.files} file(s) to {res.url}: {res.objects_sent} object(s) uploaded ({human_bytes(res.bytes_sent)}), "
+        f"{res.objects_present} already on the Hub" + (f"; removed {', '.join(res.deleted)}" if res.deleted else ""),
+        highlight=False, soft_wrap=True,
+    )
+
+
+@hub_app.command("clone")
+def hub_clone(
+    repo_id: str = typer.Argument(..., help="user/name on the Hub."),
+    directory: Optional[str] = typer.Argument(None, help="Where to clone (default: the repo's name)."),
+    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="A Hub branch, tag or commit (default: main)."),
+    checkout: bool = typer.Option(True, "--checkout/--no-checkout", help="Download objects and write the checkpoints (else manifests only; `fmhub checkout` later)."),
+) -> None:
+    """Clone a Hub repo pushed by fmhub into a new git repository with loadable checkpoints."""
+    from fmhub import hub
+    from fmhub.units import human_bytes
+
+    try:
+        res = hub.clone(repo_id, directory or repo_id.rsplit("/", 1)[-1], revision, checkout, progress=err.is_terminal)
+    except FmhubError as exc:
+        _fail(exc)
+    what = f"{len(res.checkpoints)} checkpoint(s), {res.objects} object(s) downloaded ({human_bytes(res.bytes)})"
+    console.print(f"cloned {repo_id}@{res.revision[:12]} into {res.directory}: {what}", highlight=False, soft_wrap=True)
 
 
 @app.command()

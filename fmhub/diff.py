@@ -33,10 +33,10 @@ import json
 import math
 import os
 import subprocess
-from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from fmhub.errors import CorruptCheckpoint, FmhubError, MissingObject
+from fmhub.errors import CorruptCheckpoint, FmhubError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.store import ObjectStore
 from fmhub.views import CheckpointView, TensorRef

@@ -35,3 +35,23 @@ class MergeConflict(FmhubError):
 
 class PluginError(FmhubError):
     """A plugin is missing or broke its hook contract."""
+
+
+class TransferError(FmhubError):
+    """An object could not be sent to or fetched from an LFS server."""
+
+
+class RemoteAuthError(TransferError):
+    """The LFS server refused our credentials (HTTP 401/403)."""
+
+
+class RemoteUnavailable(TransferError):
+    """The LFS server could not be reached, or kept failing after retries."""
+
+
+class CorruptDownload(TransferError, CorruptObject):
+    """A server sent bytes that do not hash to the object asked for; they were discarded."""
+
+
+class RemoteMissingObject(TransferError, MissingObject):
+    """The LFS server does not have an object asked for (a push that left it behind)."""

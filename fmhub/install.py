@@ -8,6 +8,7 @@ import sys
 
 from dulwich.attrs import parse_git_attributes
 
+from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError
 from fmhub.repo import common_dir, git, open_store, toplevel
 
@@ -51,6 +52,7 @@ def install(global_: bool = False, command: str | None = None, cwd: str | None =
         git("config", *scope, key, value, cwd=cwd)
     if not global_:
         open_store(cwd, create=True)
+        install_pre_push(command or default_command(), cwd)
     return cfg
 
 
@@ -58,6 +60,98 @@ def uninstall(global_: bool = False, cwd: str | None = None) -> None:
     scope = _scope(global_, cwd)
     for section in (f"filter.{DRIVER}", f"diff.{DRIVER}", f"merge.{DRIVER}"):
         git("config", *scope, "--remove-section", section, cwd=cwd, check=False)
+    if not global_:
+        uninstall_pre_push(cwd)
+
+
+# -- the pre-push hook --------------------------------------------------------
+#
+# git runs exactly one `pre-push` file, and git-lfs wants that slot too. So the
+# hook fmhub writes runs, in order: a hook that was there before (kept as
+# `pre-push.local`), fmhub's upload, then `git lfs pre-push` when the repository
+# uses git-lfs. git-lfs's own hook is set aside as `pre-push.git-lfs` (not run:
+# the combined hook already calls git-lfs) and comes back on `fmhub uninstall`.
+
+HOOK_MARK = "# fmhub pre-push hook"
+
+_HOOK_TEMPLATE = """#!/bin/sh
+{mark}: written by `fmhub install`; `fmhub uninstall` puts back what was here.
+# Runs the hook that was here before (pre-push.local), uploads the tensor objects of
+# the commits being pushed, then runs git-lfs's pre-push when this repository uses git-lfs.
+stdin=$(mktemp "${{TMPDIR:-/tmp}}/fmhub-pre-push.XXXXXX") || exit 1
+trap 'rm -f "$stdin"' EXIT
+cat >"$stdin" || exit 1
+here=$(dirname "$0")
+if [ -x "$here/pre-push.local" ]; then
+    "$here/pre-push.local" "$@" <"$stdin" || exit $?
+fi
+{command} pre-push "$@" <"$stdin" || exit $?
+if [ -n "$(git config filter.lfs.process)" ]; then
+    if command -v git-lfs >/dev/null 2>&1; then
+        git lfs pre-push "$@" <"$stdin" || exit $?
+    else
+        echo >&2 "fmhub: this repository is configured for git-lfs but git-lfs is not on PATH; its objects were not pushed"
+    fi
+fi
+exit 0
+"""
+
+
+def hooks_dir(cwd: str | None = None) -> str:
+    """Where git looks for hooks (``core.hooksPath`` honoured; shared by linked worktrees)."""
+    out = git("rev-parse", "--git-path", "hooks", cwd=cwd).strip()
+    return os.path.abspath(os.path.join(cwd or os.getcwd(), out))
+
+
+def pre_push_path(cwd: str | None = None) -> str:
+    return os.path.join(hooks_dir(cwd), "pre-push")
+
+
+def _is_git_lfs_hook(text: str) -> bool:
+    """git-lfs's stock pre-push hook (any version): a git-lfs guard line and `git lfs pre-push "$@"`, nothing else."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return 'git lfs pre-push "$@"' in lines and all(
+        line == 'git lfs pre-push "$@"' or line.startswith("command -v git-lfs") for line in lines
+    )
+
+
+def install_pre_push(command: str, cwd: str | None = None) -> str:
+    """Write fmhub's pre-push hook, keeping a hook that was there (see above); returns its path. Idempotent."""
+    path = pre_push_path(cwd)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if HOOK_MARK in text:
+            pass  # ours: rewrite it (the command may have changed)
+        elif _is_git_lfs_hook(text):
+            os.replace(path, path + ".git-lfs")
+        elif os.path.lexists(path + ".local"):
+            raise FmhubError(
+                f"{path} exists and so does {path}.local, where fmhub would keep it; "
+                "merge them into pre-push.local and run `fmhub install` again"
+            )
+        else:
+            os.replace(path, path + ".local")
+    with atomic_write(path, "w", chmod=0o755) as f:
+        f.write(_HOOK_TEMPLATE.format(mark=HOOK_MARK, command=command))
+    return path
+
+
+def uninstall_pre_push(cwd: str | None = None) -> None:
+    """Remove fmhub's pre-push hook and put back the one it replaced, if any; a hook that is not fmhub's stays."""
+    path = pre_push_path(cwd)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if HOOK_MARK not in f.read():
+                return
+    except FileNotFoundError:
+        return
+    for saved in (path + ".local", path + ".git-lfs"):
+        if os.path.lexists(saved):
+            os.replace(saved, path)
+            return
+    os.unlink(path)
 
 
 def _attributes_path(cwd: str | None) -> str:
@@ -88,12 +182,8 @@ def _rewrite_attributes(cwd: str | None, keep, extra: list[str]) -> list[str]:
         else:
             kept.append(line)
     text = "\n".join(kept + extra) + "\n" if kept or extra else ""
-    tmp = path + ".fmhub-tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return dropped
 
 

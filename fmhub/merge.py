@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from fmhub import host, tensors
+from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError, MergeConflict
 from fmhub.views import CheckpointView, TensorRef
 
@@ -240,11 +240,9 @@ def merge_models(
     header = format_named("safetensors").build_header(infos, models[0].metadata)
     out_dir = os.path.dirname(os.path.abspath(output))
     made_dir = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".fmhub-merge-", suffix=".tmp")
     actions: list[tuple[str, str]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(output, prefix=".fmhub-merge-") as f:
             f.write(header)
             for name, b, sides, strategy, opts in jobs:
                 if progress:
@@ -258,16 +256,9 @@ def merge_models(
                 except MergeConflict as exc:  # keep going to report every tensor; the file is thrown away
                     problems.append(f"{name}: {exc}")
                 actions.append((name, what))
-            f.flush()
-            os.fsync(f.fileno())
-        if problems:
-            raise MergeConflict(_summary(problems))
-        os.replace(tmp, output)
+            if problems:
+                raise MergeConflict(_summary(problems))
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         if made_dir:
             try:
                 os.rmdir(out_dir)

@@ -234,8 +234,6 @@ def ties(
     fraction, then combined by `_ties_combine`. Equals
     ``base + scale * peft.utils.merge_utils.ties(τ, weights, density, majority_sign)``.
     """
-    import torch
-
     ts, b, _ = _prepare(tensors, base)
     w = _weights(weights, len(ts))
     d, s, m = _density(density), _scale(scale), _sign_method(majority_sign)

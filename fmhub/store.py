@@ -121,13 +121,14 @@ class ObjectStore(LFSStore):
             raise
         return w.commit()
 
-    def _tmp_dir(self) -> str:
+    def tmp_dir(self) -> str:
+        """Where writers and downloaders keep files in progress (same file system as the objects: renames are atomic)."""
         d = os.path.join(self.path, "tmp")
         os.makedirs(d, exist_ok=True)
         return d
 
     def _new_temp(self) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self._tmp_dir(), prefix="obj-")
+        return tempfile.mkstemp(dir=self.tmp_dir(), prefix="obj-")
 
     def _publish(self, tmp_path: str, oid: str) -> None:
         dest = self._sha_path(oid)
@@ -135,22 +136,42 @@ class ObjectStore(LFSStore):
         os.chmod(tmp_path, 0o444)  # objects are immutable; a stray write fails loudly
         os.replace(tmp_path, dest)
 
-    def _import(self, src: str, oid: str) -> None:
-        fd, tmp = self._new_temp()
+    def adopt(self, path: str, oid: str, size: int) -> None:
+        """Move a file downloaded into `tmp_dir` into the store as ``oid``, if its size and sha256 match.
+
+        Otherwise the file is deleted and `IncomingMismatch` says why; nothing
+        enters the store. A rename, not a copy: a downloader that wrote the
+        whole file itself (huggingface_hub) costs one read to verify.
+        """
         h = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                while chunk := inp.read(CHUNK):
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
                     h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if h.hexdigest() != oid:
-                raise CorruptObject(f"object sha256:{oid} in {os.path.dirname(src)} is corrupt; it was not copied")
-            self._publish(tmp, oid)
-        except BaseException:
-            _unlink_quiet(tmp)
-            raise
+                os.fsync(f.fileno())
+            got, actual = os.path.getsize(path), h.hexdigest()
+            if got != size:
+                raise IncomingMismatch(f"{got} bytes arrived, not {size}")
+            if actual != oid:
+                raise IncomingMismatch(f"the bytes hash to sha256:{actual}")
+            if not os.path.isfile(self._sha_path(oid)):
+                self._publish(path, oid)
+        except OSError as exc:
+            raise _as_user_error(exc, self.path) from None
+        finally:
+            _unlink_quiet(path)
+
+    def _import(self, src: str, oid: str) -> None:
+        incoming = IncomingObject(self, oid, os.path.getsize(src))
+        try:
+            with open(src, "rb") as inp:
+                while chunk := inp.read(CHUNK):
+                    incoming.write(chunk)
+            incoming.publish()
+        except IncomingMismatch:
+            raise CorruptObject(f"object sha256:{oid} in {os.path.dirname(src)} is corrupt; it was not copied") from None
+        finally:
+            incoming.discard()
 
     def _submit(self, fn, nbytes: int, oid: str) -> None:
         """Run a write in the background so fsync overlaps with reading the next tensor."""
@@ -205,6 +226,66 @@ class ObjectStore(LFSStore):
             except FileNotFoundError:
                 pass
         return n
+
+
+class IncomingMismatch(Exception):
+    """The bytes of an `IncomingObject` are not the object announced (the reason is the message)."""
+
+
+class IncomingObject:
+    """An object arriving from elsewhere (an LFS server, another store) under an oid known in advance.
+
+    Bytes go to a temp file while being hashed; `publish` makes the object
+    visible only when exactly ``size`` bytes arrived and they hash to ``oid``,
+    otherwise it raises `IncomingMismatch` and nothing enters the store.
+    Memory stays at one chunk whatever the object's size.
+    """
+
+    def __init__(self, store: "ObjectStore", oid: str, size: int) -> None:
+        self.store, self.oid, self.expected = store, oid, size
+        try:
+            self._fd, self._tmp = store._new_temp()
+        except OSError as exc:
+            raise _as_user_error(exc, store.path) from None
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.expected:
+            raise IncomingMismatch(f"more than the {self.expected} bytes announced arrived")
+        self._hash.update(data)
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            raise _as_user_error(exc, self.store.path) from None
+
+    def publish(self) -> None:
+        if self.size != self.expected:
+            raise IncomingMismatch(f"{self.size} bytes arrived, not {self.expected}")
+        actual = self._hash.hexdigest()
+        if actual != self.oid:
+            raise IncomingMismatch(f"the bytes hash to sha256:{actual}")
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            if not os.path.isfile(self.store._sha_path(self.oid)):
+                self.store._publish(self._tmp, self.oid)
+                self._tmp = None
+        except OSError as exc:
+            raise _as_user_error(exc, self.store.path) from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove what is left of a failed transfer (a no-op after publish)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            _unlink_quiet(self._tmp)
+            self._tmp = None
 
 
 class ObjectWriter:

@@ -8,6 +8,7 @@ import os
 import subprocess
 
 from fmhub import checkpoint
+from fmhub.atomic import atomic_write
 from fmhub.errors import CorruptCheckpoint, FmhubError
 from fmhub.manifest import Manifest, TensorEntry, is_manifest
 from fmhub.repo import git, open_store, toplevel
@@ -69,17 +70,8 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
                 continue
             data += f.read()
         blob_ids[rel] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        tmp = full + ".fmhub-tmp"
-        try:
-            with open(tmp, "wb") as out:
-                checkpoint.smudge(data, store, out, rel)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, full)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(full) as out:
+            checkpoint.smudge(data, store, out, rel)
         done.append(rel)
     if done:
         # git trusts a changed file size over content, so it would call these files modified;

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lfs_server import running_lfs_server
 
 FMHUB = [sys.executable, "-m", "fmhub"]
 
@@ -58,6 +59,17 @@ def store_objects(repo: Path) -> dict[str, int]:
     """oid -> size of every object in the repo's fmhub store."""
     root = repo / ".git" / "lfs" / "objects"
     return {p.name: p.stat().st_size for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+
+
+@pytest.fixture
+def lfs_server(tmp_path):
+    """A real Git LFS server (dulwich's, streaming, with fault switches) on 127.0.0.1; see tests/lfs_server.py.
+
+    Yields an LFSTestServer: ``.url`` (use as ``lfs.url``), ``.store_dir``, ``.requests``,
+    ``.objects()``, ``.put(data)``, ``fail_next(n, status)``, ``corrupt(oid)``, ``require_auth(value)``.
+    """
+    with running_lfs_server(tmp_path / "lfs-server") as server:
+        yield server
 
 
 @pytest.fixture

@@ -48,3 +48,23 @@ def test_filter_benchmark_small(tmp_path):
     assert fm_growth < changed + 256 * 1024, (fm_growth, changed)
     assert lfs_growth >= ck["bytes"]
     assert "fmhub/git-lfs" in proc.stdout
+
+
+def test_push_benchmark_small(tmp_path):
+    """fmhub's pushes of v1 and v2 upload exactly the changed tensors; git-lfs uploads the whole file each time."""
+    out = tmp_path / "push.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "push_bench.py"), "--size-mb", "8", "--tensors", "7", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    fm, lfs = data["results"]["fmhub"], data["results"]["git-lfs"]
+    assert fm[0]["uploaded_bytes"] >= data["checkpoint_bytes"] and lfs[0]["uploaded_bytes"] == data["checkpoint_bytes"]
+    for i in (1, 2):
+        assert fm[i]["uploaded_bytes"] == data["changed_bytes"]
+        assert fm[i]["request_bytes"] < data["changed_bytes"] + 16 * 1024
+        assert lfs[i]["uploaded_bytes"] == data["checkpoint_bytes"]
+    assert "fmhub/git-lfs" in proc.stdout

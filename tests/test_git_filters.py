@@ -187,7 +187,14 @@ def test_coexists_with_git_lfs(repo):
 
     if shutil.which("git-lfs") is None:
         pytest.skip("git-lfs is not installed")
-    git(repo, "lfs", "install", "--local")
+    # After `fmhub install`, git-lfs finds fmhub's pre-push hook in its place and
+    # says so (exit 2), but configures its filters anyway; fmhub's hook keeps
+    # running `git lfs pre-push`, and a second `fmhub install` is quiet.
+    done = git(repo, "lfs", "install", "--local", check=False)
+    assert git(repo, "config", "filter.lfs.process").stdout.strip() == b"git-lfs filter-process", done.stderr
+    hook = (repo / ".git" / "hooks" / "pre-push").read_text()
+    assert "fmhub pre-push hook" in hook and "git lfs pre-push" in hook
+    fmhub(repo, "install")
     git(repo, "lfs", "track", "*.bin")
     (repo / "data.bin").write_bytes(b"\x00\x01" * 5000)
     save_tensors(repo / "model.safetensors", model())

@@ -1,0 +1,614 @@
+"""Moving tensor objects to and from any Git LFS server through the batch API.
+
+Each tensor object is an ordinary LFS object (sha256-named bytes), so the
+standard protocol carries it: ``POST <url>/objects/batch`` says which objects
+the server lacks (upload) or where to get them (download), then the "basic"
+transfer adapter PUTs or GETs each one at the href the server gave. See
+https://github.com/git-lfs/git-lfs/blob/main/docs/api/batch.md.
+
+Objects can be gigabytes, so nothing here holds one in memory: uploads stream
+from the object file, downloads stream into a temp file in the store's tmp
+dir while hashing, and only a download whose sha256 and size match is
+renamed into place. Transfers run on a thread pool (sha256, socket and file
+I/O release the GIL); connection errors, 429 and 5xx are retried with
+exponential backoff; 401/403 end with a message saying how to authenticate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import urllib3
+from dulwich.lfs import LFSPointer
+
+from fmhub.errors import (
+    CorruptDownload,
+    CorruptObject,
+    MissingObject,
+    RemoteAuthError,
+    RemoteMissingObject,
+    RemoteUnavailable,
+    TransferError,
+)
+from fmhub.remote import Endpoint
+from fmhub.store import IncomingMismatch, IncomingObject, ObjectStore
+
+LFS_JSON = "application/vnd.git-lfs+json"
+BATCH_SIZE = 100  # objects per batch request: the limit servers commonly enforce
+CHUNK = 1 << 20  # bytes per read/write while streaming an object
+MAX_BACKOFF_S = 30.0
+EXPIRY_MARGIN_S = 10.0  # re-ask for an href that expires sooner than this
+USER_AGENT = "fmhub (git-lfs compatible)"
+
+Obj = tuple[str, int]  # (oid, size)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a transfer moved: objects sent or fetched (each after the server said 2xx) and their bytes."""
+
+    count: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: "Report") -> "Report":
+        return Report(self.count + other.count, self.bytes + other.bytes)
+
+
+@dataclass
+class Action:
+    """One step the server asks for: a request to ``href`` with ``header``, valid until ``expires_at``."""
+
+    href: str
+    header: dict[str, str] = field(default_factory=dict)
+    expires_at: float | None = None  # a time.time() value
+
+    def expired(self) -> bool:
+        return self.expires_at is not None and time.time() > self.expires_at - EXPIRY_MARGIN_S
+
+
+@dataclass
+class BatchItem:
+    """The server's answer for one object: its actions (none: nothing to do) or an error."""
+
+    oid: str
+    size: int
+    actions: dict[str, Action] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    authenticated: bool = False
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another attempt may fix."""
+
+    def __init__(self, reason: str, wait: float | None = None, free: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.wait, self.free = reason, wait, free
+
+
+class Transfer:
+    """Uploads and downloads store objects through one LFS endpoint.
+
+    ``concurrency`` objects move at once (git-lfs's default, 8); each request
+    is tried ``retries`` more times after a connection error, 429 or 5xx,
+    waiting ``backoff`` * 2^n seconds (with jitter, at most 30 s) or what
+    Retry-After says. ``progress``: False never shows a bar; otherwise a rich
+    progress bar (bytes) appears when stderr is a terminal.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        store: ObjectStore,
+        concurrency: int = 8,
+        retries: int = 5,
+        progress: bool | None = None,
+        *,
+        backoff: float = 0.5,
+        timeout: float = 60.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.store = store
+        self.concurrency = max(1, concurrency)
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.progress = progress
+        self.http = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=self.concurrency + 1,
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_status=False),
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            blocksize=CHUNK,  # upload bodies go out in 1 MiB reads instead of 16 KiB
+        )
+
+    # -- the batch API ----------------------------------------------------------
+
+    def batch(self, operation: str, objects: Sequence[Obj], ref: str | None = None) -> dict[str, BatchItem]:
+        """Ask the server about ``objects`` (batches of 100); oid -> its answer.
+
+        An object the server leaves out of its answer is reported as an error
+        item, so callers see every oid they asked about.
+        """
+        answers: dict[str, BatchItem] = {}
+        for chunk in _chunks(_unique(objects), BATCH_SIZE):
+            answers.update(self._batch_once(operation, chunk, ref))
+        return answers
+
+    def _batch_once(self, operation: str, objects: Sequence[Obj], ref: str | None) -> dict[str, BatchItem]:
+        body: dict[str, Any] = {
+            "operation": operation,
+            "transfers": ["basic"],
+            "objects": [{"oid": oid, "size": size} for oid, size in objects],
+            "hash_algo": "sha256",
+        }
+        if ref:
+            body["ref"] = {"name": ref}
+        data = json.dumps(body).encode()
+        url = self.endpoint.url.rstrip("/") + "/objects/batch"
+        headers = {"Accept": LFS_JSON, "Content-Type": LFS_JSON}
+
+        def attempt() -> dict[str, Any]:
+            resp = self._request("POST", url, headers, body=data, what="batch request")
+            try:
+                return json.loads(resp.read())
+            except ValueError as exc:
+                raise TransferError(f"the LFS server at {self.endpoint.url} sent a batch answer that is not JSON: {exc}") from None
+            finally:
+                _finish(resp, True)
+
+        answer = self._retrying(url, attempt)
+        return _parse_batch(answer, objects, self.endpoint.url)
+
+    def missing_on_server(self, objects: Sequence[Obj], ref: str | None = None) -> list[Obj]:
+        """The objects the server asks us to upload (it lacks them), in the order given."""
+        answers = self.batch("upload", objects, ref)
+        _raise_item_errors(answers.values(), "upload", self.endpoint.url)
+        return [(oid, answers[oid].size) for oid, _ in _unique(objects) if "upload" in answers[oid].actions]
+
+    # -- upload -----------------------------------------------------------------
+
+    def upload(self, objects: Sequence[Obj], ref: str | None = None) -> Report:
+        """Send the objects the server lacks; each counts once the server (and its verify step) said 2xx."""
+        self.store.flush()  # objects written in the background must be on disk before we stat and stream them
+        total = Report()
+        with self._progress("upload") as bar:
+            for chunk in _chunks(_unique(objects), BATCH_SIZE):
+                answers = self._batch_once("upload", chunk, ref)
+                _raise_item_errors(answers.values(), "upload", self.endpoint.url)
+                todo = [answers[oid] for oid, _ in chunk if "upload" in answers[oid].actions]
+                for item in todo:
+                    self._check_local(item)
+                bar.add_total(sum(item.size for item in todo))
+                total += self._run_all(lambda item: self._upload_one(item, ref, bar), todo)
+        return total
+
+    def _check_local(self, item: BatchItem) -> None:
+        """Refuse before sending anything when an object is missing or its size is not the one announced."""
+        if not self.store.ensure(item.oid):
+            raise MissingObject(f"object sha256:{item.oid} is not in {self.store.path}, so it cannot be uploaded; run `fmhub fsck`")
+        size = os.path.getsize(self.store.object_path(item.oid))
+        if size != item.size:
+            raise CorruptObject(f"object sha256:{item.oid} in {self.store.path} has {size} bytes, not {item.size}; run `fmhub fsck`")
+
+    def _upload_one(self, item: BatchItem, ref: str | None, bar: "_Bar") -> int | None:
+        """Bytes sent for one object (after PUT and verify said 2xx); None if the server turned out to have it."""
+        fresh = self._fresh(item, "upload", ref)
+        if fresh is None:
+            bar.advance(item.size)
+            return None
+        item = fresh
+        action = item.actions["upload"]
+        path = self.store.object_path(item.oid)
+
+        def attempt() -> None:
+            with open(path, "rb", buffering=0) as f:
+                body = _HashingReader(f, bar)
+                headers = _merge_headers({"Content-Type": "application/octet-stream"}, action.header,
+                                         {"Content-Length": str(item.size)})
+                try:
+                    resp = self._request("PUT", action.href, headers, body=body, authenticated=item.authenticated,
+                                         what=f"upload of sha256:{item.oid}")
+                except BaseException:
+                    bar.advance(-body.count)
+                    raise
+                _finish(resp, True)
+                if body.count != item.size or body.hexdigest() != item.oid:
+                    raise CorruptObject(
+                        f"object sha256:{item.oid} in {self.store.path} changed or is corrupt (its bytes hash differently); "
+                        f"the server at {self.endpoint.url} may now hold bad bytes under that name; run `fmhub fsck`"
+                    )
+
+        self._retrying(action.href, attempt)
+        if "verify" in item.actions:
+            self._verify(item)
+        return item.size
+
+    def _verify(self, item: BatchItem) -> None:
+        action = item.actions["verify"]
+        data = json.dumps({"oid": item.oid, "size": item.size}).encode()
+        headers = _merge_headers({"Accept": LFS_JSON, "Content-Type": LFS_JSON}, action.header)
+
+        def attempt() -> None:
+            resp = self._request("POST", action.href, headers, body=data, authenticated=item.authenticated,
+                                 what=f"verify of sha256:{item.oid}")
+            _finish(resp, True)
+
+        self._retrying(action.href, attempt)
+
+    # -- download ---------------------------------------------------------------
+
+    def download(self, objects: Sequence[Obj], ref: str | None = None) -> Report:
+        """Fetch the objects the store lacks; each is verified (sha256 and size) before it becomes visible."""
+        wanted = [(oid, size) for oid, size in _unique(objects) if not self.store.ensure(oid)]
+        total = Report()
+        with self._progress("download") as bar:
+            bar.add_total(sum(size for _, size in wanted))
+            for chunk in _chunks(wanted, BATCH_SIZE):
+                answers = self._batch_once("download", chunk, ref)
+                _raise_item_errors(answers.values(), "download", self.endpoint.url)
+                for item in answers.values():
+                    if "download" not in item.actions:
+                        raise TransferError(f"the LFS server at {self.endpoint.url} gave no download action for sha256:{item.oid}")
+                total += self._run_all(lambda item: self._download_one(item, ref, bar), list(answers.values()))
+        return total
+
+    def _download_one(self, item: BatchItem, ref: str | None, bar: "_Bar") -> int:
+        """Bytes fetched for one object, published only after its sha256 and size checked out."""
+        fresh = self._fresh(item, "download", ref)
+        if fresh is None:
+            raise TransferError(f"the LFS server at {self.endpoint.url} gave no download action for sha256:{item.oid}")
+        action = fresh.actions["download"]
+        item = fresh
+
+        def attempt() -> None:
+            resp = self._request("GET", action.href, _merge_headers({"Accept": "application/octet-stream"}, action.header),
+                                 authenticated=item.authenticated, what=f"download of sha256:{item.oid}")
+            ok = False
+            try:
+                self._receive(resp, item, action.href, bar)
+                ok = True
+            finally:
+                _finish(resp, ok)
+
+        self._retrying(action.href, attempt)
+        return item.size
+
+    def _receive(self, resp: urllib3.BaseHTTPResponse, item: BatchItem, href: str, bar: "_Bar") -> None:
+        """Stream a response body into the store; a cut-off stream is retried, wrong bytes are refused."""
+        incoming = IncomingObject(self.store, item.oid, item.size)
+        try:
+            try:
+                for chunk in resp.stream(CHUNK):
+                    incoming.write(chunk)
+                    bar.advance(len(chunk))
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                bar.advance(-incoming.size)
+                raise _Retry(f"the download was cut off: {_reason(exc)}") from None
+            incoming.publish()
+        except IncomingMismatch as exc:
+            raise CorruptDownload(f"refused object sha256:{item.oid} from {href}: {exc}; it was discarded, nothing was stored") from None
+        finally:
+            incoming.discard()
+
+    # -- requests, retries ------------------------------------------------------
+
+    def _request(
+        self, method: str, url: str, headers: dict[str, str], *, body: bytes | BinaryIO | None = None,
+        authenticated: bool = False, what: str = "request",
+    ) -> urllib3.BaseHTTPResponse:
+        """One HTTP exchange; a 2xx response (body unread), or _Retry / an FmhubError."""
+        sent = self._headers(url, headers, authenticated)
+        try:
+            resp = self.http.request(method, url, headers=sent, body=body, preload_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _Retry(_reason(exc)) from None
+        if 200 <= resp.status < 300:
+            if self.endpoint.same_origin(url):
+                self.endpoint.after_success()
+            return resp
+        message = _error_message(resp)
+        status = resp.status
+        _finish(resp, False)
+        if status in (429,) or status >= 500:
+            raise _Retry(f"HTTP {status}{message}", wait=_retry_after(resp.headers.get("Retry-After")))
+        if status == 401 and self.endpoint.same_origin(url) and not authenticated:
+            if self.endpoint.after_unauthorized(_header(sent, "Authorization")):
+                raise _Retry("new credentials", free=True)
+        if status in (401, 403):
+            raise RemoteAuthError(self._auth_message(status, url, what, message))
+        if status == 404 and what == "batch request":
+            raise TransferError(f"no Git LFS API at {self.endpoint.url} (HTTP 404{message}); check `git config lfs.url`")
+        raise TransferError(f"the LFS server refused the {what} at {url}: HTTP {status}{message}")
+
+    def _headers(self, url: str, headers: dict[str, str], authenticated: bool) -> dict[str, str]:
+        """Endpoint headers go only to the endpoint's own origin, and not when the server pre-authenticated the href."""
+        layers = [{"User-Agent": USER_AGENT}]
+        if self.endpoint.same_origin(url) and not (authenticated and _header(headers, "Authorization")):
+            layers.append(self.endpoint.headers)
+        layers.append(headers)
+        return _merge_headers(*layers)
+
+    def _auth_message(self, status: int, url: str, what: str, message: str) -> str:
+        word = "refused our credentials" if status == 401 else "denied access"
+        return (
+            f"the LFS server {word} (HTTP {status}{message}) for the {what} at {url}; "
+            f"credentials tried: {self.endpoint.auth_source}; set a token with "
+            f"`export FMHUB_LFS_AUTHORIZATION='Bearer <token>'` (HF_TOKEN for huggingface.co), "
+            f"`git config http.{self.endpoint.url}.extraHeader 'Authorization: Bearer <token>'`, "
+            "or store a password with a git credential helper"
+        )
+
+    def _retrying(self, url: str, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` until it succeeds, retrying _Retry failures with backoff."""
+        failures = 0
+        while True:
+            try:
+                return attempt()
+            except _Retry as r:
+                if r.free:
+                    continue
+                failures += 1
+                if failures > self.retries:
+                    raise RemoteUnavailable(
+                        f"cannot reach the LFS server at {url}: {r.reason} (gave up after {failures} attempts); "
+                        "check that the server is up and that `git config lfs.url` (or the remote URL) points at it"
+                    ) from None
+                time.sleep(r.wait if r.wait is not None else self._backoff_s(failures))
+
+    def _backoff_s(self, failures: int) -> float:
+        return min(MAX_BACKOFF_S, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+    def _fresh(self, item: BatchItem, operation: str, ref: str | None) -> BatchItem | None:
+        """The item itself, or a new answer for it when its href expired while it waited in the queue.
+
+        None when the new answer has no action for ``operation`` (say, another client uploaded it meanwhile).
+        """
+        if not any(action.expired() for action in item.actions.values()):
+            return item
+        fresh = self._batch_once(operation, [(item.oid, item.size)], ref)[item.oid]
+        _raise_item_errors([fresh], operation, self.endpoint.url)
+        return fresh if operation in fresh.actions else None
+
+    def _run_all(self, fn: Callable[[BatchItem], int | None], items: list[BatchItem]) -> Report:
+        """Run ``fn`` over items on the pool (None: nothing moved); on the first error cancel what has not started and raise it."""
+        if not items:
+            return Report()
+        report, error = Report(), None
+        with ThreadPoolExecutor(min(self.concurrency, len(items)), thread_name_prefix="fmhub-lfs") as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
+                try:
+                    moved = fut.result()
+                    if moved is not None:
+                        report += Report(1, moved)
+                except BaseException as exc:
+                    if error is None:
+                        error = exc
+                        for other in futures:
+                            other.cancel()
+        if error is not None:
+            raise error
+        return report
+
+    def _progress(self, operation: str) -> "_Bar":
+        show = self.progress is not False and sys.stderr.isatty()
+        return _Bar(f"{operation} {self.endpoint.url}" if show else None)
+
+    def close(self) -> None:
+        self.http.clear()
+
+    def __enter__(self) -> "Transfer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- streaming helpers ----------------------------------------------------------
+
+
+class _HashingReader:
+    """A file wrapper for urllib3's upload loop: counts and hashes what is sent, and feeds the progress bar."""
+
+    def __init__(self, f: BinaryIO, bar: "_Bar") -> None:
+        self._f, self._bar = f, bar
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = CHUNK) -> bytes:
+        data = self._f.read(min(n, CHUNK) if n and n > 0 else CHUNK)
+        if data:
+            self._hash.update(data)
+            self.count += len(data)
+            self._bar.advance(len(data))
+        return data
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class _Bar:
+    """A rich byte progress bar on stderr, or nothing when ``title`` is None."""
+
+    def __init__(self, title: str | None) -> None:
+        self._title = title
+        self._progress = None
+        self._task = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "_Bar":
+        if self._title is not None:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self._title, total=0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def add_total(self, n: int) -> None:
+        if self._progress is not None:
+            with self._lock:
+                total = self._progress.tasks[0].total or 0
+                self._progress.update(self._task, total=total + n)
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None and n:
+            self._progress.advance(self._task, n)
+
+
+# -- parsing --------------------------------------------------------------------
+
+
+def _parse_batch(answer: Any, asked: Sequence[Obj], url: str) -> dict[str, BatchItem]:
+    """Per-object actions and errors from a batch response; objects it does not mention become errors."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("objects", []), list):
+        raise TransferError(f"the LFS server at {url} sent a malformed batch answer")
+    transfer = answer.get("transfer") or "basic"
+    if transfer != "basic":
+        raise TransferError(f"the LFS server at {url} chose the {transfer!r} transfer; fmhub speaks only 'basic'")
+    received = {}
+    now = time.time()
+    for obj in answer.get("objects") or []:
+        if isinstance(obj, dict) and isinstance(obj.get("oid"), str):
+            received[obj["oid"]] = _parse_item(obj, now, url)
+    out = {}
+    for oid, size in asked:  # the size asked about is the one verified against, whatever the server echoes
+        item = received.get(oid) or BatchItem(oid, size, error={"code": 0, "message": "missing from the server's answer"})
+        item.size = size
+        out[oid] = item
+    return out
+
+
+def _parse_item(obj: dict[str, Any], now: float, url: str) -> BatchItem:
+    actions = {}
+    for name, raw in (obj.get("actions") or {}).items():
+        href = raw.get("href") if isinstance(raw, dict) else None
+        if not isinstance(href, str) or not href.startswith(("http://", "https://")):
+            raise TransferError(f"the LFS server at {url} sent an invalid {name} href for sha256:{obj['oid']}: {href!r}")
+        actions[name] = Action(href, {str(k): str(v) for k, v in (raw.get("header") or {}).items()}, _expiry(raw, now))
+    error = obj.get("error") if isinstance(obj.get("error"), dict) else None
+    return BatchItem(obj["oid"], int(obj.get("size") or 0), actions, error, bool(obj.get("authenticated")))
+
+
+def _expiry(action: dict[str, Any], now: float) -> float | None:
+    if isinstance(action.get("expires_in"), (int, float)) and action["expires_in"] > 0:
+        return now + action["expires_in"]
+    at = action.get("expires_at")
+    if isinstance(at, str) and at and not at.startswith("0001-01-01"):
+        try:
+            return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _raise_item_errors(items: Iterable[BatchItem], operation: str, url: str) -> None:
+    """Per-object errors as one message naming the objects (a 404 on download means the server lacks them)."""
+    bad = [item for item in items if item.error is not None]
+    if not bad:
+        return
+    first = bad[0]
+    detail = f"sha256:{first.oid}: {first.error.get('message', '')} (code {first.error.get('code')})"
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    if operation == "download" and all(item.error.get("code") == 404 for item in bad):
+        raise RemoteMissingObject(f"the LFS server at {url} does not have {detail}{more}; push them from a clone that has them")
+    raise TransferError(f"the LFS server at {url} refused to {operation} {detail}{more}")
+
+
+def _error_message(resp: urllib3.BaseHTTPResponse) -> str:
+    """The server's explanation of an error status (LFS JSON ``message``, or a short text body)."""
+    try:
+        raw = resp.read(64 * 1024)
+    except Exception:
+        return ""
+    try:
+        message = json.loads(raw).get("message")
+    except (ValueError, AttributeError):
+        message = raw.decode("utf-8", "replace").strip().splitlines()[0] if raw.strip() else ""
+    return f": {str(message)[:200]}" if message else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    try:
+        return min(MAX_BACKOFF_S * 4, max(0.0, float(value)))
+    except ValueError:
+        pass
+    try:
+        return min(MAX_BACKOFF_S * 4, max(0.0, parsedate_to_datetime(value).timestamp() - datetime.now(timezone.utc).timestamp()))
+    except (TypeError, ValueError):
+        return None
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    text = str(reason)
+    if "Connection refused" in text or isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    return text.split(": ", 1)[-1] if text.startswith("<") else text
+
+
+def _finish(resp: urllib3.BaseHTTPResponse, complete: bool) -> None:
+    """Give the connection back to the pool: drained when the exchange completed, closed when it broke off."""
+    try:
+        if complete:
+            resp.drain_conn()
+        else:
+            resp.close()
+    finally:
+        resp.release_conn()
+
+
+def _merge_headers(*layers: dict[str, str]) -> dict[str, str]:
+    """Later layers win, names compared case-insensitively (no request carries two Authorization headers)."""
+    out: dict[str, str] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            for old in [k for k in out if k.lower() == name.lower()]:
+                del out[old]
+            out[name] = value
+    return out
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    for k, v in headers.items():
+        if k.lower() == name.lower():
+            return v
+    return None
+
+
+def _unique(objects: Iterable[Obj]) -> list[Obj]:
+    seen: dict[str, int] = {}
+    for oid, size in objects:
+        if not LFSPointer(oid, size).is_valid_oid():
+            raise TransferError(f"{oid!r} is not a sha256 object id")
+        seen.setdefault(oid, int(size))
+    return list(seen.items())
+
+
+def _chunks(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
