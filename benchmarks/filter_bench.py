@@ -300,6 +300,9 @@ def read_rss(log: Path) -> int | None:
 # --------------------------------------------------------------------------- one tool
 
 
+DELTAS = False  # --deltas: fmhub stores changed tensors as delta chains (git config fmhub.deltas true)
+
+
 class ToolRepo:
     def __init__(self, tool: str, root: Path, runner: Runner, wrapper: Path) -> None:
         self.tool, self.root, self.r, self.wrapper = tool, root, runner, wrapper
@@ -316,6 +319,8 @@ class ToolRepo:
         else:
             self.r.run([sys.executable, "-m", "fmhub", "install"], self.root)
             self.r.run([sys.executable, "-m", "fmhub", "track", "*.safetensors"], self.root)
+            if DELTAS:
+                self.r.run(["git", "config", "fmhub.deltas", "true"], self.root)
         self.real_filter = self.r.out(["git", "config", f"filter.{self.driver}.process"], self.root)
         self.r.run(["git", "add", ".gitattributes"], self.root)
         self.r.run(["git", "commit", "-q", "-m", f"track *.safetensors with {self.tool}"], self.root)
@@ -599,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="where to build repos (a fresh subdir is made and removed; default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deltas", action="store_true", help="turn on fmhub's delta storage (git config fmhub.deltas true)")
     ap.add_argument("--repeat", type=int, default=1, help="run every step this many times in fresh repos; times are medians")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (repos are still removed after each run)")
     args = ap.parse_args(argv)
@@ -612,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if shutil.which("git-lfs") is None and subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0:
         raise SystemExit("git-lfs is not installed")
+    global DELTAS
+    DELTAS = args.deltas
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fmhub-filter-bench-", dir=args.workdir)).resolve()

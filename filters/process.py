@@ -41,6 +41,15 @@ class FilterServer:
             self._store = open_store()
         return self._store
 
+    @property
+    def deltas(self):
+        """The repository's delta policy (`fmhub.deltas.policy_from_git`), read once per git command."""
+        if not hasattr(self, "_deltas"):
+            from fmhub.deltas import policy_from_git
+
+            self._deltas = policy_from_git()
+        return self._deltas
+
     def _fetch_missing(self, objects: list[tuple[str, int]]) -> None:
         """Download objects a smudge lacks from the remote's LFS server (lazy clone); one fetcher per git command.
 
@@ -104,7 +113,7 @@ class FilterServer:
 
     def _clean(self, reader: PktReader, path: str) -> None:
         try:
-            result = checkpoint.clean(reader, self.store, path, previous=self._staged_manifest(path))
+            result = checkpoint.clean(reader, self.store, path, previous=self._staged_manifest(path), deltas=self.deltas)
         except FmhubError as exc:
             reader.drain()
             return self._fail(path, str(exc))

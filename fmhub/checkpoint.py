@@ -9,13 +9,16 @@ feeds them from git's filter protocol, the CLI from files.
 from __future__ import annotations
 
 import io
-from typing import BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
 
 from fmhub import host
 from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject, StoreWriteError
 from fmhub.interfaces import CheckpointFormat, Layout
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.store import CHUNK, ObjectStore, ObjectStream, copy_objects
+
+if TYPE_CHECKING:
+    from fmhub.deltas import DeltaPolicy
 
 SNIFF_BYTES = 16
 
@@ -84,7 +87,7 @@ def file_layout(f: BinaryIO, label: str) -> tuple[CheckpointFormat, Layout]:
     return fmt, fmt.read_layout(_exact_reader(f, label, "truncated inside the header; the file is incomplete"), label)
 
 
-def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | None = None) -> bytes:
+def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | None = None, deltas: "DeltaPolicy | None" = None) -> bytes:
     """Store a checkpoint's header and tensors as objects; return the manifest git should keep.
 
     An empty input and an input that already is a manifest come back unchanged,
@@ -94,7 +97,9 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
     one in git's index). A tensor whose bytes equal its namesake's stored object
     is recognised by comparing bytes, which is several times faster than
     hashing them; that is what makes re-adding a lightly changed model cheap.
-    The result is the same with or without ``previous``.
+    Without ``deltas`` the result is the same with or without ``previous``.
+    With a `fmhub.deltas.DeltaPolicy`, a tensor that changed from its namesake
+    in ``previous`` may be stored as a delta against it (`fmhub.deltas`).
     """
     inp = _Input(src)
     head = inp.peek(SNIFF_BYTES)
@@ -115,7 +120,7 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
         )
     try:
         try:
-            manifest = _clean_checkpoint(inp, fmt, store, path, previous)
+            manifest = _clean_checkpoint(inp, fmt, store, path, previous, deltas)
         finally:
             store.flush()
     except StoreWriteError as exc:  # a full disk, say: name the file it struck
@@ -123,37 +128,53 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
     return manifest.to_bytes()
 
 
-def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str, previous: Manifest | None) -> Manifest:
+def _clean_checkpoint(
+    inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str, previous: Manifest | None, deltas: "DeltaPolicy | None" = None
+) -> Manifest:
     def read_exact(n: int) -> bytes:
         data = inp.read_upto(n)
         if len(data) != n:
             raise CorruptCheckpoint(f"{path}: truncated inside the header ({inp.pos} bytes in all); the file is incomplete")
         return data
 
+    def truncated(t, got: int) -> CorruptCheckpoint:
+        return CorruptCheckpoint(
+            f"{path}: truncated: tensor {t.name!r} needs {t.size} bytes but the file ends after "
+            f"{got}; the file is incomplete (an interrupted download or save?)"
+        )
+
     layout: Layout = fmt.read_layout(read_exact, path)
     header_oid = store.write_bytes(layout.header)
     before = {t.name: t for t in previous.tensors} if previous is not None else {}
+    chained: dict[int, TensorEntry] = {}  # tensors stored through the delta path, by position
     stream = ObjectStream(store)
     try:
-        for t in layout.tensors:
+        for i, t in enumerate(layout.tensors):
             old = before.get(t.name)
-            stream.begin(old.oid if old is not None and old.size == t.size else None)
+            if deltas is not None and old is not None and old.size == t.size and (old.dtype, old.shape) == (t.dtype, t.shape) \
+                    and 0 < t.size <= deltas.max_tensor_bytes:
+                from fmhub.deltas import store_changed
+
+                data = inp.read_upto(t.size)
+                if len(data) != t.size:
+                    raise truncated(t, len(data))
+                oid, root, links = store_changed(store, old, data, t.dtype, deltas)
+                chained[i] = TensorEntry(t.name, t.dtype, t.shape, t.size, oid, root, links)
+                continue
+            stream.begin(old.oid if old is not None and old.size == t.size and old.root is None else None)
             remaining = t.size
             while remaining:
                 chunk = inp.read(min(CHUNK, remaining))
                 if not chunk:
-                    raise CorruptCheckpoint(
-                        f"{path}: truncated: tensor {t.name!r} needs {t.size} bytes but the file ends after "
-                        f"{t.size - remaining}; the file is incomplete (an interrupted download or save?)"
-                    )
+                    raise truncated(t, t.size - remaining)
                 stream.write(chunk)
                 remaining -= len(chunk)
             stream.end_object()
-        oids = stream.close()
+        oids = iter(stream.close())
     except BaseException:
         stream.abort()
         raise
-    entries = [TensorEntry(t.name, t.dtype, t.shape, t.size, oid) for t, oid in zip(layout.tensors, oids)]
+    entries = [chained.get(i) or TensorEntry(t.name, t.dtype, t.shape, t.size, next(oids)) for i, t in enumerate(layout.tensors)]
     if inp.peek(1):
         extra = len(inp.read_upto(1 << 30))
         raise CorruptCheckpoint(f"{path}: {extra} bytes follow the last tensor that the header does not describe; the file is corrupt")
@@ -162,9 +183,14 @@ def _clean_checkpoint(inp: _Input, fmt: CheckpointFormat, store: ObjectStore, pa
     return Manifest(fmt.name, size, header_oid, len(layout.header), entries, metadata)
 
 
+def _present(t: TensorEntry, store: ObjectStore) -> bool:
+    """Whether the store can give a tensor's bytes: its own object, or every object of its delta chain."""
+    return store.ensure(t.oid) or (t.root is not None and all(store.ensure(oid) for oid, _ in t.storage()))
+
+
 def missing_objects(manifest: Manifest, store: ObjectStore) -> list[str]:
-    """Names of the tensors (and ``<header>``) whose objects are neither here nor in an alternate store."""
-    missing = [t.name for t in manifest.tensors if not store.ensure(t.oid)]
+    """Names of the tensors (and ``<header>``) whose objects (or chain objects) are neither here nor in an alternate store."""
+    missing = [t.name for t in manifest.tensors if not _present(t, store)]
     if not store.ensure(manifest.header_oid):
         missing.insert(0, "<header>")
     return missing
@@ -239,9 +265,32 @@ def smudge(
         on_start()
     out.write(header)
     try:
-        copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
+        if all(t.root is None or store.ensure(t.oid) for t in manifest.tensors):
+            copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
+        else:
+            _write_with_chains(manifest, store, out)
     except FmhubError as exc:
         raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
+
+
+def _write_with_chains(manifest: Manifest, store: ObjectStore, out: BinaryIO) -> None:
+    """Smudge's path when some tensor is a delta chain: runs of whole objects are streamed, chains rebuilt one at a time."""
+    from fmhub.deltas import tensor_bytes
+
+    run: list[TensorEntry] = []
+
+    def flush() -> None:
+        if run:
+            copy_objects(store, [t.oid for t in run], out, labels=[f"tensor {t.name!r}" for t in run])
+            run.clear()
+
+    for t in manifest.tensors:
+        if t.root is None or store.ensure(t.oid):
+            run.append(t)
+            continue
+        flush()
+        out.write(tensor_bytes(store, t))
+    flush()
 
 
 def _exact_reader(f: BinaryIO, path: str, what: str = "header object is truncated") -> Callable[[int], bytes]:

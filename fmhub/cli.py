@@ -131,11 +131,12 @@ def _open_store():
 def clean(path: str = typer.Argument("<stdin>")) -> None:
     """Checkpoint on stdin -> manifest on stdout, storing its tensors (git's one-shot clean filter)."""
     from fmhub import checkpoint
+    from fmhub.deltas import policy_from_git
 
     try:
         store = _open_store()
         try:
-            out = checkpoint.clean(sys.stdin.buffer, store, path)
+            out = checkpoint.clean(sys.stdin.buffer, store, path, deltas=policy_from_git())
         finally:
             store.close()
     except FmhubError as exc:
@@ -465,7 +466,7 @@ def extract(
 
 def _fetch_missing(refs) -> None:
     """Download the objects of ``refs`` the local store lacks (only those), when a remote is set up."""
-    oids = [(r.oid, r.size) for r in refs if r.oid is not None]
+    oids = [obj for r in refs for obj in (r.storage or ([(r.oid, r.size)] if r.oid is not None else []))]
     if not oids:
         return
     try:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from fmhub.interfaces import (
         AccessPolicy,
         CheckpointFormat,
+        DeltaCodec,
         Cleaner,
         Labeler,
         MergeStrategy,
@@ -63,6 +64,24 @@ def fmhub_checkpoint_formats() -> list[CheckpointFormat]:
 
     A format's ``name`` is written into every manifest made with it; renaming it
     makes those manifests unreadable.
+    """
+
+
+@hookspec
+def fmhub_delta_codecs() -> list[DeltaCodec]:
+    """Return codecs that store a changed tensor as a delta against its previous version.
+
+    :return: a list of `fmhub.interfaces.DeltaCodec` objects. When a tensor
+        changes and delta storage is on (``git config fmhub.deltas true``), the
+        clean filter asks every codec to ``encode`` the change and keeps the
+        smallest delta that is under half the tensor's size (else the whole
+        tensor). fmhub ships ``sparse`` (changed elements only) and ``xor-zlib``
+        (bitwise XOR, compressed).
+
+    A codec's ``name`` is written into manifests (``delta NAME ...``); renaming
+    it makes those manifests unreadable. Decoding must give back the exact
+    bytes: fmhub checks the result's sha256 against the tensor's oid and
+    refuses a codec that does not round-trip when encoding.
     """
 
 

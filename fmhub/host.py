@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "fmhub"
 KINDS = {
     "fmhub_checkpoint_formats": "format",
     "fmhub_merge_strategies": "merge-strategy",
+    "fmhub_delta_codecs": "delta-codec",
     "fmhub_cleaners": "cleaner",
     "fmhub_labelers": "labeler",
     "fmhub_access_policies": "access-policy",

@@ -71,6 +71,24 @@ class CheckpointFormat(Protocol):
 
 
 @runtime_checkable
+class DeltaCodec(Protocol):
+    """Encodes the change from one version of a tensor to the next, losslessly.
+
+    ``name`` is written into manifests, so it must never change once files
+    have been committed with it. Both methods work on raw little-endian bytes
+    of equal length and the tensor's dtype name (``F32``, ``BF16``, ...).
+    """
+
+    name: str
+
+    def encode(self, base: bytes | bytearray, new: bytes | bytearray, dtype: str) -> bytes | None:
+        """Return a delta that turns ``base`` into ``new``, or None when this codec cannot or should not."""
+
+    def decode(self, base: bytes | bytearray, delta: bytes, dtype: str) -> bytes | bytearray:
+        """Return the new bytes from ``base`` and a delta this codec made."""
+
+
+@runtime_checkable
 class MergeStrategy(Protocol):
     """Combines the versions of one tensor from several sides of a merge.
 

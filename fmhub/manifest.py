@@ -10,7 +10,9 @@ from typing import Mapping
 from fmhub.errors import ManifestError
 
 MAGIC = b"fmhub manifest "
-VERSION = 1
+VERSION = 1  # written when no tensor is stored as a delta, so older readers keep working
+DELTA_VERSION = 2  # written when some tensor is stored as a delta chain
+READS = (1, 2)
 MAX_MANIFEST_BYTES = 64 << 20
 
 _OID_RE = re.compile(r"sha256:([0-9a-f]{64})\Z")
@@ -19,14 +21,37 @@ _SHAPE_RE = re.compile(r"\[(\d+(?:,\d+)*)?\]\Z")
 
 
 @dataclass(frozen=True)
+class Delta:
+    """One link of a delta chain: an object that turns the previous bytes into the next with a codec."""
+
+    codec: str
+    oid: str
+    size: int
+
+
+@dataclass(frozen=True)
 class TensorEntry:
-    """One tensor: its name, dtype, shape, and the object holding its payload."""
+    """One tensor: its name, dtype, shape, and the object holding its payload.
+
+    ``oid`` always names the tensor's full bytes (it is its identity, for diffs
+    and merges). When ``root`` is set the store need not hold that object: the
+    bytes are ``root``'s object with each of ``deltas`` applied in order, and
+    must hash to ``oid``.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     size: int
     oid: str  # 64 hex digits, no "sha256:" prefix
+    root: str | None = None
+    deltas: tuple[Delta, ...] = ()
+
+    def storage(self) -> list[tuple[str, int]]:
+        """The objects that hold this tensor: its own, or its chain's root and deltas."""
+        if self.root is None:
+            return [(self.oid, self.size)]
+        return [(self.root, self.size)] + [(d.oid, d.size) for d in self.deltas]
 
 
 @dataclass
@@ -41,15 +66,19 @@ class Manifest:
     metadata: Mapping[str, str] | None = None
 
     def oids(self) -> list[tuple[str, int]]:
-        """Every object the file needs, header first, as ``(oid, size)``."""
-        return [(self.header_oid, self.header_size)] + [(t.oid, t.size) for t in self.tensors]
+        """Every object the store needs to rebuild the file, header first, as ``(oid, size)`` (delta chains expanded)."""
+        out = [(self.header_oid, self.header_size)]
+        for t in self.tensors:
+            out += t.storage()
+        return out
 
     def by_name(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
 
     def to_bytes(self) -> bytes:
+        version = DELTA_VERSION if any(t.root is not None for t in self.tensors) else VERSION
         lines = [
-            f"fmhub manifest {VERSION}",
+            f"fmhub manifest {version}",
             f"format {self.format}",
             f"size {self.size}",
             f"header sha256:{self.header_oid} {self.header_size}",
@@ -59,7 +88,10 @@ class Manifest:
         for t in self.tensors:
             shape = "[" + ",".join(str(d) for d in t.shape) + "]"
             name = json.dumps(t.name, ensure_ascii=False)
-            lines.append(f"tensor {name} {t.dtype} {shape} {t.size} sha256:{t.oid}")
+            line = f"tensor {name} {t.dtype} {shape} {t.size} sha256:{t.oid}"
+            if t.root is not None:
+                line += f" from sha256:{t.root}" + "".join(f" delta {d.codec} sha256:{d.oid} {d.size}" for d in t.deltas)
+            lines.append(line)
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     @classmethod
@@ -74,16 +106,17 @@ class Manifest:
         if lines and lines[-1] == "":
             lines.pop()
         head = lines[0].split(" ")
-        if len(head) != 3 or head[2] != str(VERSION):
+        if len(head) != 3 or head[2] not in {str(v) for v in READS}:
             raise ManifestError(
-                f"{path}: manifest version {head[2:]} is not supported by this fmhub (reads version {VERSION}); upgrade fmhub"
+                f"{path}: manifest version {head[2:]} is not supported by this fmhub (reads versions {', '.join(map(str, READS))}); upgrade fmhub"
             )
+        version = int(head[2])
         fields: dict[str, str] = {}
         tensors: list[TensorEntry] = []
         for lineno, line in enumerate(lines[1:], start=2):
             key, _, rest = line.partition(" ")
             if key == "tensor":
-                tensors.append(_parse_tensor(rest, path, lineno))
+                tensors.append(_parse_tensor(rest, path, lineno, version))
             elif key in ("format", "size", "header", "metadata"):
                 if key in fields:
                     raise ManifestError(f"{path}:{lineno}: '{key}' appears twice")
@@ -120,17 +153,38 @@ def _parse_oid(text: str, path: str) -> str:
     return m.group(1)
 
 
-def _parse_tensor(rest: str, path: str, lineno: int) -> TensorEntry:
+def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> TensorEntry:
     try:
         name, end = json.JSONDecoder().raw_decode(rest)
     except json.JSONDecodeError:
         raise ManifestError(f"{path}:{lineno}: tensor name must be a JSON string") from None
     parts = rest[end:].split(" ")
-    if not isinstance(name, str) or len(parts) != 5 or parts[0] != "":
+    chain = version >= DELTA_VERSION and len(parts) > 5 and parts[5] == "from"
+    if not isinstance(name, str) or (len(parts) != 5 and not chain) or parts[0] != "":
         raise ManifestError(f"{path}:{lineno}: want 'tensor \"NAME\" DTYPE [SHAPE] SIZE sha256:OID'")
-    _, dtype, shape_s, size_s, oid_s = parts
+    root, deltas = _parse_chain(parts[5:], path, lineno, version)
+    _, dtype, shape_s, size_s, oid_s = parts[:5]
     shape_m = _SHAPE_RE.match(shape_s)
     if not _DTYPE_RE.match(dtype) or not shape_m or not size_s.isdigit():
         raise ManifestError(f"{path}:{lineno}: malformed tensor line for {name!r}")
     shape = tuple(int(d) for d in shape_m.group(1).split(",")) if shape_m.group(1) else ()
-    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path))
+    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path), root, deltas)
+
+
+_CODEC_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
+
+
+def _parse_chain(words: list[str], path: str, lineno: int, version: int) -> tuple[str | None, tuple[Delta, ...]]:
+    """``from sha256:ROOT (delta CODEC sha256:OID SIZE)+`` after a tensor line's oid (version 2)."""
+    if not words:
+        return None, ()
+    if version < DELTA_VERSION or words[0] != "from" or len(words) < 6 or (len(words) - 2) % 4:
+        raise ManifestError(f"{path}:{lineno}: want 'from sha256:ROOT delta CODEC sha256:OID SIZE ...' after the tensor's oid")
+    root = _parse_oid(words[1], path)
+    deltas = []
+    for i in range(2, len(words), 4):
+        key, codec, oid_s, size_s = words[i : i + 4]
+        if key != "delta" or not _CODEC_RE.match(codec) or not size_s.isdigit():
+            raise ManifestError(f"{path}:{lineno}: malformed delta {' '.join(words[i : i + 4])!r}")
+        deltas.append(Delta(codec, _parse_oid(oid_s, path), int(size_s)))
+    return root, tuple(deltas)

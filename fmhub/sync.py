@@ -168,7 +168,8 @@ def _needed(blobs: Iterable[tuple[str, bytes]]) -> dict[str, Needed]:
             raise ManifestError(f"{exc}; its objects cannot be known (push with --no-verify to skip fmhub's check)") from None
         needed.setdefault(m.header_oid, Needed(m.header_oid, m.header_size, path, "<header>"))
         for t in m.tensors:
-            needed.setdefault(t.oid, Needed(t.oid, t.size, path, t.name))
+            for oid, size in t.storage():  # a delta chain needs its root and deltas, not the full object
+                needed.setdefault(oid, Needed(oid, size, path, t.name))
     return needed
 
 

@@ -46,6 +46,7 @@ class TensorRef:
     path: str | None  # the file, shard or REV:PATH it belongs to, for messages
     opener: Opener | None = field(default=None, repr=False, compare=False)
     reader: Callable[[], bytes | bytearray] | None = field(default=None, repr=False, compare=False)
+    storage: tuple[tuple[str, int], ...] = field(default=(), repr=False, compare=False)  # store objects it needs, if from a store
 
     @property
     def numel(self) -> int:
@@ -112,7 +113,13 @@ def entry_ref(entry: TensorEntry, store: ObjectStore, path: str | None) -> Tenso
                 "fetch it (`fmhub fsck` lists what is missing)"
             ) from None
 
-    return TensorRef(entry.name, entry.dtype, entry.shape, entry.size, entry.oid, path, opener)
+    if entry.root is not None and not store.ensure(entry.oid):
+        from fmhub.deltas import tensor_bytes
+
+        label = f"{path}: " if path else ""
+        # rebuilt and checked against entry.oid by tensor_bytes; no file to open or slice
+        return TensorRef(entry.name, entry.dtype, entry.shape, entry.size, entry.oid, path, None, lambda: tensor_bytes(store, entry, label), tuple(entry.storage()))
+    return TensorRef(entry.name, entry.dtype, entry.shape, entry.size, entry.oid, path, opener, storage=tuple(entry.storage()))
 
 
 @dataclass

@@ -26,7 +26,7 @@ def test_round_trip_and_text_shape():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace(b"manifest 1", b"manifest 2"), "not supported"),
+    (lambda t: t.replace(b"manifest 1", b"manifest 3"), "not supported"),
     (lambda t: t.replace(b"size 36", b"size 37"), "do not add up"),
     (lambda t: t + b"delta foo\n", "unknown manifest line"),
     (lambda t: t + b"format safetensors\n", "appears twice"),
@@ -44,3 +44,28 @@ def test_duplicate_tensor_names_are_refused():
     m.tensors.append(m.tensors[1])
     with pytest.raises(ManifestError, match="listed twice"):
         Manifest.from_bytes(m.to_bytes())
+
+
+@pytest.mark.parametrize("tail,msg", [
+    (" from sha256:" + "c" * 64, "from sha256:ROOT"),
+    (" from sha256:" + "c" * 64 + " delta Sparse! sha256:" + "d" * 64 + " 10", "malformed delta"),
+    (" from sha256:" + "c" * 64 + " delta sparse sha256:" + "d" * 63 + " 10", "bad object id"),
+    (" delta sparse sha256:" + "d" * 64 + " 10", "want 'tensor"),
+])
+def test_delta_chains_are_parsed_strictly(tail, msg):
+    from fmhub.errors import ManifestError
+    from fmhub.manifest import Manifest
+
+    text = f'fmhub manifest 2\nformat safetensors\nsize 12\nheader sha256:{"a" * 64} 8\ntensor "w" F32 [1] 4 sha256:{"b" * 64}{tail}\n'
+    with pytest.raises(ManifestError, match=msg.replace("(", r"\(")):
+        Manifest.from_bytes(text.encode())
+
+
+def test_a_chain_in_a_version_1_manifest_is_refused():
+    from fmhub.errors import ManifestError
+    from fmhub.manifest import Manifest
+
+    line = f'tensor "w" F32 [1] 4 sha256:{"b" * 64} from sha256:{"c" * 64} delta sparse sha256:{"d" * 64} 10'
+    text = f'fmhub manifest 1\nformat safetensors\nsize 12\nheader sha256:{"a" * 64} 8\n{line}\n'
+    with pytest.raises(ManifestError, match="want 'tensor"):
+        Manifest.from_bytes(text.encode())
