@@ -446,6 +446,24 @@ def fsck(rev: str = typer.Option("HEAD", help="Check that every checkpoint commi
     console.print("store is consistent")
 
 
+@app.command("gc")
+def gc_(
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Only say what would be removed."),
+    grace: float = typer.Option(3600.0, help="Keep unreferenced objects younger than this many seconds (a running `git add` may still need them)."),
+) -> None:
+    """Delete store objects no commit (reachable from a ref or reflog) and no staged file refers to."""
+    from fmhub import gc as collect
+    from fmhub.units import human_bytes
+
+    try:
+        rep = collect.gc(grace_s=grace, dry_run=dry_run)
+    except FmhubError as exc:
+        _fail(exc)
+    verb = "would remove" if dry_run else "removed"
+    young = f"; {rep.young} unreferenced but younger than {grace:g} s kept" if rep.young else ""
+    console.print(f"{verb} {len(rep.removed)} object(s), {human_bytes(rep.freed)}; {rep.kept} referenced{young}", highlight=False)
+
+
 @app.command()
 def extract(
     source: str = typer.Argument(..., help="A checkpoint file or directory, or REV:PATH (e.g. main:model/)."),
@@ -474,6 +492,102 @@ def _fetch_missing(refs) -> None:
     except ImportError:  # remotes not available in this build
         return
     sync.ensure_objects(oids)
+
+
+def _fraction(text: str) -> float:
+    """``1%`` or ``0.01`` -> 0.01."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise FmhubError(f"{text!r} is not a fraction; write e.g. 1% or 0.01") from None
+    if not 0 <= value <= 1:
+        raise FmhubError(f"{text!r} is outside 0%..100%")
+    return value
+
+
+@app.command()
+def fisher(
+    model: str = typer.Argument(..., help="A save_pretrained directory of a causal LM."),
+    data: str = typer.Option(..., "--data", help="Examples: a .jsonl ({\"text\"} or {\"input_ids\"}) or .txt file (one per line)."),
+    output: str = typer.Option(..., "-o", "--output", help="The .safetensors file to write."),
+    batch_size: int = typer.Option(8, help="Examples per vectorised pass."),
+    max_examples: Optional[int] = typer.Option(None, help="Use at most this many examples (a seeded subset)."),
+    max_length: int = typer.Option(128, help="Tokens per example, at most."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Empirical diagonal Fisher of MODEL on DATA (per-example squared gradients; CPU or GPU through accelerate)."""
+    from fmhub.fisher import compute_fisher
+
+    try:
+        rep = compute_fisher(model, data, output, batch_size=batch_size, max_examples=max_examples, max_length=max_length, seed=seed)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(
+        f"wrote {rep.output}: Fisher of {rep.tensors} tensors ({rep.parameters:,} parameters) from {rep.examples} examples, "
+        f"{rep.tokens} tokens, on {rep.device} in {rep.seconds:.1f} s ({rep.method})", highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+def sparsify(
+    base: str = typer.Argument(..., help="The base checkpoint (file or save_pretrained directory)."),
+    finetuned: str = typer.Argument(..., help="The fine-tune of BASE."),
+    fisher_file: str = typer.Option(..., "--fisher", help="A Fisher file (`fmhub fisher`) for these tensors."),
+    keep: str = typer.Option(..., "--keep", help="Fraction of entries whose update is kept, e.g. 1%."),
+    output: str = typer.Option(..., "-o", "--output", help="Where to write (a .safetensors file, or a directory)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluation examples: report the loss of base, fine-tune and sparse update."),
+) -> None:
+    """Keep only the top-K% most important entries of a fine-tune's update (FishMask); the rest get the base's exact bits.
+
+    Commit the result with `git config fmhub.deltas true` and fmhub stores it as sparse deltas against the base.
+    """
+    from fmhub import sparse_update as su
+
+    try:
+        rep = su.sparse_update(base, finetuned, fisher_file, output, _fraction(keep))
+        losses = None
+        if data:
+            losses = [(name, su.eval_loss(path, data)) for name, path in (("base", base), ("fine-tune", finetuned), ("sparse", output))]
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(
+        f"wrote {rep.output}: kept {rep.kept:,} of {rep.total:,} entries ({rep.kept_fraction:.2%}; {rep.changed:,} differ from the base, "
+        f"of {rep.update_size:,} in the dense update), {rep.fisher_norm_retained:.1%} of the update's Fisher-weighted norm",
+        highlight=False, soft_wrap=True,
+    )
+    if losses:
+        table = Table("model", "eval loss (nats/token)")
+        for name, loss in losses:
+            table.add_row(name, f"{loss:.4f}")
+        console.print(table)
+
+
+@app.command()
+def finetune(
+    base: str = typer.Argument(..., help="A save_pretrained directory of a causal LM."),
+    data: str = typer.Option(..., "--data", help="Training examples (.jsonl or .txt)."),
+    output: str = typer.Option(..., "-o", "--output", help="The directory to save the fine-tune in."),
+    fisher_file: Optional[str] = typer.Option(None, "--fisher", help="Train only the top --keep entries by this Fisher file."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="With --fisher: fraction of entries to train, e.g. 1%."),
+    steps: int = typer.Option(100),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(8),
+    seed: int = typer.Option(0),
+) -> None:
+    """Fine-tune BASE (reproducibly, with accelerate); with --fisher/--keep only the masked entries change, bit-exact elsewhere."""
+    from fmhub.sparse_update import finetune_masked
+
+    try:
+        if (fisher_file is None) != (keep is None):
+            raise FmhubError("--fisher and --keep go together")
+        rep = finetune_masked(base, data, output, fisher_path=fisher_file, k_fraction=_fraction(keep) if keep else None,
+                              steps=steps, lr=lr, seed=seed, batch_size=batch_size)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(
+        f"saved {rep.output_dir}: {rep.steps} steps on {rep.device} in {rep.seconds:.1f} s, {rep.trainable:,} of {rep.total:,} "
+        f"entries trainable; loss {rep.losses[0]:.4f} -> {rep.losses[-1]:.4f}", highlight=False, soft_wrap=True,
+    )
 
 
 hub_app = typer.Typer(no_args_is_help=True, help="Hugging Face Hub repositories through huggingface_hub (HF_ENDPOINT, HF_TOKEN).")

@@ -280,12 +280,7 @@ class IncomingObject:
 
     def discard(self) -> None:
         """Remove what is left of a failed transfer (a no-op after publish)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._tmp is not None:
-            _unlink_quiet(self._tmp)
-            self._tmp = None
+        _drop_temp(self)
 
 
 class ObjectWriter:
@@ -355,12 +350,7 @@ class ObjectWriter:
         return oid
 
     def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._tmp is not None:
-            _unlink_quiet(self._tmp)
-            self._tmp = None
+        _drop_temp(self)
         self._chunks = []
 
 
@@ -525,6 +515,16 @@ def _write_all(fd: int, data) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _drop_temp(owner) -> None:
+    """Close and remove an unfinished object's temp file (``owner._fd``, ``owner._tmp``), once."""
+    if owner._fd is not None:
+        os.close(owner._fd)
+        owner._fd = None
+    if owner._tmp is not None:
+        _unlink_quiet(owner._tmp)
+        owner._tmp = None
 
 
 def _unlink_quiet(path: str) -> None:

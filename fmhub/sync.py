@@ -115,8 +115,10 @@ def _blobs_in_trees(revs: Sequence[str], paths: Sequence[str], cwd: str | None) 
     return list(blobs.items())
 
 
-def _read_blobs(blobs: Sequence[tuple[str, str]], cwd: str | None) -> Iterator[tuple[str, bytes]]:
-    """(path, bytes) of each blob that is a manifest, one in memory at a time, through one `git cat-file --batch`."""
+def _read_blobs(
+    blobs: Sequence[tuple[str, str]], cwd: str | None, wanted: Callable[[bytes], bool] = is_manifest
+) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of each blob whose first bytes are ``wanted`` (a manifest), one in memory at a time, through one `git cat-file --batch`."""
     if not blobs:
         return
     proc = _popen(["cat-file", "--batch"], cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -138,9 +140,9 @@ def _read_blobs(blobs: Sequence[tuple[str, str]], cwd: str | None) -> Iterator[t
                 raise FmhubError(f"git cat-file could not read blob {sha} ({path})")
             size = int(head[2])
             data = proc.stdout.read(min(size, len(MAGIC)))
-            if is_manifest(data):
+            if wanted(data):
                 data += proc.stdout.read(size - len(data))
-            else:  # not a manifest: skip it in chunks rather than hold it
+            else:  # not wanted: skip it in chunks rather than hold it
                 left = size - len(data)
                 while left > 0 and (chunk := proc.stdout.read(min(left, 1 << 20))):
                     left -= len(chunk)
@@ -236,6 +238,15 @@ def objects_in_index(paths: Sequence[str] = (), cwd: str | None = None) -> list[
         if size.isdigit() and len(MAGIC) <= int(size) <= MAX_MANIFEST_BYTES:
             blobs.append((sha, shas[sha]))
     return [(n.oid, n.size) for n in _needed(_read_blobs(blobs, top)).values()]
+
+
+def blobs_in_history(rev_args: list[str], cwd: str | None = None) -> list[tuple[str, str]]:
+    """(blob sha, path) of every blob small enough to be a manifest in the commits ``git rev-list rev_args`` lists."""
+    return _blobs_in_history(rev_args, cwd)
+
+
+def read_blobs(blobs: Sequence[tuple[str, str]], cwd: str | None = None, wanted: Callable[[bytes], bool] = is_manifest) -> Iterator[tuple[str, bytes]]:
+    return _read_blobs(blobs, cwd, wanted)
 
 
 def needed_in_history(revs: Sequence[str], cwd: str | None = None) -> dict[str, Needed]:

@@ -68,3 +68,22 @@ def test_push_benchmark_small(tmp_path):
         assert fm[i]["request_bytes"] < data["changed_bytes"] + 16 * 1024
         assert lfs[i]["uploaded_bytes"] == data["checkpoint_bytes"]
     assert "fmhub/git-lfs" in proc.stdout
+
+
+def test_sparse_benchmark_small(tmp_path):
+    """The 1% Fisher-masked fine-tune is stored in at most 3% of a full copy and checks out bit-exact."""
+    out = tmp_path / "sparse.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "sparse_bench.py"), "--steps", "5", "--pretrain-steps", "5", "--train", "16",
+         "--eval", "8", "--hidden", "32", "--layers", "1", "--vocab", "128", "--batch-size", "8", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["checkout_bit_exact"] for r in rows.values())
+    assert rows["fisher mask 0.01"]["stored_fraction"] <= 0.03
+    assert rows["dense, sparsified 0.01"]["stored_fraction"] <= 0.03
+    assert rows["dense"]["stored_fraction"] > 0.5  # a dense update is stored whole
+    assert "stored/full" in proc.stdout
