@@ -639,6 +639,8 @@ def hub_clone(
     except FmhubError as exc:
         _fail(exc)
     what = f"{len(res.checkpoints)} checkpoint(s), {res.objects} object(s) downloaded ({human_bytes(res.bytes)})"
+    if res.imported:
+        what += f"; imported {len(res.imported)} plain checkpoint(s) into fmhub: {', '.join(res.imported)}"
     console.print(f"cloned {repo_id}@{res.revision[:12]} into {res.directory}: {what}", highlight=False, soft_wrap=True)
 
 

@@ -11,6 +11,10 @@ Hub is written down in ``docs/hub.md`` (version 1):
   the files pushed (so the next push can delete the ones that went away);
 - every other file of the revision (config.json, tokenizer, README.md) as is.
 
+Cloning a plain Hub repo (one fmhub did not push) imports it: its
+``*.safetensors`` are tracked by fmhub from the first commit, so the clone
+can be pushed back (to the same or another repo) in fmhub's layout.
+
 A push is one Hub commit holding the manifests *and* their objects, so the Hub
 never shows a manifest whose objects are missing; objects the Hub already has
 are not sent again. A clone downloads the manifests and the other files, then
@@ -86,6 +90,7 @@ class CloneResult:
     checkpoints: list[str]
     objects: int = 0
     bytes: int = 0
+    imported: list[str] = field(default_factory=list)  # plain checkpoints of a repo fmhub did not push, now stored by fmhub
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -418,6 +423,9 @@ def clone(
             staging = os.path.join(toplevel(directory), ".git", "fmhub-hub-download")
             api.snapshot_download(repo_id, revision=sha, local_dir=staging, ignore_patterns=[f"{OBJECTS_DIR}/*", HUB_JSON, HUB_README])
             checkpoints = _move_into(staging, directory)
+            if not install.tracked_patterns(directory):
+                # a plain Hub repo (not pushed by fmhub): route its checkpoints through fmhub from the first commit
+                install.track(["*.safetensors"], cwd=directory)
             needed: dict[str, int] = {}
             for rel in checkpoints:
                 with open(os.path.join(directory, rel), "rb") as f:
@@ -433,6 +441,7 @@ def clone(
         _commit(directory, f"{repo_id}@{sha[:12]} from {where}", f"Hub commit {sha}")
         if checkout:
             worktree.materialize(None, cwd=directory)
+        imported = [p for p in worktree.tracked_files(directory) if p not in checkpoints]
         ok = True
     finally:
         if not ok:
@@ -442,7 +451,7 @@ def clone(
                 for name in os.listdir(directory):
                     p = os.path.join(directory, name)
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
-    return CloneResult(repo_id, sha, directory, checkpoints, got, nbytes)
+    return CloneResult(repo_id, sha, directory, checkpoints, got, nbytes, imported)
 
 
 def _move_into(staging: str, directory: str) -> list[str]:

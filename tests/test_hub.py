@@ -270,3 +270,24 @@ def test_interrupted_upload_commits_nothing_and_the_retry_finishes(hub, model_re
     dest = tmp_path / "after-retry"
     fmhub(tmp_path, "hub", "clone", REPO_ID, str(dest))
     assert sha256_file(dest / CKPT) == want
+
+
+def test_clone_of_a_plain_hub_model_imports_it_and_pushes_in_fmhub_layout(hub, tmp_path):
+    """A repo uploaded with plain huggingface_hub (real safetensors) clones into fmhub, then pushes as manifests + objects."""
+    from transformers import LlamaForCausalLM
+
+    plain = tmp_path / "plain"
+    build_tiny_llama(seed=4).save_pretrained(plain)
+    api(hub).create_repo("bob/plain")
+    api(hub).upload_folder(folder_path=str(plain), repo_id="bob/plain")
+    dest = tmp_path / "imported"
+    out = fmhub(tmp_path, "hub", "clone", "bob/plain", str(dest)).stdout.decode()
+    assert "imported 1 plain checkpoint(s)" in out
+    assert sha256_file(dest / CKPT) == sha256_file(plain / CKPT)
+    assert git(dest, "show", f"HEAD:{CKPT}").stdout.startswith(b"fmhub manifest 1")
+    assert git(dest, "status", "--porcelain").stdout == b""
+    fmhub(dest, "hub", "push", "bob/fmhub-copy")
+    again = tmp_path / "again"
+    fmhub(tmp_path, "hub", "clone", "bob/fmhub-copy", str(again))
+    assert sha256_file(again / CKPT) == sha256_file(plain / CKPT)
+    assert isinstance(LlamaForCausalLM.from_pretrained(again), LlamaForCausalLM)
