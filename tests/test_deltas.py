@@ -177,3 +177,27 @@ def test_deltas_travel_through_an_lfs_server_and_a_clone_rebuilds(delta_repo, lf
     fmhub(tmp_path, "install", "--global")
     git(tmp_path, "clone", "-q", "-c", f"lfs.url={lfs_server.url}", bare.as_uri(), str(tmp_path / "B"))
     assert sha256_file(tmp_path / "B" / CKPT) == want
+
+
+def test_git_merge_of_two_sparse_branches_keeps_both_chains(delta_repo):
+    from safetensors.torch import load_file
+
+    repo = delta_repo
+    t = model()
+    commit(repo, t, "v0")
+    git(repo, "checkout", "-qb", "a")
+    ta = {k: v.clone() for k, v in t.items()}
+    ta["layers.0.weight"][0, :5] += 1
+    commit(repo, ta, "a")
+    git(repo, "checkout", "-q", "main")
+    tb = {k: v.clone() for k, v in t.items()}
+    tb["layers.1.weight"][3, :5] += 1
+    commit(repo, tb, "b")
+    git(repo, "merge", "-q", "a", "-m", "merge a")
+    got = load_file(str(repo / CKPT))
+    assert torch.equal(got["layers.0.weight"], ta["layers.0.weight"])
+    assert torch.equal(got["layers.1.weight"], tb["layers.1.weight"])
+    m = head_manifest(repo).by_name()
+    assert m["layers.0.weight"].root is not None and m["layers.1.weight"].root is not None
+    assert git(repo, "status", "--porcelain").stdout == b""
+    assert "store is consistent" in fmhub(repo, "fsck").stdout.decode()

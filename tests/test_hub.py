@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import fmhub, git, sha256_file
-from hub_server import running_hub_server
+from hub_server import running_hub_server, use_hub_server
 from lfs_server import closed_port_url
 
 from fmhub.demo import build_tiny_llama
@@ -28,11 +28,9 @@ CKPT = "model.safetensors"
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     with running_hub_server(tmp_path / "hub-server") as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
+        # the environment for fmhub's subprocesses, and huggingface_hub.constants for this process's client,
+        # which read the environment once, at import (an earlier test may have imported it)
+        use_hub_server(monkeypatch, server, tmp_path / "hf-home")
         yield server
 
 
