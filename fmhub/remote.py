@@ -72,7 +72,7 @@ class Endpoint:
 
     @property
     def authorization(self) -> str | None:
-        return _get_header(self.headers, "Authorization")
+        return get_header(self.headers, "Authorization")
 
     def same_origin(self, href: str) -> bool:
         """Whether ``href`` is on the API's own server, so our credentials may go there."""
@@ -245,7 +245,7 @@ def _remote_url(config: list[tuple[str, str]], remote: str, operation: str) -> s
 def auth_headers(url: str, config: list[tuple[str, str]]) -> tuple[dict[str, str], str]:
     """Headers for ``url`` and the name of the source of its Authorization header ("none" if none yet)."""
     headers = extra_headers(url, config)
-    if _get_header(headers, "Authorization"):
+    if get_header(headers, "Authorization"):
         return headers, "http.extraHeader (git config)"
     if value := os.environ.get("FMHUB_LFS_AUTHORIZATION", "").strip():
         headers["Authorization"] = value
@@ -352,7 +352,8 @@ def _git_credential(action: str, fields: dict[str, str], cwd: str | None) -> dic
     return out
 
 
-def _get_header(headers: dict[str, str], name: str) -> str | None:
+def get_header(headers: dict[str, str], name: str) -> str | None:
+    """A header's value, its name compared case-insensitively (HTTP header names are)."""
     for k, v in headers.items():
         if k.lower() == name.lower():
             return v

@@ -41,7 +41,7 @@ from fmhub.errors import (
     RemoteUnavailable,
     TransferError,
 )
-from fmhub.remote import Endpoint
+from fmhub.remote import Endpoint, get_header
 from fmhub.store import IncomingMismatch, IncomingObject, ObjectStore
 
 LFS_JSON = "application/vnd.git-lfs+json"
@@ -323,7 +323,7 @@ class Transfer:
         if status in (429,) or status >= 500:
             raise _Retry(f"HTTP {status}{message}", wait=_retry_after(resp.headers.get("Retry-After")))
         if status == 401 and self.endpoint.same_origin(url) and not authenticated:
-            if self.endpoint.after_unauthorized(_header(sent, "Authorization")):
+            if self.endpoint.after_unauthorized(get_header(sent, "Authorization")):
                 raise _Retry("new credentials", free=True)
         if status in (401, 403):
             raise RemoteAuthError(self._auth_message(status, url, what, message))
@@ -334,7 +334,7 @@ class Transfer:
     def _headers(self, url: str, headers: dict[str, str], authenticated: bool) -> dict[str, str]:
         """Endpoint headers go only to the endpoint's own origin, and not when the server pre-authenticated the href."""
         layers = [{"User-Agent": USER_AGENT}]
-        if self.endpoint.same_origin(url) and not (authenticated and _header(headers, "Authorization")):
+        if self.endpoint.same_origin(url) and not (authenticated and get_header(headers, "Authorization")):
             layers.append(self.endpoint.headers)
         layers.append(headers)
         return _merge_headers(*layers)
@@ -593,11 +593,6 @@ def _merge_headers(*layers: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _header(headers: dict[str, str], name: str) -> str | None:
-    for k, v in headers.items():
-        if k.lower() == name.lower():
-            return v
-    return None
 
 
 def _unique(objects: Iterable[Obj]) -> list[Obj]:
