@@ -72,34 +72,31 @@ def encode_best(base: bytes | bytearray, new: bytes | bytearray, dtype: str, pol
     return best
 
 
-def read_object(store: ObjectStore, oid: str, what: str) -> bytearray:
-    """An object's bytes, verified; MissingObject / CorruptObject name ``what``."""
+def read_object(store: ObjectStore, oid: str, what: str) -> bytes:
+    """`ObjectStore.read_bytes` (hash verified), with MissingObject / CorruptObject naming ``what``."""
     try:
-        f = store.open_object(oid, buffering=0)
+        return store.read_bytes(oid)
     except KeyError:
         raise MissingObject(f"{what}: object sha256:{oid} is not in the store {store.path}") from None
-    with f:
-        data = bytearray(f.read())
-    if hashlib.sha256(data).hexdigest() != oid:
-        raise CorruptObject(f"{what}: object sha256:{oid} in {store.path} is corrupt; run `fmhub fsck`")
-    return data
+    except CorruptObject as exc:
+        raise CorruptObject(f"{what}: {exc}") from None
 
 
 def tensor_bytes(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
     """A tensor's full bytes: its own object if the store has it, else its delta chain rebuilt and checked."""
     where = f"{label}tensor {entry.name!r}"
     if entry.root is None or store.ensure(entry.oid):
-        return read_object(store, entry.oid, where)
+        return bytearray(read_object(store, entry.oid, where))
     data = read_object(store, entry.root, f"{where} (root of its delta chain)")
     available = codecs()
     for i, d in enumerate(entry.deltas, start=1):
         codec = available.get(d.codec)
         if codec is None:
             raise FmhubError(f"{where} is stored with the delta codec {d.codec!r}, which no installed plugin provides; install it")
-        data = codec.decode(data, bytes(read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})")), entry.dtype)
+        data = codec.decode(data, read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})"), entry.dtype)
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.oid:
         raise CorruptObject(f"{where}: its delta chain does not rebuild sha256:{entry.oid}; run `fmhub fsck`")
-    return bytearray(data)
+    return data if isinstance(data, bytearray) else bytearray(data)
 
 
 def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, dtype: str, policy: DeltaPolicy) -> tuple[str, str | None, tuple[Delta, ...]]:
