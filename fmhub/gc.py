@@ -26,7 +26,6 @@ from fmhub.errors import FmhubError, ManifestError
 from fmhub.manifest import Manifest, is_manifest
 from fmhub.repo import open_store, toplevel
 
-LFS_HEAD = b"version https:/"  # the first bytes of a git-lfs pointer, as long as a manifest's magic
 
 
 @dataclass
@@ -43,12 +42,12 @@ class GcReport:
 
 def referenced(cwd: str | None = None) -> set[str]:
     """Every object a manifest or git-lfs pointer in any reachable commit, reflog entry or the index needs."""
-    from fmhub.sync import blobs_in_history, read_blobs
+    from fmhub.sync import blobs_in_history, manifest_or_pointer, read_blobs
 
     top = toplevel(cwd)
     blobs = blobs_in_history(["--all", "--reflog", "--indexed-objects"], top)
     oids: set[str] = set()
-    for path, data in read_blobs(blobs, top, wanted=lambda head: is_manifest(head) or head.startswith(LFS_HEAD)):
+    for path, data in read_blobs(blobs, top, wanted=manifest_or_pointer):
         if is_manifest(data):
             try:
                 oids.update(oid for oid, _ in Manifest.from_bytes(data, path).oids())

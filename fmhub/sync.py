@@ -74,7 +74,7 @@ def _popen(args: list[str], cwd: str | None, **kw) -> subprocess.Popen:
         raise FmhubError("git is not installed or not on PATH") from None
 
 
-def _blobs_in_history(rev_args: list[str], cwd: str | None) -> list[tuple[str, str]]:
+def blobs_in_history(rev_args: list[str], cwd: str | None = None) -> list[tuple[str, str]]:
     """(blob sha, path) of every blob small enough to be a manifest, in the commits ``rev-list rev_args`` lists."""
     revlist = _popen(["rev-list", "--objects", *rev_args], cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     check = _popen(
@@ -115,8 +115,16 @@ def _blobs_in_trees(revs: Sequence[str], paths: Sequence[str], cwd: str | None) 
     return list(blobs.items())
 
 
-def _read_blobs(
-    blobs: Sequence[tuple[str, str]], cwd: str | None, wanted: Callable[[bytes], bool] = is_manifest
+LFS_HEAD = b"version https:/"  # the first bytes of a git-lfs pointer, as many as a manifest's magic
+
+
+def manifest_or_pointer(head: bytes) -> bool:
+    """Whether a blob starting with ``head`` may be a manifest or a git-lfs pointer (for `read_blobs`)."""
+    return is_manifest(head) or head.startswith(LFS_HEAD)
+
+
+def read_blobs(
+    blobs: Sequence[tuple[str, str]], cwd: str | None = None, wanted: Callable[[bytes], bool] = is_manifest
 ) -> Iterator[tuple[str, bytes]]:
     """(path, bytes) of each blob whose first bytes are ``wanted`` (a manifest), one in memory at a time, through one `git cat-file --batch`."""
     if not blobs:
@@ -197,16 +205,11 @@ def push_rev_args(lines: Iterable[str], remote: str, cwd: str | None = None) -> 
 
 def needed_for_push(lines: Iterable[str], remote: str, cwd: str | None = None) -> dict[str, Needed]:
     args = push_rev_args(lines, remote, cwd)
-    return _needed(_read_blobs(_blobs_in_history(args, cwd), cwd)) if args else {}
-
-
-def objects_in_push(lines: list[str], remote: str, cwd: str | None = None) -> list[tuple[str, int]]:
-    """(oid, size) of every object named by a manifest in the commits a push sends (see `push_rev_args`)."""
-    return [(n.oid, n.size) for n in needed_for_push(lines, remote, cwd).values()]
+    return _needed(read_blobs(blobs_in_history(args, cwd), cwd)) if args else {}
 
 
 def needed_at(revs: Sequence[str], paths: Sequence[str] = (), cwd: str | None = None) -> dict[str, Needed]:
-    return _needed(_read_blobs(_blobs_in_trees(revs, paths, cwd), cwd))
+    return _needed(read_blobs(_blobs_in_trees(revs, paths, cwd), cwd))
 
 
 def objects_at(revs: Sequence[str], paths: Sequence[str] = (), cwd: str | None = None) -> list[tuple[str, int]]:
@@ -237,21 +240,12 @@ def objects_in_index(paths: Sequence[str] = (), cwd: str | None = None) -> list[
         sha, _, size = line.partition(" ")
         if size.isdigit() and len(MAGIC) <= int(size) <= MAX_MANIFEST_BYTES:
             blobs.append((sha, shas[sha]))
-    return [(n.oid, n.size) for n in _needed(_read_blobs(blobs, top)).values()]
-
-
-def blobs_in_history(rev_args: list[str], cwd: str | None = None) -> list[tuple[str, str]]:
-    """(blob sha, path) of every blob small enough to be a manifest in the commits ``git rev-list rev_args`` lists."""
-    return _blobs_in_history(rev_args, cwd)
-
-
-def read_blobs(blobs: Sequence[tuple[str, str]], cwd: str | None = None, wanted: Callable[[bytes], bool] = is_manifest) -> Iterator[tuple[str, bytes]]:
-    return _read_blobs(blobs, cwd, wanted)
+    return [(n.oid, n.size) for n in _needed(read_blobs(blobs, top)).values()]
 
 
 def needed_in_history(revs: Sequence[str], cwd: str | None = None) -> dict[str, Needed]:
     """Every object named anywhere in the history of ``revs`` (`fmhub push-objects`)."""
-    return _needed(_read_blobs(_blobs_in_history(list(revs), cwd), cwd))
+    return _needed(read_blobs(blobs_in_history(list(revs), cwd), cwd))
 
 
 # -- remotes ---------------------------------------------------------------------
@@ -442,10 +436,6 @@ class LazyFetcher:
             if self._transfer is None:
                 self._dead = str(exc)
             raise
-
-
-def lazy_fetcher(store: ObjectStore, cwd: str | None = None) -> Callable[[list[tuple[str, int]]], None]:
-    return LazyFetcher(store, cwd)
 
 
 def ensure_objects(objects: Iterable[tuple[str, int]], cwd: str | None = None, remote: str | None = None) -> Summary:
