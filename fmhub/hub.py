@@ -193,12 +193,15 @@ class _File:
     sha: str  # git blob sha
     size: int
     manifest: Manifest | None = None
+    raw: bytes | None = None  # the manifest's bytes, as git holds them
     lfs_oid: str | None = None  # a git-lfs pointer: the content is that LFS object
 
 
 def revision_files(rev: str, cwd: str | None = None) -> tuple[str, list[_File]]:
     """(commit sha, regular files) of ``rev``; manifests parsed, git-lfs pointers recognised."""
     from dulwich.lfs import LFSPointer
+
+    from fmhub.sync import manifest_or_pointer, read_blobs
 
     top = toplevel(cwd)
     sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=top, check=False).strip()
@@ -212,14 +215,16 @@ def revision_files(rev: str, cwd: str | None = None) -> tuple[str, list[_File]]:
             continue
         if fields[0] == "120000":
             raise FmhubError(f"{path} is a symbolic link at {rev}; the Hub stores files only: replace it with a copy")
-        f = _File(path, fields[2], int(fields[3]))
-        if f.size <= MAX_MANIFEST_BYTES:
-            data = _blob(f.sha, top)
-            if is_manifest(data):
-                f.manifest = Manifest.from_bytes(data, path)
-            elif (pointer := LFSPointer.from_bytes(data)) is not None and pointer.is_valid_oid():
-                f.lfs_oid, f.size = pointer.oid, pointer.size
-        files.append(f)
+        files.append(_File(path, fields[2], int(fields[3])))
+    # one `git cat-file --batch` reads the manifests and pointers; other blobs are only sniffed here
+    by_path = {f.path: f for f in files}
+    small = [(f.sha, f.path) for f in files if f.size <= MAX_MANIFEST_BYTES]
+    for path, data in read_blobs(small, top, wanted=manifest_or_pointer):
+        f = by_path[path]
+        if is_manifest(data):
+            f.manifest, f.raw = Manifest.from_bytes(data, path), data
+        elif (pointer := LFSPointer.from_bytes(data)) is not None and pointer.is_valid_oid():
+            f.lfs_oid, f.size = pointer.oid, pointer.size
     return sha, files
 
 
@@ -375,8 +380,8 @@ def _read_json(api, repo_id: str, path: str, revision: str | None) -> dict | Non
 
 def _content(f: _File, store, top: str, tmpdir: str):
     """What to upload for a file: bytes when small, else a path (huggingface_hub streams paths)."""
-    if f.manifest is not None:
-        return f.manifest.to_bytes()
+    if f.raw is not None:
+        return f.raw
     if f.lfs_oid is not None:
         if not store.ensure(f.lfs_oid):
             raise MissingObject(f"{f.path} is a git-lfs file whose object is not here; run `git lfs fetch` and push again")
