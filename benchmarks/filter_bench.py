@@ -13,6 +13,8 @@ Each tool gets its own fresh repository (git init, tool install + track,
   3. ``rm`` + ``git checkout HEAD~1 -- FILE`` (back to v0), sha256-checked against v0
   4. a third add + commit (v2: 1 % of the elements of every tensor changed)
      and ``du -sb .git`` after v0, v1 and v2
+  5. with ``--repack`` (fmhub only): ``fmhub repack``, ``du -sb .git``, and
+     ``git checkout HEAD~2 -- FILE`` (v0, rebuilt from packed objects), sha256-checked
 
 ``cp`` of the file is timed as the floor for steps 1 and 3. Before every timed
 command the page cache is flushed (``sync``) and the pages of the checkpoint, the
@@ -302,6 +304,7 @@ def read_rss(log: Path) -> int | None:
 
 
 DELTAS = False  # --deltas: fmhub stores changed tensors as delta chains (git config fmhub.deltas true)
+REPACK = False  # --repack: step 5, fmhub repack and a checkout of v0 from packed objects
 
 
 class ToolRepo:
@@ -432,14 +435,33 @@ def run_once(ck: Checkpoint, work: Path, runner: Runner, wrapper: Path, seed: in
     if len(set(v2_sha.values())) != 1:
         raise SystemExit(f"v2 differs between repos: {v2_sha}")
     res["sha256"] = {"v1": next(iter(v1_sha.values())), "v2": next(iter(v2_sha.values()))}
+    if REPACK:
+        log("step 5: fmhub repack, then checkout of v0 from packed objects")
+        repack_step(repos["fmhub"], res["fmhub"], runner, rss_dir, ck)
     for repo in repos.values():
         shutil.rmtree(repo.root, ignore_errors=True)
     return res
 
 
+def repack_step(repo: ToolRepo, res: dict, runner: Runner, rss_dir: Path, ck: Checkpoint) -> None:
+    """(5) ``fmhub repack`` of the three versions, the repo size after it, and a checkout of v0 that rebuilds packed objects."""
+    repo.cold()
+    res["repack"] = {"seconds": runner.timed([sys.executable, "-m", "fmhub", "repack"], repo.root), "writeback_seconds": timed_sync()}
+    res["repo_bytes"]["after_repack"] = du_bytes(repo.root / ".git")
+    res["lfs_dir_bytes"]["after_repack"] = du_bytes(repo.root / ".git" / "lfs")
+    repo.file.unlink()  # not timed
+    rss = rss_dir / "fmhub-checkout_packed.log"
+    repo.measure_rss_into(rss)
+    repo.cold(ck.path)
+    t = runner.timed(["git", "checkout", "HEAD~2", "--", FILE], repo.root)
+    got = sha256_file(repo.file)
+    res["checkout_packed"] = {"seconds": t, "writeback_seconds": timed_sync(), "filter_peak_rss_bytes": read_rss(rss),
+                              "sha256": got, "byte_identical": got == ck.sha256}
+
+
 # --------------------------------------------------------------------------- report
 
-STEPS = ("first_add", "re_add", "checkout", "third_add")
+STEPS = ("first_add", "re_add", "checkout", "third_add", "repack", "checkout_packed")
 
 
 def median_runs(runs: list[dict]) -> dict:
@@ -558,6 +580,13 @@ def render(res: dict, ck: Checkpoint, targets: list[dict], meta: dict):
                              ("checkout", "peak filter RSS, checkout", "rss_checkout")):
         a, b = lfs[step]["filter_peak_rss_bytes"], fm[step]["filter_peak_rss_bytes"]
         table.add_row(label, mb(a), mb(b), "", x(ratio(b, a)), "", *status(tid))
+    if "repack" in fm:
+        table.add_row("(5) fmhub repack (info)", "", s(fm["repack"]["seconds"]), "", "", "", "", "")
+        table.add_row("(5) repo size after repack (× ckpt)", "", x(fm["repo_bytes"]["after_repack"] / size), "", "", "", "", "")
+        table.add_row("(5) checkout of v0 from packed objects (info)", "", s(fm["checkout_packed"]["seconds"]), "", "", "", "", "")
+        table.add_row("(5) ... byte-identical to v0 (sha256)", "", yn(fm["checkout_packed"]["byte_identical"]), "", "", "", "", "")
+        table.add_row("(5) peak filter RSS, checkout from packed objects (info)", "", mb(fm["checkout_packed"]["filter_peak_rss_bytes"]),
+                      "", "", "", "", "")
     table.add_row("info: writeback (sync) left after first add", s(lfs["first_add"]["writeback_seconds"]),
                   s(fm["first_add"]["writeback_seconds"]), s(cp["first_add"]["writeback_seconds"]), "", "", "", "")
     console.print(table)
@@ -607,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deltas", action="store_true", help="turn on fmhub's delta storage (git config fmhub.deltas true)")
+    ap.add_argument("--repack", action="store_true", help="step 5: run `fmhub repack`, then check out v0 from packed objects")
     ap.add_argument("--repeat", type=int, default=1, help="run every step this many times in fresh repos; times are medians")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (repos are still removed after each run)")
     args = ap.parse_args(argv)
@@ -620,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if shutil.which("git-lfs") is None and subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0:
         raise SystemExit("git-lfs is not installed")
-    global DELTAS
-    DELTAS = args.deltas
+    global DELTAS, REPACK
+    DELTAS, REPACK = args.deltas, args.repack
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fmhub-filter-bench-", dir=args.workdir)).resolve()
@@ -660,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repo_x_checkpoint": {tool: {k: v / ck.size for k, v in res[tool]["repo_bytes"].items()} for tool in TOOLS},
                 "repo_growth_after_v1_bytes": {tool: res[tool]["repo_bytes"]["after_v1"] - res[tool]["repo_bytes"]["after_v0"] for tool in TOOLS},
                 "targets": targets,
-                "needs_option": {} if DELTAS else NOT_ON, "deltas": DELTAS,
+                "needs_option": {} if DELTAS else NOT_ON, "deltas": DELTAS, "repack": REPACK,
             }
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(data, indent=2) + "\n")

@@ -9,16 +9,14 @@ feeds them from git's filter protocol, the CLI from files.
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
+from typing import BinaryIO, Callable, Protocol
 
 from fmhub import host
+from fmhub.deltas import DeltaPolicy, store_changed
 from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject, StoreWriteError
 from fmhub.interfaces import CheckpointFormat, Layout
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.store import CHUNK, ObjectStore, ObjectStream, copy_objects
-
-if TYPE_CHECKING:
-    from fmhub.deltas import DeltaPolicy
 
 SNIFF_BYTES = 16
 
@@ -87,7 +85,7 @@ def file_layout(f: BinaryIO, label: str) -> tuple[CheckpointFormat, Layout]:
     return fmt, fmt.read_layout(_exact_reader(f, label, "truncated inside the header; the file is incomplete"), label)
 
 
-def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | None = None, deltas: "DeltaPolicy | None" = None) -> bytes:
+def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | None = None, deltas: DeltaPolicy | None = None) -> bytes:
     """Store a checkpoint's header and tensors as objects; return the manifest git should keep.
 
     An empty input and an input that already is a manifest come back unchanged,
@@ -129,7 +127,7 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
 
 
 def _clean_checkpoint(
-    inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str, previous: Manifest | None, deltas: "DeltaPolicy | None" = None
+    inp: _Input, fmt: CheckpointFormat, store: ObjectStore, path: str, previous: Manifest | None, deltas: DeltaPolicy | None = None
 ) -> Manifest:
     def read_exact(n: int) -> bytes:
         data = inp.read_upto(n)
@@ -151,15 +149,15 @@ def _clean_checkpoint(
     try:
         for i, t in enumerate(layout.tensors):
             old = before.get(t.name)
-            if deltas is not None and old is not None and old.size == t.size and (old.dtype, old.shape) == (t.dtype, t.shape) \
-                    and 0 < t.size <= deltas.max_tensor_bytes:
-                from fmhub.deltas import store_changed
-
+            # a tensor stored as a chain is re-added through the chain path even with deltas off, so that
+            # an unchanged one keeps its entry (else status would call the file modified)
+            policy = deltas if deltas is not None or old is None or old.root is None else DeltaPolicy(max_chain=0)
+            if policy is not None and old is not None and old.size == t.size and (old.dtype, old.shape) == (t.dtype, t.shape) \
+                    and 0 < t.size <= policy.max_tensor_bytes:
                 data = inp.read_upto(t.size)
                 if len(data) != t.size:
                     raise truncated(t, len(data))
-                oid, root, links = store_changed(store, old, data, t.dtype, deltas)
-                chained[i] = TensorEntry(t.name, t.dtype, t.shape, t.size, oid, root, links)
+                chained[i] = store_changed(store, old, data, t.dtype, policy)
                 continue
             stream.begin(old.oid if old is not None and old.size == t.size and old.root is None else None)
             remaining = t.size

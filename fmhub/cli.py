@@ -294,17 +294,23 @@ def diff(
     """
     from rich.markup import escape
 
+    from dataclasses import asdict
+
     from fmhub import diff as df
+    from fmhub.adapters import diff_adapters
     from fmhub.units import human_bytes
 
     try:
         revs, paths = _split_revs_paths(list(args or []))
-        old_label, new_label, changes = df.diff_revisions(revs, paths)
+        top, old_side, new_side = df.load_sides(revs, paths)
+        old_label, new_label = old_side.label, new_side.label
+        changes = df.diff_sides(old_side, new_side)
+        adapter_changes = diff_adapters(old_side.files, new_side.files, revs[0] if revs else "HEAD", revs[1] if len(revs) == 2 else None, top)
     except FmhubError as exc:
         _fail(exc)
     if as_json:
         _utf8_stdout()
-        out = df.to_json(changes) | {"old": old_label, "new": new_label}
+        out = df.to_json(changes) | {"old": old_label, "new": new_label, "adapters": [asdict(a) for a in adapter_changes]}
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
         return
     rows = [c for c in changes if c.status != "unchanged"]
@@ -337,6 +343,22 @@ def diff(
         console.print(table)
     else:
         console.print(f"{escape(old_label)} → {escape(new_label)}: {caption}", highlight=False)
+    for a in adapter_changes:
+        _print_adapter_change(a, opt)
+
+
+def _print_adapter_change(a, opt) -> None:
+    from rich.markup import escape
+
+    t = Table(title=f"adapter {escape(a.path)}: effective updates scaling·B@A", title_justify="left")
+    for col in ("module", "status", "‖ΔW‖ before", "‖ΔW‖ after", "‖ΔW_after − ΔW_before‖"):
+        t.add_column(col, justify="left" if col in ("module", "status") else "right")
+    for m in a.modules:
+        t.add_row(escape(m.module), m.status, opt(m.old_norm), opt(m.new_norm), opt(m.change_norm))
+    for key, before, after in a.config:
+        console.print(f"adapter {escape(a.path)}: {escape(key)}: {escape(json.dumps(before))} → {escape(json.dumps(after))}", highlight=False)
+    if a.modules:
+        console.print(t)
 
 
 @app.command()
@@ -465,6 +487,24 @@ def gc_(
 
 
 @app.command()
+def repack(dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Only say what would be packed.")) -> None:
+    """Store old tensor versions as deltas against newer ones; what the branch tips need stays whole."""
+    from fmhub import repack as packer
+    from fmhub.units import human_bytes
+
+    try:
+        rep = packer.repack(dry_run=dry_run)
+    except FmhubError as exc:
+        _fail(exc)
+    verb = "would pack" if dry_run else "packed"
+    extra = f"; {rep.unpacked} object(s) a tip needs made whole again" if rep.unpacked else ""
+    console.print(
+        f"{verb} {rep.packed} object(s), store {human_bytes(rep.bytes_before)} -> {human_bytes(rep.bytes_after)}; "
+        f"{rep.skipped} old version(s) left whole{extra}", highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
 def extract(
     source: str = typer.Argument(..., help="A checkpoint file or directory, or REV:PATH (e.g. main:model/)."),
     tensors: List[str] = typer.Option(..., "--tensors", "-t", help='Tensor-name pattern, e.g. "model.layers.0.*" (repeatable).'),
@@ -556,10 +596,14 @@ def sparsify(
         highlight=False, soft_wrap=True,
     )
     if losses:
-        table = Table("model", "eval loss (nats/token)")
-        for name, loss in losses:
-            table.add_row(name, f"{loss:.4f}")
-        console.print(table)
+        _print_losses(dict(losses), "fine-tune")
+
+
+def _print_losses(losses: dict[str, float], reference: str) -> None:
+    table = Table("model", "eval loss (nats/token)", f"vs {reference}")
+    for name, loss in losses.items():
+        table.add_row(name, f"{loss:.4f}", f"{loss - losses[reference]:+.4f}")
+    console.print(table)
 
 
 @app.command()
@@ -588,6 +632,111 @@ def finetune(
         f"saved {rep.output_dir}: {rep.steps} steps on {rep.device} in {rep.seconds:.1f} s, {rep.trainable:,} of {rep.total:,} "
         f"entries trainable; loss {rep.losses[0]:.4f} -> {rep.losses[-1]:.4f}", highlight=False, soft_wrap=True,
     )
+
+
+@app.command()
+def commit(
+    path: str = typer.Argument(..., help="A fine-tuned .safetensors file or model directory whose base is committed."),
+    message: str = typer.Option(..., "-m", "--message"),
+    sparse: Optional[str] = typer.Option(None, "--sparse", help="Keep the top K% of the update by Fisher value, e.g. 1% (git config fmhub.sparse.keep)."),
+    fisher_file: Optional[str] = typer.Option(None, "--fisher", help="The Fisher file (`fmhub fisher`; git config fmhub.sparse.fisher)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluation examples: report base, dense and sparse eval loss."),
+    base: str = typer.Option("HEAD", "--base", help="The revision holding the base version of PATH."),
+) -> None:
+    """Commit a fine-tune as a FishMask sparse update of its committed base: stored as sparse deltas, quality loss reported."""
+    from fmhub.commit import sparse_commit
+    from fmhub.repo import git
+    from fmhub.units import human_bytes
+
+    try:
+        keep = sparse or git("config", "--get", "fmhub.sparse.keep", check=False).strip()
+        fisher_path = fisher_file or git("config", "--get", "fmhub.sparse.fisher", check=False).strip()
+        if not keep or not fisher_path:
+            raise FmhubError("give --sparse K% and --fisher FILE (or git config fmhub.sparse.keep / fmhub.sparse.fisher); "
+                             "for a plain commit use git commit")
+        rep = sparse_commit(path, message, fisher_path, _fraction(keep), data, base)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(
+        f"committed {rep.commit[:12]}: kept {rep.kept_fraction:.2%} of the update; stored {human_bytes(rep.stored_bytes)} "
+        f"for {human_bytes(rep.changed_bytes)} of changed tensors ({rep.stored_bytes / max(rep.changed_bytes, 1):.2%})",
+        highlight=False, soft_wrap=True,
+    )
+    if rep.losses:
+        _print_losses(rep.losses, "dense")
+
+
+adapter_app = typer.Typer(no_args_is_help=True, help="PEFT LoRA adapters tracked as versions against their base model's revision.")
+app.add_typer(adapter_app, name="adapter")
+
+
+@adapter_app.command("add")
+def adapter_add(
+    adapter_dir: str = typer.Argument(..., help="A PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."),
+    base: str = typer.Option(..., "--base", help="The base model's path in this repository (a file or a shard directory)."),
+    rev: str = typer.Option("HEAD", "--rev", help="The commit of the base the adapter was trained on."),
+) -> None:
+    """Check ADAPTER_DIR fits BASE at REV, record that base in fmhub-adapter.json, and stage the adapter."""
+    from fmhub import adapters
+
+    try:
+        info = adapters.add(adapter_dir, base, rev)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"staged {info.path}: LoRA r={info.rank} alpha={info.alpha:g} on {len(info.modules)} weights of "
+                  f"{info.base.path} at {info.base.revision[:12]}", highlight=False, soft_wrap=True)
+
+
+@adapter_app.command("ls")
+def adapter_ls(
+    rev: Optional[str] = typer.Option(None, "--rev", help="List the adapters committed at REV (default: the work tree)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Adapters, their base model revision, and whether the base has changed since."""
+    from dataclasses import asdict
+
+    from fmhub import adapters
+
+    try:
+        infos = adapters.list_adapters(rev)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        _utf8_stdout()
+        sys.stdout.write(json.dumps([asdict(i) for i in infos], indent=2) + "\n")
+        return
+    table = Table("adapter", "r", "alpha", "targets", "base", "trained on", "base now")
+    for i in infos:
+        now = {"same": "[green]same[/]", "missing": "[red]missing[/]"}.get(i.base_now, f"[yellow]changed[/] ({len(i.changed_files)} files)")
+        table.add_row(i.path, str(i.rank), f"{i.alpha:g}", ",".join(i.modules), i.base.path, i.base.revision[:12], now)
+    console.print(table if infos else "no adapters recorded (fmhub adapter add)")
+
+
+@adapter_app.command("merge")
+def adapter_merge(
+    adapter_dir: str = typer.Argument(..., help="An adapter recorded with `fmhub adapter add`."),
+    tolerance: str = typer.Option("0", "--tolerance", help="Largest error allowed per element; 0 stores the merge bit-exact."),
+) -> None:
+    """Merge the adapter into its base in the work tree and stage it: each changed weight a low-rank delta.
+
+    Fails, writing nothing, when a changed weight cannot be stored as a delta within the tolerance.
+    """
+    from fmhub import adapters
+    from fmhub.deltas import parse_tolerance
+    from fmhub.units import human_bytes
+
+    try:
+        rep = adapters.merge_into_base(adapter_dir, parse_tolerance(tolerance, "--tolerance"))
+    except FmhubError as exc:
+        _fail(exc)
+    table = Table("tensor", "stored as", "bytes", "of full", "max error")
+    for t in rep.tensors:
+        table.add_row(t.name, t.codec or "whole", human_bytes(t.stored), f"{t.stored / max(t.size, 1):.1%}",
+                      "exact" if t.max_error is None else f"{t.max_error:.3g}")
+    console.print(table)
+    console.print(f"merged {rep.adapter} into {', '.join(rep.files)} and staged it: {human_bytes(rep.stored)} stored for "
+                  f"{human_bytes(rep.full)} of changed weights ({rep.stored / max(rep.full, 1):.1%}); commit to keep it",
+                  highlight=False, soft_wrap=True)
 
 
 hub_app = typer.Typer(no_args_is_help=True, help="Hugging Face Hub repositories through huggingface_hub (HF_ENDPOINT, HF_TOKEN).")

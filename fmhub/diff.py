@@ -874,6 +874,12 @@ def diff_revisions(
 
     ``paths`` are relative to ``cwd``, as on git's command line. Returns (old label, new label, changes).
     """
+    _top, old, new = load_sides(revs, paths, cwd)
+    return old.label, new.label, diff_sides(old, new, chunk_elems)
+
+
+def load_sides(revs: Sequence[str], paths: Sequence[str] = (), cwd: str | None = None) -> tuple[str, Side, Side]:
+    """The two sides `diff_revisions` compares, and the repository's top directory."""
     from fmhub.repo import open_store, toplevel
 
     if len(revs) > 2:
@@ -888,4 +894,4 @@ def diff_revisions(
     with GitBlobs(top) as blobs:
         old = side_at_rev(revs[0] if revs else "HEAD", pathspecs, top, store, blobs)
         new = side_at_rev(revs[1], pathspecs, top, store, blobs) if len(revs) == 2 else side_in_worktree(pathspecs, top, store, blobs)
-    return old.label, new.label, diff_sides(old, new, chunk_elems)
+    return top, old, new

@@ -21,6 +21,16 @@ class MissingObject(FmhubError):
     """An object a manifest names is not in the store."""
 
 
+class MissingPackBase(MissingObject, KeyError):
+    """A packed object (`fmhub repack`) whose base, or an object further down its chain, is not in the store.
+
+    Also a KeyError, which is how `ObjectStore.open_object` says "not here", so
+    callers that catch that report the object as missing, as they should.
+    """
+
+    __str__ = Exception.__str__  # KeyError's own would quote the message
+
+
 class CorruptObject(FmhubError):
     """An object whose bytes do not hash to its name."""
 

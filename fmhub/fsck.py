@@ -1,4 +1,9 @@
-"""Consistency check of the object store against what a revision needs."""
+"""Consistency check of the object store against what a revision needs.
+
+Every whole object is re-hashed and every packed object (`fmhub repack`) is
+rebuilt from its chain and hashed; a packed object whose base is gone is
+reported as such.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from dulwich.objects import Blob
 from dulwich.repo import Repo
 
 from fmhub.checkpoint import missing_objects
-from fmhub.errors import FmhubError, ManifestError
+from fmhub.errors import FmhubError, ManifestError, MissingObject
 from fmhub.manifest import Manifest, is_manifest
 from fmhub.repo import git, open_store, toplevel
+from fmhub.store import ObjectStore
 
 
 @dataclass
@@ -34,6 +40,17 @@ def manifests_at(repo: Repo, rev: str):
                 yield entry.path.decode("utf-8", "replace"), data
 
 
+def _packed_problem(store: ObjectStore, oid: str) -> str | None:
+    """What is wrong with a packed object (`fmhub repack`), rebuilt from its packed file and hashed; None if nothing."""
+    try:
+        store.check_packed(oid)
+    except MissingObject as exc:  # its base, or one further down its chain, is gone
+        return str(exc)
+    except FmhubError as exc:  # corrupt, or its codec's plugin is not installed
+        return f"{exc} (file {store.packed_path(oid)})"
+    return None
+
+
 def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
     top = toplevel(cwd)
     store = open_store(top)
@@ -42,6 +59,11 @@ def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
         report.objects += 1
         if not store.verify(oid):
             report.problems.append(f"object sha256:{oid} is corrupt (its bytes do not hash to its name); delete it and re-add or re-fetch the file")
+    for oid in store.iter_packed():
+        report.objects += 1
+        problem = _packed_problem(store, oid)
+        if problem:
+            report.problems.append(problem)
     repo = Repo(top)
     if rev == "HEAD" and not git("rev-parse", "--verify", "--quiet", "HEAD", cwd=top, check=False).strip():
         return report  # no commits yet

@@ -6,6 +6,9 @@ branches, and what `git reflog` can still bring back), or the index (staged,
 not yet committed). For a manifest "refers to" means every object it needs:
 header, whole tensors, and every root and delta of a chain (`Manifest.oids`).
 The object store is shared with git-lfs, hence its pointers count too.
+A packed object (`fmhub repack`) that is kept keeps the objects it is a
+delta against, down to the whole object at the end of its chain, even when
+nothing else refers to them.
 
 Objects younger than the grace period are kept whatever refers to them: a
 clean filter running right now may have written objects its manifest has not
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 from dulwich.lfs import LFSPointer
 
-from fmhub.errors import FmhubError, ManifestError
+from fmhub.errors import CorruptObject, FmhubError, ManifestError
 from fmhub.manifest import Manifest, is_manifest
 from fmhub.repo import open_store, toplevel
 
@@ -61,22 +64,31 @@ def referenced(cwd: str | None = None) -> set[str]:
 
 
 def gc(cwd: str | None = None, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
-    """Remove unreferenced objects older than ``grace_s`` seconds (or only list them with ``dry_run``)."""
+    """Remove unreferenced objects older than ``grace_s`` seconds (or only list them with ``dry_run``).
+
+    Whole and packed (`fmhub repack`) objects alike; an object some kept
+    packed object is a delta against is kept with it, down its whole chain.
+    """
     keep = referenced(cwd)
     store = open_store(cwd)
     report = GcReport(dry_run=dry_run)
     now = time.time()
     try:
-        for oid in list(store.iter_oids()):
-            if oid in keep:
+        files = _store_files(store)
+        bases = _packed_bases(store)
+        needed = _with_bases(keep, bases)
+        # a young packed object is kept by the grace period, so its chain must stay readable too
+        young_packed = {oid for oid, path, packed in files if packed and now - _mtime(path, now) < grace_s}
+        protected = _with_bases(young_packed, bases)
+        for oid, path, _packed in files:
+            if oid in needed:
                 report.kept += 1
                 continue
-            path = store.object_path(oid)
             try:
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            if now - st.st_mtime < grace_s:
+            if now - st.st_mtime < grace_s or oid in protected:
                 report.young += 1
                 continue
             if not dry_run:
@@ -87,3 +99,42 @@ def gc(cwd: str | None = None, grace_s: float = 3600.0, dry_run: bool = False) -
     finally:
         store.close()
     return report
+
+
+def _store_files(store) -> list[tuple[str, str, bool]]:
+    """(oid, file, is packed) of every object file in the store: whole ones, then packed ones."""
+    whole = [(oid, store.object_path(oid), False) for oid in store.iter_oids()]
+    return whole + [(oid, store.packed_path(oid), True) for oid in store.iter_packed()]
+
+
+def _packed_bases(store) -> dict[str, str]:
+    """packed oid -> the oid it is a delta against (a packed file whose header is unreadable has none: fsck reports it)."""
+    bases = {}
+    for oid in store.iter_packed():
+        try:
+            base = store.packed_base(oid)
+        except CorruptObject:
+            continue
+        if base is not None:
+            bases[oid] = base
+    return bases
+
+
+def _with_bases(oids: set[str], bases: dict[str, str]) -> set[str]:
+    """``oids`` and, for each of them that is packed, its base, its base's base, and so on."""
+    out = set(oids)
+    todo = [oid for oid in oids if oid in bases]
+    while todo:
+        base = bases[todo.pop()]
+        if base not in out:
+            out.add(base)
+            if base in bases:
+                todo.append(base)
+    return out
+
+
+def _mtime(path: str, default: float) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return default

@@ -75,13 +75,17 @@ def fmhub_delta_codecs() -> list[DeltaCodec]:
         changes and delta storage is on (``git config fmhub.deltas true``), the
         clean filter asks every codec to ``encode`` the change and keeps the
         smallest delta that is under half the tensor's size (else the whole
-        tensor). fmhub ships ``sparse`` (changed elements only) and ``xor-zlib``
-        (bitwise XOR, compressed).
+        tensor). fmhub ships ``sparse`` (changed elements only), ``xor-zlib``
+        (bitwise XOR, compressed) and ``lowrank`` (factors P·F plus a patch:
+        a LoRA merged into its base).
 
     A codec's ``name`` is written into manifests (``delta NAME ...``); renaming
     it makes those manifests unreadable. Decoding must give back the exact
     bytes: fmhub checks the result's sha256 against the tensor's oid and
-    refuses a codec that does not round-trip when encoding.
+    refuses a codec that does not round-trip when encoding. A codec that can
+    also encode within a tolerance defines ``encode_within`` (see
+    `fmhub.interfaces.DeltaCodec`); fmhub checks the tolerance holds and marks
+    such tensors ``approx`` in the manifest.
     """
 
 

@@ -38,7 +38,7 @@ from typing import Iterator
 from fmhub.errors import CorruptDownload, FmhubError, MissingObject, RemoteAuthError, RemoteUnavailable, TransferError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.repo import git, open_store, toplevel
-from fmhub.store import IncomingMismatch
+from fmhub.store import IncomingMismatch, copy_object
 
 LAYOUT_VERSION = 1
 OBJECTS_DIR = ".fmhub/objects"
@@ -310,7 +310,7 @@ def push(
             sent = 0
             for oid, size in needed.items():
                 if oid not in present:
-                    ops.append(CommitOperationAdd(object_path(oid), store.object_path(oid)))
+                    ops.append(CommitOperationAdd(object_path(oid), _object_file(store, oid, tmpdir)))
                     sent += size
             for f in files:
                 if f.path == ".gitattributes":
@@ -376,6 +376,16 @@ def _read_json(api, repo_id: str, path: str, revision: str | None) -> dict | Non
         return json.loads(text) if text else None
     except ValueError:
         return None  # someone edited it by hand: treat as absent, the push rewrites it
+
+
+def _object_file(store, oid: str, tmpdir: str) -> str:
+    """A file holding an object's bytes: its own, or, when `fmhub repack` packed it, a rebuilt copy in ``tmpdir``."""
+    if os.path.isfile(store.object_path(oid)):
+        return store.object_path(oid)
+    dest = os.path.join(tmpdir, oid)
+    with open(dest, "wb") as out:
+        copy_object(store, oid, out)  # verified; MissingObject if it is gone
+    return dest
 
 
 def _content(f: _File, store, top: str, tmpdir: str):

@@ -72,17 +72,24 @@ class CheckpointFormat(Protocol):
 
 @runtime_checkable
 class DeltaCodec(Protocol):
-    """Encodes the change from one version of a tensor to the next, losslessly.
+    """Encodes the change from one version of a tensor to the next.
 
     ``name`` is written into manifests, so it must never change once files
     have been committed with it. Both methods work on raw little-endian bytes
-    of equal length and the tensor's dtype name (``F32``, ``BF16``, ...).
+    of equal length and the tensor's dtype name (``F32``, ``BF16``, ...);
+    ``encode`` also gets the shape (None when unknown).
+
+    A codec may also offer lossy encoding by defining
+    ``encode_within(base, new, dtype, shape, tolerance) -> (delta, max_error) | None``:
+    a delta whose decoded elements are each within ``tolerance`` of ``new``'s
+    (fmhub checks), used only when the user set a tolerance
+    (``git config fmhub.lowrank.tolerance``).
     """
 
     name: str
 
-    def encode(self, base: bytes | bytearray, new: bytes | bytearray, dtype: str) -> bytes | None:
-        """Return a delta that turns ``base`` into ``new``, or None when this codec cannot or should not."""
+    def encode(self, base: bytes | bytearray, new: bytes | bytearray, dtype: str, shape: tuple[int, ...] | None = None) -> bytes | None:
+        """Return a delta that turns ``base`` into exactly ``new``, or None when this codec cannot or should not."""
 
     def decode(self, base: bytes | bytearray, delta: bytes, dtype: str) -> bytes | bytearray:
         """Return the new bytes from ``base`` and a delta this codec made."""

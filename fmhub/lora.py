@@ -87,6 +87,11 @@ def load_adapter(path: str) -> Adapter:
             config = json.load(f)
     except (OSError, ValueError) as exc:
         raise FmhubError(f"{path}: cannot read {CONFIG}: {exc}") from None
+    return adapter_from(path, config, from_path(os.path.join(path, WEIGHTS)))
+
+
+def adapter_from(path: str, config: dict, view: CheckpointView) -> Adapter:
+    """An adapter from its parsed config and a view of its weights (a file, or a committed version)."""
     if config.get("peft_type", "LORA") != "LORA":
         raise FmhubError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters can be merged")
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases")):
@@ -94,7 +99,6 @@ def load_adapter(path: str) -> Adapter:
             raise FmhubError(f"{path}: {what} are not supported by fmhub merges yet; merge it with peft's merge_and_unload")
     if config.get("modules_to_save"):
         raise FmhubError(f"{path}: adapters with modules_to_save ({config['modules_to_save']}) are not supported by fmhub merges yet")
-    view = from_path(os.path.join(path, WEIGHTS))
     halves: dict[str, dict[str, TensorRef]] = {}
     embedding: set[str] = set()
     for ref in view:
@@ -130,15 +134,33 @@ def _patched_view(base: CheckpointView, adapter: Adapter) -> CheckpointView:
         w = base.tensors[name]
 
         def read(w: TensorRef = w, up: Update = up) -> bytes:
-            import torch
-
-            d = up.delta()
-            if tuple(d.shape) != tuple(w.shape):
-                raise MergeConflict(f"{adapter.path}: update of {w.name!r} has shape {list(d.shape)}, the base weight {list(w.shape)}")
-            return tensors.to_bytes((w.load().to(torch.float32) + d).to(tensors.torch_dtype(w.dtype)))
+            return merged_bytes(w, up, adapter.path)
 
         refs[name] = w.computed(read, adapter.path)
     return CheckpointView(refs, base.metadata, adapter.path)
+
+
+def merged_bytes(w: TensorRef, up: Update, label: str) -> bytes:
+    """``W + ΔW`` as fmhub merges a LoRA (`merge_with_delta`)."""
+    return merge_with_delta(w, up, label)[0]
+
+
+def merge_with_delta(w: TensorRef, up: Update, label: str) -> tuple[bytes, bytes | None]:
+    """``(W + ΔW, its lowrank delta against W)``: float64 products of the factors added element by element and
+    rounded once to W's dtype, exactly as the ``lowrank`` codec decodes (`fmhub.lowrank`), so the merged weight
+    is stored as the adapter's factors with nothing to patch. Other dtypes: rounded through torch, no delta."""
+    import torch
+
+    from fmhub import lowrank
+
+    a, b = up.a.load().to(torch.float64), up.b.load().to(torch.float64)
+    p, f = (a.T, up.scaling * b.T) if up.transpose else (up.scaling * b, a)
+    shape = (p.shape[0], f.shape[1])
+    if tuple(w.shape) != shape:
+        raise MergeConflict(f"{label}: update of {w.name!r} has shape {list(shape)}, the base weight {list(w.shape)}")
+    if w.dtype not in lowrank.ITEMSIZE:
+        return tensors.to_bytes((w.load().to(torch.float64) + p @ f).to(tensors.torch_dtype(w.dtype))), None
+    return lowrank.from_factors(tensors.to_bytes(w.load()), w.dtype, p.numpy(), f.numpy())
 
 
 def merge_adapters(recipe: Any, output: str, progress: Callable[[str], None] | None = None) -> Any:

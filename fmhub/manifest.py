@@ -30,6 +30,15 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class Approx:
+    """A tensor stored within a tolerance of the bytes it was added with, not bit for bit (a lossy delta)."""
+
+    oid: str  # sha256 of the bytes as added; the entry's own oid names the bytes a checkout gives
+    max_error: float  # largest element-wise |stored - added|
+    tolerance: float  # the bound the user set
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor: its name, dtype, shape, and the object holding its payload.
 
@@ -46,6 +55,7 @@ class TensorEntry:
     oid: str  # 64 hex digits, no "sha256:" prefix
     root: str | None = None
     deltas: tuple[Delta, ...] = ()
+    approx: Approx | None = None  # only with a chain: its last link is lossy
 
     def storage(self) -> list[tuple[str, int]]:
         """The objects that hold this tensor: its own, or its chain's root and deltas."""
@@ -91,6 +101,8 @@ class Manifest:
             line = f"tensor {name} {t.dtype} {shape} {t.size} sha256:{t.oid}"
             if t.root is not None:
                 line += f" from sha256:{t.root}" + "".join(f" delta {d.codec} sha256:{d.oid} {d.size}" for d in t.deltas)
+            if t.approx is not None:
+                line += f" approx sha256:{t.approx.oid} maxerr {t.approx.max_error!r} tolerance {t.approx.tolerance!r}"
             lines.append(line)
         return ("\n".join(lines) + "\n").encode("utf-8")
 
@@ -162,13 +174,33 @@ def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> 
     chain = version >= DELTA_VERSION and len(parts) > 5 and parts[5] == "from"
     if not isinstance(name, str) or (len(parts) != 5 and not chain) or parts[0] != "":
         raise ManifestError(f"{path}:{lineno}: want 'tensor \"NAME\" DTYPE [SHAPE] SIZE sha256:OID'")
-    root, deltas = _parse_chain(parts[5:], path, lineno, version)
+    words = parts[5:]
+    approx = None
+    if len(words) >= 6 and words[-6] == "approx":
+        approx = _parse_approx(words[-6:], path, lineno)
+        words = words[:-6]
+        if not words:
+            raise ManifestError(f"{path}:{lineno}: 'approx' is only allowed after a delta chain")
+    root, deltas = _parse_chain(words, path, lineno, version)
     _, dtype, shape_s, size_s, oid_s = parts[:5]
     shape_m = _SHAPE_RE.match(shape_s)
     if not _DTYPE_RE.match(dtype) or not shape_m or not size_s.isdigit():
         raise ManifestError(f"{path}:{lineno}: malformed tensor line for {name!r}")
     shape = tuple(int(d) for d in shape_m.group(1).split(",")) if shape_m.group(1) else ()
-    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path), root, deltas)
+    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path), root, deltas, approx)
+
+
+def _parse_approx(words: list[str], path: str, lineno: int) -> Approx:
+    """``approx sha256:OID maxerr FLOAT tolerance FLOAT`` at the end of a chained tensor's line."""
+    if len(words) != 6 or words[2] != "maxerr" or words[4] != "tolerance":
+        raise ManifestError(f"{path}:{lineno}: want 'approx sha256:OID maxerr E tolerance T' at the end of the line")
+    try:
+        max_error, tolerance = float(words[3]), float(words[5])
+    except ValueError:
+        raise ManifestError(f"{path}:{lineno}: malformed numbers in {' '.join(words)!r}") from None
+    if not (0 <= max_error <= tolerance):
+        raise ManifestError(f"{path}:{lineno}: maxerr {words[3]} is not within tolerance {words[5]}")
+    return Approx(_parse_oid(words[1], path), max_error, tolerance)
 
 
 _CODEC_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")

@@ -99,3 +99,11 @@ def staged_blob(path: str, limit: int, cwd: str | None = None) -> bytes | None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def blob_at(rev: str, path: str, cwd: str | None = None) -> bytes:
+    """The blob committed at ``rev:path``, as git stores it (no filters, no textconv)."""
+    proc = subprocess.run(["git", "cat-file", "blob", f"{rev}:{path}"], cwd=cwd, capture_output=True)
+    if proc.returncode != 0:
+        raise FmhubError(f"{rev}:{path}: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout

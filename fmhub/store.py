@@ -5,6 +5,12 @@ Objects live at ``<store>/objects/OID[0:2]/OID[2:4]/OID`` (the layout of
 bytes. An object is written to ``<store>/tmp``, fsynced, then renamed into
 place, so a visible object is always complete; a crash leaves at most a stray
 temp file, which `ObjectStore.remove_stale_temp` clears.
+
+`fmhub repack` may replace an old object by a *packed object*,
+``<store>/packed/OID[0:2]/OID[2:4]/OID``: a delta against another object of
+the store (spec: docs/manifest.md, "Packed objects"). Every read path here
+rebuilds it and checks its sha256, so callers never see the difference;
+`iter_oids` still lists whole objects only.
 """
 
 from __future__ import annotations
@@ -12,22 +18,75 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import struct
 import tempfile
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
 from dulwich.lfs import LFSStore
 
-from fmhub.errors import CorruptObject, MissingObject, StoreWriteError
+from fmhub.errors import CorruptObject, FmhubError, MissingObject, MissingPackBase, StoreWriteError
 
 CHUNK = 1 << 20
 SPILL_BYTES = 64 << 20  # an object larger than this is streamed to a temp file instead of buffered
 MAX_PENDING_BYTES = 128 << 20  # buffered bytes awaiting their background write, at most
 COPY_CHUNK = 4 << 20  # read size when copying objects out
 COPY_DEPTH = 4  # buffers in flight between the reading thread and the writer
+PACK_MAGIC = b"FPK1"
+MAX_PACK_DEPTH = 64  # longest chain of packed objects a reader follows; deeper means damage (or a cycle)
+_MAX_PACK_DTYPE = 64  # a dtype name longer than this in a packed header means the header is damaged
+
+
+@dataclass(frozen=True)
+class PackHeader:
+    """The fixed part of a packed file: how to rebuild the object, and where its delta starts."""
+
+    codec: str
+    base: str
+    size: int
+    dtype: str
+    offset: int
+
+
+def pack_header_bytes(codec: str, base: str, size: int, dtype: str) -> bytes:
+    """``FPK1``, u8 + codec name, 64 hex of the base oid, u64 size, u32 + dtype name (all little-endian)."""
+    name, dt = codec.encode("ascii"), dtype.encode("ascii")
+    if not 0 < len(name) < 256 or len(base) != 64 or len(dt) > _MAX_PACK_DTYPE:
+        raise ValueError(f"cannot write a packed header for codec {codec!r}, base {base!r}, dtype {dtype!r}")
+    return PACK_MAGIC + struct.pack("<B", len(name)) + name + base.encode("ascii") + struct.pack("<QI", size, len(dt)) + dt
+
+
+def parse_pack_header(f: BinaryIO) -> PackHeader:
+    """Read a packed file's header from ``f`` (at offset 0); ValueError saying what is wrong with it."""
+    head = f.read(5)
+    if len(head) != 5 or head[:4] != PACK_MAGIC:
+        raise ValueError("it does not start with FPK1")
+    name = f.read(head[4])
+    base = f.read(64)
+    fixed = f.read(12)
+    if len(name) != head[4] or len(base) != 64 or len(fixed) != 12:
+        raise ValueError("its header is truncated")
+    size, dtype_len = struct.unpack("<QI", fixed)
+    if dtype_len > _MAX_PACK_DTYPE:
+        raise ValueError(f"its dtype name is {dtype_len} bytes long")
+    dtype = f.read(dtype_len)
+    if len(dtype) != dtype_len:
+        raise ValueError("its header is truncated")
+    try:
+        codec, base_oid, dt = name.decode("ascii"), base.decode("ascii"), dtype.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("its header is not ASCII") from None
+    if not _is_oid(base_oid) or not codec:
+        raise ValueError("its base is not a sha256 object id")
+    return PackHeader(codec, base_oid, size, dt, 5 + len(name) + 64 + 12 + dtype_len)
+
+
+def _is_oid(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 class ObjectStore(LFSStore):
@@ -40,6 +99,8 @@ class ObjectStore(LFSStore):
         self._pending: deque[tuple[Future, int]] = deque()
         self._pending_bytes = 0
         self._pending_oids: set[str] = set()
+        # one packed object rebuilt at a time: a rebuild holds a few copies of a tensor (up to 2 GiB) in memory
+        self._rebuild_lock = threading.Lock()
 
     @classmethod
     def create(cls, lfs_dir: str, alternates: Sequence[str] = ()) -> "ObjectStore":
@@ -50,56 +111,292 @@ class ObjectStore(LFSStore):
     # -- reading -------------------------------------------------------------
 
     def object_path(self, oid: str) -> str:
+        """Where the whole object is (it may instead be packed: read through `open_object`)."""
         return self._sha_path(oid)
 
+    def packed_path(self, oid: str) -> str:
+        return os.path.join(self.path, "packed", oid[0:2], oid[2:4], oid)
+
     def has(self, oid: str) -> bool:
-        return oid in self._pending_oids or os.path.isfile(self._sha_path(oid))
+        """The object is here: whole, being written, or packed on a chain that ends at a whole object here."""
+        return oid in self._pending_oids or os.path.isfile(self._sha_path(oid)) or self._packed_resolves(oid)
 
     def open_object(self, oid: str, buffering: int = -1) -> BinaryIO:
-        """Open an object for reading, importing it from an alternate store if only that has it."""
+        """Open an object for reading, importing it from an alternate store if only that has it.
+
+        A packed object is rebuilt, checked, and returned as an anonymous temp
+        file (gone once closed). KeyError when no store has it; `MissingPackBase`
+        (a KeyError too) when it is packed here on a base that is not.
+        """
         try:
             return open(self._sha_path(oid), "rb", buffering=buffering)
         except FileNotFoundError:
             pass
-        for alt in self.alternates:
-            src = os.path.join(alt, "objects", oid[0:2], oid[2:4], oid)
-            if os.path.isfile(src):
-                self._import(src, oid)
-                return open(self._sha_path(oid), "rb", buffering=buffering)
+        local_error: FmhubError | None = None
+        if os.path.isfile(self.packed_path(oid)):
+            try:
+                return self._open_rebuilt(oid, buffering)
+            except (MissingPackBase, CorruptObject) as exc:
+                local_error = exc  # an alternate store may still have a good copy
+        if self._import_from_alternates(oid):
+            return open(self._sha_path(oid), "rb", buffering=buffering)
+        if local_error is not None:
+            raise local_error
         raise KeyError(oid)
 
     def ensure(self, oid: str) -> bool:
         """True if the object is here or could be imported from an alternate store."""
-        if self.has(oid):
-            return True
-        try:
-            self.open_object(oid).close()
-        except KeyError:
-            return False
-        return True
+        return self.has(oid) or self._import_from_alternates(oid)
 
     def read_bytes(self, oid: str) -> bytes:
         """An object's bytes, hash verified."""
+        if not os.path.isfile(self._sha_path(oid)) and os.path.isfile(self.packed_path(oid)):
+            try:
+                with self._rebuild_lock:
+                    return bytes(self._rebuild(oid))  # checked against oid while rebuilding
+            except (MissingPackBase, CorruptObject):
+                if not self._import_from_alternates(oid):
+                    raise
         with self.open_object(oid) as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != oid:
             raise CorruptObject(f"object sha256:{oid} in {self.path} is corrupt; run `fmhub fsck` and restore it")
         return data
 
+    def size_of(self, oid: str) -> int:
+        """An object's size in bytes, whole or packed (KeyError if neither is here)."""
+        try:
+            return os.path.getsize(self._sha_path(oid))
+        except FileNotFoundError:
+            pass
+        header = self._pack_header(oid)
+        if header is None:
+            raise KeyError(oid)
+        return header.size
+
     def iter_oids(self) -> Iterator[str]:
-        root = os.path.join(self.path, "objects")
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                if len(name) == 64 and dirpath.endswith(os.path.join(name[0:2], name[2:4])):
-                    yield name
+        """The objects stored whole (the files gc and fsck look at); packed ones: `iter_packed`."""
+        return _iter_named(os.path.join(self.path, "objects"))
+
+    def iter_packed(self) -> Iterator[str]:
+        """The objects stored packed (an object may be both, after a repack was interrupted)."""
+        return _iter_named(os.path.join(self.path, "packed"))
+
+    def packed_base(self, oid: str) -> str | None:
+        """The object a packed object is a delta against; None if ``oid`` is not packed here."""
+        header = self._pack_header(oid)
+        return header.base if header is not None else None
 
     def verify(self, oid: str) -> bool:
-        """Re-hash an object; False if its bytes do not match its name."""
+        """Re-hash an object; False if its bytes do not match its name (a packed one is rebuilt)."""
+        if not os.path.isfile(self._sha_path(oid)) and os.path.isfile(self.packed_path(oid)):
+            try:
+                self.check_packed(oid)
+            except CorruptObject:
+                return False
+            return True
         h = hashlib.sha256()
         with open(self._sha_path(oid), "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
         return h.hexdigest() == oid
+
+    def check_packed(self, oid: str) -> None:
+        """Rebuild a packed object from its packed file (even if it is also whole) and check it.
+
+        Raises CorruptObject or `MissingPackBase` saying what is wrong, FmhubError
+        when its codec is not installed.
+        """
+        with self._rebuild_lock:
+            self._rebuild(oid, packed_first=True)
+
+    # -- packed objects --------------------------------------------------------
+
+    def _pack_header(self, oid: str) -> PackHeader | None:
+        """The header of ``oid``'s packed file, None if there is none; CorruptObject if it is unreadable."""
+        try:
+            with open(self.packed_path(oid), "rb") as f:
+                return parse_pack_header(f)
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise CorruptObject(f"packed object sha256:{oid} in {self.path} is corrupt: {exc}; {_PACK_ADVICE}") from None
+
+    def _pack_chain(self, oid: str, packed_first: bool = False) -> tuple[str, list[tuple[str, PackHeader]]]:
+        """The whole object a packed object rests on, and the packed links from ``oid`` down to it.
+
+        Bases are read whole when they are (readers prefer whole objects); with
+        ``packed_first`` ``oid`` itself is read from its packed file even if it is whole too.
+        """
+        links: list[tuple[str, PackHeader]] = []
+        seen = {oid}
+        cur = oid
+        while (packed_first and cur == oid) or not os.path.isfile(self._sha_path(cur)):
+            header = self._pack_header(cur)
+            if header is None:
+                if cur == oid:
+                    raise KeyError(oid)
+                raise MissingPackBase(
+                    f"packed object sha256:{oid} in {self.path} is a delta against sha256:{cur}, which is not in the store; "
+                    "fetch the object whole again (`fmhub fetch REMOTE REV` for a revision that uses it) or restore its base"
+                )
+            links.append((cur, header))
+            if header.base in seen or len(links) > MAX_PACK_DEPTH:
+                raise CorruptObject(
+                    f"packed object sha256:{oid} in {self.path} is on a chain of packed objects that loops or is over "
+                    f"{MAX_PACK_DEPTH} deep (at sha256:{cur}); {_PACK_ADVICE}"
+                )
+            seen.add(header.base)
+            cur = header.base
+        return cur, links
+
+    def _packed_resolves(self, oid: str) -> bool:
+        """Whether ``oid`` is packed here on a chain of readable headers that ends at a whole object (no rebuild)."""
+        if not os.path.isfile(self.packed_path(oid)):
+            return False
+        try:
+            self._pack_chain(oid)
+        except (KeyError, CorruptObject):
+            return False
+        return True
+
+    def _rebuild(self, oid: str, packed_first: bool = False) -> bytes | bytearray:
+        """A packed object's bytes, applying each delta from the whole object at the end of its chain, each link checked.
+
+        Callers hold ``_rebuild_lock``. At most a base, its delta and the next
+        version are in memory at once, whatever the chain's length.
+        """
+        root, links = self._pack_chain(oid, packed_first)
+        with open(self._sha_path(root), "rb") as f:
+            data: bytes | bytearray = f.read()
+        if hashlib.sha256(data).hexdigest() != root:
+            raise CorruptObject(
+                f"packed object sha256:{oid} in {self.path} cannot be rebuilt: the object it rests on, sha256:{root}, "
+                "is corrupt; run `fmhub fsck` and restore that one"
+            )
+        for cur, _header in reversed(links):
+            try:
+                data = self._apply_packed(cur, data)
+            except CorruptObject as exc:
+                if cur == oid:
+                    raise
+                raise CorruptObject(f"packed object sha256:{oid} cannot be rebuilt: {exc}") from None
+        return data
+
+    def _apply_packed(self, oid: str, base: bytes | bytearray) -> bytes | bytearray:
+        """Decode ``oid``'s packed file against its base's bytes; CorruptObject unless the result hashes to ``oid``."""
+        from fmhub.deltas import codecs  # deltas imports this module
+
+        with open(self.packed_path(oid), "rb") as f:
+            try:
+                header = parse_pack_header(f)
+            except ValueError as exc:
+                raise CorruptObject(f"packed object sha256:{oid} in {self.path} is corrupt: {exc}; {_PACK_ADVICE}") from None
+            delta = f.read()
+        codec = codecs().get(header.codec)
+        if codec is None:
+            raise FmhubError(
+                f"packed object sha256:{oid} in {self.path} is stored with the delta codec {header.codec!r}, "
+                "which no installed plugin provides; install it"
+            )
+        try:
+            out = codec.decode(base, delta, header.dtype)
+        except Exception as exc:  # a damaged delta can break a codec in any way
+            raise CorruptObject(f"packed object sha256:{oid} in {self.path} is corrupt: its delta does not decode ({exc}); {_PACK_ADVICE}") from None
+        if len(out) != header.size or hashlib.sha256(out).hexdigest() != oid:
+            raise CorruptObject(f"packed object sha256:{oid} in {self.path} is corrupt: it does not rebuild to its sha256; {_PACK_ADVICE}")
+        return out
+
+    def _open_rebuilt(self, oid: str, buffering: int) -> BinaryIO:
+        """A packed object rebuilt into an anonymous file in tmp/ (no name: nothing to clean up), at offset 0."""
+        with self._rebuild_lock:
+            data = self._rebuild(oid)
+            try:
+                f = tempfile.TemporaryFile(dir=self.tmp_dir(), prefix="unpacked-", buffering=buffering)
+            except OSError as exc:
+                raise _as_user_error(exc, self.path) from None
+            try:
+                _write_all(f.fileno(), data)
+                f.seek(0)
+            except BaseException as exc:
+                f.close()
+                raise _as_user_error(exc, self.path) from None
+        return f
+
+    def _import_from_alternates(self, oid: str) -> bool:
+        """Copy ``oid`` here, whole, from the first alternate store that has it whole or packed; False if none does."""
+        for alt in self.alternates:
+            src = os.path.join(alt, "objects", oid[0:2], oid[2:4], oid)
+            if os.path.isfile(src):
+                self._import(src, oid)
+                return True
+            other = ObjectStore(alt)
+            if os.path.isfile(other.packed_path(oid)):
+                try:
+                    with other._rebuild_lock:
+                        data = other._rebuild(oid)
+                except (KeyError, MissingObject):
+                    continue  # that store lost its base: maybe another one has it
+                self._import_file(_BytesReader(data), oid, len(data), alt)
+                return True
+        return False
+
+    def pack(self, oid: str, base: str, base_data: bytes | bytearray, codec: str, dtype: str, delta: bytes) -> int:
+        """Replace the whole object ``oid`` by a packed object: ``delta`` against ``base`` (whose bytes are ``base_data``).
+
+        The packed file is written atomically (tmp/, fsync, rename), read back
+        and decoded against ``base_data``; only when that gives ``oid``'s
+        bytes is the whole object deleted. A crash in between leaves both, and
+        readers prefer the whole one. Returns the packed file's size.
+        """
+        if oid == base or hashlib.sha256(base_data).hexdigest() != base:
+            raise ValueError(f"cannot pack sha256:{oid} against sha256:{base} with these bytes")
+        try:
+            size = os.path.getsize(self._sha_path(oid))
+        except FileNotFoundError:
+            raise KeyError(oid) from None
+        header = pack_header_bytes(codec, base, size, dtype)
+        dest = self.packed_path(oid)
+        self._write_file_atomically(dest, (header, delta))
+        try:
+            self._apply_packed(oid, base_data)
+        except BaseException:
+            _unlink_quiet(dest)  # never leave a packed file that does not rebuild
+            raise
+        _unlink_quiet(self._sha_path(oid))
+        return len(header) + len(delta)
+
+    def _write_file_atomically(self, dest: str, parts: Sequence[bytes]) -> None:
+        """Write ``parts`` to a temp file in tmp/, fsync it, make it read-only and rename it to ``dest``."""
+        try:
+            fd, tmp = self._new_temp()
+        except OSError as exc:
+            raise _as_user_error(exc, self.path) from None
+        try:
+            try:
+                for part in parts:
+                    _write_all(fd, part)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise _as_user_error(exc, self.path) from None
+
+    def unpack(self, oid: str) -> None:
+        """Store a packed object whole again (rebuilt and checked), then delete its packed file."""
+        if not os.path.isfile(self._sha_path(oid)):
+            with self._rebuild_lock:
+                data = self._rebuild(oid)
+                self._import_file(_BytesReader(data), oid, len(data), self.path)
+        self.remove_packed(oid)
+
+    def remove_packed(self, oid: str) -> None:
+        """Delete ``oid``'s packed file (its whole object, if any, stays)."""
+        _unlink_quiet(self.packed_path(oid))
 
     # -- writing -------------------------------------------------------------
 
@@ -162,14 +459,18 @@ class ObjectStore(LFSStore):
             _unlink_quiet(path)
 
     def _import(self, src: str, oid: str) -> None:
-        incoming = IncomingObject(self, oid, os.path.getsize(src))
+        with open(src, "rb") as inp:
+            self._import_file(inp, oid, os.path.getsize(src), os.path.dirname(src))
+
+    def _import_file(self, inp, oid: str, size: int, where: str) -> None:
+        """Copy an object's bytes from the readable ``inp`` into this store, verified (CorruptObject naming ``where`` if not)."""
+        incoming = IncomingObject(self, oid, size)
         try:
-            with open(src, "rb") as inp:
-                while chunk := inp.read(CHUNK):
-                    incoming.write(chunk)
+            while chunk := inp.read(CHUNK):
+                incoming.write(chunk)
             incoming.publish()
         except IncomingMismatch:
-            raise CorruptObject(f"object sha256:{oid} in {os.path.dirname(src)} is corrupt; it was not copied") from None
+            raise CorruptObject(f"object sha256:{oid} in {where} is corrupt; it was not copied") from None
         finally:
             incoming.discard()
 
@@ -319,7 +620,7 @@ class ObjectWriter:
         """Make the object visible (soon: call `ObjectStore.flush` before relying on it); returns its oid."""
         oid = self._hash.hexdigest()
         store = self.store
-        if store.has(oid):
+        if store.has(oid):  # a packed copy counts: `git status` on an old checkout must not store it whole again
             self.abort()
             return oid
         chunks, fd, tmp = self._chunks, self._fd, self._tmp
@@ -508,6 +809,29 @@ class _SameAs:
 
     def close(self) -> None:
         self._f.close()
+
+
+_PACK_ADVICE = "run `fmhub fsck`, then delete that packed file and fetch the object again (`fmhub fetch REMOTE REV`)"
+
+
+class _BytesReader:
+    """``read(n)`` over a buffer without copying it whole (io.BytesIO would)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._view, self._at = memoryview(data), 0
+
+    def read(self, n: int) -> memoryview:
+        part = self._view[self._at : self._at + n]
+        self._at += len(part)
+        return part
+
+
+def _iter_named(root: str) -> Iterator[str]:
+    """The object files under ``root`` laid out as OID[0:2]/OID[2:4]/OID."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if len(name) == 64 and dirpath.endswith(os.path.join(name[0:2], name[2:4])):
+                yield name
 
 
 def _write_all(fd: int, data) -> None:

@@ -299,8 +299,8 @@ class _LocalDestination:
     def upload(self, objects):
         count = nbytes = 0
         for oid, size in self.missing_on_server(objects):
-            self.source.open_object(oid).close()  # imports it from an alternate if only that has it
-            self.store._import(self.source.object_path(oid), oid)  # verified, atomic
+            with self.source.open_object(oid) as f:  # imported from an alternate, or rebuilt if packed (`fmhub repack`)
+                self.store._import_file(f, oid, os.fstat(f.fileno()).st_size, self.source.path)  # verified, atomic
             count, nbytes = count + 1, nbytes + size
         return Summary(count, nbytes)
 

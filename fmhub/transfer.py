@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import threading
@@ -197,7 +196,7 @@ class Transfer:
         """Refuse before sending anything when an object is missing or its size is not the one announced."""
         if not self.store.ensure(item.oid):
             raise MissingObject(f"object sha256:{item.oid} is not in {self.store.path}, so it cannot be uploaded; run `fmhub fsck`")
-        size = os.path.getsize(self.store.object_path(item.oid))
+        size = self.store.size_of(item.oid)
         if size != item.size:
             raise CorruptObject(f"object sha256:{item.oid} in {self.store.path} has {size} bytes, not {item.size}; run `fmhub fsck`")
 
@@ -209,10 +208,9 @@ class Transfer:
             return None
         item = fresh
         action = item.actions["upload"]
-        path = self.store.object_path(item.oid)
 
         def attempt() -> None:
-            with open(path, "rb", buffering=0) as f:
+            with self.store.open_object(item.oid, buffering=0) as f:  # a packed object (`fmhub repack`) is rebuilt
                 body = _HashingReader(f, bar)
                 headers = _merge_headers({"Content-Type": "application/octet-stream"}, action.header,
                                          {"Content-Length": str(item.size)})

@@ -215,7 +215,7 @@ def from_path(path: str) -> CheckpointView:
 
 def from_revision(rev: str, path: str, store: ObjectStore, cwd: str | None = None) -> CheckpointView:
     """``REV:PATH`` in the repository: one stored file, or the stored ``*.safetensors`` under a directory."""
-    from fmhub.repo import git
+    from fmhub.repo import blob_at, git
 
     path = path.strip("/")
     listing = git("ls-tree", "-r", "--name-only", rev, "--", path or ".", cwd=cwd, check=False).splitlines()
@@ -224,20 +224,11 @@ def from_revision(rev: str, path: str, store: ObjectStore, cwd: str | None = Non
         raise FmhubError(f"{rev}:{path}: no such file or no checkpoints there (check the revision and the path)")
     views = []
     for p in sorted(files):
-        data = _blob(rev, p, cwd)
+        data = blob_at(rev, p, cwd)
         if not is_manifest(data):
             raise FmhubError(f"{rev}:{p}: is not stored by fmhub (committed before `fmhub track`?), so it cannot be read tensor by tensor")
         views.append(CheckpointView.from_manifest(Manifest.from_bytes(data, f"{rev}:{p}"), store, f"{rev}:{p}"))
     return CheckpointView.combine(views, f"{rev}:{path}")
-
-
-def _blob(rev: str, path: str, cwd: str | None) -> bytes:
-    import subprocess
-
-    proc = subprocess.run(["git", "cat-file", "blob", f"{rev}:{path}"], cwd=cwd, capture_output=True)
-    if proc.returncode != 0:
-        raise FmhubError(f"{rev}:{path}: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
 
 
 def open_view(spec: str, store_opener: Callable[[], ObjectStore] | None = None, cwd: str | None = None) -> CheckpointView:

@@ -11,14 +11,7 @@ from fmhub import checkpoint
 from fmhub.atomic import atomic_write
 from fmhub.errors import CorruptCheckpoint, FmhubError
 from fmhub.manifest import Manifest, TensorEntry, is_manifest
-from fmhub.repo import git, open_store, toplevel
-
-
-def blob_at(rev: str, path: str, cwd: str | None = None) -> bytes:
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=cwd, capture_output=True)
-    if proc.returncode != 0:
-        raise FmhubError(f"{path} does not exist at {rev}: {proc.stderr.decode().strip()}")
-    return proc.stdout
+from fmhub.repo import blob_at, git, open_store, toplevel
 
 
 def describe(path: str, rev: str | None = None) -> Manifest:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import struct
 import zlib
 
 from fmhub import hookimpl
+from fmhub.sparse_index import decode_patch, encode_patch
 
 # safetensors dtype names -> bytes per element; an unknown dtype is diffed byte by byte
 ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -20,16 +20,13 @@ def _elements(data, itemsize: int):
 class Sparse:
     """The elements that changed: their indices and new values, compared bit by bit (so -0.0 vs 0.0 and NaNs count).
 
-    Layout: ``b"FSP1"``, u8 index width (4 or 8), u8 element size, u64 count,
-    u64 length of the index block, the index block (zlib of the gaps between
-    ascending indices, little-endian, the first gap from 0), then the new
-    values' raw bytes in index order. Gaps are small and repetitive, so the
-    indices cost about a byte each instead of four.
+    Layout: ``b"FSP1"`` then a patch of the new values (`fmhub.sparse_index`): about a
+    byte per changed element for its index, plus its new bits.
     """
 
     name = "sparse"
 
-    def encode(self, base, new, dtype):
+    def encode(self, base, new, dtype, shape=None):
         import numpy as np
 
         if len(base) != len(new):
@@ -39,26 +36,17 @@ class Sparse:
             item = 1
         b, n = _elements(base, item), _elements(new, item)
         idx = np.flatnonzero(b != n)
-        width = 4 if n.size < 2**32 else 8
         if idx.size * item >= len(new):
             return None
-        gaps = np.diff(idx, prepend=0).astype(f"<u{width}")
-        block = zlib.compress(gaps.tobytes(), 6)
-        return b"FSP1" + struct.pack("<BBQQ", width, item, idx.size, len(block)) + block + n[idx].tobytes()
+        return b"FSP1" + encode_patch(idx, n[idx].tobytes(), n.size, item)
 
     def decode(self, base, delta, dtype):
-        import numpy as np
-
         if delta[:4] != b"FSP1":
             raise ValueError("not a sparse delta")
-        width, item, count, block_len = struct.unpack_from("<BBQQ", delta, 4)
-        at = 4 + 18
-        gaps = np.frombuffer(zlib.decompress(delta[at : at + block_len]), dtype=f"<u{width}", count=count)
-        idx = np.cumsum(gaps, dtype=np.uint64)
-        at += block_len
+        idx, item, values, _ = decode_patch(delta, 4)
         out = bytearray(base)
         view = _elements(out, item)  # writable: over the bytearray
-        view[idx] = _elements(delta[at : at + count * item], item)
+        view[idx] = _elements(values, item)
         return out
 
 
@@ -70,7 +58,7 @@ class XorZlib:
 
     name = "xor-zlib"
 
-    def encode(self, base, new, dtype):
+    def encode(self, base, new, dtype, shape=None):
         import numpy as np
 
         if len(base) != len(new):

@@ -87,3 +87,18 @@ def test_sparse_benchmark_small(tmp_path):
     assert rows["dense, sparsified 0.01"]["stored_fraction"] <= 0.03
     assert rows["dense"]["stored_fraction"] > 0.5  # a dense update is stored whole
     assert "stored/full" in proc.stdout
+
+
+def test_lowrank_benchmark_small(tmp_path):
+    """lowrank_bench.py runs, checks its round trips, and an fmhub merge stores just the factors."""
+    out = tmp_path / "lowrank.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "lowrank_bench.py"), "--size", "256", "--rank", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["merge"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["fmhub merge"]["stored/full"] == pytest.approx(4 * 512 * 4 / (256 * 256 * 4), rel=0.05)
+    assert rows["peft-style"]["stored/full"] < 0.5 and rows["peft-style"]["sparse/full"] > 0.9
+    assert rows["peft-style within 1e-6"]["max_err"] <= 1e-6
+    assert "stored/full" in proc.stdout

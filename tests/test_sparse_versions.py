@@ -91,3 +91,40 @@ def test_a_fisher_file_for_another_model_is_refused_and_nothing_written(tmp_path
     assert "fisher" in proc.stderr.decode().lower() and not out.exists()
     proc = fmhub(tmp_path, "sparsify", str(a), str(a), "--fisher", str(fisher), "--keep", "150%", "-o", str(out), check=False)
     assert proc.returncode == 1 and "outside" in proc.stderr.decode()
+
+
+def test_commit_sparse_stores_the_top_k_update_and_reports_quality(repo, tmp_path):
+    model_dir = repo / "model"
+    build_tiny_llama(seed=7).save_pretrained(model_dir)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+    base_sha = sha256_file(model_dir / CKPT)
+    data = write_data(tmp_path / "task.jsonl")
+    fisher = tmp_path / "fisher.safetensors"
+    fmhub(tmp_path, "fisher", str(model_dir), "--data", str(data), "-o", str(fisher), "--batch-size", "4")
+    dense = tmp_path / "dense"
+    fmhub(tmp_path, "finetune", str(model_dir), "--data", str(data), "-o", str(dense), "--steps", "10", "--lr", "0.01")
+    (model_dir / CKPT).write_bytes((dense / CKPT).read_bytes())  # a dense fine-tune over the base, deltas off
+
+    out = fmhub(repo, "commit", "model", "-m", "sparse fine-tune", "--sparse", "1%", "--fisher", str(fisher),
+                "--data", str(data)).stdout.decode()
+    assert git(repo, "log", "-1", "--format=%s").stdout.decode().strip() == "sparse fine-tune"
+    assert git(repo, "status", "--porcelain").stdout == b""
+    stored = re.search(r"\(([\d.]+)%\)", out).group(1)
+    assert float(stored) < 3.0, out  # sparse deltas: a few % of the changed tensors' bytes
+    losses = dict(re.findall(r"(base|dense|sparse)\s+│\s+([\d.]+)", out))
+    assert set(losses) == {"base", "dense", "sparse"} and float(losses["dense"]) < float(losses["base"])
+    m = Manifest.from_bytes(git(repo, "show", f"HEAD:model/{CKPT}").stdout)
+    chained = [t for t in m.tensors if t.root is not None]
+    assert chained and all(t.deltas[-1].codec == "sparse" for t in chained)
+    # what was committed is the sparse update: every element is the base's or the dense fine-tune's
+    from safetensors.torch import load_file
+
+    got, ft = load_file(str(model_dir / CKPT)), load_file(str(dense / CKPT))
+    git(repo, "checkout", "-q", "HEAD~1", "--", f"model/{CKPT}")
+    assert sha256_file(model_dir / CKPT) == base_sha
+    base = load_file(str(model_dir / CKPT))
+    kept = sum(int(((got[n] != base[n]) & (got[n] == ft[n])).sum()) for n in got)
+    other = sum(int(((got[n] != base[n]) & (got[n] != ft[n])).sum()) for n in got)
+    total = sum(t.numel() for t in got.values())
+    assert other == 0 and 0 < kept <= 0.011 * total
