@@ -289,3 +289,29 @@ def test_clone_of_a_plain_hub_model_imports_it_and_pushes_in_fmhub_layout(hub, t
     fmhub(tmp_path, "hub", "clone", "bob/fmhub-copy", str(again))
     assert sha256_file(again / CKPT) == sha256_file(plain / CKPT)
     assert isinstance(LlamaForCausalLM.from_pretrained(again), LlamaForCausalLM)
+
+
+def test_push_of_an_old_revision_after_repack_uploads_rebuilt_objects(hub, model_repo, tmp_path):
+    """`fmhub repack` leaves old tensors as deltas in the store; a Hub push of that revision sends them whole."""
+    from safetensors.torch import load_file, save_file
+
+    repo = model_repo
+    v0 = sha256_file(repo / CKPT)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sd = load_file(str(repo / CKPT))
+    sd[name][0, :4] += 1.0  # a sparse change: repack can store v0's tensor as a small delta against v1's
+    save_file(sd, str(repo / CKPT), metadata={"format": "pt"})
+    git(repo, "commit", "-qam", "v1")
+    old = Manifest.from_bytes(git(repo, "show", f"HEAD~1:{CKPT}").stdout).by_name()[name].oid
+    fmhub(repo, "repack")
+    lfs = repo / ".git" / "lfs"
+    assert not (lfs / "objects" / old[:2] / old[2:4] / old).exists()
+    assert (lfs / "packed" / old[:2] / old[2:4] / old).exists()
+
+    fmhub(repo, "hub", "push", REPO_ID, "--rev", "HEAD~1")
+    on_hub = hub.lfs_objects()
+    assert old in on_hub
+    assert hashlib.sha256(hub.lfs_object_path(old).read_bytes()).hexdigest() == old
+    dest = tmp_path / "clone"
+    fmhub(tmp_path, "hub", "clone", REPO_ID, str(dest))
+    assert sha256_file(dest / CKPT) == v0
