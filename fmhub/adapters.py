@@ -112,12 +112,11 @@ def add(adapter_dir: str, base: str, rev: str = "HEAD", cwd: str | None = None) 
     with atomic_write(os.path.join(top, adapter_rel, SIDECAR)) as f:
         f.write(body.encode())
     git("add", "--", adapter_rel, cwd=top)
-    return _info(adapter_rel, ref, adapter)
+    return _info(adapter_rel, ref, adapter.config, adapter.updates)
 
 
-def _info(path: str, ref: BaseRef, adapter: lora.Adapter) -> AdapterInfo:
-    cfg = adapter.config
-    return AdapterInfo(path, ref, int(cfg.get("r", 0)), float(cfg.get("lora_alpha", 0)), sorted(adapter.updates))
+def _info(path: str, ref: BaseRef, config: dict, modules) -> AdapterInfo:
+    return AdapterInfo(path, ref, int(config.get("r", 0)), float(config.get("lora_alpha", 0)), sorted(modules))
 
 
 def read_sidecar(data: bytes, where: str) -> BaseRef:
@@ -153,19 +152,13 @@ def list_adapters(rev: str = "HEAD", cwd: str | None = None) -> list[AdapterInfo
             cfg = json.loads(_read(f"{adir}/{lora.CONFIG}" if adir else lora.CONFIG, sha, top))
         except ValueError as exc:
             raise FmhubError(f"{where}: its {lora.CONFIG} is not JSON ({exc})") from None
-        now = base_files(ref.path, sha or "HEAD", top) if sha or _has_head(top) else {}
-        if sha is None:
-            now = _staged_base(ref.path, top) or now
+        now = base_files(ref.path, sha, top) if sha is not None else _staged_base(ref.path, top)
         changed = sorted(p for p in set(now) | set(ref.files) if now.get(p) != ref.files.get(p))
-        info = AdapterInfo(adir, ref, int(cfg.get("r", 0)), float(cfg.get("lora_alpha", 0)), sorted(cfg.get("target_modules") or []))
+        info = _info(adir, ref, cfg, cfg.get("target_modules") or [])
         info.base_now = "missing" if not now else ("changed" if changed else "same")
         info.changed_files = changed
         out.append(info)
     return out
-
-
-def _has_head(top: str) -> bool:
-    return bool(git("rev-parse", "--verify", "--quiet", "HEAD", cwd=top, check=False).strip())
 
 
 def _staged_base(base: str, top: str) -> dict[str, str]:
@@ -334,13 +327,18 @@ def _update_norm(parts: list[tuple[float, object, object]]) -> float:
 def diff_adapters(old: dict, new: dict, old_rev: str | None, new_rev: str | None, top: str) -> list[AdapterChange]:
     """The adapters among two sides' checkpoint views (path -> view, as `fmhub.diff.Side.files`): what changed in
     each one's config and in each module's effective update ``scaling·B@A``. ``None`` revisions mean the work tree."""
+    from fmhub.diff import resolve_rev
+
     suffix = "/" + lora.WEIGHTS
     paths = sorted(p for p in set(old) | set(new) if p.endswith(suffix) or p == lora.WEIGHTS)
+    if not paths:
+        return []
+    shas = [resolve_rev(rev, top) if rev is not None else None for rev in (old_rev, new_rev)]
     out = []
     for weights in paths:
         adir = os.path.dirname(weights)
-        sides = [_adapter_at(adir, files.get(weights), rev, top) for files, rev in ((old, old_rev), (new, new_rev))]
-        if sides[0] is None and sides[1] is None:
+        sides = [_adapter_at(adir, files.get(weights), sha, top) for files, sha in zip((old, new), shas)]
+        if sides[0][0] is None and sides[1][0] is None:
             continue
         configs = [dict(a.config) if a else {} for a, _ in sides]
         for (_, base), cfg in zip(sides, configs):
@@ -372,14 +370,10 @@ def diff_adapters(old: dict, new: dict, old_rev: str | None, new_rev: str | None
     return out
 
 
-def _adapter_at(adir: str, view, rev: str | None, top: str) -> tuple[lora.Adapter | None, BaseRef | None]:
+def _adapter_at(adir: str, view, sha: str | None, top: str) -> tuple[lora.Adapter | None, BaseRef | None]:
+    """The adapter in ``adir`` at commit ``sha`` (None: the work tree), and its recorded base; (None, None) if none."""
     if view is None:
         return None, None
-    sha = None
-    if rev is not None:
-        from fmhub.diff import resolve_rev
-
-        sha = resolve_rev(rev, top)
     cfg_path = f"{adir}/{lora.CONFIG}" if adir else lora.CONFIG
     try:
         config = json.loads(_read(cfg_path, sha, top))

@@ -186,7 +186,9 @@ def _within(a: bytes | bytearray, b: bytes | bytearray, dtype: str, tolerance: f
 
 
 def _is_float_matrix(entry: TensorEntry) -> bool:
-    return entry.dtype in ("F64", "F32", "F16", "BF16") and len(entry.shape) >= 2 and entry.size > 0
+    from fmhub.floats import ITEMSIZE
+
+    return entry.dtype in ITEMSIZE and len(entry.shape) >= 2 and entry.size > 0
 
 
 def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, dtype: str, policy: DeltaPolicy) -> TensorEntry:
@@ -206,9 +208,10 @@ def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, 
         except FmhubError:
             base = None  # the previous version cannot be rebuilt here: this version does not depend on it
         best = _prepared(policy, oid, old, base, dtype) if base is not None else None
-        if best is None and base is not None:
+        lossy = None
+        if best is None and base is not None:  # a prepared delta is exact and patch-free: nothing lossy beats it
             best = encode_best(base, new, dtype, policy, old.shape)
-        lossy = encode_within(base, new, dtype, old.shape, policy) if base is not None and policy.tolerance > 0 else None
+            lossy = encode_within(base, new, dtype, old.shape, policy) if policy.tolerance > 0 else None
         del base
         if best is not None and (lossy is None or len(best[1]) <= len(lossy[1])):
             codec, delta = best

@@ -23,7 +23,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from dulwich.lfs import LFSPointer
 
 from fmhub.errors import CorruptObject, FmhubError, ManifestError
 from fmhub.manifest import Manifest, is_manifest
@@ -45,7 +44,7 @@ class GcReport:
 
 def referenced(cwd: str | None = None) -> set[str]:
     """Every object a manifest or git-lfs pointer in any reachable commit, reflog entry or the index needs."""
-    from fmhub.sync import blobs_in_history, manifest_or_pointer, read_blobs
+    from fmhub.sync import blobs_in_history, lfs_pointer, manifest_or_pointer, read_blobs
 
     top = toplevel(cwd)
     blobs = blobs_in_history(["--all", "--reflog", "--indexed-objects"], top)
@@ -56,10 +55,8 @@ def referenced(cwd: str | None = None) -> set[str]:
                 oids.update(oid for oid, _ in Manifest.from_bytes(data, path).oids())
             except ManifestError as exc:
                 raise FmhubError(f"{exc}; gc stopped without deleting anything (fix or remove that file's history first)") from None
-        else:
-            pointer = LFSPointer.from_bytes(data)
-            if pointer is not None and pointer.is_valid_oid():
-                oids.add(pointer.oid)
+        elif (pointer := lfs_pointer(data)) is not None:
+            oids.add(pointer.oid)
     return oids
 
 

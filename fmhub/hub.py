@@ -199,9 +199,7 @@ class _File:
 
 def revision_files(rev: str, cwd: str | None = None) -> tuple[str, list[_File]]:
     """(commit sha, regular files) of ``rev``; manifests parsed, git-lfs pointers recognised."""
-    from dulwich.lfs import LFSPointer
-
-    from fmhub.sync import manifest_or_pointer, read_blobs
+    from fmhub.sync import lfs_pointer, manifest_or_pointer, read_blobs
 
     top = toplevel(cwd)
     sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=top, check=False).strip()
@@ -223,7 +221,7 @@ def revision_files(rev: str, cwd: str | None = None) -> tuple[str, list[_File]]:
         f = by_path[path]
         if is_manifest(data):
             f.manifest, f.raw = Manifest.from_bytes(data, path), data
-        elif (pointer := LFSPointer.from_bytes(data)) is not None and pointer.is_valid_oid():
+        elif (pointer := lfs_pointer(data)) is not None:
             f.lfs_oid, f.size = pointer.oid, pointer.size
     return sha, files
 

@@ -56,12 +56,6 @@ class Update:
     scaling: float
     transpose: bool
 
-    def delta(self) -> Any:
-        import torch
-
-        d = self.b.load().to(torch.float32) @ self.a.load().to(torch.float32)
-        return (d.T if self.transpose else d) * self.scaling
-
 
 @dataclass
 class Adapter:
@@ -134,15 +128,10 @@ def _patched_view(base: CheckpointView, adapter: Adapter) -> CheckpointView:
         w = base.tensors[name]
 
         def read(w: TensorRef = w, up: Update = up) -> bytes:
-            return merged_bytes(w, up, adapter.path)
+            return merge_with_delta(w, up, adapter.path)[0]
 
         refs[name] = w.computed(read, adapter.path)
     return CheckpointView(refs, base.metadata, adapter.path)
-
-
-def merged_bytes(w: TensorRef, up: Update, label: str) -> bytes:
-    """``W + ΔW`` as fmhub merges a LoRA (`merge_with_delta`)."""
-    return merge_with_delta(w, up, label)[0]
 
 
 def merge_with_delta(w: TensorRef, up: Update, label: str) -> tuple[bytes, bytes | None]:

@@ -23,14 +23,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from dulwich.lfs import LFSPointer
-
 from fmhub.deltas import MAX_DELTA_TENSOR_BYTES, DeltaPolicy, encode_best, max_chain_from_git
 from fmhub.errors import CorruptObject, FmhubError, ManifestError, MissingObject
 from fmhub.manifest import Manifest, is_manifest
 from fmhub.repo import open_store, toplevel
 from fmhub.store import MAX_PACK_DEPTH, ObjectStore, pack_header_bytes
-from fmhub.sync import blobs_in_history, manifest_or_pointer, read_blobs
+from fmhub.sync import blobs_in_history, lfs_pointer, manifest_or_pointer, read_blobs
 
 
 @dataclass
@@ -89,8 +87,8 @@ def read_history(cwd: str | None = None) -> History:
     seen: set[tuple[str, str, str]] = set()
     for path, data in read_blobs(blobs, cwd, wanted=manifest_or_pointer):
         if not is_manifest(data):
-            pointer = LFSPointer.from_bytes(data)
-            if pointer is not None and pointer.is_valid_oid():
+            pointer = lfs_pointer(data)
+            if pointer is not None:
                 history.unpackable.add(pointer.oid)
             continue
         m = _parse(data, path)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
+from dulwich.lfs import LFSPointer
+
 from fmhub.errors import FmhubError, ManifestError, RemoteUnavailable
 from fmhub.manifest import MAGIC, MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.repo import git, open_store, store_dir, toplevel
@@ -121,6 +123,12 @@ LFS_HEAD = b"version https:/"  # the first bytes of a git-lfs pointer, as many a
 def manifest_or_pointer(head: bytes) -> bool:
     """Whether a blob starting with ``head`` may be a manifest or a git-lfs pointer (for `read_blobs`)."""
     return is_manifest(head) or head.startswith(LFS_HEAD)
+
+
+def lfs_pointer(data: bytes) -> LFSPointer | None:
+    """The git-lfs pointer ``data`` holds, if it is one with a valid sha256 oid."""
+    pointer = LFSPointer.from_bytes(data)
+    return pointer if pointer is not None and pointer.is_valid_oid() else None
 
 
 def read_blobs(
