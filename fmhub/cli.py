@@ -127,8 +127,8 @@ def _open_store():
     return open_store()
 
 
-@app.command()
-def clean(path: str = typer.Argument("<stdin>")) -> None:
+@app.command("filter-clean", hidden=True)
+def filter_clean(path: str = typer.Argument("<stdin>")) -> None:
     """Checkpoint on stdin -> manifest on stdout, storing its tensors (git's one-shot clean filter)."""
     from fmhub import checkpoint
     from fmhub.deltas import policy_from_git
@@ -145,8 +145,8 @@ def clean(path: str = typer.Argument("<stdin>")) -> None:
     sys.stdout.buffer.flush()
 
 
-@app.command()
-def smudge(path: str = typer.Argument("<stdin>")) -> None:
+@app.command("filter-smudge", hidden=True)
+def filter_smudge(path: str = typer.Argument("<stdin>")) -> None:
     """Manifest on stdin -> the original checkpoint on stdout (git's one-shot smudge filter)."""
     from fmhub import checkpoint
 

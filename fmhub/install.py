@@ -25,8 +25,8 @@ def driver_config(command: str) -> dict[str, str]:
     return {
         f"filter.{DRIVER}.process": f"{command} filter-process",
         # one-shot fallbacks for tools that do not speak the process protocol
-        f"filter.{DRIVER}.clean": f"{command} clean %f",
-        f"filter.{DRIVER}.smudge": f"{command} smudge %f",
+        f"filter.{DRIVER}.clean": f"{command} filter-clean %f",
+        f"filter.{DRIVER}.smudge": f"{command} filter-smudge %f",
         f"filter.{DRIVER}.required": "true",
         # semantic diffs: `git diff` runs the command (git appends its 7 arguments); `git log -p` / `git show`
         # use the textconv (one line per tensor), cached per blob. diff.fmhub.binary stays unset.

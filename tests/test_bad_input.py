@@ -360,7 +360,7 @@ def test_missing_object_at_checkout(repo, tmp_path):
     assert CKPT in report and victim.name in report and "missing" in report
 
     # the one-shot smudge says the same
-    proc = repo.fmhub("smudge", CKPT, input=m.to_bytes(), check=False)
+    proc = repo.fmhub("filter-smudge", CKPT, input=m.to_bytes(), check=False)
     assert_one_clear_error(proc, CKPT, "missing", repr(victim.name))
 
     # put the object back: checkout succeeds, byte for byte
@@ -398,7 +398,7 @@ def test_corrupt_object_at_checkout(repo, which):
     report = proc.stdout.decode() + proc.stderr.decode()
     assert f"sha256:{oid}" in report and "corrupt" in report
 
-    proc = repo.fmhub("smudge", CKPT, input=m.to_bytes(), check=False)
+    proc = repo.fmhub("filter-smudge", CKPT, input=m.to_bytes(), check=False)
     assert_one_clear_error(proc, *needles)
 
     os.chmod(obj, 0o644)
@@ -458,7 +458,7 @@ def test_killed_clean_leaves_no_visible_object(repo):
     data, payload = big_checkpoint(80 << 20)
     oid = sha256(payload)
     proc = subprocess.Popen(
-        [*FMHUB, "clean", CKPT], cwd=repo.path, env=repo.env,
+        [*FMHUB, "filter-clean", CKPT], cwd=repo.path, env=repo.env,
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -499,7 +499,7 @@ def test_killed_clean_leaves_no_visible_object(repo):
     assert_store_consistent(repo)
 
     # the full clean now succeeds and stores the tensor
-    proc = repo.fmhub("clean", CKPT, input=data)
+    proc = repo.fmhub("filter-clean", CKPT, input=data)
     m = Manifest.from_bytes(proc.stdout, CKPT)
     assert [(t.name, t.oid) for t in m.tensors] == [("big", oid)]
     assert repo.object_path(oid).exists()
