@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         CheckpointFormat,
         DeltaCodec,
         Cleaner,
+        DataBackend,
         Labeler,
         MergeStrategy,
         ServingBackend,
@@ -137,6 +138,23 @@ def fmhub_labelers() -> list[Labeler]:
 
     :return: a list of `fmhub.interfaces.Labeler` objects, each voting a label
         (or abstaining with ``None``) for every record.
+    """
+
+
+@hookspec
+def fmhub_data_backends() -> list[DataBackend]:
+    """Return engines that run data pipelines' per-batch work (``fmhub clean``, ``fmhub label``).
+
+    :return: a list of `fmhub.interfaces.DataBackend` objects. A pipeline picks
+        one with ``backend: NAME`` in ``fmhub.yaml`` or ``--backend NAME``.
+        fmhub ships ``serial`` (in the calling process), ``processes`` (a
+        pool of local worker processes, the default) and ``ray`` (Ray tasks:
+        a local Ray instance, or a cluster when ``RAY_ADDRESS`` is set).
+
+    A backend only maps a function over batches and hands the results back in
+    input order; the pipeline itself (reading, the steps that must see every
+    row in order, writing, reports) stays in the calling process. So a
+    backend never changes what a pipeline computes, only where.
     """
 
 

@@ -20,6 +20,7 @@ KINDS = {
     "fmhub_delta_codecs": "delta-codec",
     "fmhub_cleaners": "cleaner",
     "fmhub_labelers": "labeler",
+    "fmhub_data_backends": "data-backend",
     "fmhub_access_policies": "access-policy",
     "fmhub_serving_backends": "serving-backend",
 }

@@ -166,6 +166,27 @@ class Labeler(Protocol):
 
 
 @runtime_checkable
+class DataBackend(Protocol):
+    """Runs a pipeline's per-batch function over batches of rows, possibly elsewhere.
+
+    ``map_batches(fn, batches, workers)`` returns an iterator of ``fn(batch)``
+    for each batch, **in input order**. ``fn`` is picklable (a module-level
+    function, or a ``functools.partial`` of one, over plain data), so it can
+    run in another process or on another machine; it loads the plugins it
+    needs itself. ``batches`` may be an endless stream: keep only a bounded
+    number in flight (a few per worker) so memory stays flat. ``workers`` is
+    the parallelism the user asked for (>= 1). An exception raised by ``fn``
+    must reach the caller as the same exception, not a backend-specific
+    wrapper, so pipelines can report it.
+    """
+
+    name: str
+
+    def map_batches(self, fn: Callable[[Any], Any], batches: Iterable[Any], workers: int) -> Iterator[Any]:
+        ...
+
+
+@runtime_checkable
 class AccessPolicy(Protocol):
     """Decides whether ``principal`` may do ``action`` on ``resource``.
 

@@ -1,0 +1,276 @@
+"""``fmhub.yaml``: the repository's declarative spec, parsed and validated with line numbers.
+
+The file sits at the top of the work tree. Each top-level section is a
+pydantic model; unknown keys are refused (a typo must not be silently
+ignored) and every error names the file and line of the offending key, as a
+compiler would::
+
+    fmhub.yaml:14: clean.reviews.steps[2]: unknown cleaner 'lenght'; fmhub has: dedup, length, ...
+
+Sections so far (the spec grows with fmhub; ``version`` lets it change
+compatibly):
+
+``datasets``
+    named data assets: ``path`` (a ``.jsonl``/``.parquet`` file in the repo),
+    ``text`` (the default text column), ``key`` (a column that identifies rows).
+``clean``
+    named cleaning pipelines (`CleanPipeline`), run by ``fmhub clean``.
+``label``
+    named labelling pipelines (`LabelPipeline`), run by ``fmhub label``.
+
+A pipeline step is written ``- NAME: {options}`` (or just ``- NAME``), where
+NAME is a cleaner or labeler a plugin provides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any, Mapping, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fmhub.errors import FmhubError
+
+SPEC_FILE = "fmhub.yaml"
+SPEC_VERSION = 1
+
+Loc = tuple  # a path into the document: keys and list indices
+
+
+class SpecError(FmhubError):
+    """``fmhub.yaml`` is missing, malformed, or names something that does not exist."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: the plugin object's ``name`` and its options, with where it was written."""
+
+    name: str
+    options: Mapping[str, Any]
+    loc: Loc = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.name: dict(self.options)}
+
+
+def _parse_step(value: Any) -> Step:
+    if isinstance(value, Step):
+        return value
+    if isinstance(value, str):
+        return Step(value, {})
+    if isinstance(value, dict) and len(value) == 1:
+        ((name, options),) = value.items()
+        if options is None:
+            options = {}
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise ValueError("a step is NAME or NAME: {option: value, ...}")
+        return Step(name, options)
+    raise ValueError("a step is NAME or NAME: {option: value, ...} (one name per list item)")
+
+
+StepField = Annotated[Any, AfterValidator(_parse_step)]
+
+
+class DatasetSpec(_Strict):
+    path: str
+    text: str = "text"
+    key: Optional[str] = None
+    description: str = ""
+
+
+class CleanPipeline(_Strict):
+    """``clean.NAME``: read ``input``, run ``steps`` in order, write the kept rows to ``output``."""
+
+    input: str = Field(description="a dataset name from `datasets`, or a path")
+    output: str
+    steps: list[StepField] = Field(min_length=1)
+    columns: Optional[list[str]] = Field(None, description="text columns the steps look at (default: the dataset's text column)")
+    batch_size: int = Field(1000, ge=1)
+    workers: Optional[int] = Field(None, ge=1)
+    backend: str = "processes"
+    report: Optional[str] = None
+    overrides: Optional[str] = None
+
+
+class LabelPipeline(_Strict):
+    """``label.NAME``: run labelling functions ``lfs`` over ``input``, combine their votes, write probabilistic labels."""
+
+    input: str
+    output: str
+    classes: list[str] = Field(min_length=2)
+    lfs: list[StepField] = Field(min_length=1)
+    column: Optional[str] = None
+    gold: Optional[str] = None
+    gold_column: str = "label"
+    model: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(1000, ge=1)
+    workers: Optional[int] = Field(None, ge=1)
+    backend: str = "processes"
+    report: Optional[str] = None
+    suggest: int = Field(0, ge=0, description="how many rows to suggest for hand labelling (active learning)")
+
+
+class Spec(_Strict):
+    version: int = SPEC_VERSION
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+    clean: dict[str, CleanPipeline] = Field(default_factory=dict)
+    label: dict[str, LabelPipeline] = Field(default_factory=dict)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v > SPEC_VERSION:
+            raise ValueError(f"this fmhub reads spec version {SPEC_VERSION} and older; upgrade fmhub")
+        return v
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec and where it came from; ``line(loc)`` finds a key's line for later errors."""
+
+    spec: Spec
+    path: str
+    lines: Mapping[Loc, int]
+
+    @property
+    def root(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def line(self, loc: Loc) -> int | None:
+        while loc:
+            if loc in self.lines:
+                return self.lines[loc]
+            loc = loc[:-1]
+        return self.lines.get(())
+
+    def error(self, loc: Loc, message: str) -> SpecError:
+        """A `SpecError` that points at ``loc``: ``fmhub.yaml:LINE: a.b[2]: message``."""
+        return SpecError(f"{_where(self.path, self.line(loc))}: {format_loc(loc)}: {message}" if loc else f"{self.path}: {message}")
+
+    def resolve(self, path: str) -> str:
+        """A path written in the spec, relative to the spec's directory."""
+        return path if os.path.isabs(path) else os.path.join(self.root, path)
+
+    def dataset_path(self, name_or_path: str) -> str:
+        """A pipeline's ``input``: a dataset declared in ``datasets``, else a path."""
+        ds = self.spec.datasets.get(name_or_path)
+        return self.resolve(ds.path if ds is not None else name_or_path)
+
+    def text_column(self, name_or_path: str) -> str:
+        ds = self.spec.datasets.get(name_or_path)
+        return ds.text if ds is not None else "text"
+
+    def step_loc(self, section: str, pipeline: str, field: str, index: int) -> Loc:
+        return (section, pipeline, field, index)
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _where(path: str, line: int | None) -> str:
+    return f"{path}:{line}" if line else path
+
+
+def _construct(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
+    """A YAML node to plain Python, recording the line where each key and list item starts."""
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for knode, vnode in node.value:
+            key = _scalar(knode)
+            if key in out:
+                raise SpecError(f"{{path}}:{knode.start_mark.line + 1}: {format_loc(loc + (key,))}: duplicate key")
+            lines[loc + (key,)] = knode.start_mark.line + 1
+            out[key] = _construct(vnode, loc + (key,), lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, loc + (i,), lines) for i, v in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+def parse_spec(text: str, path: str = SPEC_FILE) -> LoadedSpec:
+    """Parse and validate spec text; `SpecError` with file and line on any problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = _where(path, mark.line + 1 if mark else None)
+        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    lines: dict[Loc, int] = {}
+    try:
+        data = _construct(node, (), lines) if node is not None else {}
+    except SpecError as exc:
+        raise SpecError(str(exc).replace("{path}", path)) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of sections (datasets, clean, label, ...)")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            # pydantic appends the validator's name for union members; keep the document path only
+            while loc and loc not in lines and len(loc) > 1:
+                loc = loc[:-1]
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            problems.append(f"{_where(path, lines.get(tuple(err['loc'])) or lines.get(loc))}: {format_loc(tuple(err['loc']))}: {msg}")
+        raise SpecError("; ".join(problems)) from None
+    # record each step's location, so plugins' option errors can point at it
+    for section in ("clean", "label"):
+        for name, pipe in getattr(spec, section).items():
+            field = "steps" if section == "clean" else "lfs"
+            steps = getattr(pipe, field)
+            for i, step in enumerate(steps):
+                object.__setattr__(step, "loc", (section, name, field, i))
+    return LoadedSpec(spec, path, lines)
+
+
+def load_spec(path: str | None = None) -> LoadedSpec:
+    """Read ``fmhub.yaml`` (default: at the top of the current git work tree, else the current directory)."""
+    if path is None:
+        path = os.path.join(_top(), SPEC_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SpecError(f"{path} not found; write one (see README: Data pipelines) or pass --spec") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse_spec(text, os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path)
+
+
+def _top() -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else os.getcwd()
+
+
+def pipeline(loaded: LoadedSpec, section: str, name: str | None) -> tuple[str, Any]:
+    """The named pipeline of a section, or the only one; a clear error listing the choices otherwise."""
+    pipes = getattr(loaded.spec, section)
+    if not pipes:
+        raise SpecError(f"{loaded.path} declares no {section} pipelines (add a '{section}:' section)")
+    if name is None:
+        if len(pipes) > 1:
+            raise SpecError(f"{loaded.path} declares {len(pipes)} {section} pipelines ({', '.join(pipes)}); name one")
+        name = next(iter(pipes))
+    if name not in pipes:
+        raise SpecError(f"{loaded.path} has no {section} pipeline {name!r}; it has: {', '.join(pipes)}")
+    return name, pipes[name]
