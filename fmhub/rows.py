@@ -18,8 +18,10 @@ pipelines record it per row. A file that cannot be read at all raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -199,12 +201,23 @@ class RowWriter:
                     import pyarrow.parquet as pq
 
                     pq.write_table(pa.table({}), self._f)
-                else:
-                    self._pq.close()
         except BaseException:
-            self._cm.__exit__(*__import__("sys").exc_info())
+            exc_type, exc, tb = sys.exc_info()
+            self._abandon_parquet()
+            self._cm.__exit__(exc_type, exc, tb)
             raise
+        if exc_type is not None:
+            self._abandon_parquet()
+        elif self._pq is not None:
+            self._pq.close()
         return bool(self._cm.__exit__(exc_type, exc, tb))
+
+    def _abandon_parquet(self) -> None:
+        # close pyarrow's writer before the temp file goes, or it writes a footer into a closed file later
+        if self._pq is not None:
+            with contextlib.suppress(Exception):
+                self._pq.close()
+            self._pq = None
 
 
 def _json_default(obj: Any) -> Any:
