@@ -96,6 +96,7 @@ class CleanPipeline(_Strict):
     backend: str = "processes"
     report: Optional[str] = None
     overrides: Optional[str] = None
+    excerpt: int = Field(200, ge=0, description="characters of each decided row's text that reports show (0: none)")
 
 
 class LabelPipeline(_Strict):
@@ -106,8 +107,10 @@ class LabelPipeline(_Strict):
     classes: list[str] = Field(min_length=2)
     lfs: list[StepField] = Field(min_length=1)
     column: Optional[str] = None
+    key: Optional[str] = Field(None, description="a column that identifies rows, for gold labels by key (default: the dataset's key)")
     gold: Optional[str] = None
     gold_column: str = "label"
+    label_column: str = Field("label", description="the output column for the label; its probabilities go to LABEL_probs")
     model: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(1000, ge=1)
     workers: Optional[int] = Field(None, ge=1)

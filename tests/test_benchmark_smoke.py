@@ -102,3 +102,20 @@ def test_lowrank_benchmark_small(tmp_path):
     assert rows["peft-style"]["stored/full"] < 0.5 and rows["peft-style"]["sparse/full"] > 0.9
     assert rows["peft-style within 1e-6"]["max_err"] <= 1e-6
     assert "stored/full" in proc.stdout
+
+
+def test_label_benchmark_small(tmp_path):
+    """label_bench.py runs through fmhub's pipeline, and fmhub's label model is at least as good as majority vote and snorkel."""
+    out = tmp_path / "label.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "label_bench.py"), "--rows", "2000", "--backend", "serial", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    acc = {r["method"].split(" (")[0]: r["covered_acc"] for r in data["results"]}
+    assert len(data["lfs"]) >= 5 and data["redundant_pairs"]
+    assert acc["fmhub LabelModel"] >= acc["majority vote"]
+    if "snorkel LabelModel" in acc:  # installed with fmhub[bench]
+        assert acc["fmhub LabelModel"] >= acc["snorkel LabelModel"]
+    assert "covered acc" in proc.stdout

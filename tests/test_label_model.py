@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmhub.label_model import ABSTAIN, LabelModel, LabelModelError, lf_summary, majority_vote
+from fmhub.label_model import ABSTAIN, LabelModel, LabelModelError, lf_summary, majority_vote, redundancy_weights, redundant_pairs
+from fmhub.label_suggest import suggest
 
 
 def synthetic(n=4000, seed=0):
@@ -77,3 +78,51 @@ def test_lf_summary_counts_coverage_overlap_and_conflict():
     assert [x.conflicts for x in s] == [0.25, 0.25, 0.0]
     assert s[0].polarity == [0, 1] and s[2].polarity == [1]
     assert s[0].accuracy == pytest.approx(2 / 3) and s[2].accuracy is None
+
+
+def test_a_copied_rule_is_found_and_counted_once():
+    L, y, _ = synthetic(n=3000, seed=5)
+    copy = L[:, 6].copy()
+    copy[::7] = ABSTAIN  # a narrower variant of the keyword rule: fires on a subset of its rows
+    L2 = np.column_stack([L, copy])
+    pairs = redundant_pairs(L2)
+    assert [(a, b) for a, b, _ in pairs] == [(7, 6)]
+    w = redundancy_weights(L2.shape[1], pairs)
+    assert w[7] == 0.0 and (w[:7] == 1).all()
+    # two independent broad functions agree often, but no more than their coverage explains: not copies
+    assert all({a, b} != {2, 3} for a, b, _ in redundant_pairs(L))
+
+
+def test_votes_reading_ignores_silence_and_auto_falls_back_to_it_when_evidence_is_implausible():
+    L, y, true_acc = synthetic(n=4000, seed=1)
+    votes = LabelModel(2, abstains="votes").fit(L)
+    assert votes.mode == "votes"
+    np.testing.assert_allclose(votes.predict_proba(np.full((1, L.shape[1]), ABSTAIN))[0], votes.prior)
+    assert accuracy(votes.predict(L), y) > accuracy(np.where(majority_vote(L, 2) == ABSTAIN, 0, majority_vote(L, 2)), y)
+    assert LabelModel(2).fit(L).mode == "evidence"  # independent functions: the evidence fit is plausible and kept
+    # rules that fire together on long rows, whatever the class: a latent "long row" explains the firing better than the label
+    rng = np.random.default_rng(2)
+    n = 4000
+    y = (rng.random(n) < 0.6).astype(int)
+    long_row = rng.random(n) < 0.4
+    cols = []
+    for cls, acc in [(1, 0.6), (1, 0.62), (1, 0.65), (0, 0.9), (0, 0.95)]:
+        fires = rng.random(n) < np.where(long_row, 0.7, 0.08)
+        right = rng.random(n) < acc
+        cols.append(np.where(fires & ((y == cls) == right), cls, ABSTAIN))
+    L = np.stack(cols, 1)
+    evidence = LabelModel(2, abstains="evidence").fit(L)
+    assert (evidence.accuracies()[3:] < 0.2).all()  # the strong negative rules read as anti-informative: not the label
+    auto = LabelModel(2).fit(L)
+    assert auto.mode == "votes"
+    assert (auto.accuracies() >= 0.5).all()
+    assert accuracy(auto.predict(L), y) > accuracy(evidence.predict(L), y) + 0.1
+
+
+def test_suggestions_prefer_uncertain_conflicted_rows_one_per_vote_pattern():
+    L = np.array([[0, 1], [0, 1], [0, 1], [1, 1], [1, ABSTAIN], [ABSTAIN, ABSTAIN], [0, 0]])
+    proba = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.05, 0.95], [0.3, 0.7], [0.45, 0.55], [0.99, 0.01]])
+    picks = suggest(proba, L, 4, exclude=[0])
+    assert picks[0] == 1  # conflicted and 50/50; row 0 is gold already
+    assert 2 not in picks[:3]  # the same votes as row 1: another pattern first
+    assert len(picks) == 4 and len(set(picks)) == 4
