@@ -16,6 +16,10 @@ file itself (bytes by offset). A missing side (``/dev/null``) is empty.
 instead: ``fmhub textconv FILE`` prints one line per tensor (name, dtype,
 shape, short sha256, norm, mean, std), so a changed tensor shows as a -/+ pair;
 ``diff.fmhub.cachetextconv`` keeps git from recomputing it per blob.
+
+Datasets (jsonl, parquet: `fmhub.datafile`) are diffed by rows instead
+(`fmhub.data_diff`): counts of rows added, removed and changed, and a few
+sample rows; their textconv lists one line per row.
 """
 
 from __future__ import annotations
@@ -43,6 +47,38 @@ def _side(filename: str, hexid: str, path: str, blobs, store_opener):
     return CheckpointView.from_file(filename, path, store_opener())
 
 
+_ABSENT = "absent"
+
+
+def _data_side(filename: str, hexid: str, path: str, blobs, store_opener):
+    """One side as a `fmhub.datafile.DataSide` when it is a dataset; _ABSENT when the file does not exist on
+    that side; None when it is something else (a checkpoint). Rows are read from git's smudged temp file;
+    a manifest in the repository supplies the sha256, so equal versions are not read at all."""
+    from fmhub.datafile import side_from_file
+
+    if filename == "/dev/null" or (hexid == "." and not os.path.exists(filename)):
+        return _ABSENT
+    manifest = None
+    if hexid not in _NULL_HEXES:
+        data = blobs().get(hexid)
+        if data is not None and is_manifest(data):
+            manifest = Manifest.from_bytes(data, path)
+            if not manifest.is_data:
+                return None
+    side = side_from_file(filename, path, store_opener)
+    if side is not None and manifest is not None:
+        side.sha256, side.chunk_oids = manifest.sha256, tuple(t.oid for t in manifest.tensors)
+    return side
+
+
+def _diff_data(path: str, new_path: str, old, new, out: TextIO) -> None:
+    from fmhub.data_diff import diff_data, format_data_text, key_attribute
+
+    change = diff_data(old if old is not _ABSENT else None, new if new is not _ABSENT else None, key_attribute(new_path), new_path)
+    out.write(f"diff --fmhub a/{path} b/{new_path}\n")
+    out.write(format_data_text(change))
+
+
 def diff(args: Sequence[str], out: TextIO) -> None:
     from fmhub.diff import GitBlobs, diff_views, format_text
     from fmhub.repo import open_store
@@ -66,6 +102,10 @@ def diff(args: Sequence[str], out: TextIO) -> None:
         return cache["store"]
 
     try:
+        old_data = _data_side(old_file, old_hex, path, blobs, store)
+        new_data = _data_side(new_file, new_hex, new_path, blobs, store)
+        if any(s is not None and s is not _ABSENT for s in (old_data, new_data)):
+            return _diff_data(path, new_path, old_data, new_data, out)
         old = _side(old_file, old_hex, path, blobs, store)
         new = _side(new_file, new_hex, new_path, blobs, store)
     finally:
@@ -89,7 +129,8 @@ def run(args: Sequence[str], out: TextIO = sys.stdout, stderr: TextIO = sys.stde
 
 
 def textconv(filename: str, out: TextIO = sys.stdout) -> int:
-    """``diff.fmhub.textconv``: a per-tensor summary of one side."""
+    """``diff.fmhub.textconv``: a per-tensor summary of one side (one line per row for a dataset)."""
+    from fmhub.datafile import side_from_file
     from fmhub.diff import textconv as lines
     from fmhub.repo import open_store
 
@@ -100,6 +141,15 @@ def textconv(filename: str, out: TextIO = sys.stdout) -> int:
             return None
 
     try:
+        # git names its temp file after the path (…_data.jsonl), so a dataset is recognised by its name too
+        data = side_from_file(filename, filename, store)
+        if data is not None:
+            from fmhub.data_diff import textconv_lines
+
+            for line in textconv_lines(data):
+                out.write(line + "\n")
+            out.flush()
+            return 0
         for line in lines(filename, store):
             out.write(line + "\n")
     except FmhubError as exc:

@@ -54,6 +54,8 @@ def merge_manifests(
     """The merged manifest; raises MergeConflict naming every tensor that could not be merged."""
     if ours.format != theirs.format:
         raise MergeConflict(f"{path}: cannot merge a {ours.format} file with a {theirs.format} file")
+    if ours.is_data or theirs.is_data:
+        return _merge_data(base, ours, theirs, path)
     b_t = base.by_name() if base else {}
     o_t, t_t = ours.by_name(), theirs.by_name()
     names = list(o_t) + [n for n in t_t if n not in o_t]
@@ -90,6 +92,17 @@ def merge_manifests(
     store.flush()
     size = len(header) + sum(t.size for t in merged)
     return Manifest(ours.format, size, header_oid, len(header), merged, metadata)
+
+
+def _merge_data(base: Manifest | None, ours: Manifest, theirs: Manifest, path: str) -> Manifest:
+    """Datasets merge as whole files: a side that changed wins; chunks are byte ranges, not rows, so never mixed."""
+    ok, sha = _three_way(base.sha256 if base else None, ours.sha256, theirs.sha256)
+    if not ok:
+        raise MergeConflict(
+            f"{path}: the dataset changed on both sides; fmhub merges datasets as whole files. Keep one side with "
+            "`git checkout --ours/--theirs` (or combine the rows yourself) and `git add` it"
+        )
+    return ours if sha == ours.sha256 else theirs
 
 
 def _resolve(name, base, ours, theirs, store: ObjectStore, plan: MergePlan | None, fisher, problems: list[str]) -> TensorEntry | None:

@@ -111,9 +111,15 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
         return data
     fmt = sniff_format(head)
     if fmt is None:
+        from fmhub.datafile import clean_data, data_format_for, data_formats
+
+        data_fmt = data_format_for(path, head)
+        if data_fmt is not None:  # a dataset: content-defined chunks, whatever its bytes
+            return clean_data(inp.read, data_fmt, store, path, previous).to_bytes()
         names = ", ".join(f.name for f in checkpoint_formats())
+        data_names = ", ".join(f"{f.name} ({' '.join('*' + e for e in f.extensions)})" for f in data_formats())
         raise CorruptCheckpoint(
-            f"{path}: not a checkpoint fmhub can store (formats: {names}); "
+            f"{path}: not a checkpoint fmhub can store (formats: {names}; data files by name: {data_names}); "
             "if it should not be tracked, narrow the pattern with `fmhub untrack`"
         )
     try:
@@ -189,7 +195,7 @@ def _present(t: TensorEntry, store: ObjectStore) -> bool:
 def missing_objects(manifest: Manifest, store: ObjectStore) -> list[str]:
     """Names of the tensors (and ``<header>``) whose objects (or chain objects) are neither here nor in an alternate store."""
     missing = [t.name for t in manifest.tensors if not _present(t, store)]
-    if not store.ensure(manifest.header_oid):
+    if manifest.header_oid is not None and not store.ensure(manifest.header_oid):
         missing.insert(0, "<header>")
     return missing
 
@@ -254,6 +260,13 @@ def smudge(
         return
     manifest = Manifest.from_bytes(data, path)
     ensure_objects(manifest, store, path, fetch)
+    if manifest.is_data:
+        from fmhub.datafile import smudge_data
+
+        try:
+            return smudge_data(manifest, store, out, path, on_start)
+        except FmhubError as exc:
+            raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
     try:
         header = store.read_bytes(manifest.header_oid)
     except FmhubError as exc:

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from fmhub.errors import CorruptCheckpoint, FmhubError
@@ -787,10 +787,11 @@ def _zsplit(text: str) -> list[str]:
 
 @dataclass
 class Side:
-    """The fmhub-tracked checkpoint files of one side of `fmhub diff`, as views by path."""
+    """The fmhub-tracked files of one side of `fmhub diff`: checkpoints as views, datasets as `DataSide`, by path."""
 
     label: str
     files: dict[str, CheckpointView]
+    data: dict[str, Any] = field(default_factory=dict)  # path -> fmhub.datafile.DataSide
 
 
 def resolve_rev(rev: str, top: str) -> str:
@@ -809,12 +810,18 @@ def side_at_rev(rev: str, pathspecs: list[str], top: str, store: ObjectStore, bl
         mode, kind, oid = meta.split()
         if kind == "blob":
             entries[path] = oid
-    files = {}
+    files, datasets = {}, {}
     for path in _fmhub_paths(list(entries), top):
         data = blobs.get(entries[path])
         if data is not None and is_manifest(data):
-            files[path] = CheckpointView.from_manifest(Manifest.from_bytes(data, f"{rev}:{path}"), store, path)
-    return Side(rev, files)
+            m = Manifest.from_bytes(data, f"{rev}:{path}")
+            if m.is_data:
+                from fmhub.datafile import DataSide
+
+                datasets[path] = DataSide.from_manifest(m, store, path)
+            else:
+                files[path] = CheckpointView.from_manifest(m, store, path)
+    return Side(rev, files, datasets)
 
 
 def side_in_worktree(pathspecs: list[str], top: str, store: ObjectStore, blobs: GitBlobs) -> Side:
@@ -828,7 +835,9 @@ def side_in_worktree(pathspecs: list[str], top: str, store: ObjectStore, blobs: 
         if stage == "0":
             staged[path] = oid
     dirty = set(_zsplit(_git(["diff-files", "-z", "--name-only", "--", *pathspecs], top)))
-    files = {}
+    from fmhub.datafile import DataSide, side_from_file
+
+    files, datasets = {}, {}
     for path in _fmhub_paths(sorted(set(listed)), top):
         full = os.path.join(top, path)
         if not os.path.isfile(full):
@@ -836,10 +845,18 @@ def side_in_worktree(pathspecs: list[str], top: str, store: ObjectStore, blobs: 
         if path in staged and path not in dirty:
             data = blobs.get(staged[path])
             if data is not None and is_manifest(data):
-                files[path] = CheckpointView.from_manifest(Manifest.from_bytes(data, path), store, path)
+                m = Manifest.from_bytes(data, path)
+                if m.is_data:
+                    datasets[path] = DataSide.from_manifest(m, store, path)
+                else:
+                    files[path] = CheckpointView.from_manifest(m, store, path)
                 continue
-        files[path] = CheckpointView.from_file(full, path, store)
-    return Side("work tree", files)
+        side = side_from_file(full, path, lambda: store)
+        if side is not None:
+            datasets[path] = side
+        else:
+            files[path] = CheckpointView.from_file(full, path, store)
+    return Side("work tree", files, datasets)
 
 
 def group_by_checkpoint(files: Mapping[str, CheckpointView]) -> dict[str, CheckpointView]:

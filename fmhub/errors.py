@@ -13,6 +13,10 @@ class CorruptCheckpoint(FmhubError):
     """A checkpoint file does not match its own header (truncated, bad offsets, not a checkpoint)."""
 
 
+class UnreadableRows(FmhubError):
+    """A data file (jsonl, parquet) whose rows cannot be read; its bytes are still stored and checked out exactly."""
+
+
 class ManifestError(FmhubError):
     """A manifest that cannot be parsed or does not match its objects."""
 

@@ -7,12 +7,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from fmhub.chunking import Chunking
 from fmhub.errors import ManifestError
 
 MAGIC = b"fmhub manifest "
 VERSION = 1  # written when no tensor is stored as a delta, so older readers keep working
 DELTA_VERSION = 2  # written when some tensor is stored as a delta chain
-READS = (1, 2)
+DATA_VERSION = 3  # a data file (jsonl, parquet) stored as content-defined chunks; never mixed with tensors
+READS = (1, 2, 3)
+CHUNK_DTYPE = "U8"  # a data file's chunks appear in `Manifest.tensors` as 1-D byte tensors named "chunk N"
 MAX_MANIFEST_BYTES = 64 << 20
 
 _OID_RE = re.compile(r"sha256:([0-9a-f]{64})\Z")
@@ -66,18 +69,31 @@ class TensorEntry:
 
 @dataclass
 class Manifest:
-    """A checkpoint file as git stores it: its header object and one object per tensor, in file order."""
+    """A checkpoint file as git stores it: its header object and one object per tensor, in file order.
+
+    A data file (version 3, ``chunking`` set) has no header (``header_oid`` is
+    None) and its ``tensors`` are its content-defined chunks, in file order, each
+    a ``U8`` tensor named ``chunk N``: code that walks objects (push, fetch, gc,
+    fsck) needs no special case. ``sha256`` is then the whole file's sha256.
+    """
 
     format: str
     size: int
-    header_oid: str
+    header_oid: str | None
     header_size: int
     tensors: list[TensorEntry] = field(default_factory=list)
     metadata: Mapping[str, str] | None = None
+    chunking: Chunking | None = None
+    sha256: str | None = None
+
+    @property
+    def is_data(self) -> bool:
+        """A data file stored as chunks (version 3), not a checkpoint stored as tensors."""
+        return self.chunking is not None
 
     def oids(self) -> list[tuple[str, int]]:
         """Every object the store needs to rebuild the file, header first, as ``(oid, size)`` (delta chains expanded)."""
-        out = [(self.header_oid, self.header_size)]
+        out = [(self.header_oid, self.header_size)] if self.header_oid is not None else []
         for t in self.tensors:
             out += t.storage()
         return out
@@ -86,6 +102,8 @@ class Manifest:
         return {t.name: t for t in self.tensors}
 
     def to_bytes(self) -> bytes:
+        if self.is_data:
+            return self._data_bytes()
         version = DELTA_VERSION if any(t.root is not None for t in self.tensors) else VERSION
         lines = [
             f"fmhub manifest {version}",
@@ -106,6 +124,19 @@ class Manifest:
             lines.append(line)
         return ("\n".join(lines) + "\n").encode("utf-8")
 
+    def _data_bytes(self) -> bytes:
+        assert self.chunking is not None and self.sha256 is not None
+        lines = [
+            f"fmhub manifest {DATA_VERSION}",
+            f"format {self.format}",
+            f"size {self.size}",
+            f"chunking {self.chunking.line()}",
+            f"sha256 {self.sha256}",
+        ]
+        # no chunk names or offsets: an edit then changes only the lines of the chunks it touched
+        lines += [f"chunk {t.size} sha256:{t.oid}" for t in self.tensors]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
     @classmethod
     def from_bytes(cls, data: bytes, path: str = "<manifest>") -> "Manifest":
         if not is_manifest(data):
@@ -123,6 +154,8 @@ class Manifest:
                 f"{path}: manifest version {head[2:]} is not supported by this fmhub (reads versions {', '.join(map(str, READS))}); upgrade fmhub"
             )
         version = int(head[2])
+        if version == DATA_VERSION:
+            return _parse_data(lines, path)
         fields: dict[str, str] = {}
         tensors: list[TensorEntry] = []
         for lineno, line in enumerate(lines[1:], start=2):
@@ -152,6 +185,40 @@ class Manifest:
         if header_size + sum(t.size for t in tensors) != size:
             raise ManifestError(f"{path}: manifest sizes do not add up to the file size {size}")
         return m
+
+
+def _parse_data(lines: list[str], path: str) -> Manifest:
+    """A version-3 manifest: a data file as content-defined chunks (docs/manifest.md, "Data files")."""
+    fields: dict[str, str] = {}
+    chunks: list[TensorEntry] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        key, _, rest = line.partition(" ")
+        if key == "chunk":
+            size_s, _, oid_s = rest.partition(" ")
+            if not size_s.isdigit() or int(size_s) == 0:
+                raise ManifestError(f"{path}:{lineno}: want 'chunk SIZE sha256:OID' with SIZE > 0")
+            size = int(size_s)
+            chunks.append(TensorEntry(f"chunk {len(chunks)}", CHUNK_DTYPE, (size,), size, _parse_oid(oid_s, path)))
+        elif key in ("format", "size", "chunking", "sha256"):
+            if key in fields:
+                raise ManifestError(f"{path}:{lineno}: '{key}' appears twice")
+            fields[key] = rest
+        else:
+            raise ManifestError(f"{path}:{lineno}: unknown line {key!r} in a data-file manifest; a newer fmhub may have written it")
+    for key in ("format", "size", "chunking", "sha256"):
+        if key not in fields:
+            raise ManifestError(f"{path}: data-file manifest lacks its '{key}' line")
+    if not fields["size"].isdigit():
+        raise ManifestError(f"{path}: malformed size {fields['size']!r}")
+    size = int(fields["size"])
+    try:
+        chunking = Chunking.parse(fields["chunking"])
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+    sha = _parse_oid("sha256:" + fields["sha256"], path)
+    if sum(c.size for c in chunks) != size:
+        raise ManifestError(f"{path}: chunk sizes do not add up to the file size {size}")
+    return Manifest(fields["format"], size, None, 0, chunks, None, chunking, sha)
 
 
 def is_manifest(data: bytes) -> bool:

@@ -92,6 +92,8 @@ def read_history(cwd: str | None = None) -> History:
                 history.unpackable.add(pointer.oid)
             continue
         m = _parse(data, path)
+        if m.is_data:  # a dataset's chunks are byte ranges, not versions of one another: never packed
+            continue
         history.unpackable.add(m.header_oid)
         for t in m.tensors:
             if t.root is not None:  # already a delta chain: its root and deltas stay as they are

@@ -184,7 +184,8 @@ def _needed(blobs: Iterable[tuple[str, bytes]]) -> dict[str, Needed]:
             m = Manifest.from_bytes(data, path)
         except ManifestError as exc:
             raise ManifestError(f"{exc}; its objects cannot be known (push with --no-verify to skip fmhub's check)") from None
-        needed.setdefault(m.header_oid, Needed(m.header_oid, m.header_size, path, "<header>"))
+        if m.header_oid is not None:  # a data file (manifest version 3) has no header, only chunks
+            needed.setdefault(m.header_oid, Needed(m.header_oid, m.header_size, path, "<header>"))
         for t in m.tensors:
             for oid, size in t.storage():  # a delta chain needs its root and deltas, not the full object
                 needed.setdefault(oid, Needed(oid, size, path, t.name))

@@ -26,7 +26,7 @@ def test_round_trip_and_text_shape():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace(b"manifest 1", b"manifest 3"), "not supported"),
+    (lambda t: t.replace(b"manifest 1", b"manifest 9"), "not supported"),
     (lambda t: t.replace(b"size 36", b"size 37"), "do not add up"),
     (lambda t: t + b"delta foo\n", "unknown manifest line"),
     (lambda t: t + b"format safetensors\n", "appears twice"),
