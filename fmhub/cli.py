@@ -291,6 +291,7 @@ def diff(
 
     Tensors are matched by name across the shards of a directory; only changed tensors are listed,
     with ‖Δ‖, ‖Δ‖/‖W_old‖, the fraction of elements changed (bitwise) and max |Δ|.
+    Datasets (jsonl, parquet) are compared by rows: added, removed, changed, with sample rows.
     """
     from rich.markup import escape
 
@@ -305,12 +306,16 @@ def diff(
         top, old_side, new_side = df.load_sides(revs, paths)
         old_label, new_label = old_side.label, new_side.label
         changes = df.diff_sides(old_side, new_side)
+        from fmhub.data_diff import diff_data_sides, format_data_text
+
+        datasets = diff_data_sides(old_side, new_side, top)
         adapter_changes = diff_adapters(old_side.files, new_side.files, revs[0] if revs else "HEAD", revs[1] if len(revs) == 2 else None, top)
     except FmhubError as exc:
         _fail(exc)
     if as_json:
         _utf8_stdout()
         out = df.to_json(changes) | {"old": old_label, "new": new_label, "adapters": [asdict(a) for a in adapter_changes]}
+        out["datasets"] = [d.to_dict() for d in datasets]
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
         return
     rows = [c for c in changes if c.status != "unchanged"]
@@ -341,8 +346,14 @@ def diff(
         table.add_row(*lead, escape(c.name), df._kind(c).replace("->", "→"), *(escape(x) for x in nums))
     if rows:
         console.print(table)
-    else:
+    elif changes or not datasets:
         console.print(f"{escape(old_label)} → {escape(new_label)}: {caption}", highlight=False)
+    for d in datasets:
+        if d.status != "unchanged":
+            console.print(f"[bold]{escape(d.path)}[/bold] ({escape(old_label)} → {escape(new_label)})", highlight=False)
+            console.print(escape(format_data_text(d)), highlight=False, end="", soft_wrap=True)
+    if datasets and all(d.status == "unchanged" for d in datasets) and not rows:
+        console.print(f"{len(datasets)} dataset{'' if len(datasets) == 1 else 's'} unchanged", highlight=False)
     for a in adapter_changes:
         _print_adapter_change(a, opt)
 
@@ -791,6 +802,146 @@ def hub_clone(
     if res.imported:
         what += f"; imported {len(res.imported)} plain checkpoint(s) into fmhub: {', '.join(res.imported)}"
     console.print(f"cloned {repo_id}@{res.revision[:12]} into {res.directory}: {what}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def label(
+    pipeline_name: Optional[str] = typer.Argument(None, metavar="[PIPELINE]", help="A pipeline under 'label:' in fmhub.yaml (default: the only one)."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="The spec file (default: fmhub.yaml at the top of the work tree)."),
+    backend: Optional[str] = typer.Option(None, help="Where the labelling functions run: serial, processes, ray (default: the pipeline's)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: the pipeline's, else one per core)."),
+    report: Optional[str] = typer.Option(None, help="Write the report here (.json, or .html for a page)."),
+    suggest: Optional[int] = typer.Option(None, min=0, help="Suggest N rows to label by hand next (active learning)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Weak supervision: run a pipeline's labelling functions, combine their votes, write probabilistic labels."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fmhub import labelling
+    from fmhub.label_report import rich_tables
+    from fmhub.spec import load_spec
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        loaded = load_spec(spec)
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+            tasks: dict = {}
+
+            def progress(phase: str, done: int, total: Optional[int]) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task({"votes": "voting", "write": "writing"}.get(phase, phase), total=total)
+                bar.update(tasks[phase], completed=done)
+
+            rep = labelling.run(loaded, pipeline_name, backend, workers, report, suggest, progress)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rep))
+        return
+    for table in rich_tables(rep):
+        console.print(table)
+    for lf in rep["lfs"]:
+        if lf["errors"]:
+            first = lf["first_errors"][0]
+            err.print(f"[yellow]warning:[/yellow] {lf['name']} failed on {lf['errors']} row(s), counted as abstaining "
+                      f"(first: row {first['position']}: {first['error']})", highlight=False, soft_wrap=True)
+    bad = rep["malformed_rows"]
+    if bad["count"]:
+        err.print(f"[yellow]warning:[/yellow] skipped {bad['count']} malformed row(s) (first: {bad['first'][0]['error']})", highlight=False, soft_wrap=True)
+    for p in rep["label_model"]["redundant_pairs"]:
+        console.print(f"{p['a']} and {p['b']} agree on {100 * p['agreement']:.0f}% of their votes: counted as one source", highlight=False)
+    console.print(f"labelled {rep['rows']} rows -> {rep['output']}; report: {rep['report']}", highlight=False, soft_wrap=True)
+
+
+from typer.core import TyperGroup as _TyperGroup  # noqa: E402
+
+
+class _CleanGroup(_TyperGroup):
+    """``fmhub clean [PIPELINE] [OPTIONS]`` runs a pipeline (the ``run`` command); ``fmhub clean review ...`` is the other one."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] != "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+clean_app = typer.Typer(cls=_CleanGroup, subcommand_metavar="[PIPELINE] | review REPORT",
+                        help="Data pipelines: clean a dataset as fmhub.yaml says (`fmhub clean [PIPELINE]`, options: `fmhub clean run --help`), review the decisions.")
+app.add_typer(clean_app, name="clean")
+
+
+@clean_app.command("run")
+def clean_run(
+    pipeline_name: Optional[str] = typer.Argument(None, metavar="[PIPELINE]", help="A pipeline under 'clean:' in fmhub.yaml (default: the only one)."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="The spec file (default: fmhub.yaml at the top of the work tree)."),
+    backend: Optional[str] = typer.Option(None, help="Where row work runs: serial, processes, ray (default: the pipeline's)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Parallel workers (default: the pipeline's, else one per core)."),
+    report: Optional[List[str]] = typer.Option(None, "--report", help="Write a report: PATH.json (every decision, for review) or PATH.html; repeat for both."),
+    overrides: Optional[str] = typer.Option(None, "--overrides", help="A reviewer's overrides file (default: the pipeline's 'overrides')."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON instead of a table."),
+) -> None:
+    """Run a cleaning pipeline: read the input in batches, run its steps, write the kept rows (the input is never changed)."""
+    from fmhub import clean as cl
+    from fmhub.progress import row_progress
+    from fmhub.spec import load_spec
+
+    try:
+        loaded = load_spec(spec)
+        with row_progress(err, "cleaning") as bar:
+            res = cl.run(loaded, pipeline_name, backend=backend, workers=workers, reports=report or (), overrides=overrides,
+                         progress=bar.advance, on_start=bar.start)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(res.to_dict()))
+    else:
+        _print_clean_summary(res)
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+
+
+def _print_clean_summary(res) -> None:
+    from rich.markup import escape
+
+    table = Table("#", "step", "scope", "rows in", "dropped", "edited", "kept by reviewer", "seconds",
+                  title=f"fmhub clean {escape(res.pipeline)}", caption="seconds: compute time, summed over workers")
+    for col in table.columns[3:]:
+        col.justify = "right"
+    if res.malformed:
+        table.add_row("", "input", "", str(res.rows_read + res.malformed), str(res.malformed), "", "", "", style="dim")
+    if res.override_drops:
+        table.add_row("", "override", "reviewer", "", str(res.override_drops), "", "", "", style="dim")
+    for s in res.steps:
+        table.add_row(str(s.index), escape(s.name), s.scope, str(s.rows_in), str(s.dropped), str(s.edited), str(s.overridden), f"{s.seconds:.2f}")
+    dropped = res.malformed + res.override_drops + sum(s.dropped for s in res.steps)
+    table.add_row("", "total", "", str(res.rows_read + res.malformed), str(dropped), str(sum(s.edited for s in res.steps)),
+                  str(sum(s.overridden for s in res.steps)), "", style="bold")
+    console.print(table)
+    console.print(f"{res.rows_out} of {res.rows_read + res.malformed} rows kept -> {escape(res.output)} "
+                  f"({res.seconds:.2f} s, {res.rows_per_s:,.0f} rows/s, {escape(res.backend)} x{res.workers})", highlight=False, soft_wrap=True)
+    for path in res.reports:
+        console.print(f"report: {escape(path)}", highlight=False, soft_wrap=True)
+
+
+@clean_app.command("review")
+def clean_review(
+    report: str = typer.Argument(..., help="A JSON report of a run (fmhub clean --report run.json)."),
+    keep: Optional[List[str]] = typer.Option(None, "--keep", help="Rows to keep whatever the steps say: positions or row hashes, comma-separated."),
+    drop: Optional[List[str]] = typer.Option(None, "--drop", help="Rows to drop: positions or row hashes, comma-separated."),
+    reason: Optional[str] = typer.Option(None, help="Why (recorded in the overrides file and in later reports)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="The overrides file (default: the one the run used)."),
+) -> None:
+    """Record a reviewer's decisions on a report's rows in the overrides file that the next `fmhub clean` respects."""
+    from fmhub.clean_overrides import review
+
+    split = lambda items: [x for item in items or [] for x in item.split(",") if x.strip()]  # noqa: E731
+    if not keep and not drop:
+        _fail(FmhubError("say which rows: --keep POSITIONS and/or --drop POSITIONS (positions or row hashes from the report)"))
+    try:
+        path, added = review(report, split(keep), split(drop), reason, output)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"{path}: {added} new override(s); the next `fmhub clean` respects them", highlight=False, soft_wrap=True)
 
 
 @app.command()

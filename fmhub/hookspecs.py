@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from fmhub.interfaces import (
         AccessPolicy,
         CheckpointFormat,
+        DataFormat,
         DeltaCodec,
         Cleaner,
         DataBackend,
@@ -65,6 +66,22 @@ def fmhub_checkpoint_formats() -> list[CheckpointFormat]:
 
     A format's ``name`` is written into every manifest made with it; renaming it
     makes those manifests unreadable.
+    """
+
+
+@hookspec
+def fmhub_data_formats() -> list[DataFormat]:
+    """Return data file formats (datasets) that fmhub stores as content-defined chunks and diffs by rows.
+
+    :return: a list of `fmhub.interfaces.DataFormat` objects. The clean filter
+        uses one for a file no checkpoint format recognises: the first whose
+        ``sniff`` accepts the file's first bytes, else the first whose
+        ``extensions`` end the path. fmhub ships ``jsonl`` (chunks end at line
+        ends) and ``parquet`` (byte-level chunks). ``git diff`` reads both sides
+        through ``rows``.
+
+    A format's ``name`` is written into every manifest made with it; renaming it
+    makes those manifests unreadable. Names share one space with checkpoint formats.
     """
 
 
@@ -125,19 +142,117 @@ def fmhub_fisher_diagonal(model: str, tensor: str) -> Any:
 
 @hookspec
 def fmhub_cleaners() -> list[Cleaner]:
-    """Return data cleaners (dedup, filters, redaction, ...).
+    """Return kinds of cleaning steps for ``fmhub clean`` (filters, redaction, dedup, ...).
 
-    :return: a list of `fmhub.interfaces.Cleaner` objects, each a step that takes
-        records and yields the records to keep.
+    :return: a list of `fmhub.interfaces.Cleaner` objects. fmhub ships
+        ``length``, ``regex``, ``quality`` (plugins/clean_filters.py),
+        ``language`` (plugins/clean_language.py), ``pii``
+        (plugins/clean_pii.py), ``schema`` (plugins/clean_schema.py),
+        ``dedup`` and ``near-dup`` (plugins/clean_dedup.py).
+
+    A pipeline in ``fmhub.yaml`` lists steps as ``- NAME: {options}``::
+
+        clean:
+          web:
+            input: crawl              # a dataset, or a .jsonl/.parquet path
+            output: crawl.clean.jsonl
+            steps:
+              - pii: {kinds: [email, key]}
+              - my-filter: {limit: 3, columns: [title, body]}
+
+    **Configure.** fmhub calls ``cleaner.configure(options, context)`` once per
+    step, in the calling process, before reading any row. ``options`` is the
+    step's mapping as written, without ``columns`` (fmhub reads that one for
+    every step); ``context`` is a `fmhub.interfaces.CleanContext`: the text
+    ``columns`` the step looks at (its ``columns:``, else the pipeline's, else
+    the dataset's text column) and ``base_dir`` (the spec's directory).
+    Validate everything here: raise `fmhub.cleaners.CleanerError(message,
+    option=KEY)` and fmhub reports ``fmhub.yaml:LINE: clean.P.steps[i].NAME.KEY:
+    message`` (``ValueError`` and ``TypeError`` point at the step).
+    `fmhub.cleaners.parse_options` does this for a pydantic model of the
+    options. Return a *config*: anything picklable (plain data, compiled
+    regexes, a frozen dataclass). It is sent to the workers with every
+    batch; the cleaner object itself is not: workers look it up by name
+    through their own plugin host, so a cleaner keeps no state of its own.
+
+    **Row scope** (``scope = "row"``): ``clean(rows, config)`` gets a list of
+    rows (dicts, at most ``batch_size``), the ones earlier steps kept, as
+    earlier steps edited them, and returns one verdict per row, in order:
+    ``None`` keeps the row, `fmhub.interfaces.Drop(reason, detail, shown)`
+    drops it, `fmhub.interfaces.Edit(row, reason, detail)` replaces it. It
+    runs in the data backend's workers (other processes, other machines),
+    on batches in any order, so it must judge each row alone. Never change
+    a row in place: an Edit carries a new dict. `fmhub.cleaners.text_of`
+    gives a row's text in the step's columns (or the Drop for a row without).
+
+    **Dataset scope** (``scope = "dataset"``): for steps that must see rows in
+    order with memory, like dedup. ``prepare(rows, config)`` (optional) runs
+    in the workers on the rows that reach the step and returns one picklable
+    value per row, the expensive per-row part (a hash, a MinHash signature).
+    ``open(config)`` is called once per run in the calling process and
+    returns a `fmhub.interfaces.DatasetPass`, whose ``clean(positions,
+    prepared)`` receives every row that reaches the step, in input order,
+    batch after batch: their positions and prepared values (the rows
+    themselves when there is no ``prepare``); it returns ``None`` or a
+    `Drop` per row. A dataset step never edits rows.
+
+    **Verdicts and reports.** Every Drop and Edit becomes a line of the run's
+    report with the row's position, row hash, step and ``reason``: keep the
+    reason to one line that says why ("3 words < min_words 5", "near-duplicate
+    of position 12 (Jaccard ≈ 0.91)") and never put sensitive text in it.
+    ``detail`` is optional JSON data for tools; ``shown`` replaces the row in
+    reports' text excerpts (a redacted copy, for a step that drops rows for
+    what they contain). An exception in ``clean`` or ``prepare`` stops the run
+    (the output is not written) and reaches the user as raised.
     """
 
 
 @hookspec
 def fmhub_labelers() -> list[Labeler]:
-    """Return labelling functions for weak supervision.
+    """Return kinds of labelling functions for weak supervision (``fmhub label``).
 
-    :return: a list of `fmhub.interfaces.Labeler` objects, each voting a label
-        (or abstaining with ``None``) for every record.
+    :return: a list of `fmhub.interfaces.Labeler` objects. fmhub ships
+        ``keyword``, ``regex``, ``lookup`` (plugins/label_rules.py), ``python``
+        (plugins/label_python.py) and ``model`` (a local transformers
+        text-classification model, plugins/label_model_based.py).
+
+    Each entry of a pipeline's ``lfs:`` list in ``fmhub.yaml`` names a kind
+    and its options::
+
+        label:
+          sentiment:
+            input: reviews            # a dataset, or a .jsonl/.parquet path
+            output: reviews.labelled.jsonl
+            classes: [negative, positive]
+            lfs:
+              - keyword: {words: [great, love], label: positive}
+              - my-kind: {name: my-rule, threshold: 0.5, label: negative}
+
+    fmhub calls ``labeler.configure(options, context)`` once per entry (in the
+    calling process, and once in each worker process): ``options`` is the
+    entry's mapping as written (with ``name`` removed: it is the entry's display
+    name, else fmhub uses the function's own ``name``, e.g. ``keyword:great,love``);
+    ``context`` is a `fmhub.interfaces.LabelContext` with the pipeline's class
+    names, text column and the spec's directory. Refuse unknown or bad
+    options there by raising `fmhub.labelers.LabelerError` with a one-line
+    message; fmhub prefixes ``fmhub.yaml:LINE: label.NAME.lfs[i]:``. The
+    helpers in `fmhub.labelers` read typed options and a row's text.
+
+    The returned `fmhub.interfaces.LabellingFunction` gets rows in batches
+    (``vote(rows)``, rows are dicts, at most the pipeline's ``batch_size``) and
+    returns one vote per row: a class name from ``context.classes``, or
+    ``None`` to **abstain** (the function has no opinion on that row).
+    Abstaining is normal and cheap: a keyword rule abstains on most rows. A
+    vote that is not a class name is recorded as an error for that row. An
+    exception fails the batch, and fmhub retries it row by row, recording
+    each failing row's position and message and counting it as an abstain; a
+    function that fails on every row stops the run with its name.
+
+    Functions run in the pipeline's data backend (worker processes by
+    default), so ``configure`` must be cheap and everything the function needs
+    must come from its options: they are sent to the workers, not the
+    function object. A function holding a big model sets ``in_driver = True``
+    to run once, in the calling process, instead.
     """
 
 

@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "fmhub"
 # provider hook -> the kind of object it returns, as users name it
 KINDS = {
     "fmhub_checkpoint_formats": "format",
+    "fmhub_data_formats": "data-format",
     "fmhub_merge_strategies": "merge-strategy",
     "fmhub_delta_codecs": "delta-codec",
     "fmhub_cleaners": "cleaner",

@@ -8,7 +8,7 @@ a plugin returns any object with these attributes, no base class needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,43 @@ class CheckpointFormat(Protocol):
 
     def build_header(self, tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
         """Return a header for a new file made of ``tensors`` in this order (used when a merge mixes two files)."""
+
+
+Row = tuple[int, Any, "str | None"]
+"""One row of a data file: ``(number, record, error)``.
+
+``number`` is 1-based: the line number for line-based formats, the row number
+otherwise. ``record`` is the row (a dict for tabular rows; any JSON value);
+when the row cannot be parsed, ``record`` is its raw text and ``error`` says why.
+"""
+
+
+@runtime_checkable
+class DataFormat(Protocol):
+    """A data file format (a dataset: jsonl, parquet) that fmhub stores as content-defined chunks.
+
+    ``name`` is written into manifests (``format NAME``), so it must never change
+    once files have been committed with it. ``extensions`` are the file-name
+    endings (``".jsonl"``) it claims when no format recognises the file's first
+    bytes. ``chunking`` (a `fmhub.chunking.Chunking`) says how new files are cut
+    into objects: ``lines`` for line-based formats (chunks end at line ends),
+    ``gear`` for any bytes. Storage never parses the file: any bytes round-trip.
+    """
+
+    name: str
+    extensions: tuple[str, ...]
+    chunking: Any
+
+    def sniff(self, head: bytes) -> bool:
+        """Say whether a file starting with ``head`` (at most 16 bytes) is in this format; False when there is no magic."""
+
+    def rows(self, f: BinaryIO, path: str) -> Iterator[Row]:
+        """The rows of the file open in ``f`` (seekable, binary), in file order, for diffs.
+
+        A row that cannot be parsed is yielded with its error (and the caller
+        goes on); a file that cannot be read as rows at all raises
+        `fmhub.errors.UnreadableRows` naming ``path``.
+        """
 
 
 @runtime_checkable
@@ -145,23 +182,146 @@ class MergeStrategy(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Drop:
+    """A cleaning step's verdict on one row: leave it out of the output.
+
+    ``reason`` is one line for a reviewer ("4 words < min_words 5"); it is
+    shown in reports, so it must never quote sensitive text. ``detail`` is
+    optional plain JSON data for tools (``{"duplicate_of": 12, "jaccard":
+    0.91}``). ``shown`` is an optional stand-in for the row in reports (a
+    redacted copy), for a step that drops rows because of what they contain.
+    """
+
+    reason: str
+    detail: Mapping[str, Any] | None = None
+    shown: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A cleaning step's verdict on one row: keep it, changed to ``row`` (a new dict; never change rows in place).
+
+    ``reason`` says what changed without quoting what was removed ("redacted
+    2 email"); fmhub records which columns differ.
+    """
+
+    row: Mapping[str, Any]
+    reason: str
+    detail: Mapping[str, Any] | None = None
+
+
+Verdict = Drop | Edit | None
+"""What a step returns per row: ``None`` keeps the row as it is, `Drop` leaves it out, `Edit` replaces it."""
+
+
+@dataclass(frozen=True)
+class CleanContext:
+    """What a cleaning pipeline tells each cleaner it configures.
+
+    ``columns`` are the text columns the step looks at: the step's
+    ``columns:`` option, else the pipeline's, else the dataset's text column.
+    ``base_dir`` is the directory of ``fmhub.yaml``, against which relative
+    paths in options are resolved.
+    """
+
+    columns: tuple[str, ...] = ("text",)
+    base_dir: str = "."
+
+
 @runtime_checkable
 class Cleaner(Protocol):
-    """A data-cleaning step: records in, the records to keep (possibly edited) out."""
+    """A kind of cleaning step (``length``, ``pii``, ``near-dup``, ...), configured per ``fmhub.yaml`` step.
+
+    ``scope`` is ``"row"`` or ``"dataset"``:
+
+    * a **row** step judges each row alone; fmhub calls
+      ``clean(rows, config)`` on batches in the data backend's workers,
+      in any order and in any process, and it returns one verdict per row;
+    * a **dataset** step must see rows in input order with state (dedup);
+      fmhub calls ``open(config)`` once per run in the calling process and
+      feeds the returned `DatasetPass` every surviving row in order. Its
+      expensive per-row part goes in the optional ``prepare(rows, config)``,
+      which runs in the workers and returns one small picklable value per
+      row (a hash, a MinHash signature) for the pass. A dataset step keeps
+      or drops rows; it never edits them.
+
+    ``configure(options, context)`` validates the step's options up front and
+    returns a picklable *config* (plain data, compiled regexes, a pydantic
+    model) that fmhub hands to every other method; it runs once, in the
+    calling process. See `fmhub.hookspecs.fmhub_cleaners` for the contract.
+    """
+
+    name: str
+    scope: str
+
+    def configure(self, options: Mapping[str, Any], context: CleanContext) -> Any:
+        ...
+
+
+@runtime_checkable
+class DatasetPass(Protocol):
+    """The state of one dataset-scoped step during one run (what `Cleaner.open` returns).
+
+    ``clean(positions, prepared)`` gets the next rows in input order: their
+    positions and ``prepare``'s values for them (the rows themselves when the
+    cleaner has no ``prepare``), and returns ``None`` (keep) or `Drop` per row.
+    """
+
+    def clean(self, positions: Sequence[int], prepared: Sequence[Any]) -> Sequence[Drop | None]:
+        ...
+
+
+@dataclass(frozen=True)
+class LabelContext:
+    """What a labelling pipeline tells each labeler it configures (plain data: it travels to worker processes).
+
+    ``classes`` are the pipeline's class names, in order; ``column`` its text
+    column (a labeler's own ``column:`` option overrides it); ``base_dir`` the
+    directory of ``fmhub.yaml``, against which relative paths in options are
+    resolved.
+    """
+
+    classes: tuple[str, ...]
+    column: str = "text"
+    base_dir: str = "."
+
+
+@runtime_checkable
+class LabellingFunction(Protocol):
+    """One configured labelling function: votes a class name, or ``None`` (abstain), for each row of a batch.
+
+    ``vote(rows)`` returns one vote per row, in order. Raising fails the whole
+    batch; fmhub then calls ``vote([row])`` row by row to find the rows at
+    fault, records each failure (position and message) and counts it as an
+    abstain, so a function may raise on a bad row. ``name`` is its display
+    name in reports (fmhub replaces it with the entry's ``name:`` option when
+    given). ``in_driver`` (optional, default False) asks fmhub to run it in
+    the calling process rather than in backend workers: for functions that
+    hold a large model, loaded once, or a GPU.
+    """
 
     name: str
 
-    def clean(self, records: Iterable[Mapping[str, Any]], options: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    def vote(self, rows: Sequence[Mapping[str, Any]]) -> Sequence[str | None]:
         ...
 
 
 @runtime_checkable
 class Labeler(Protocol):
-    """A labelling function: one vote (a label, or ``None`` to abstain) per record."""
+    """A kind of labelling function (``keyword``, ``regex``, ``model``, ...), configured per ``fmhub.yaml`` entry.
+
+    ``configure(options, context)`` validates the entry's options and returns
+    a `LabellingFunction`; raise `fmhub.labelers.LabelerError` (or
+    ``ValueError``) with a one-line message for a bad option, and fmhub adds
+    the file and line of the entry. It is called once in the calling process
+    and once more in each worker process, so it must be cheap: load models
+    lazily, on the first ``vote``.
+    """
 
     name: str
 
-    def label(self, records: Iterable[Mapping[str, Any]], options: Mapping[str, Any]) -> Iterator[Any]:
+    def configure(self, options: Mapping[str, Any], context: LabelContext) -> LabellingFunction:
         ...
 
 

@@ -119,3 +119,44 @@ def test_label_benchmark_small(tmp_path):
     if "snorkel LabelModel" in acc:  # installed with fmhub[bench]
         assert acc["fmhub LabelModel"] >= acc["snorkel LabelModel"]
     assert "covered acc" in proc.stdout
+
+
+def test_data_benchmark_small(tmp_path):
+    """data_bench.py at 3 MB: every checkout is byte-identical, the diff counts exactly the edited rows,
+    and a clustered edit of jsonl rows stores a small fraction of the file (git-lfs: all of it)."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "data.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "data_bench.py"), "--size-mb", "3", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["file"], r["pattern"]): r for r in json.loads(out.read_text())["results"]}
+    assert len(rows) == 6
+    for r in rows.values():
+        assert r["checkout_byte_identical"] and r["diff_exact"] and r["diff_key"] == "id", r
+        assert 0 < r["stored_ratio"] <= 1.01 and r["clean_mb_s"] > 0 and r["smudge_mb_s"] > 0
+    assert rows[("jsonl", "clustered")]["stored_ratio"] < 0.15
+    assert rows[("jsonl", "clustered")]["stored_v1_objects"] <= 3
+    assert "fmhub/git-lfs" in proc.stdout
+
+
+def test_clean_benchmark_small(tmp_path):
+    """clean_bench.py runs, both backends write the same bytes, and near-dup finds the planted copies it should."""
+    out = tmp_path / "clean.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "clean_bench.py"), "--rows", "3000", "--workers", "2", "--workdir", str(tmp_path),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] == 3000 and data["identical"] is True
+    nd = data["near_dup"]
+    assert nd["positives"] > 100 and nd["precision"] >= 0.9 and nd["recall"] >= 0.9
+    assert nd["on_target"] == 1.0  # every drop names the row it was planted from
+    steps = data["results"]["serial"]["steps"]
+    assert steps["dedup"]["dropped"] == 150 and steps["pii"]["edited"] > 0
+    for run in ("serial", "processes"):
+        assert data["results"][run]["rows_per_s"] > 0
+    assert "rows/s" in proc.stdout and "precision" in proc.stdout
