@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -45,6 +44,7 @@ from fmhub.errors import PluginError
 from fmhub.interfaces import CleanContext, Drop, Edit
 from fmhub.rows import Batch, DataError, RowWriter, count_rows, data_format, read_batches
 from fmhub.spec import CleanPipeline, LoadedSpec, pipeline
+from fmhub.store import file_sha256
 
 REPORT_FORMATS = (".json", ".html")
 
@@ -411,7 +411,7 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
         on_start(total)
     started = time.time()
     t0 = time.perf_counter()
-    in_sha = _sha256(src) if reports else None
+    in_sha = file_sha256(src) if reports else None
     hash_all = bool(reports) and any(s.scope == "dataset" for s in steps)
     fn = functools.partial(run_batch, tuple(steps), ov, excerpt, text_columns, hash_all)
     with tempfile.TemporaryFile("w+", encoding="utf-8") if reports else contextlib.nullcontext() as spool:
@@ -434,7 +434,7 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
         if reports:
             from fmhub import clean_report
 
-            header = clean_report.header(result, loaded, pipe, in_sha, _sha256(dst), started)
+            header = clean_report.header(result, loaded, pipe, in_sha, file_sha256(dst), started)
             for path in reports:
                 spool.seek(0)
                 clean_report.write(path, header, _decisions(spool))
@@ -458,11 +458,3 @@ def _overrides(loaded: LoadedSpec, pipe: CleanPipeline, path: Optional[str], res
 def _decisions(spool) -> Iterator[dict]:
     for line in spool:
         yield json.loads(line)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

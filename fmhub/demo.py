@@ -5,7 +5,6 @@ No weights are downloaded: the model is built from a config with random weights.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fmhub.errors import FmhubError
+from fmhub.store import file_sha256
 from fmhub.units import human_bytes
 
 
@@ -36,11 +36,6 @@ def _sh(args: list[str], cwd: str) -> str:
     if proc.returncode != 0:
         raise FmhubError(f"{' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
-
-
-def _sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _dir_size(path: str) -> int:
@@ -68,7 +63,7 @@ def run(directory: str | None, console: Console) -> str:
     model = build_tiny_llama()
     model.save_pretrained(model_dir)
     ckpt = os.path.join(model_dir, "model.safetensors")
-    v0 = _sha(ckpt)
+    v0 = file_sha256(ckpt)
     _sh(["git", "add", "."], repo)
     _sh(["git", "commit", "-qm", "v0: tiny llama from config"], repo)
     console.print(f"v0 committed: {human_bytes(os.path.getsize(ckpt))} checkpoint, git stores a manifest:")
@@ -92,7 +87,7 @@ def run(directory: str | None, console: Console) -> str:
     table.add_row("checkpoint size", human_bytes(size))
     table.add_row("object store after 2 versions", f"{human_bytes(store)} ({store / size:.2f}x one checkpoint)")
     _sh(["git", "checkout", "-q", "HEAD~1", "--", "model/model.safetensors"], repo)
-    same = _sha(ckpt) == v0
+    same = file_sha256(ckpt) == v0
     table.add_row("checkout of v0 byte-identical", "yes" if same else "NO")
     reloaded = LlamaForCausalLM.from_pretrained(model_dir)
     ok = all(torch.equal(a, b) for a, b in zip(build_tiny_llama().state_dict().values(), reloaded.state_dict().values()))

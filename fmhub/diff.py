@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from fmhub.errors import CorruptCheckpoint, FmhubError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
-from fmhub.store import ObjectStore
+from fmhub.store import ObjectStore, file_sha256
 from fmhub.views import CheckpointView, TensorRef
 
 CHUNK_ELEMS = 1 << 22  # elements per side read and decoded at a time
@@ -663,7 +663,7 @@ def textconv(filename: str, store_opener: Callable[[], ObjectStore] | None = Non
                 yield _tensor_line(t.name, t.dtype, t.shape, t.oid, stats)
             return
         if sniff_format(head) is None:
-            yield f"not a checkpoint fmhub can read ({os.path.getsize(filename)} bytes, sha256:{_file_sha(filename)[:12]})"
+            yield f"not a checkpoint fmhub can read ({os.path.getsize(filename)} bytes, sha256:{file_sha256(filename)[:12]})"
             return
         fmt, layout = file_layout(f, filename)
         size = os.path.getsize(filename)
@@ -694,14 +694,6 @@ def _stream(read: Callable[[int], bytes], size: int, c: Codec, chunk_elems: int,
         if mom is not None:
             mom.add(c.values(data))
         left -= k
-
-
-def _file_sha(filename: str) -> str:
-    h = hashlib.sha256()
-    with open(filename, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------

@@ -87,6 +87,15 @@ def parse_pack_header(f: BinaryIO) -> PackHeader:
     return PackHeader(codec, base_oid, size, dt, 5 + len(name) + 64 + 12 + dtype_len)
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes (an object's oid, were it stored), read in `CHUNK` blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _is_oid(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 

@@ -366,3 +366,24 @@ def test_push_to_lfs_server_and_clone_gives_identical_bytes(drepo, lfs_server, t
         assert sha256_file(clone / p) == sha256_file(drepo / p)
     assert checkout_sha(clone, "data.jsonl", "HEAD~1") == manifest(drepo, "data.jsonl", "HEAD~1").sha256
     assert fmhub(clone, "fsck").returncode == 0
+
+
+def test_load_dataset_at_a_revision_without_touching_the_work_tree(drepo: Path):
+    from fmhub.data_at import load_dataset, materialize
+
+    v1, v2 = make_rows(200, seed=3), make_rows(200, seed=3)
+    v2[7]["text"] = "edited"
+    write_parquet(drepo / "d.parquet", v1)
+    git(drepo, "add", "d.parquet")
+    git(drepo, "commit", "-qm", "v1")
+    write_parquet(drepo / "d.parquet", v2)
+    git(drepo, "commit", "-qam", "v2")
+    before = sha256_file(drepo / "d.parquet")
+    old = load_dataset("d.parquet", rev="HEAD~1", cwd=str(drepo))
+    assert old.num_rows == 200 and old[7]["text"] == v1[7]["text"] != "edited"
+    assert load_dataset("d.parquet", cwd=str(drepo))[7]["text"] == "edited"
+    assert sha256_file(drepo / "d.parquet") == before  # the work tree is as it was
+    # the cached copy is the committed file, byte for byte (checked against a fresh checkout)
+    cached = materialize("d.parquet", "HEAD~1", cwd=str(drepo))
+    git(drepo, "checkout", "-q", "HEAD~1", "--", "d.parquet")
+    assert sha256_file(Path(cached)) == sha256_file(drepo / "d.parquet")
