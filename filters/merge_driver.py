@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from fmhub import tensors
+from fmhub import audit, tensors
 from fmhub.checkpoint import format_named
 from fmhub.errors import FmhubError, MergeConflict
 from fmhub.interfaces import TensorInfo
@@ -82,7 +82,7 @@ def merge_manifests(
             "`git config fmhub.merge.strategy NAME`; `fmhub plugins` lists them), or keep one side with "
             "`git checkout --ours/--theirs` and `git add`"
         )
-        raise MergeConflict(f"{path}: {len(problems)} tensor(s) could not be merged:\n  {shown}\n{how}")
+        raise MergeConflict(f"{path}: {len(problems)} tensor(s) could not be merged:\n  {shown}\n{how}", conflicts=len(problems))
     for side in (ours, theirs):
         if merged == side.tensors and metadata == side.metadata:
             return side  # reuse that side's header object: byte-identical to it
@@ -164,8 +164,10 @@ def _read(path: str) -> bytes:
 
 def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr: TextIO = sys.stderr) -> int:
     """Entry point for git; returns git's merge-driver exit code (0 merged, 1 conflict)."""
+    facts: dict = {}
     try:
         base_b, ours_b, theirs_b = _read(base_path), _read(ours_path), _read(theirs_path)
+        facts.update(base=audit.manifest_facts(base_b)["blob"], ours=audit.manifest_facts(ours_b)["blob"], theirs=audit.manifest_facts(theirs_b)["blob"])
         for label, data in (("ours", ours_b), ("theirs", theirs_b)):
             if not is_manifest(data):
                 raise MergeConflict(f"{pathname}: {label} is not an fmhub-stored checkpoint, so it cannot be merged tensor by tensor")
@@ -173,6 +175,7 @@ def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr:
         ours = Manifest.from_bytes(ours_b, pathname)
         theirs = Manifest.from_bytes(theirs_b, pathname)
         plan, fisher = plan_for(pathname)
+        facts["strategy"] = plan.strategy if plan is not None else None
         store = open_store()
         try:
             result = merge_manifests(base, ours, theirs, store, plan, pathname, fisher)
@@ -180,7 +183,10 @@ def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr:
             store.close()
     except FmhubError as exc:
         stderr.write(f"fmhub: merge conflict: {exc}\n" if isinstance(exc, MergeConflict) else f"fmhub: {exc}\n")
+        audit.record("merge", pathname, "conflict" if isinstance(exc, MergeConflict) else "error", {**facts, **audit.failure(exc)})
         return 1
+    merged = result.to_bytes()
     with open(ours_path, "wb") as f:
-        f.write(result.to_bytes())
+        f.write(merged)
+    audit.record("merge", pathname, "ok", {**facts, "conflicts": 0, "result": audit.manifest_facts(merged)["blob"]})
     return 0

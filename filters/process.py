@@ -13,7 +13,7 @@ from typing import BinaryIO, TextIO
 from dulwich.errors import HangupException
 from dulwich.protocol import Protocol
 
-from fmhub import checkpoint
+from fmhub import audit, checkpoint
 from fmhub.errors import FmhubError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.repo import open_store, staged_blob
@@ -106,24 +106,31 @@ class FilterServer:
             reader.drain()
             self._fail(path, f"unsupported filter command {command!r}")
 
-    def _fail(self, path: str, message: str) -> None:
+    def _fail(self, path: str, message: str, what: str = "filter", exc: BaseException | None = None) -> None:
         self.stderr.write(f"fmhub: {message}\n")
         self.stderr.flush()
         self._send_list(b"status=error")
+        self._record(what, path, "error", audit.failure(exc) if exc is not None else {"message": message})
+
+    def _record(self, what: str, path: str, decision: str, details: dict) -> None:
+        """One audit entry per file, written after git has its answer, so git goes on while the entry is synced."""
+        self._out.flush()
+        audit.record(what, path, decision, details)
 
     def _clean(self, reader: PktReader, path: str) -> None:
         try:
             result = checkpoint.clean(reader, self.store, path, previous=self._staged_manifest(path), deltas=self.deltas)
         except FmhubError as exc:
             reader.drain()
-            return self._fail(path, str(exc))
+            return self._fail(path, str(exc), "clean", exc)
         except Exception as exc:  # a bug must fail this file, not wedge git's protocol
             reader.drain()
-            return self._fail(path, f"{path}: internal error while cleaning: {exc!r}; please report it")
+            return self._fail(path, f"{path}: internal error while cleaning: {exc!r}; please report it", "clean", exc)
         self._send_list(b"status=success")
         PktWriter(self.proto, self._out).write(result)
         self.proto.write_pkt_line(None)
         self._send_list()
+        self._record("clean", path, "ok", audit.manifest_facts(result))
 
     def _staged_manifest(self, path: str) -> Manifest | None:
         """The manifest git's index holds for ``path``: clean compares against it to skip unchanged tensors."""
@@ -149,14 +156,15 @@ class FilterServer:
         except Exception as exc:
             msg = str(exc) if isinstance(exc, FmhubError) else f"{path}: internal error while smudging: {exc!r}; please report it"
             if not started:
-                return self._fail(path, msg)
+                return self._fail(path, msg, "smudge", exc)
             # content is half sent: close it, then overrule the status as the protocol allows
             self.proto.write_pkt_line(None)
-            return self._fail(path, msg)
+            return self._fail(path, msg, "smudge", exc)
         if not started:
             start()
         self.proto.write_pkt_line(None)
         self._send_list()
+        self._record("smudge", path, "ok", audit.manifest_facts(data))
 
 
 def _widen_pipes(*streams: BinaryIO) -> None:

@@ -834,6 +834,7 @@ def label(
 
             rep = labelling.run(loaded, pipeline_name, backend, workers, report, suggest, progress)
     except FmhubError as exc:
+        _pipeline_failed("label-pipeline", pipeline_name, exc)
         _fail(exc)
     if as_json:
         console.print_json(json.dumps(rep))
@@ -851,6 +852,13 @@ def label(
     for p in rep["label_model"]["redundant_pairs"]:
         console.print(f"{p['a']} and {p['b']} agree on {100 * p['agreement']:.0f}% of their votes: counted as one source", highlight=False)
     console.print(f"labelled {rep['rows']} rows -> {rep['output']}; report: {rep['report']}", highlight=False, soft_wrap=True)
+
+
+def _pipeline_failed(what: str, name: Optional[str], exc: FmhubError) -> None:
+    """A pipeline run that stopped is a run too: the audit log gets it (finished runs record themselves)."""
+    from fmhub import audit
+
+    audit.record(what, name or "", "error", audit.failure(exc))
 
 
 from typer.core import TyperGroup as _TyperGroup  # noqa: E402
@@ -891,6 +899,7 @@ def clean_run(
             res = cl.run(loaded, pipeline_name, backend=backend, workers=workers, reports=report or (), overrides=overrides,
                          progress=bar.advance, on_start=bar.start)
     except FmhubError as exc:
+        _pipeline_failed("clean-pipeline", pipeline_name, exc)
         _fail(exc)
     if as_json:
         console.print_json(json.dumps(res.to_dict()))
@@ -942,6 +951,111 @@ def clean_review(
     except FmhubError as exc:
         _fail(exc)
     console.print(f"{path}: {added} new override(s); the next `fmhub clean` respects them", highlight=False, soft_wrap=True)
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log of filter runs, pushes, fetches, merges and pipeline runs.")
+app.add_typer(audit_app, name="audit")
+
+
+def _audit_path(path: Optional[str]) -> str:
+    from fmhub import audit
+
+    return path or audit.log_path()
+
+
+def _audit_broken(res, command: str) -> None:
+    """Say where the chain breaks (line, seq, kind: never the entry), and record that it was found."""
+    from fmhub import audit
+
+    p = res.problem
+    if p.kind != "key needed":  # not tampering; and an unkeyed entry after keyed ones would itself fail later checks
+        audit.record("audit", command, "deny", {"line": p.line, "seq": p.seq, "kind": p.kind})
+    err.print(f"[red]fmhub:[/red] {res}", highlight=False, soft_wrap=True)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    anchor: Optional[str] = typer.Option(None, "--anchor", help="HASH or SEQ:HASH from `fmhub audit anchor` (or the ref it was saved to): the log must still hold it."),
+    path: Optional[str] = typer.Option(None, "--path", help="A log file to verify (default: this repository's)."),
+) -> None:
+    """Walk the whole chain; name the first entry that was edited, inserted, removed, reordered or cut (exit 1)."""
+    from fmhub import audit
+
+    try:
+        log = _audit_path(path)
+        res = audit.verify(log, audit.env_key(), audit.resolve_anchor(anchor) if anchor else None)
+    except FmhubError as exc:
+        _fail(exc)
+    if not res.ok:
+        _audit_broken(res, "verify")
+        raise typer.Exit(1)
+    if res.entries == 0 and not os.path.exists(log):
+        console.print(f"no audit log at {log} (nothing recorded yet)", highlight=False, soft_wrap=True)
+        return
+    console.print(str(res) + (" (anchor found)" if anchor else ""), highlight=False, soft_wrap=True)
+
+
+@audit_app.command("log")
+def audit_log(
+    who: Optional[str] = typer.Option(None, "--who", help="Only entries by this identity (shell patterns: '*@example.com')."),
+    what: Optional[str] = typer.Option(None, "--what", help="Only this kind: clean, smudge, push, fetch, merge, clean-pipeline, label-pipeline, access, ..."),
+    since: Optional[str] = typer.Option(None, "--since", help="ISO date/time (UTC unless given) or an age: 30m, 2h, 3d, 1w."),
+    until: Optional[str] = typer.Option(None, "--until", help="As --since."),
+    target: Optional[str] = typer.Option(None, "--target", help="Only this path, ref or remote (shell patterns)."),
+    last: Optional[int] = typer.Option(None, "-n", min=1, help="Only the last N matching entries."),
+    as_json: bool = typer.Option(False, "--json", help="Print the entries as a JSON array."),
+    path: Optional[str] = typer.Option(None, "--path", help="A log file to read (default: this repository's)."),
+) -> None:
+    """Show the entries of the audit log that match, oldest first; entries past a break in the chain are not shown (exit 1)."""
+    from rich.markup import escape
+
+    from fmhub import audit
+
+    try:
+        entries, res = audit.query(_audit_path(path), who, what, since, until, target, audit.env_key())
+    except FmhubError as exc:
+        _fail(exc)
+    if last is not None:
+        entries = entries[-last:]
+    if as_json:
+        console.print_json(json.dumps(entries, ensure_ascii=False))
+    else:
+        table = Table("seq", "time (UTC)", "who", "what", "target", "decision", "details")
+        table.columns[4].overflow = "fold"  # a path cut short with … could name another file
+        colour = {"deny": "red", "error": "red", "conflict": "yellow"}
+        for e in entries:
+            details = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}" for k, v in e["details"].items())
+            table.add_row(str(e["seq"]), e["time"][:19].replace("T", " "), escape(e["who"]), escape(e["what"]), escape(e["target"]),
+                          f"[{colour[e['decision']]}]{escape(e['decision'])}[/]" if e["decision"] in colour else escape(e["decision"]),
+                          escape(details[:120] + ("…" if len(details) > 120 else "")))
+        console.print(table)
+    if not res.ok:
+        _audit_broken(res, "log")
+        err.print("entries from there on are not shown; `fmhub audit verify` checks the whole log", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@audit_app.command("anchor")
+def audit_anchor(
+    save: bool = typer.Option(False, "--save", help="Also keep it as refs/fmhub/audit (push that ref to keep it off this machine)."),
+    path: Optional[str] = typer.Option(None, "--path", help="A log file (default: this repository's)."),
+) -> None:
+    """Print SEQ:HASH of the verified log's head; keep it elsewhere, and `verify --anchor` shows the log was not cut or rewritten since."""
+    from fmhub import audit
+
+    try:
+        res = audit.verify(_audit_path(path), audit.env_key())
+        if not res.ok:
+            _audit_broken(res, "anchor")
+            raise typer.Exit(1)
+        if res.entries == 0:
+            raise audit.AuditError("the audit log is empty: nothing to anchor yet")
+        ref = audit.save_anchor(res) if save else None
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"{res.head_seq}:{res.head_hash}", highlight=False, soft_wrap=True)
+    if ref:
+        err.print(f"saved as {ref}", highlight=False, soft_wrap=True)
 
 
 @app.command()

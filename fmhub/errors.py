@@ -46,6 +46,10 @@ class StoreWriteError(FmhubError):
 class MergeConflict(FmhubError):
     """Tensors changed differently on both sides of a merge, with no strategy to combine them."""
 
+    def __init__(self, message: str = "", conflicts: int = 1) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts  # how many tensors could not be merged (the audit log records it)
+
 
 class PluginError(FmhubError):
     """A plugin is missing or broke its hook contract."""

@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from fmhub import host, tensors
+from fmhub import audit, host, tensors
 from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError, MergeConflict
 from fmhub.views import CheckpointView, TensorRef
@@ -231,7 +231,7 @@ def merge_models(
             continue
         jobs.append((name, b, sides, strategy, opts))
     if problems:
-        raise MergeConflict(_summary(problems))
+        raise MergeConflict(_summary(problems), conflicts=len(problems))
 
     from fmhub.interfaces import TensorInfo
     from fmhub.checkpoint import format_named
@@ -257,7 +257,7 @@ def merge_models(
                     problems.append(f"{name}: {exc}")
                 actions.append((name, what))
             if problems:
-                raise MergeConflict(_summary(problems))
+                raise MergeConflict(_summary(problems), conflicts=len(problems))
     except BaseException:
         if made_dir:
             try:
@@ -369,6 +369,14 @@ class Recipe:
 
 def run_recipe(recipe: Recipe, output: str | None = None, progress: Callable[[str], None] | None = None) -> MergeReport:
     """Open every model the recipe names and merge them; PEFT adapter directories go through `fmhub.lora`."""
+    sides = {"models": recipe.models, "base": recipe.base, "strategy": recipe.plan.strategy, "into": recipe.into}
+    with audit.operation("merge", output or recipe.output or "", sides) as facts:
+        report = _run_recipe(recipe, output, progress)
+        facts.update(tensors=len(report.actions), bytes=report.bytes_written, conflicts=0)
+    return report
+
+
+def _run_recipe(recipe: Recipe, output: str | None, progress: Callable[[str], None] | None) -> MergeReport:
     from fmhub import lora
     from fmhub.views import open_view
 

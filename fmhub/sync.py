@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from dulwich.lfs import LFSPointer
 
+from fmhub import audit
 from fmhub.errors import FmhubError, ManifestError, RemoteUnavailable
 from fmhub.manifest import MAGIC, MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.repo import git, open_store, store_dir, toplevel
@@ -385,12 +386,20 @@ def upload_needed(remote: str, needed: dict[str, Needed], cwd: str | None = None
 
 def push(remote: str, lines: list[str], url: str | None = None, cwd: str | None = None, progress=None) -> Summary:
     """The pre-push hook: upload every object the pushed commits need and the server lacks."""
-    return upload_needed(remote, needed_for_push(lines, remote, cwd), cwd, url, progress)
+    with audit.operation("push", remote, {"refs": [line.split(" ")[2] for line in lines if line.count(" ") >= 3]}, cwd) as facts:
+        return _audited(facts, upload_needed(remote, needed_for_push(lines, remote, cwd), cwd, url, progress))
 
 
 def push_objects(remote: str, revs: Sequence[str], cwd: str | None = None, progress=None) -> Summary:
     """Upload the objects of the whole history of ``revs`` that the server lacks (for pushes made before `fmhub install`)."""
-    return upload_needed(remote, needed_in_history(revs, cwd), cwd, progress=progress)
+    with audit.operation("push", remote, {"revs": list(revs)}, cwd) as facts:
+        return _audited(facts, upload_needed(remote, needed_in_history(revs, cwd), cwd, progress=progress))
+
+
+def _audited(facts: dict, summary: Summary) -> Summary:
+    """Put a transfer's counts into its audit entry (the destination without credentials)."""
+    facts.update(objects=summary.count, bytes=summary.bytes, needed=summary.needed, destination=audit.redact_url(summary.destination))
+    return summary
 
 
 def download_needed(remote: str, needed: Iterable[tuple[str, int]], store: ObjectStore, cwd: str | None = None, progress=None) -> Summary:
@@ -409,12 +418,13 @@ def download_needed(remote: str, needed: Iterable[tuple[str, int]], store: Objec
 def fetch(remote: str | None = None, revs: Sequence[str] = ("HEAD",), paths: Sequence[str] = (), cwd: str | None = None, progress=None) -> Summary:
     """Download every object the checkpoints committed at ``revs`` need, so later checkouts work offline."""
     remote = remote or default_remote(cwd)
-    needed = objects_at(list(revs) or ["HEAD"], paths, cwd)
-    store = open_store(cwd)
-    try:
-        return download_needed(remote, needed, store, cwd, progress)
-    finally:
-        store.close()
+    with audit.operation("fetch", remote, {"revs": list(revs) or ["HEAD"]}, cwd) as facts:
+        needed = objects_at(list(revs) or ["HEAD"], paths, cwd)
+        store = open_store(cwd)
+        try:
+            return _audited(facts, download_needed(remote, needed, store, cwd, progress))
+        finally:
+            store.close()
 
 
 class LazyFetcher:
