@@ -275,10 +275,32 @@ def fmhub_data_backends() -> list[DataBackend]:
 
 @hookspec
 def fmhub_access_policies() -> list[AccessPolicy]:
-    """Return access policies for datasets and models.
+    """Return access policies: who may read or write which files, tensors and columns.
 
-    :return: a list of `fmhub.interfaces.AccessPolicy` objects. A request is
-        allowed when at least one policy allows it and none denies it.
+    :return: a list of `fmhub.interfaces.AccessPolicy` objects. fmhub ships
+        ``roles`` (plugins/policy_roles.py), the role-based rules of
+        ``.fmhub/policy.yaml`` (docs/policy.md).
+
+    fmhub asks every policy, through `fmhub.access`, at each place bytes flow:
+    **smudge** (one request for the file, one per tensor of a checkpoint;
+    a denied file is not materialized), **``fmhub clean``/``label``** (one
+    request per column a pipeline reads, before any row is read) and the
+    **LFS server** middleware `fmhub.lfs_policy` (one request per object of a
+    batch download and per direct object GET, with the path and tensor the
+    object belongs to, so enforcement does not rely on the client).
+
+    ``check(request)`` gets a `fmhub.interfaces.AccessRequest` and returns a
+    `fmhub.interfaces.Decision` or ``None`` (no opinion). Any deny wins; a
+    request no policy denies is allowed, so a policy that wants "deny unless
+    allowed" answers deny itself (``default: deny``). Read configuration with
+    ``request.read_file(path)`` (the repository at the governing revision);
+    cache what you parse, keyed by its content: checks run once per file and
+    tensor in git's filter process. When your configuration is broken, deny
+    (fail closed) with a reason naming ``file:line``. A deny's ``reason`` is
+    shown to the requester: never put restricted content or other users'
+    names in it; name the roles that would allow it in ``roles``. fmhub
+    records every deny (and every allow of a governed request) in the audit
+    log (``what: access``).
     """
 
 

@@ -346,17 +346,61 @@ class DataBackend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class AccessRequest:
+    """One access to decide: may ``principal`` do ``action`` (``read``/``write``) on this?
+
+    ``principal`` is the user (``FMHUB_USER``, ``git config user.email``, or
+    the user a server token maps to; ``None``: unknown). ``repo`` names the
+    repository (its work tree locally, its name on a server); ``path`` is the
+    file in it. ``tensor`` names one tensor of a checkpoint, ``column`` one
+    column of a dataset; both ``None`` means the whole file (every tensor and
+    column in it). ``oid`` is the object asked for, when there is one (server
+    downloads). ``read_file(path)`` returns a file of the repository at the
+    revision that governs (the work tree locally, the default branch on a
+    server) as bytes, or ``None``: policies read their configuration through
+    it, never from the current directory.
+    """
+
+    principal: str | None
+    action: str
+    repo: str
+    path: str | None
+    tensor: str | None = None
+    column: str | None = None
+    oid: str | None = None
+    read_file: Callable[[str], "bytes | None"] = field(default=lambda _path: None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's answer: ``allowed``; for a deny, a one-line ``reason`` safe to show the requester.
+
+    ``reason`` must not quote restricted content (tensor values, rows) nor
+    name other users; ``roles`` are the roles that would allow the request
+    (what the user should ask for). ``placeholder`` asks smudge to write the
+    manifest text instead of failing. ``where`` is the rule's ``file:line``.
+    """
+
+    allowed: bool
+    reason: str = ""
+    roles: tuple[str, ...] = ()
+    placeholder: bool = False
+    where: str = ""
+    policy: str = ""
+
+
 @runtime_checkable
 class AccessPolicy(Protocol):
-    """Decides whether ``principal`` may do ``action`` on ``resource``.
+    """Decides requests (`AccessRequest`): ``check(request)`` returns a `Decision`, or ``None`` for no opinion.
 
-    Returns ``True`` (allow), ``False`` (deny) or ``None`` (no opinion). A deny
-    from any policy wins.
+    Any deny wins; a request no policy denies is allowed. See
+    `fmhub.hookspecs.fmhub_access_policies` for where fmhub asks.
     """
 
     name: str
 
-    def check(self, principal: str, action: str, resource: str) -> bool | None:
+    def check(self, request: AccessRequest) -> Decision | None:
         ...
 
 

@@ -1,0 +1,258 @@
+"""Access checks: every installed `AccessPolicy` asked at once, any deny wins.
+
+What the rest of fmhub calls where bytes flow:
+
+* `check_smudge` (the smudge filter, before any object is fetched or written):
+  the file, then each tensor of a checkpoint; raises `AccessDenied`, or
+  returns True when the deciding rules ask for a placeholder (the manifest
+  text is written instead of the file);
+* `check_columns` (``fmhub clean``/``fmhub label``, before any row is read);
+* `check` (anything else; `fmhub.lfs_policy` on the server side).
+
+Every deny, and every allow of a request some policy governs, is recorded in
+the audit log (``what: access``). Messages say what was denied, by which rule
+(``file:line``) and which role to ask for; they never quote restricted
+content (tensor values, rows) nor name other users.
+
+With no policy installed or no policy file, a check costs one ``stat``: the
+policy list and the user's identity are looked up once per process, parsed
+policies are cached by content.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from typing import Callable, Iterable, Optional, Sequence
+
+from fmhub.errors import FmhubError
+from fmhub.interfaces import AccessRequest, Decision
+
+USER_ENV = "FMHUB_USER"
+
+
+class AccessDenied(FmhubError):
+    """A policy denied an access; the message says what, by which rule, and which role would allow it."""
+
+    def __init__(self, message: str, decision: Optional[Decision] = None) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
+# -- who, and which policies ------------------------------------------------------------
+
+
+def identity(cwd: Optional[str] = None) -> Optional[str]:
+    """The acting user: ``FMHUB_USER``, else ``git config user.email``; None when neither is set (no roles)."""
+    return os.environ.get(USER_ENV) or _git_email(os.path.abspath(cwd or "."))
+
+
+@functools.lru_cache(maxsize=8)
+def _git_email(cwd: str) -> Optional[str]:
+    try:
+        proc = subprocess.run(["git", "config", "user.email"], cwd=cwd, capture_output=True, text=True)
+    except OSError:
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def policies() -> tuple:
+    """Every installed access policy (looked up once per process)."""
+    from fmhub import host
+
+    return tuple(host.registry("access-policy").values())
+
+
+def work_tree_reader(root: str) -> Callable[[str], Optional[bytes]]:
+    """``read_file`` for a local repository: the work tree's file, else the index's (a sparse or half-done checkout)."""
+
+    def read(path: str) -> Optional[bytes]:
+        try:
+            with open(os.path.join(root, path), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return _index_blob(root, path)
+        except OSError:
+            return b"\0unreadable"  # a policy that exists but cannot be read must fail closed
+
+    return read
+
+
+@functools.lru_cache(maxsize=32)
+def _index_blob(root: str, path: str) -> Optional[bytes]:
+    try:
+        proc = subprocess.run(["git", "cat-file", "blob", f":{path}"], cwd=root, capture_output=True)
+    except OSError:
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+# -- deciding -------------------------------------------------------------------------------
+
+
+def decide(request: AccessRequest) -> tuple[Decision, bool]:
+    """The combined decision, and whether any policy had an opinion (governed requests are recorded)."""
+    allow: Optional[Decision] = None
+    for policy in policies():
+        d = policy.check(request)
+        if d is None:
+            continue
+        if not d.allowed:
+            return (d if d.policy else Decision(False, d.reason, d.roles, d.placeholder, d.where, policy.name)), True
+        allow = allow or d
+    return (allow or Decision(True)), allow is not None
+
+
+def subject(request: AccessRequest) -> str:
+    if request.tensor is not None:
+        return f"tensor {request.tensor!r} of {request.path}"
+    if request.column is not None:
+        return f"column {request.column!r} of {request.path}"
+    return request.path or request.repo
+
+
+def denial_message(request: AccessRequest, d: Decision, what: Optional[str] = None) -> str:
+    """One line: who may not do what, why (the rule's file:line), and which role to ask for; nothing restricted."""
+    who = request.principal or "an unknown user (set FMHUB_USER or `git config user.email`)"
+    msg = f"access denied: {who} may not {request.action} {what or subject(request)}"
+    if d.reason:
+        msg += f": {d.reason}"
+    if d.where and d.where not in (d.reason or ""):
+        msg += f" ({d.where})"
+    if d.roles:
+        msg += f"; ask a maintainer for role {' or '.join(repr(r) for r in d.roles)}"
+    return msg
+
+
+def record(request: AccessRequest, decision: Decision, details: Optional[dict] = None, cwd: Optional[str] = None) -> None:
+    """Record one access decision in the audit log (``what: access``); never raises."""
+    try:
+        from fmhub import audit
+    except ImportError:  # pragma: no cover - the audit log is optional
+        return
+    info = {"action": request.action, "user": request.principal or "", "repo": request.repo}
+    for key in ("tensor", "column", "oid"):
+        if getattr(request, key) is not None:
+            info[key] = getattr(request, key)
+    if decision.where:
+        info["rule"] = decision.where
+    if decision.policy:
+        info["policy"] = decision.policy
+    info.update(details or {})
+    try:
+        audit.record("access", request.path or request.repo, "allow" if decision.allowed else "deny", info, cwd=cwd)
+    except Exception:  # pragma: no cover - recording never stops the operation
+        pass
+
+
+def check(request: AccessRequest, cwd: Optional[str] = None, what: Optional[str] = None) -> Decision:
+    """Decide ``request``; raise `AccessDenied` (recorded) on a deny, return the decision otherwise."""
+    d, governed = decide(request)
+    if not d.allowed:
+        record(request, d, cwd=cwd)
+        raise AccessDenied(denial_message(request, d, what), d)
+    if governed:
+        record(request, d, cwd=cwd)
+    return d
+
+
+def _local(root: Optional[str]) -> tuple[str, Optional[str], Callable[[str], Optional[bytes]]]:
+    root = os.path.abspath(root or ".")
+    return root, identity(root), work_tree_reader(root)
+
+
+def check_smudge(path: str, tensors: Iterable[str] = (), root: Optional[str] = None, action: str = "read") -> bool:
+    """May the user materialize ``path`` (and each of its ``tensors``)? False: yes; True: only as a placeholder.
+
+    Raises `AccessDenied` (naming the first denied tensor or column) when a
+    deny does not allow a placeholder. ``root`` is the work tree (default:
+    the current directory, where git runs filters).
+    """
+    if not policies():
+        return False
+    root, who, reader = _local(root)
+    requests = [AccessRequest(who, action, root, path, read_file=reader)]
+    requests += [AccessRequest(who, action, root, path, tensor=t, read_file=reader) for t in tensors]
+    placeholder = False
+    governed_allow: Optional[tuple[AccessRequest, Decision]] = None
+    for req in requests:
+        d, governed = decide(req)
+        if not d.allowed:
+            record(req, d, {"placeholder": d.placeholder}, cwd=root)
+            if not d.placeholder:
+                raise AccessDenied(f"{path}: {denial_message(req, d)}; the file was not checked out", d)
+            placeholder = True
+        elif governed and governed_allow is None:
+            governed_allow = (req, d)
+    if governed_allow is not None and not placeholder:
+        record(*governed_allow, cwd=root)  # one allow per file, not one per tensor
+    return placeholder
+
+
+def check_columns(path: str, columns: Sequence[str], where: str, root: Optional[str] = None) -> None:
+    """May the user read ``columns`` of the data file ``path``? `AccessDenied` naming the column and ``where`` (the pipeline, spec line) if not."""
+    if not policies():
+        return
+    root, who, reader = _local(root)
+    for col in dict.fromkeys(columns):
+        req = AccessRequest(who, "read", root, path, column=col, read_file=reader)
+        d, governed = decide(req)
+        if not d.allowed:
+            record(req, d, {"pipeline": where}, cwd=root)
+            raise AccessDenied(f"{where}: {denial_message(req, d)}; no row was read", d)
+        if governed:
+            record(req, d, {"pipeline": where}, cwd=root)
+
+
+def _option_columns(steps, key: str) -> list[str]:
+    out: list[str] = []
+    for step in steps:
+        value = step.options.get(key) if isinstance(getattr(step, "options", None), dict) else None
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            out.extend(c for c in value if isinstance(c, str))
+    return out
+
+
+def check_pipeline(loaded, section: str, name: str, src: str) -> None:
+    """Before ``fmhub clean``/``fmhub label`` reads a row: may the user read the columns it uses, and its rows whole?
+
+    The columns it names (text columns, steps' and functions' ``columns``/``column``,
+    the key) are checked one by one, so the error names the column; then the
+    whole file, as a pipeline copies every column of a row to its output.
+    ``where`` in the error is ``fmhub.yaml:LINE: SECTION.NAME``.
+    """
+    if not policies():
+        return
+    pipe = getattr(loaded.spec, section)[name]
+    ds = loaded.spec.datasets.get(pipe.input)
+    if section == "clean":
+        columns = list(pipe.columns or [loaded.text_column(pipe.input)]) + _option_columns(pipe.steps, "columns")
+    else:
+        columns = [pipe.column or loaded.text_column(pipe.input)] + _option_columns(pipe.lfs, "column")
+    key = getattr(pipe, "key", None) or (ds.key if ds is not None else None)
+    if key:
+        columns.append(key)
+    root = _repo_root(loaded.root)
+    path = os.path.relpath(os.path.abspath(src), root).replace(os.sep, "/")
+    line = loaded.line((section, name, "input"))
+    where = f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
+    check_columns(path, columns, where, root)
+    who = identity(root)
+    req = AccessRequest(who, "read", root, path, read_file=work_tree_reader(root))
+    d, governed = decide(req)
+    if not d.allowed:
+        record(req, d, {"pipeline": where}, cwd=root)
+        raise AccessDenied(f"{where}: {denial_message(req, d, f'the rows of {path}')}; no row was read", d)
+
+
+@functools.lru_cache(maxsize=8)
+def _repo_root(start: str) -> str:
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=start, capture_output=True, text=True)
+    except OSError:
+        return start
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else start

@@ -1,0 +1,224 @@
+"""``.fmhub/policy.yaml``: the repository's role-based access policy, parsed with line numbers.
+
+The format (version 1) is documented in docs/policy.md. In short::
+
+    version: 1
+    default: allow            # decision when no rule matches (allow unless `deny`)
+    roles:
+      ml-core: [alice@example.com, "*@research.example.com", "@admins"]
+      admins: [root@example.com]
+    rules:                    # ordered: the first rule that matches decides
+      - allow: [read]
+        roles: [ml-core]
+        paths: ["models/*.safetensors"]
+      - deny: [read]
+        paths: ["models/*.safetensors"]
+        tensors: ["lm_head.*"]
+        placeholder: true     # smudge writes the manifest text instead of failing
+
+A rule matches a request when the action is listed, the principal holds one
+of ``roles`` (absent: everyone), the path matches one of ``paths`` (absent:
+any), the tensor one of ``tensors`` (absent: any; present: only requests
+naming a tensor) and the column one of ``columns`` (likewise). Parsing
+problems raise `PolicyError` naming ``file:line``; callers fail closed on it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fmhub.errors import FmhubError
+from fmhub.spec import SpecError, _construct, _where, format_loc
+
+POLICY_FILE = ".fmhub/policy.yaml"
+POLICY_VERSION = 1
+ACTIONS = ("read", "write")
+
+Action = Literal["read", "write"]
+
+
+class PolicyError(FmhubError):
+    """The policy file cannot be read as a policy: access it governs is denied until it is fixed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Strict):
+    allow: Optional[list[Action]] = None
+    deny: Optional[list[Action]] = None
+    roles: Optional[list[str]] = None
+    paths: Optional[list[str]] = None
+    tensors: Optional[list[str]] = None
+    columns: Optional[list[str]] = None
+    placeholder: bool = False
+
+    @model_validator(mode="after")
+    def _one_effect(self) -> "Rule":
+        if (self.allow is None) == (self.deny is None):
+            raise ValueError("a rule has exactly one of `allow: [actions]` or `deny: [actions]`")
+        if not (self.allow or self.deny):
+            raise ValueError("a rule must list at least one action (read, write)")
+        return self
+
+    @property
+    def effect(self) -> str:
+        return "allow" if self.allow is not None else "deny"
+
+    @property
+    def actions(self) -> list[str]:
+        return list(self.allow if self.allow is not None else self.deny or [])
+
+
+class PolicyModel(_Strict):
+    version: int = POLICY_VERSION
+    default: Literal["allow", "deny"] = "allow"
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PolicyModel":
+        if self.version > POLICY_VERSION:
+            raise ValueError(f"this fmhub reads policy version {POLICY_VERSION} and older; upgrade fmhub")
+        return self
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the policy says about one request: ``allow``/``deny``, the deciding rule's line (None: the default)."""
+
+    effect: str
+    line: Optional[int]
+    placeholder: bool = False
+    roles_needed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    model: PolicyModel
+    path: str
+    lines: dict
+
+    def where(self, line: Optional[int]) -> str:
+        return _where(self.path, line)
+
+    def roles_of(self, principal: Optional[str]) -> frozenset[str]:
+        """The roles ``principal`` holds (directly, by a glob like ``*@example.com``, or through ``@role``); none when unknown."""
+        if not principal:
+            return frozenset()
+        held: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for role, members in self.model.roles.items():
+                if role in held:
+                    continue
+                for m in members:
+                    if (m.startswith("@") and m[1:] in held) or (not m.startswith("@") and fnmatch.fnmatchcase(principal, m)):
+                        held.add(role)
+                        changed = True
+                        break
+        return frozenset(held)
+
+    def _matches(self, rule: Rule, roles: frozenset[str], action: str, path: Optional[str], tensor: Optional[str],
+                 column: Optional[str]) -> bool:
+        if action not in rule.actions:
+            return False
+        if rule.roles is not None and not roles.intersection(rule.roles):
+            return False
+        if rule.paths is not None and (path is None or not any(fnmatch.fnmatchcase(path, g) for g in rule.paths)):
+            return False
+        if rule.tensors is not None and (tensor is None or not any(fnmatch.fnmatchcase(tensor, g) for g in rule.tensors)):
+            return False
+        if rule.columns is not None and (column is None or column not in rule.columns):
+            return False
+        return True
+
+    def decide_one(self, principal: Optional[str], action: str, path: Optional[str], tensor: Optional[str] = None,
+                   column: Optional[str] = None) -> Verdict:
+        roles = self.roles_of(principal)
+        for i, rule in enumerate(self.model.rules):
+            if self._matches(rule, roles, action, path, tensor, column):
+                line = self.lines.get(("rules", i))
+                if rule.effect == "allow":
+                    return Verdict("allow", line)
+                return Verdict("deny", line, rule.placeholder, self._roles_allowing(action, path, tensor, column))
+        if self.model.default == "allow":
+            return Verdict("allow", None)
+        return Verdict("deny", self.lines.get(("default",)), False, self._roles_allowing(action, path, tensor, column))
+
+    def _roles_allowing(self, action: str, path: Optional[str], tensor: Optional[str], column: Optional[str]) -> tuple[str, ...]:
+        """Roles named by an allow rule for this request (what to ask for); role names only, never members."""
+        everyone = frozenset(self.model.roles)
+        for rule in self.model.rules:
+            if rule.effect == "allow" and rule.roles and self._matches(rule, everyone, action, path, tensor, column):
+                return tuple(rule.roles)
+        return ()
+
+    def columns_for(self, path: Optional[str]) -> list[str]:
+        """Columns named by rules that apply to ``path``: a whole data file holds all of them."""
+        out: list[str] = []
+        for rule in self.model.rules:
+            if rule.columns and (rule.paths is None or (path is not None and any(fnmatch.fnmatchcase(path, g) for g in rule.paths))):
+                out.extend(c for c in rule.columns if c not in out)
+        return out
+
+    def decide(self, principal: Optional[str], action: str, path: Optional[str], tensor: Optional[str] = None,
+               column: Optional[str] = None) -> tuple[Verdict, Optional[str]]:
+        """The verdict for a request, and the column that decided it when a whole data file was asked for.
+
+        A request without a column reads every column of the file: it is
+        denied when the file as such, or any column a rule names for it, is.
+        """
+        first = self.decide_one(principal, action, path, tensor, column)
+        if first.effect == "deny" or column is not None or tensor is not None:
+            return first, column
+        for col in self.columns_for(path):
+            v = self.decide_one(principal, action, path, None, col)
+            if v.effect == "deny":
+                return v, col
+        return first, None
+
+
+def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
+    """Parse and validate policy text; `PolicyError` naming ``file:line`` on any problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise PolicyError(f"{_where(path, mark.line + 1 if mark else None)}: not valid YAML: {getattr(exc, 'problem', None) or 'syntax error'}") from None
+    lines: dict = {}
+    try:
+        data = _construct(node, (), lines) if node is not None else {}
+    except SpecError as exc:
+        raise PolicyError(str(exc).replace("{path}", path)) from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{_where(path, 1)}: a policy is a mapping (version, default, roles, rules)")
+    try:
+        model = PolicyModel.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            while loc and loc not in lines and len(loc) > 1:
+                loc = loc[:-1]
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            problems.append(f"{_where(path, lines.get(tuple(err['loc'])) or lines.get(loc))}: {format_loc(tuple(err['loc'])) or 'policy'}: {msg}")
+        raise PolicyError("; ".join(problems)) from None
+    for i, rule in enumerate(model.rules):
+        for role in rule.roles or []:
+            if role not in model.roles:
+                raise PolicyError(f"{_where(path, lines.get(('rules', i, 'roles')))}: rules[{i}].roles: unknown role {role!r} (declare it under `roles:`)")
+    for role, members in model.roles.items():
+        for m in members:
+            if m.startswith("@") and m[1:] not in model.roles:
+                raise PolicyError(f"{_where(path, lines.get(('roles', role)))}: roles.{role}: unknown role {m!r}")
+    return Policy(model, path, lines)

@@ -1,0 +1,67 @@
+"""The ``roles`` access policy: role-based rules from the repository's ``.fmhub/policy.yaml`` (docs/policy.md).
+
+Reads the policy through ``request.read_file`` (the work tree locally, the
+governing revision on a server) and caches parsed policies by content, so a
+check in git's filter process costs a read of a small file. A policy that
+cannot be parsed denies every request it would govern (fail closed), with a
+reason naming ``file:line``; without a policy file it has no opinion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from fmhub import hookimpl
+from fmhub.interfaces import AccessRequest, Decision
+from fmhub.policy import POLICY_FILE, Policy, PolicyError, parse_policy
+
+
+class RolePolicy:
+    name = "roles"
+
+    def __init__(self) -> None:
+        self._parsed: dict[bytes, Policy | PolicyError] = {}
+        self._lock = threading.Lock()
+
+    def _policy(self, data: bytes) -> Policy | PolicyError:
+        key = hashlib.sha256(data).digest()
+        with self._lock:
+            hit = self._parsed.get(key)
+        if hit is None:
+            try:
+                hit = parse_policy(data.decode("utf-8"), POLICY_FILE)
+            except UnicodeDecodeError:
+                hit = PolicyError(f"{POLICY_FILE}: not UTF-8 text")
+            except PolicyError as exc:
+                hit = exc
+            with self._lock:
+                if len(self._parsed) > 64:
+                    self._parsed.clear()
+                self._parsed[key] = hit
+        return hit
+
+    def check(self, request: AccessRequest) -> Decision | None:
+        data = request.read_file(POLICY_FILE)
+        if data is None:
+            return None
+        policy = self._policy(data)
+        if isinstance(policy, PolicyError):
+            return Decision(False, f"the access policy is broken, so access is denied until it is fixed: {policy}",
+                            policy=self.name)
+        verdict, column = policy.decide(request.principal, request.action, request.path, request.tensor, request.column)
+        where = policy.where(verdict.line) if verdict.line else ""
+        if verdict.effect == "allow":
+            return Decision(True, where=where, policy=self.name)
+        if verdict.line is None or ("default",) in policy.lines and policy.lines[("default",)] == verdict.line:
+            reason = "the policy denies what no rule allows (default: deny)"
+        else:
+            reason = "restricted by the access policy"
+        if column is not None and request.column is None:
+            reason += f" (the file holds column {column!r})"
+        return Decision(False, reason, verdict.roles_needed, verdict.placeholder, where, self.name)
+
+
+@hookimpl
+def fmhub_access_policies():
+    return [RolePolicy()]
