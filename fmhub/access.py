@@ -159,8 +159,9 @@ def check(request: AccessRequest, cwd: Optional[str] = None, what: Optional[str]
 
 
 def _local(root: Optional[str]) -> tuple[str, Optional[str], Callable[[str], Optional[bytes]]]:
+    """The work tree, the user, and a reader that reads each file once for the requests of one check."""
     root = os.path.abspath(root or ".")
-    return root, identity(root), work_tree_reader(root)
+    return root, identity(root), functools.lru_cache(maxsize=8)(work_tree_reader(root))
 
 
 def check_smudge(path: str, tensors: Iterable[str] = (), root: Optional[str] = None, action: str = "read") -> bool:
@@ -241,8 +242,8 @@ def check_pipeline(loaded, section: str, name: str, src: str) -> None:
     line = loaded.line((section, name, "input"))
     where = f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
     check_columns(path, columns, where, root)
-    who = identity(root)
-    req = AccessRequest(who, "read", root, path, read_file=work_tree_reader(root))
+    _root, who, reader = _local(root)
+    req = AccessRequest(who, "read", root, path, read_file=reader)
     d, governed = decide(req)
     if not d.allowed:
         record(req, d, {"pipeline": where}, cwd=root)

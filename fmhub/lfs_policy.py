@@ -270,10 +270,21 @@ class PolicyGate:
         """None when the object may be downloaded, else the one-line reason to send (recorded)."""
         from fmhub import access
 
+        repos = list(repos)
+        known = {repo: self.index(repo).owners(oid) for repo in repos}
+        if not any(known.values()) and any(self.index(r).owners(oid) for r in self.repos if r not in known):
+            # one LFS store may serve several repositories: an object of another one is not this token's to fetch
+            req = AccessRequest(principal.user, action, ",".join(repos), None, oid=oid)
+            d = Decision(False, "the object belongs to a repository this token does not grant", policy="lfs-server")
+            if self.record and repos:
+                access.record(req, d, {"via": "lfs-server"}, cwd=self.repos[repos[0]])
+            return f"access denied: this token may not {action} object {oid}"
         first: Optional[tuple[AccessRequest, Decision]] = None
         for repo in repos:
             idx = self.index(repo)
-            owners = idx.owners(oid) or {(None, None)}
+            if any(known.values()) and not known[repo]:
+                continue  # decided by the repositories that hold it
+            owners = known[repo] or {(None, None)}
             for path, tensor in sorted(owners, key=lambda o: (o[0] or "", o[1] or "")):
                 req = AccessRequest(principal.user, action, repo, path, tensor=tensor, oid=oid, read_file=idx.read_file)
                 d, governed = access.decide(req)

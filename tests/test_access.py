@@ -351,6 +351,18 @@ def test_clone_with_unprivileged_token_cannot_download_even_if_client_lies(serve
     assert sha256_file(dest / "secret/w.safetensors") == sha256_file(tmp_path / "repo" / "secret/w.safetensors")
 
 
+def test_token_for_another_repo_cannot_reach_its_objects_through_a_shared_store(served, guarded, tmp_path):
+    server, bare = served
+    empty = tmp_path / "other.git"
+    git(tmp_path, "init", "-q", "--bare", str(empty))
+    gate = server._server.policy_gate
+    gate.repos = {**gate.repos, "other": str(empty)}  # one LFS store for two repositories
+    oid = next(iter(dict(Manifest.from_bytes(git(guarded, "show", "HEAD:secret/w.safetensors").stdout).oids())))
+    status, answer = batch(server, "other-token", [(oid, 1)], url=server.base_url + "/other.git/info/lfs")
+    assert status == 200 and answer["objects"][0]["error"]["code"] == 403
+    assert get(f"{server.base_url}/objects/{oid}", "other-token")[0] == 403
+
+
 def test_server_fails_closed_on_a_broken_policy(tmp_path):
     bare = tmp_path / "b.git"
     work = tmp_path / "w"
