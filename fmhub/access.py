@@ -168,7 +168,8 @@ def check_smudge(path: str, tensors: Iterable[str] = (), root: Optional[str] = N
     """May the user materialize ``path`` (and each of its ``tensors``)? False: yes; True: only as a placeholder.
 
     Raises `AccessDenied` (naming the first denied tensor or column) when a
-    deny does not allow a placeholder. ``root`` is the work tree (default:
+    deny does not allow a placeholder; with ``action="write"`` (the clean
+    filter, ``git add``) every deny raises. ``root`` is the work tree (default:
     the current directory, where git runs filters).
     """
     if not policies():
@@ -182,8 +183,9 @@ def check_smudge(path: str, tensors: Iterable[str] = (), root: Optional[str] = N
         d, governed = decide(req)
         if not d.allowed:
             record(req, d, {"placeholder": d.placeholder}, cwd=root)
-            if not d.placeholder:
-                raise AccessDenied(f"{path}: {denial_message(req, d)}; the file was not checked out", d)
+            if not d.placeholder or action != "read":
+                done = "the file was not checked out" if action == "read" else "the file was not stored (git add refused)"
+                raise AccessDenied(f"{path}: {denial_message(req, d)}; {done}", d)
             placeholder = True
         elif governed and governed_allow is None:
             governed_allow = (req, d)

@@ -115,7 +115,9 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
 
         data_fmt = data_format_for(path, head)
         if data_fmt is not None:  # a dataset: content-defined chunks, whatever its bytes
-            return clean_data(inp.read, data_fmt, store, path, previous).to_bytes()
+            result = clean_data(inp.read, data_fmt, store, path, previous).to_bytes()
+            _check_write(path, ())
+            return result
         names = ", ".join(f.name for f in checkpoint_formats())
         data_names = ", ".join(f"{f.name} ({' '.join('*' + e for e in f.extensions)})" for f in data_formats())
         raise CorruptCheckpoint(
@@ -129,7 +131,15 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
             store.flush()
     except StoreWriteError as exc:  # a full disk, say: name the file it struck
         raise StoreWriteError(f"{path}: {exc}") from None
+    _check_write(path, [t.name for t in manifest.tensors])
     return manifest.to_bytes()
+
+
+def _check_write(path: str, tensors) -> None:
+    """The access policy's ``write`` rules (`fmhub.access`): git gets no manifest for a file the user may not write."""
+    from fmhub.access import check_smudge
+
+    check_smudge(path, tensors, action="write")
 
 
 def _clean_checkpoint(

@@ -238,11 +238,14 @@ class PolicyGate:
     record: bool = True
     _indexes: dict = field(default_factory=dict, repr=False)
 
-    def index(self, repo: str) -> OidIndex:
+    def index(self, repo: str, refresh: bool = True) -> OidIndex:
+        """The repository's index, brought up to date with its refs (a batch refreshes once, not per object)."""
         idx = self._indexes.get(repo)
         if idx is None:
             idx = self._indexes[repo] = OidIndex(self.repos[repo])
-        idx.refresh()
+            refresh = True
+        if refresh:
+            idx.refresh()
         return idx
 
     def authenticate(self, authorization: Optional[str]) -> Principal:
@@ -266,13 +269,14 @@ class PolicyGate:
             raise GateError(403, f"access denied: this token does not grant access to repository {repo!r}")
         return [repo]
 
-    def check_object(self, principal: Principal, repos: Iterable[str], oid: str, action: str = "read") -> Optional[str]:
+    def check_object(self, principal: Principal, repos: Iterable[str], oid: str, action: str = "read",
+                     refresh: bool = True) -> Optional[str]:
         """None when the object may be downloaded, else the one-line reason to send (recorded)."""
         from fmhub import access
 
         repos = list(repos)
-        known = {repo: self.index(repo).owners(oid) for repo in repos}
-        if not any(known.values()) and any(self.index(r).owners(oid) for r in self.repos if r not in known):
+        known = {repo: self.index(repo, refresh).owners(oid) for repo in repos}
+        if not any(known.values()) and any(self.index(r, refresh).owners(oid) for r in self.repos if r not in known):
             # one LFS store may serve several repositories: an object of another one is not this token's to fetch
             req = AccessRequest(principal.user, action, ",".join(repos), None, oid=oid)
             d = Decision(False, "the object belongs to a repository this token does not grant", policy="lfs-server")
@@ -281,7 +285,7 @@ class PolicyGate:
             return f"access denied: this token may not {action} object {oid}"
         first: Optional[tuple[AccessRequest, Decision]] = None
         for repo in repos:
-            idx = self.index(repo)
+            idx = self.index(repo, refresh=False)
             if any(known.values()) and not known[repo]:
                 continue  # decided by the repositories that hold it
             owners = known[repo] or {(None, None)}
@@ -311,12 +315,14 @@ class PolicyGate:
         if batch.get("operation") != "download":
             return dict(batch), []
         keep, denied = [], []
+        for repo in self.repos:
+            self.index(repo)  # once per batch
         for obj in batch.get("objects") or []:
             oid = obj.get("oid") if isinstance(obj, dict) else None
             if not isinstance(oid, str):
                 keep.append(obj)
                 continue
-            reason = self.check_object(principal, repos, oid)
+            reason = self.check_object(principal, repos, oid, refresh=False)
             if reason is None:
                 keep.append(obj)
             else:

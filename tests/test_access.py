@@ -45,6 +45,11 @@ rules:
   - deny: [read]
     paths: ["data/*.jsonl"]
     columns: [email]
+  - allow: [write]
+    roles: [ml-core]
+  - deny: [write]
+    paths: ["secret/*"]
+    tensors: ["lm_head.*"]
 """
 
 
@@ -73,7 +78,7 @@ def template(tmp_path_factory) -> Path:
                      "GIT_AUTHOR_NAME": "fmhub tests", "GIT_AUTHOR_EMAIL": "tests@fmhub.invalid",
                      "GIT_COMMITTER_NAME": "fmhub tests", "GIT_COMMITTER_EMAIL": "tests@fmhub.invalid"}.items():
             mp.setenv(k, v)
-        mp.delenv("FMHUB_USER", raising=False)
+        mp.setenv("FMHUB_USER", ALICE)  # who may write secret/
         repo = tmp_path_factory.mktemp("template") / "repo"
         repo.mkdir()
         git(repo, "init", "-q")
@@ -159,6 +164,18 @@ def test_unknown_user_has_no_roles(guarded, monkeypatch):
     assert proc.returncode != 0
     assert "an unknown user (set FMHUB_USER" in proc.stderr.decode()
     checkout(guarded, "public/open.safetensors", None, monkeypatch, check=True)  # ungoverned files: allowed
+
+
+def test_write_rules_refuse_git_add(guarded, monkeypatch):
+    monkeypatch.setenv("FMHUB_USER", BOB)
+    save_tensors(guarded / "secret/w.safetensors", tensors(5))
+    proc = git(guarded, "add", "secret/w.safetensors", check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "access denied: bob@example.com may not write tensor 'lm_head.weight' of secret/w.safetensors" in err
+    assert "git add refused" in err and ALICE not in err
+    monkeypatch.setenv("FMHUB_USER", ALICE)
+    git(guarded, "add", "secret/w.safetensors")
 
 
 # -- (ii) datasets: smudge and pipelines -----------------------------------------------------------
