@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from fmhub import host
+from fmhub import access, audit, host
 from fmhub.clean_overrides import Overrides, load_overrides, row_hash
 from fmhub.cleaners import CleanerError
 from fmhub.errors import PluginError
@@ -384,6 +384,7 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
         raise loaded.error(("clean", name, "input"), f"input {src} does not exist")
     if os.path.realpath(src) == os.path.realpath(dst):
         raise loaded.error(("clean", name, "output"), "output is the input; fmhub clean never modifies its input: write to another path")
+    access.check_pipeline(loaded, "clean", name, src)  # columns the user may not read: refused before any row is read
     reports = list(reports) or ([loaded.resolve(pipe.report)] if pipe.report else [])
     for r in reports:
         if os.path.splitext(r)[1].lower() not in REPORT_FORMATS:
@@ -439,6 +440,9 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
                 spool.seek(0)
                 clean_report.write(path, header, _decisions(spool))
                 result.reports.append(path)
+    audit.pipeline_run("clean-pipeline", name, src, dst, {"rows_read": result.rows_read, "malformed": result.malformed, "rows_out": result.rows_out,
+                       "dropped": sum(s.dropped for s in result.steps), "edited": sum(s.edited for s in result.steps),
+                       "override_drops": result.override_drops, "backend": backend_name}, loaded.root)
     return result
 
 

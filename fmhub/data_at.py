@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from fmhub.atomic import atomic_write
+from fmhub.errors import FmhubError
 from fmhub.rows import data_format
 
 if TYPE_CHECKING:
@@ -48,8 +49,11 @@ def _blob(blob_id: str, cwd: str) -> bytes:
 
 
 def load_dataset(path: str, rev: str = "HEAD", cwd: str | None = None, **kwargs: Any) -> "datasets.Dataset":
-    """``path`` at ``rev`` as a ``datasets.Dataset`` (keyword arguments go to ``Dataset.from_json``/``from_parquet``)."""
-    import datasets
+    """``path`` at ``rev`` as a ``datasets.Dataset`` (``pip install "fmhub[data]"``; keyword arguments go to ``Dataset.from_json``/``from_parquet``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise FmhubError("load_dataset needs Hugging Face datasets: pip install 'fmhub[data]' (or use materialize() and pyarrow)") from None
 
     local = materialize(path, rev, cwd)
     if data_format(path) == "parquet":

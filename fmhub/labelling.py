@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from fmhub import access, audit
 from fmhub.errors import FmhubError
 from fmhub.interfaces import LabelContext
 from fmhub.label_model import ABSTAIN, LabelModel, LabelModelError, redundancy_weights, redundant_pairs
@@ -91,6 +92,7 @@ def prepare(loaded: LoadedSpec, name: Optional[str] = None, report: Optional[str
     inp, out = loaded.dataset_path(pipe.input), loaded.resolve(pipe.output)
     if os.path.realpath(inp) == os.path.realpath(out):
         raise loaded.error(("label", name, "output"), "output is the input file; fmhub never modifies its input: write to a new path")
+    access.check_pipeline(loaded, "label", name, inp)  # columns the user may not read: refused before any row is read
     report_path = loaded.resolve(report or pipe.report) if (report or pipe.report) else os.path.splitext(out)[0] + ".report.json"
     from fmhub import host
 
@@ -314,6 +316,8 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, backend: Optional[str] =
     rep = build_report(prep, collected, model, proba, labelled, gold, unmatched, pairs, picks, preview, replaced,
                        backend or prep.pipe.backend, {"votes": t1 - t0, "model": t2 - t1, "write": t3 - t2})
     write_report(prep.report, rep)
+    audit.pipeline_run("label-pipeline", prep.name, prep.input, prep.output, {"rows": rep["rows"], "classes": rep["labels"]["counts"],
+                       "unlabelled": rep["labels"]["unlabelled"], "malformed": collected.malformed, "backend": rep["backend"]}, loaded.root)
     return rep
 
 
