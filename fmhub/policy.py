@@ -29,11 +29,10 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fmhub.errors import FmhubError
-from fmhub.spec import SpecError, _construct, _where, format_loc
+from fmhub.spec import at_line, validate_yaml
 
 POLICY_FILE = ".fmhub/policy.yaml"
 POLICY_VERSION = 1
@@ -106,7 +105,7 @@ class Policy:
     lines: dict
 
     def where(self, line: Optional[int]) -> str:
-        return _where(self.path, line)
+        return at_line(self.path, line)
 
     def roles_of(self, principal: Optional[str]) -> frozenset[str]:
         """The roles ``principal`` holds (directly, by a glob like ``*@example.com``, or through ``@role``); none when unknown."""
@@ -188,37 +187,13 @@ class Policy:
 
 def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
     """Parse and validate policy text; `PolicyError` naming ``file:line`` on any problem."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PolicyError(f"{_where(path, mark.line + 1 if mark else None)}: not valid YAML: {getattr(exc, 'problem', None) or 'syntax error'}") from None
-    lines: dict = {}
-    try:
-        data = _construct(node, (), lines) if node is not None else {}
-    except SpecError as exc:
-        raise PolicyError(str(exc).replace("{path}", path)) from None
-    if not isinstance(data, dict):
-        raise PolicyError(f"{_where(path, 1)}: a policy is a mapping (version, default, roles, rules)")
-    try:
-        model = PolicyModel.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            while loc and loc not in lines and len(loc) > 1:
-                loc = loc[:-1]
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (a typo?)"
-            problems.append(f"{_where(path, lines.get(tuple(err['loc'])) or lines.get(loc))}: {format_loc(tuple(err['loc'])) or 'policy'}: {msg}")
-        raise PolicyError("; ".join(problems)) from None
+    model, lines = validate_yaml(text, path, PolicyModel, PolicyError, "a policy is a mapping (version, default, roles, rules)")
     for i, rule in enumerate(model.rules):
         for role in rule.roles or []:
             if role not in model.roles:
-                raise PolicyError(f"{_where(path, lines.get(('rules', i, 'roles')))}: rules[{i}].roles: unknown role {role!r} (declare it under `roles:`)")
+                raise PolicyError(f"{at_line(path, lines.get(('rules', i, 'roles')))}: rules[{i}].roles: unknown role {role!r} (declare it under `roles:`)")
     for role, members in model.roles.items():
         for m in members:
             if m.startswith("@") and m[1:] not in model.roles:
-                raise PolicyError(f"{_where(path, lines.get(('roles', role)))}: roles.{role}: unknown role {m!r}")
+                raise PolicyError(f"{at_line(path, lines.get(('roles', role)))}: roles.{role}: unknown role {m!r}")
     return Policy(model, path, lines)

@@ -154,7 +154,7 @@ class LoadedSpec:
 
     def error(self, loc: Loc, message: str) -> SpecError:
         """A `SpecError` that points at ``loc``: ``fmhub.yaml:LINE: a.b[2]: message``."""
-        return SpecError(f"{_where(self.path, self.line(loc))}: {format_loc(loc)}: {message}" if loc else f"{self.path}: {message}")
+        return SpecError(f"{at_line(self.path, self.line(loc))}: {format_loc(loc)}: {message}" if loc else f"{self.path}: {message}")
 
     def resolve(self, path: str) -> str:
         """A path written in the spec, relative to the spec's directory."""
@@ -180,7 +180,7 @@ def format_loc(loc: Loc) -> str:
     return out
 
 
-def _where(path: str, line: int | None) -> str:
+def at_line(path: str, line: int | None) -> str:
     return f"{path}:{line}" if line else path
 
 
@@ -205,23 +205,28 @@ def _scalar(node: yaml.Node) -> Any:
     return yaml.SafeLoader("").construct_object(node, deep=True)
 
 
-def parse_spec(text: str, path: str = SPEC_FILE) -> LoadedSpec:
-    """Parse and validate spec text; `SpecError` with file and line on any problem."""
+def validate_yaml(text: str, path: str, model: type[BaseModel], error: type[FmhubError], shape: str) -> tuple[Any, dict[Loc, int]]:
+    """YAML text validated by a pydantic ``model``; ``error`` naming ``path:LINE: key.path`` on any problem.
+
+    Shared by every YAML file fmhub reads (``fmhub.yaml``, ``.fmhub/policy.yaml``).
+    ``shape`` says what the top level must be, for the error when it is not a mapping.
+    Returns the model instance and the line of each key, for later errors.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = _where(path, mark.line + 1 if mark else None)
-        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        where = at_line(path, mark.line + 1 if mark else None)
+        raise error(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or 'syntax error'}") from None
     lines: dict[Loc, int] = {}
     try:
         data = _construct(node, (), lines) if node is not None else {}
     except SpecError as exc:
-        raise SpecError(str(exc).replace("{path}", path)) from None
+        raise error(str(exc).replace("{path}", path)) from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: the spec must be a mapping of sections (datasets, clean, label, ...)")
+        raise error(f"{at_line(path, 1)}: {shape}")
     try:
-        spec = Spec.model_validate(data)
+        return model.model_validate(data), lines
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -232,8 +237,14 @@ def parse_spec(text: str, path: str = SPEC_FILE) -> LoadedSpec:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (a typo?)"
-            problems.append(f"{_where(path, lines.get(tuple(err['loc'])) or lines.get(loc))}: {format_loc(tuple(err['loc']))}: {msg}")
-        raise SpecError("; ".join(problems)) from None
+            where = at_line(path, lines.get(tuple(err["loc"])) or lines.get(loc))
+            problems.append(f"{where}: {format_loc(tuple(err['loc'])) or 'top level'}: {msg}")
+        raise error("; ".join(problems)) from None
+
+
+def parse_spec(text: str, path: str = SPEC_FILE) -> LoadedSpec:
+    """Parse and validate spec text; `SpecError` with file and line on any problem."""
+    spec, lines = validate_yaml(text, path, Spec, SpecError, "the spec must be a mapping of sections (datasets, clean, label, ...)")
     # record each step's location, so plugins' option errors can point at it
     for section in ("clean", "label"):
         for name, pipe in getattr(spec, section).items():
