@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from fmhub import access, audit, host
+from fmhub import access, audit, host, licences, lineage
 from fmhub.clean_overrides import Overrides, load_overrides, row_hash
 from fmhub.cleaners import CleanerError
 from fmhub.errors import PluginError
@@ -385,6 +385,8 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
     if os.path.realpath(src) == os.path.realpath(dst):
         raise loaded.error(("clean", name, "output"), "output is the input; fmhub clean never modifies its input: write to another path")
     access.check_pipeline(loaded, "clean", name, src)  # columns the user may not read: refused before any row is read
+    lineage.check_not_excluded(src, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
+    licences.check_pipeline(loaded, "clean", name, pipe.input, src)
     reports = list(reports) or ([loaded.resolve(pipe.report)] if pipe.report else [])
     for r in reports:
         if os.path.splitext(r)[1].lower() not in REPORT_FORMATS:
@@ -443,6 +445,8 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
     audit.pipeline_run("clean-pipeline", name, src, dst, {"rows_read": result.rows_read, "malformed": result.malformed, "rows_out": result.rows_out,
                        "dropped": sum(s.dropped for s in result.steps), "edited": sum(s.edited for s in result.steps),
                        "override_drops": result.override_drops, "backend": backend_name}, loaded.root)
+    lineage.record(dst, "clean", [lineage.describe_input(src, "dataset", loaded.root) | licences.dataset_terms(loaded, pipe.input)],
+                   {"steps": [s.name for s in steps]}, pipeline=name, cwd=loaded.root)
     return result
 
 

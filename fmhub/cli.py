@@ -637,6 +637,10 @@ def finetune(
             raise FmhubError("--fisher and --keep go together")
         rep = finetune_masked(base, data, output, fisher_path=fisher_file, k_fraction=_fraction(keep) if keep else None,
                               steps=steps, lr=lr, seed=seed, batch_size=batch_size)
+        from fmhub import lineage
+
+        lineage.record(output, "finetune", [lineage.describe_input(base, "model"), lineage.describe_input(data, "dataset")],
+                       {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "keep": keep})
     except FmhubError as exc:
         _fail(exc)
     console.print(
@@ -1069,6 +1073,73 @@ def demo(
         d.run(directory, console)
     except FmhubError as exc:
         _fail(exc)
+
+
+@app.command("lineage")
+def lineage_cmd(
+    target: str = typer.Argument(..., metavar="PATH[@REV]", help="A model or dataset; @REV reads the records as committed there."),
+    as_json: bool = typer.Option(False, "--json", help="Print the graph (nodes, edges) as JSON."),
+) -> None:
+    """Show which datasets, models and pipeline steps produced PATH (from its .lineage.json records)."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    from fmhub import lineage
+
+    path, _, rev = target.rpartition("@") if "@" in target else (target, "", "")
+    try:
+        graph = lineage.walk(path, rev or None)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(graph.to_dict()))
+        return
+    inputs: dict[str, list[str]] = {}
+    for e in graph.edges:
+        inputs.setdefault(e["to"], []).append(e["from"])
+
+    def node_label(nid: str) -> str:
+        n = graph.nodes[nid]
+        step = f" [cyan]{n['step']}[/cyan]" + (f" ({escape(n['pipeline'])})" if n.get("pipeline") else "") if n["step"] else " [dim]source[/dim]"
+        return f"{escape(nid)} [dim]{n['kind']}[/dim]{step}"
+
+    def grow(tree: Tree, nid: str, seen: frozenset) -> None:
+        for child in inputs.get(nid, []):
+            branch = tree.add(node_label(child))
+            if child not in seen:  # a cycle cannot happen in committed history, but a hand-edited record could make one
+                grow(branch, child, seen | {child})
+
+    tree = Tree(node_label(graph.root))
+    grow(tree, graph.root, frozenset({graph.root}))
+    console.print(tree)
+    datasets = graph.sources("dataset")
+    console.print(f"source datasets: {', '.join(datasets) if datasets else 'none recorded'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def unlearn(
+    source: str = typer.Option(..., "--source", help="The data source to unlearn (a dataset path in this repository)."),
+    rev: Optional[str] = typer.Option(None, "--rev", help="Look only at the history of REV (default: every branch and tag)."),
+    remove: bool = typer.Option(False, "--remove", help="Also exclude SOURCE from future `fmhub clean` / `fmhub label` runs."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List every committed model version trained (directly or through a pipeline or merge) on SOURCE."""
+    from fmhub import lineage
+
+    try:
+        hits = lineage.trained_on(source, rev)
+        excluded = lineage.exclude(source) if remove else None
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"source": source, "models": hits, "excluded_in": excluded}))
+        return
+    table = Table("commit", "model", "step", title=f"model versions trained on {source}")
+    for h in hits:
+        table.add_row(h["commit"][:12], h["path"], h["step"] or "")
+    console.print(table if hits else f"no committed model version was trained on {source}", highlight=False)
+    if excluded:
+        console.print(f"excluded {source} from future pipeline runs ({excluded}); retrain or revert the models above", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from fmhub import access, audit
+from fmhub import access, audit, licences, lineage
 from fmhub.errors import FmhubError
 from fmhub.interfaces import LabelContext
 from fmhub.label_model import ABSTAIN, LabelModel, LabelModelError, redundancy_weights, redundant_pairs
@@ -93,6 +93,8 @@ def prepare(loaded: LoadedSpec, name: Optional[str] = None, report: Optional[str
     if os.path.realpath(inp) == os.path.realpath(out):
         raise loaded.error(("label", name, "output"), "output is the input file; fmhub never modifies its input: write to a new path")
     access.check_pipeline(loaded, "label", name, inp)  # columns the user may not read: refused before any row is read
+    lineage.check_not_excluded(inp, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
+    licences.check_pipeline(loaded, "label", name, pipe.input, inp)
     report_path = loaded.resolve(report or pipe.report) if (report or pipe.report) else os.path.splitext(out)[0] + ".report.json"
     from fmhub import host
 
@@ -318,6 +320,8 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, backend: Optional[str] =
     write_report(prep.report, rep)
     audit.pipeline_run("label-pipeline", prep.name, prep.input, prep.output, {"rows": rep["rows"], "classes": rep["labels"]["counts"],
                        "unlabelled": rep["labels"]["unlabelled"], "malformed": collected.malformed, "backend": rep["backend"]}, loaded.root)
+    lineage.record(prep.output, "label", [lineage.describe_input(prep.input, "dataset", loaded.root) | licences.dataset_terms(loaded, prep.pipe.input)],
+                   {"classes": list(prep.pipe.classes)}, pipeline=prep.name, cwd=loaded.root)
     return rep
 
 

@@ -370,9 +370,17 @@ class Recipe:
 def run_recipe(recipe: Recipe, output: str | None = None, progress: Callable[[str], None] | None = None) -> MergeReport:
     """Open every model the recipe names and merge them; PEFT adapter directories go through `fmhub.lora`."""
     sides = {"models": recipe.models, "base": recipe.base, "strategy": recipe.plan.strategy, "into": recipe.into}
+    from fmhub import licences
+
+    licences.check_merge([*recipe.models, *([recipe.base] if recipe.base else [])])  # before any tensor is read
     with audit.operation("merge", output or recipe.output or "", sides) as facts:
         report = _run_recipe(recipe, output, progress)
         facts.update(tensors=len(report.actions), bytes=report.bytes_written, conflicts=0)
+    from fmhub import lineage
+
+    # the parents (and base) are the inputs: `fmhub lineage` follows their own records back to their data
+    lineage.record(output or recipe.output or "", "merge", [*recipe.models, *([recipe.base] if recipe.base else [])],
+                   {"strategy": recipe.plan.strategy, "base": recipe.base, "into": recipe.into})
     return report
 
 

@@ -75,8 +75,17 @@ class Rule(_Strict):
         return list(self.allow if self.allow is not None else self.deny or [])
 
 
+class LicencePolicy(_Strict):
+    """``licences:``: what data licences models here may be trained on (fmhub.licences)."""
+
+    commercial: bool = False
+    deny: list[str] = Field(default_factory=list)
+    require_known: bool = False
+
+
 class PolicyModel(_Strict):
     version: int = POLICY_VERSION
+    licences: Optional[LicencePolicy] = None
     default: Literal["allow", "deny"] = "allow"
     roles: dict[str, list[str]] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)

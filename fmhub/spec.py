@@ -82,6 +82,8 @@ class DatasetSpec(_Strict):
     text: str = "text"
     key: Optional[str] = None
     description: str = ""
+    license: Optional[str] = Field(None, description="SPDX id of the data's licence (fmhub.licences checks mixes)")
+    consent: Optional[str] = Field(None, description="how consent to use the data was obtained, recorded in lineage")
 
 
 class CleanPipeline(_Strict):

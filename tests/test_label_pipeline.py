@@ -205,7 +205,7 @@ def test_an_interrupted_run_leaves_no_partial_output_and_runs_again(repo):
     with pytest.raises(KeyboardInterrupt):
         labelling.run(load_spec(spec), backend="serial")
     assert (repo / "out" / "labelled.jsonl").read_bytes() == good  # the last complete output, untouched
-    assert sorted(os.listdir(repo / "out")) == ["labelled.jsonl", "labelled.report.json"]  # no temp files
+    assert sorted(os.listdir(repo / "out")) == ["labelled.jsonl", "labelled.jsonl.lineage.json", "labelled.report.json"]  # no temp files
     write_spec(repo, RULES)
     labelling.run(load_spec(spec), backend="serial")
     assert (repo / "out" / "labelled.jsonl").read_bytes() == good
