@@ -139,3 +139,16 @@ def test_merge_refuses_models_whose_data_mix_incompatible_licences(repo):
     assert proc.returncode != 0 and not (repo / "merged.safetensors").exists()
     err = proc.stderr.decode()
     assert "merge refused: raw/a.jsonl (CC-BY-SA-4.0) and raw/b.jsonl (GPL-3.0) are different share-alike licences" in err
+
+
+def test_fmhub_finetune_records_its_base_and_data(repo):
+    from fmhub.demo import build_tiny_llama
+
+    build_tiny_llama(seed=3).save_pretrained(repo / "base")
+    (repo / "task.jsonl").write_text("".join(json.dumps({"text": f"{i} plus 1 is {i + 1}."}) + "\n" for i in range(8)))
+    fmhub(repo, "finetune", "base", "--data", "task.jsonl", "-o", "tuned", "--steps", "2", "--batch-size", "4")
+    rec = json.loads((repo / "tuned.lineage.json").read_text())
+    assert rec["step"] == "finetune" and rec["params"]["steps"] == 2
+    assert [(i["path"], i["kind"]) for i in rec["inputs"]] == [("base", "model"), ("task.jsonl", "dataset")]
+    graph = json.loads(fmhub(repo, "lineage", "tuned", "--json").stdout)
+    assert graph["root"] == "tuned" and {n["path"] for n in graph["nodes"]} == {"tuned", "base", "task.jsonl"}
