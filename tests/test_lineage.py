@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import fmhub, git, save_tensors
@@ -152,3 +153,25 @@ def test_fmhub_finetune_records_its_base_and_data(repo):
     assert [(i["path"], i["kind"]) for i in rec["inputs"]] == [("base", "model"), ("task.jsonl", "dataset")]
     graph = json.loads(fmhub(repo, "lineage", "tuned", "--json").stdout)
     assert graph["root"] == "tuned" and {n["path"] for n in graph["nodes"]} == {"tuned", "base", "task.jsonl"}
+
+
+def test_label_refuses_an_excluded_source_and_a_denied_licence(tmp_path):
+    from fmhub import labelling
+    from fmhub.licences import LicenceError
+    from fmhub.spec import load_spec
+
+    (tmp_path / "reviews.jsonl").write_text('{"text": "great"}\n{"text": "awful"}\n')
+    (tmp_path / "fmhub.yaml").write_text(
+        "datasets:\n  reviews: {path: reviews.jsonl, license: GPL-3.0}\n"
+        "label:\n  s:\n    input: reviews\n    output: out/l.jsonl\n    classes: [neg, pos]\n"
+        "    lfs:\n      - keyword: {words: [great], label: pos}\n      - keyword: {words: [awful], label: neg}\n")
+    spec = str(tmp_path / "fmhub.yaml")
+    (tmp_path / ".fmhub").mkdir()
+    (tmp_path / ".fmhub" / "policy.yaml").write_text("licences: {deny: [GPL-3.0]}\n")
+    with pytest.raises(LicenceError, match="label.s: reviews is GPL-3.0, which the licence policy denies"):
+        labelling.run(load_spec(spec), backend="serial")
+    (tmp_path / ".fmhub" / "policy.yaml").unlink()
+    lineage.exclude(str(tmp_path / "reviews.jsonl"), cwd=str(tmp_path))
+    with pytest.raises(lineage.ExcludedSource, match="reviews.jsonl was removed with `fmhub unlearn --remove`"):
+        labelling.run(load_spec(spec), backend="serial")
+    assert not (tmp_path / "out").exists()
