@@ -596,6 +596,11 @@ def sparsify(
 
     try:
         rep = su.sparse_update(base, finetuned, fisher_file, output, _fraction(keep))
+        from fmhub import lineage
+
+        # the fine-tune's own record leads `fmhub lineage` on to its data
+        lineage.record(output, "sparsify", [lineage.describe_input(base, "model"), lineage.describe_input(finetuned, "model")],
+                       {"keep": keep, "fisher": fisher_file})
         losses = None
         if data:
             losses = [(name, su.eval_loss(path, data)) for name, path in (("base", base), ("fine-tune", finetuned), ("sparse", output))]

@@ -73,6 +73,10 @@ def test_fisher_masked_fine_tune_commits_as_a_small_delta(repo, tmp_path):
     losses = dict(re.findall(r"(base|fine-tune|sparse)\s+│\s+([\d.]+)", report))
     assert set(losses) == {"base", "fine-tune", "sparse"}
     assert float(losses["fine-tune"]) < float(losses["base"])
+    # provenance: the sparse update leads back through the fine-tune to its data
+    graph = json.loads(fmhub(tmp_path, "lineage", str(sparse), "--json").stdout)
+    sources = {Path(n["path"]).name for n in graph["nodes"] if n.get("step") is None}
+    assert {Path(str(data)).name, Path(str(base_copy)).name} <= sources, graph
 
 
 def test_a_fisher_file_for_another_model_is_refused_and_nothing_written(tmp_path):
