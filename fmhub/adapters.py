@@ -111,7 +111,12 @@ def add(adapter_dir: str, base: str, rev: str = "HEAD", cwd: str | None = None) 
     body = json.dumps({"version": SIDECAR_VERSION, "base": ref.to_json()}, indent=2, sort_keys=True) + "\n"
     with atomic_write(os.path.join(top, adapter_rel, SIDECAR)) as f:
         f.write(body.encode())
-    git("add", "--", adapter_rel, cwd=top)
+    from fmhub import lineage
+
+    # so `fmhub lineage` / `fmhub unlearn` follow an adapter to its base model (and on to that model's data)
+    record = lineage.record(adapter_rel, "adapter", [lineage.describe_input(f"{sha}:{base_rel}", "model", top)],
+                            {"rank": int(adapter.config.get("r", 0))}, cwd=top)
+    git("add", "--", adapter_rel, os.path.relpath(record, top), cwd=top)
     return _info(adapter_rel, ref, adapter.config, adapter.updates)
 
 

@@ -68,8 +68,12 @@ def sparse_commit(path: str, message: str, fisher: str, keep: float, data: str |
         os.replace(out, weights)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    git("-c", "fmhub.deltas=true", "add", "--", rel, cwd=top)
-    git("commit", "-q", "-m", message, "--", rel, cwd=top)
+    from fmhub import lineage
+
+    inputs = [lineage.describe_input(f"{base_rev}:{rel}", "model", top), lineage.describe_input(fisher, "model", os.getcwd())]
+    record = os.path.relpath(lineage.record(rel, "sparsify", inputs, {"keep": keep, "fisher": fisher}, cwd=top), top)
+    git("-c", "fmhub.deltas=true", "add", "--", rel, record, cwd=top)
+    git("commit", "-q", "-m", message, "--", rel, record, cwd=top)
     report = CommitReport([rel], git("rev-parse", "HEAD", cwd=top).strip(), rep.kept_fraction, losses=losses)
     new = Manifest.from_bytes(blob_at("HEAD", rel, top), rel)
     old = Manifest.from_bytes(blob_at(base_rev, rel, top), rel).by_name()

@@ -54,11 +54,13 @@ def test_add_records_the_base_revision_and_ls_sees_the_base_move(based):
     assert side["base"]["path"] == "base" and side["base"]["revision"] == base_commit
     assert list(side["base"]["files"]) == [WEIGHTS]
     staged = git(based, "diff", "--cached", "--name-only").stdout.decode().split()
-    assert {"ad1/adapter_config.json", "ad1/adapter_model.safetensors", "ad1/fmhub-adapter.json"} <= set(staged)
+    assert {"ad1/adapter_config.json", "ad1/adapter_model.safetensors", "ad1/fmhub-adapter.json", "ad1.lineage.json"} <= set(staged)
     assert staged_manifest(based, "ad1/adapter_model.safetensors").tensors  # stored by fmhub, tensor by tensor
     git(based, "commit", "-qm", "adapter")
     [info] = json.loads(fmhub(based, "adapter", "ls", "--rev", "HEAD", "--json").stdout)
     assert (info["path"], info["rank"], info["base_now"]) == ("ad1", 4, "same")
+    graph = json.loads(fmhub(based, "lineage", "ad1@HEAD", "--json").stdout)
+    assert {(n["path"], n.get("rev")) for n in graph["nodes"] if n.get("step") is None} == {("base", base_commit)}
 
     # the base moves on: the adapter was trained on the old one
     sd = load_file(str(based / WEIGHTS))

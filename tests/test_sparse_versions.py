@@ -114,6 +114,10 @@ def test_commit_sparse_stores_the_top_k_update_and_reports_quality(repo, tmp_pat
                 "--data", str(data)).stdout.decode()
     assert git(repo, "log", "-1", "--format=%s").stdout.decode().strip() == "sparse fine-tune"
     assert git(repo, "status", "--porcelain").stdout == b""
+    record = json.loads(git(repo, "show", f"HEAD:model/{CKPT}.lineage.json").stdout)  # committed with the weights
+    base_commit = git(repo, "rev-parse", "HEAD~1").stdout.decode().strip()
+    assert record["step"] == "sparsify" and record["inputs"][0] == {"path": f"model/{CKPT}", "rev": base_commit,
+                                                                     "blob": record["inputs"][0]["blob"], "kind": "model"}
     stored = re.search(r"\(([\d.]+)%\)", out).group(1)
     assert float(stored) < 3.0, out  # sparse deltas: a few % of the changed tensors' bytes
     losses = dict(re.findall(r"(base|dense|sparse)\s+│\s+([\d.]+)", out))
