@@ -7,6 +7,8 @@ What the rest of fmhub calls where bytes flow:
   returns True when the deciding rules ask for a placeholder (the manifest
   text is written instead of the file);
 * `check_columns` (``fmhub clean``/``fmhub label``, before any row is read);
+* `pipeline_rows` (``fmhub clean``/``fmhub label``): a `RowGate` withholding
+  the rows ``rows:`` rules keep from the user, as batches are read;
 * `check` (anything else; `fmhub.lfs_policy` on the server side).
 
 Every deny, and every allow of a request some policy governs, is recorded in
@@ -250,6 +252,58 @@ def check_pipeline(loaded, section: str, name: str, src: str) -> None:
     if not d.allowed:
         record(req, d, {"pipeline": where}, cwd=root)
         raise AccessDenied(f"{where}: {denial_message(req, d, f'the rows of {path}')}; no row was read", d)
+
+
+class RowGate:
+    """Rows of one pipeline input the user may not read, withheld as batches are read (row-level security).
+
+    Built once per run by `pipeline_rows`; `filter` wraps `fmhub.rows.read_batches`
+    so withheld rows reach no step, function, output or report, while the
+    other rows keep their file positions. ``withheld`` counts the last pass.
+    """
+
+    def __init__(self, readable: Callable[[dict], bool], request: AccessRequest, where: str, root: str) -> None:
+        self.readable = readable
+        self.request = request
+        self.where = where
+        self.root = root
+        self.withheld = 0
+
+    def filter(self, batches: Iterable):
+        from fmhub.rows import Batch
+
+        self.withheld = 0
+        for batch in batches:
+            keep = [i for i, row in enumerate(batch.rows) if self.readable(row)]
+            if len(keep) == len(batch.rows):
+                yield batch
+                continue
+            self.withheld += len(batch.rows) - len(keep)
+            yield Batch([batch.positions[i] for i in keep], [batch.rows[i] for i in keep], batch.errors)
+
+    def record(self) -> None:
+        """One audit record per run with the count (never one per row, never a row's content)."""
+        if self.withheld:
+            record(self.request, Decision(False, "rows withheld by policy", policy="roles"),
+                   {"pipeline": self.where, "rows_withheld": self.withheld}, cwd=self.root)
+
+
+def pipeline_rows(loaded, section: str, name: str, src: str) -> Optional[RowGate]:
+    """The rows of ``src`` the user may not read in pipeline ``section.name``: a `RowGate`, None when no policy withholds any."""
+    pols = [p for p in policies() if hasattr(p, "row_filter")]
+    if not pols:
+        return None
+    root = _repo_root(loaded.root)
+    path = os.path.relpath(os.path.abspath(src), root).replace(os.sep, "/")
+    root, who, reader = _local(root)
+    req = AccessRequest(who, "read", root, path, read_file=reader)
+    preds = [f for f in (p.row_filter(req) for p in pols) if f is not None]
+    if not preds:
+        return None
+    readable = preds[0] if len(preds) == 1 else (lambda row: all(f(row) for f in preds))
+    line = loaded.line((section, name, "input"))
+    where = f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
+    return RowGate(readable, req, where, root)
 
 
 @functools.lru_cache(maxsize=8)

@@ -126,6 +126,7 @@ class CleanResult:
     rows_read: int = 0
     malformed: int = 0
     override_drops: int = 0
+    withheld: int = 0  # rows the access policy withheld from this user (a count, nothing else)
     rows_out: int = 0
     seconds: float = 0.0
     steps: list[StepStats] = field(default_factory=list)
@@ -385,6 +386,7 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
     if os.path.realpath(src) == os.path.realpath(dst):
         raise loaded.error(("clean", name, "output"), "output is the input; fmhub clean never modifies its input: write to another path")
     access.check_pipeline(loaded, "clean", name, src)  # columns the user may not read: refused before any row is read
+    gate = access.pipeline_rows(loaded, "clean", name, src)  # rows the user may not read: withheld as they are read
     lineage.check_not_excluded(src, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
     licences.check_pipeline(loaded, "clean", name, pipe.input, src)
     reports = list(reports) or ([loaded.resolve(pipe.report)] if pipe.report else [])
@@ -420,11 +422,13 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
     with tempfile.TemporaryFile("w+", encoding="utf-8") if reports else contextlib.nullcontext() as spool:
         state = Run(steps, result, spool, text_columns, excerpt)
         with RowWriter(dst) as writer:
-            for out in engine.map_batches(fn, read_batches(src, pipe.batch_size), workers):
+            batches = read_batches(src, pipe.batch_size)
+            for out in engine.map_batches(fn, gate.filter(batches) if gate else batches, workers):
                 writer.write(state.apply(out))
                 if progress:
                     progress(len(out.positions) + len(out.errors))
-            if result.rows_read == 0 and result.malformed == 0:
+            result.withheld = gate.withheld if gate else 0
+            if result.rows_read == 0 and result.malformed == 0 and not result.withheld:
                 raise DataError(f"{src} holds no rows (only blank lines): there is nothing to clean")
         result.seconds = time.perf_counter() - t0
         if result.rows_out == 0:
@@ -444,7 +448,9 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
                 result.reports.append(path)
     audit.pipeline_run("clean-pipeline", name, src, dst, {"rows_read": result.rows_read, "malformed": result.malformed, "rows_out": result.rows_out,
                        "dropped": sum(s.dropped for s in result.steps), "edited": sum(s.edited for s in result.steps),
-                       "override_drops": result.override_drops, "backend": backend_name}, loaded.root)
+                       "override_drops": result.override_drops, "withheld": result.withheld, "backend": backend_name}, loaded.root)
+    if gate:
+        gate.record()
     lineage.record(dst, "clean", [lineage.describe_input(src, "dataset", loaded.root) | licences.dataset_terms(loaded, pipe.input)],
                    {"steps": [s.name for s in steps]}, pipeline=name, cwd=loaded.root)
     return result

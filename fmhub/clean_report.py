@@ -40,6 +40,7 @@ def header(result: Any, loaded: Any, pipe: Any, in_sha: str | None, out_sha: str
         "seconds": res["seconds"],
         "rows_per_s": res["rows_per_s"],
         "dropped_by_override": result.override_drops,
+        "withheld_by_policy": getattr(result, "withheld", 0),  # a count only: withheld rows leave no other trace
         "steps": res["steps"],
         "overrides": result.overrides,
         "warnings": list(result.warnings),

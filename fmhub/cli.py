@@ -860,6 +860,8 @@ def label(
         err.print(f"[yellow]warning:[/yellow] skipped {bad['count']} malformed row(s) (first: {bad['first'][0]['error']})", highlight=False, soft_wrap=True)
     for p in rep["label_model"]["redundant_pairs"]:
         console.print(f"{p['a']} and {p['b']} agree on {100 * p['agreement']:.0f}% of their votes: counted as one source", highlight=False)
+    if rep.get("withheld_by_policy"):
+        console.print(f"{rep['withheld_by_policy']} row(s) withheld by policy (not read, not labelled, not written)", highlight=False)
     console.print(f"labelled {rep['rows']} rows -> {rep['output']}; report: {rep['report']}", highlight=False, soft_wrap=True)
 
 
@@ -937,6 +939,8 @@ def _print_clean_summary(res) -> None:
     console.print(table)
     console.print(f"{res.rows_out} of {res.rows_read + res.malformed} rows kept -> {escape(res.output)} "
                   f"({res.seconds:.2f} s, {res.rows_per_s:,.0f} rows/s, {escape(res.backend)} x{res.workers})", highlight=False, soft_wrap=True)
+    if res.withheld:
+        console.print(f"{res.withheld} row(s) withheld by policy (not read, not written)", highlight=False)
     for path in res.reports:
         console.print(f"report: {escape(path)}", highlight=False, soft_wrap=True)
 

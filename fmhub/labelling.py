@@ -33,7 +33,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from fmhub import access, audit, licences, lineage
 from fmhub.errors import FmhubError
@@ -67,6 +67,12 @@ class Prepared:
     context: LabelContext
     specs: list[LFSpec]
     key: Optional[str]
+    gate: Optional[access.RowGate] = None  # rows the access policy withholds from this user (both passes skip them alike)
+
+    def batches(self) -> Iterator[Batch]:
+        """The input's batches, less the rows the user may not read (their positions stay those of the file)."""
+        batches = read_batches(self.input, self.pipe.batch_size)
+        return self.gate.filter(batches) if self.gate else batches
 
 
 @dataclass
@@ -118,7 +124,8 @@ def prepare(loaded: LoadedSpec, name: Optional[str] = None, report: Optional[str
         if seen[display] > 1:  # two entries with the same words, say: keep names unique in the report
             display = f"{display} #{seen[display]}"
         specs.append(LFSpec(step.name, options, display, bool(getattr(lf, "in_driver", False))))
-    return Prepared(name, pipe, loaded, inp, out, report_path, context, specs, pipe.key or (ds.key if ds else None))
+    return Prepared(name, pipe, loaded, inp, out, report_path, context, specs, pipe.key or (ds.key if ds else None),
+                    access.pipeline_rows(loaded, "label", name, inp))
 
 
 def collect_votes(prep: Prepared, backend: Optional[str] = None, workers: Optional[int] = None,
@@ -143,7 +150,7 @@ def collect_votes(prep: Prepared, backend: Optional[str] = None, workers: Option
     state = {"checked": False}
 
     def feed():
-        for batch in read_batches(prep.input, pipe.batch_size):
+        for batch in prep.batches():
             if batch.rows and needs_column and not state["checked"]:
                 state["checked"] = True
                 if not any(ctx.column in row for row in batch.rows):
@@ -317,7 +324,11 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, backend: Optional[str] =
     t3 = time.monotonic()
     rep = build_report(prep, collected, model, proba, labelled, gold, unmatched, pairs, picks, preview, replaced,
                        backend or prep.pipe.backend, {"votes": t1 - t0, "model": t2 - t1, "write": t3 - t2})
+    if prep.gate:
+        rep["withheld_by_policy"] = prep.gate.withheld  # a count only: withheld rows leave no other trace
     write_report(prep.report, rep)
+    if prep.gate:
+        prep.gate.record()
     audit.pipeline_run("label-pipeline", prep.name, prep.input, prep.output, {"rows": rep["rows"], "classes": rep["labels"]["counts"],
                        "unlabelled": rep["labels"]["unlabelled"], "malformed": collected.malformed, "backend": rep["backend"]}, loaded.root)
     lineage.record(prep.output, "label", [lineage.describe_input(prep.input, "dataset", loaded.root) | licences.dataset_terms(loaded, prep.pipe.input)],
@@ -338,7 +349,7 @@ def write_output(prep: Prepared, collected: Collected, proba, is_gold, wanted: s
     replaced = 0
     r = done = 0
     with RowWriter(prep.output) as writer:
-        for batch in read_batches(prep.input, prep.pipe.batch_size):
+        for batch in prep.batches():
             n = len(batch.rows)
             if not np.array_equal(np.asarray(batch.positions, dtype=np.int64), collected.positions[r:r + n]):
                 raise LabelError(f"{prep.input} changed while it was being labelled; run again")

@@ -6,7 +6,7 @@ Two layers, usable apart:
   ``Authorization`` header (``Bearer TOKEN``, or HTTP Basic with the token as
   password) to a `Principal` through a tokens file; ``check_repo`` refuses a
   token for another repository; ``check_object`` decides one object download
-  with every installed `fmhub.interfaces.AccessPolicy`, knowing which path
+  (``read``) or upload (``write``) with every installed `fmhub.interfaces.AccessPolicy`, knowing which path
   (and tensor) the object belongs to from an `OidIndex` of the bare
   repository's manifests; ``filter_batch`` splits a batch request into the
   objects to pass on and per-object 403 errors, per the LFS batch API.
@@ -271,12 +271,12 @@ class PolicyGate:
 
     def check_object(self, principal: Principal, repos: Iterable[str], oid: str, action: str = "read",
                      refresh: bool = True) -> Optional[str]:
-        """None when the object may be downloaded, else the one-line reason to send (recorded)."""
+        """None when the object may be downloaded (``read``) or uploaded (``write``), else the one-line reason to send (recorded)."""
         from fmhub import access
 
         repos = list(repos)
         known = {repo: self.index(repo, refresh).owners(oid) for repo in repos}
-        if not any(known.values()) and any(self.index(r, refresh).owners(oid) for r in self.repos if r not in known):
+        if action == "read" and not any(known.values()) and any(self.index(r, refresh).owners(oid) for r in self.repos if r not in known):
             # one LFS store may serve several repositories: an object of another one is not this token's to fetch
             req = AccessRequest(principal.user, action, ",".join(repos), None, oid=oid)
             d = Decision(False, "the object belongs to a repository this token does not grant", policy="lfs-server")
@@ -284,6 +284,7 @@ class PolicyGate:
                 access.record(req, d, {"via": "lfs-server"}, cwd=self.repos[repos[0]])
             return f"access denied: this token may not {action} object {oid}"
         first: Optional[tuple[AccessRequest, Decision]] = None
+        allowed: Optional[tuple[AccessRequest, Decision]] = None
         for repo in repos:
             idx = self.index(repo, refresh=False)
             if any(known.values()) and not known[repo]:
@@ -293,10 +294,18 @@ class PolicyGate:
                 req = AccessRequest(principal.user, action, repo, path, tensor=tensor, oid=oid, read_file=idx.read_file)
                 d, governed = access.decide(req)
                 if d.allowed:
-                    if governed and self.record:
-                        access.record(req, d, {"via": "lfs-server"}, cwd=self.repos[repo])
-                    return None
+                    if action == "read":  # reading: any place that allows it will do (the bytes are the same)
+                        if governed and self.record:
+                            access.record(req, d, {"via": "lfs-server"}, cwd=self.repos[repo])
+                        return None
+                    allowed = allowed or ((req, d) if governed else None)
+                    continue
                 first = first or (req, d)
+        if first is None and action == "write" and repos:
+            # writing: every place the object is known at must allow it (one denied tensor is enough to refuse)
+            if allowed is not None and self.record:
+                access.record(*allowed, {"via": "lfs-server"}, cwd=self.repos[allowed[0].repo])
+            return None
         if first is None:
             return "access denied: no repository"
         req, d = first
@@ -311,9 +320,18 @@ class PolicyGate:
         return msg
 
     def filter_batch(self, principal: Principal, repos: list[str], batch: Mapping[str, Any]) -> tuple[dict, list[dict]]:
-        """(the batch to pass on, with denied objects removed; response entries for the denied ones)."""
-        if batch.get("operation") != "download":
+        """(the batch to pass on, with denied objects removed; response entries for the denied ones).
+
+        A download needs ``read`` on some place the object is stored. An upload
+        needs ``write``: where the object is already indexed, on those
+        paths/tensors; a new object's path is unknown until its ref is pushed,
+        so it is decided as the repository as a whole (``default``, rules
+        without ``paths`` or over ``*``/``**``).
+        """
+        operation = batch.get("operation")
+        if operation not in ("download", "upload"):
             return dict(batch), []
+        action = "read" if operation == "download" else "write"
         keep, denied = [], []
         for repo in self.repos:
             self.index(repo)  # once per batch
@@ -322,7 +340,7 @@ class PolicyGate:
             if not isinstance(oid, str):
                 keep.append(obj)
                 continue
-            reason = self.check_object(principal, repos, oid, refresh=False)
+            reason = self.check_object(principal, repos, oid, action, refresh=False)
             if reason is None:
                 keep.append(obj)
             else:
@@ -430,8 +448,15 @@ def policy_handler(base: type) -> type:
             super().do_GET()
 
         def do_PUT(self) -> None:
-            if self._admit("write") is not None:
-                super().do_PUT()
+            admitted = self._admit("write")
+            if admitted is None:
+                return
+            oid = self.path.rstrip("/").rsplit("/", 1)[-1]
+            if "/objects/" in self.path and len(oid) == 64:  # a direct PUT must not skip the batch's write check
+                reason = self._gate().check_object(admitted[0], admitted[1], oid, "write")
+                if reason is not None:
+                    return self._refuse(403, reason)
+            super().do_PUT()
 
     PolicyHandler.__name__ = PolicyHandler.__qualname__ = f"Policy{base.__name__}"
     return PolicyHandler

@@ -19,7 +19,8 @@ The format (version 1) is documented in docs/policy.md. In short::
 A rule matches a request when the action is listed, the principal holds one
 of ``roles`` (absent: everyone), the path matches one of ``paths`` (absent:
 any), the tensor one of ``tensors`` (absent: any; present: only requests
-naming a tensor) and the column one of ``columns`` (likewise). Parsing
+naming a tensor) and the column one of ``columns`` (likewise). Rules with
+``rows: {column, values}`` govern single rows only (`Policy.row_filter`). Parsing
 problems raise `PolicyError` naming ``file:line``; callers fail closed on it.
 """
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,6 +50,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RowMatch(_Strict):
+    """``rows: {column: NAME, values: [...]}``: the rule governs the rows whose ``column`` holds one of ``values``."""
+
+    column: str
+    values: list[Union[str, int, float, bool, None]] = Field(min_length=1)
+
+
 class Rule(_Strict):
     allow: Optional[list[Action]] = None
     deny: Optional[list[Action]] = None
@@ -56,6 +64,7 @@ class Rule(_Strict):
     paths: Optional[list[str]] = None
     tensors: Optional[list[str]] = None
     columns: Optional[list[str]] = None
+    rows: Optional[RowMatch] = None
     placeholder: bool = False
 
     @model_validator(mode="after")
@@ -136,12 +145,14 @@ class Policy:
 
     def _matches(self, rule: Rule, roles: frozenset[str], action: str, path: Optional[str], tensor: Optional[str],
                  column: Optional[str]) -> bool:
-        if action not in rule.actions:
+        if action not in rule.actions or rule.rows is not None:  # row rules govern rows (`row_filter`), never whole files
             return False
         if rule.roles is not None and not roles.intersection(rule.roles):
             return False
         if rule.paths is not None and (path is None or not any(fnmatch.fnmatchcase(path, g) for g in rule.paths)):
-            return False
+            # no path (a server's new object, not yet pushed under one): only rules over every path apply
+            if not (path is None and any(g in ("*", "**") for g in rule.paths)):
+                return False
         if rule.tensors is not None and (tensor is None or not any(fnmatch.fnmatchcase(tensor, g) for g in rule.tensors)):
             return False
         if rule.columns is not None and (column is None or column not in rule.columns):
@@ -169,6 +180,42 @@ class Policy:
                 return tuple(rule.roles)
         return ()
 
+    def row_filter(self, principal: Optional[str], path: Optional[str]) -> Optional[Callable[[dict], bool]]:
+        """Which rows of ``path`` may ``principal`` read: a predicate (True: readable), None when no row rule could deny one.
+
+        Row rules (those with ``rows:``) are tried in order, the first whose
+        roles, paths and row values match decides; a row no row rule matches
+        is governed by the file's verdict (already checked).
+        """
+        roles = self.roles_of(principal)
+        tests: list[tuple[str, frozenset, bool]] = []
+        allowed_before: dict[str, set] = {}
+        for rule in self.model.rules:
+            if rule.rows is None or "read" not in rule.actions or rule.tensors is not None or rule.columns is not None:
+                continue
+            if rule.roles is not None and not roles.intersection(rule.roles):
+                continue
+            if rule.paths is not None and (path is None or not any(fnmatch.fnmatchcase(path, g) for g in rule.paths)):
+                continue
+            values = frozenset(_hashable(v) for v in rule.rows.values)
+            if rule.effect == "allow":
+                allowed_before.setdefault(rule.rows.column, set()).update(values)
+            else:  # values an earlier allow already let through never reach this deny
+                values = values - allowed_before.get(rule.rows.column, set())
+                if not values:
+                    continue
+            tests.append((rule.rows.column, values, rule.effect == "allow"))
+        if not any(not allowed for _c, _v, allowed in tests):
+            return None  # nothing here withholds a row: the normal path costs nothing
+
+        def readable(row: dict) -> bool:
+            for column, values, allowed in tests:
+                if _hashable(row.get(column)) in values:
+                    return allowed
+            return True
+
+        return readable
+
     def columns_for(self, path: Optional[str]) -> list[str]:
         """Columns named by rules that apply to ``path``: a whole data file holds all of them."""
         out: list[str] = []
@@ -192,6 +239,11 @@ class Policy:
             if v.effect == "deny":
                 return v, col
         return first, None
+
+
+def _hashable(value: Any) -> Any:
+    # True == 1 in a set: keep a tagged `true` from matching a row's 1 (and lists/dicts from raising)
+    return (type(value).__name__, value) if isinstance(value, (str, int, float, bool, type(None))) else ("other", repr(value))
 
 
 def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:

@@ -61,6 +61,16 @@ class RolePolicy:
             reason += f" (the file holds column {column!r})"
         return Decision(False, reason, verdict.roles_needed, verdict.placeholder, where, self.name)
 
+    def row_filter(self, request: AccessRequest):
+        """The rows of ``request.path`` the principal may read (a predicate), None when no row rule withholds any."""
+        data = request.read_file(POLICY_FILE)
+        if data is None:
+            return None
+        policy = self._policy(data)
+        if isinstance(policy, PolicyError):
+            return lambda _row: False  # fail closed (check() has already refused the file; this is belt and braces)
+        return policy.row_filter(request.principal, request.path)
+
 
 @hookimpl
 def fmhub_access_policies():

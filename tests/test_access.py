@@ -222,6 +222,56 @@ def test_restricted_column_blocks_dataset_smudge_and_clean(guarded, monkeypatch)
     assert not (guarded / "out/l.jsonl").exists()
 
 
+ROW_RULES = """\
+  - allow: [read]
+    roles: [pii-readers]
+    rows: {column: tier, values: [restricted]}
+  - deny: [read]
+    paths: ["tickets/*"]
+    rows: {column: tier, values: [restricted]}
+"""
+
+
+def test_rows_tagged_restricted_are_withheld_from_clean_and_label(guarded, monkeypatch):
+    policy = guarded / ".fmhub/policy.yaml"
+    policy.write_text(policy.read_text().replace("rules:\n", "rules:\n" + ROW_RULES, 1))
+    rows = [{"text": f"SECRET-TICKET-{i} fine" if i % 4 == 1 else f"ticket {i} fine", "tier": "restricted" if i % 4 == 1 else "open"}
+            for i in range(12)]
+    (guarded / "tickets").mkdir()
+    (guarded / "tickets/t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (guarded / "fmhub.yaml").write_text(
+        "datasets:\n  tickets: {path: tickets/t.jsonl}\n"
+        "clean:\n  web:\n    input: tickets\n    output: out/t.clean.jsonl\n    backend: serial\n    report: out/t.report.json\n"
+        "    steps:\n      - pii: {}\n"
+        "label:\n  kind:\n    input: tickets\n    output: out/t.labels.jsonl\n    classes: [a, b]\n    backend: serial\n"
+        "    lfs:\n      - keyword: {words: [fine], label: a}\n"
+    )
+    monkeypatch.setenv("FMHUB_USER", BOB)
+    proc = fmhub(guarded, "clean", "web")
+    out = (guarded / "out/t.clean.jsonl").read_text()
+    report = (guarded / "out/t.report.json").read_text()
+    assert len(out.splitlines()) == 9 and "SECRET-TICKET" not in out and "restricted" not in out
+    assert "SECRET-TICKET" not in report and json.loads(report)["withheld_by_policy"] == 3
+    assert "3 row(s) withheld by policy" in proc.stdout.decode() + proc.stderr.decode()
+    withheld = [e for e in audit_entries(guarded) if (e.get("details") or e).get("rows_withheld") or "rows_withheld" in json.dumps(e)]
+    assert len(withheld) == 1 and "SECRET-TICKET" not in json.dumps(withheld)
+    proc = fmhub(guarded, "label", "kind")
+    labelled = (guarded / "out/t.labels.jsonl").read_text()
+    assert len(labelled.splitlines()) == 9 and "SECRET-TICKET" not in labelled
+    rep = json.loads((guarded / "out/t.labels.report.json").read_text())
+    assert rep["withheld_by_policy"] == 3 and "SECRET-TICKET" not in json.dumps(rep)
+    monkeypatch.setenv("FMHUB_USER", ALICE)  # pii-readers (through ml-core): every row
+    fmhub(guarded, "clean", "web")
+    assert len((guarded / "out/t.clean.jsonl").read_text().splitlines()) == 12
+    assert json.loads((guarded / "out/t.report.json").read_text())["withheld_by_policy"] == 0
+    fmhub(guarded, "label", "kind")
+    assert len((guarded / "out/t.labels.jsonl").read_text().splitlines()) == 12
+    # a checkout is unaffected: files are whole, path rules govern them
+    p = parse_policy(policy.read_text())
+    assert p.decide(BOB, "read", "tickets/t.jsonl")[0].effect == "allow"
+    assert p.row_filter(ALICE, "tickets/t.jsonl") is None and p.row_filter(BOB, "other/t.jsonl") is None
+
+
 # -- (iv) a broken policy fails closed ---------------------------------------------------------------
 
 
@@ -239,6 +289,7 @@ def test_malformed_policy_fails_closed_with_file_and_line(guarded, monkeypatch):
     ("rules:\n  - allow: [read]\n    deny: [read]\n", ".fmhub/policy.yaml:2: rules[0]: a rule has exactly one of"),
     ("default: maybe\n", ".fmhub/policy.yaml:1: default:"),
     ("rules:\n  - allow: [delete]\n", ".fmhub/policy.yaml:2: rules[0].allow[0]:"),
+    ("rules:\n  - deny: [read]\n    rows: {column: tier}\n", ".fmhub/policy.yaml:3: rules[0].rows.values:"),
 ])
 def test_policy_errors_name_file_and_line(text, where):
     with pytest.raises(PolicyError) as info:
@@ -336,6 +387,43 @@ def test_server_denies_restricted_objects_per_object(served, guarded):
     # recorded in the server repo's audit log
     log = [json.loads(line) for line in (bare / "fmhub" / "audit.log").read_text().splitlines()]
     assert any(e["what"] == "access" and e["decision"] == "deny" and e["details"]["user"] == BOB for e in log)
+
+
+def upload(server, token: str, oids: list[tuple[str, int]]):
+    body = json.dumps({"operation": "upload", "transfers": ["basic"], "objects": [{"oid": o, "size": s} for o, s in oids]}).encode()
+    req = urllib.request.Request(server.url + "/objects/batch", data=body, method="POST", headers={
+        "Content-Type": "application/vnd.git-lfs+json", "Accept": "application/vnd.git-lfs+json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return {o["oid"]: o for o in json.loads(resp.read())["objects"]}
+
+
+def test_server_checks_write_rules_on_upload_per_object(served, guarded, monkeypatch):
+    server, bare = served
+    secret = dict(Manifest.from_bytes(git(guarded, "show", "HEAD:secret/w.safetensors").stdout).oids())
+    head = secret  # lm_head's bytes are also public/model's lm_head (bob may write there): one denied place is enough
+    new = ("ab" * 32, 7)  # an object no manifest names yet: its path is unknown to the server
+    # indexed under a tensor bob may not write (secret/* lm_head.*): 403 for it alone; a new object: decided by the repo (allowed)
+    answer = upload(server, "bob-token", [*head.items(), new])
+    lm_head = [o for o in head if answer[o].get("error")]
+    assert lm_head and all(answer[o]["error"]["code"] == 403 and "actions" not in answer[o] for o in lm_head)
+    assert "error" not in answer[new[0]]
+    assert all("error" not in o for o in upload(server, "alice-token", [*head.items(), new]).values())
+    # a policy that denies writing every path to non-members: bob's token is read-only, per object
+    policy = guarded / ".fmhub/policy.yaml"
+    policy.write_text(policy.read_text() + "  - deny: [write]\n    paths: [\"**\"]\n")
+    monkeypatch.setenv("FMHUB_USER", ALICE)  # the clean filter checks alice's write rules on commit
+    git(guarded, "add", ".fmhub/policy.yaml")
+    git(guarded, "commit", "-qm", "read-only for non-members")
+    monkeypatch.setenv("FMHUB_LFS_AUTHORIZATION", "Bearer alice-token")
+    git(guarded, "push", "-q", "origin", "main")
+    answer = upload(server, "bob-token", [new, *secret.items()])
+    assert all(o["error"]["code"] == 403 and "may not write" in o["error"]["message"] for o in answer.values())
+    assert SECRET_ROW not in json.dumps(answer)
+    assert all("error" not in o and "actions" in o for o in upload(server, "alice-token", [new]).values())
+    put = urllib.request.Request(f"{server.url}/objects/{new[0]}", data=b"x" * 7, method="PUT", headers={"Authorization": "Bearer bob-token"})
+    with pytest.raises(urllib.error.HTTPError) as info:  # skipping the batch API: the same check
+        urllib.request.urlopen(put, timeout=10)
+    assert info.value.code == 403 and b"may not write object" in info.value.read()
 
 
 def test_server_refuses_bad_tokens_whole(served, guarded):
