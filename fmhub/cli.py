@@ -1151,6 +1151,93 @@ def unlearn(
         console.print(f"excluded {source} from future pipeline runs ({excluded}); retrain or revert the models above", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def serve(
+    base: str = typer.Option(..., "--base", help="The base model: a directory, or PATH@REV in this repository."),
+    adapters: List[str] = typer.Option(None, "--adapters", help="PATH[@REV] of an adapter or a directory of adapters, or NAME=PATH[@REV]; repeat or comma-separate."),
+    declared: Optional[str] = typer.Option(None, "--declared", help="Also serve the adapters recorded with `fmhub adapter add` at this revision."),
+    backend_name: str = typer.Option("local", "--backend", help="The serving backend (`fmhub plugins`): local, vllm."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Rows decoding together."),
+    gpu_slots: int = typer.Option(8, "--gpu-slots", help="Adapters active on the device at once."),
+    cpu_cache_mb: float = typer.Option(2048, "--cpu-cache-mb", help="Warm tier: adapters in host memory."),
+    disk_cache_mb: float = typer.Option(20480, "--disk-cache-mb", help="Cold tier: adapters materialized from the store."),
+    eviction: str = typer.Option("lru", "--eviction", help="lru or lfu, for every tier."),
+    cycle_time: float = typer.Option(0.5, "--cycle-time", help="Seconds an adapter keeps its slot while others wait for one."),
+    max_lora_rank: int = typer.Option(64, "--max-lora-rank"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens (default: the model's)."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Default: .git/fmhub/serve-cache."),
+    admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="FMHUB_ADMIN_TOKEN", help="Required by the admin API (fmhub deploy)."),
+    export_only: Optional[str] = typer.Option(None, "--export-only", help="vllm: write the model, adapters and launch script to DIR, start nothing."),
+) -> None:
+    """Serve BASE with many LoRA adapters over an OpenAI-compatible HTTP API (`model` names the adapter)."""
+    from fmhub.serving import sources
+    from fmhub.serving.backends import backend
+    from fmhub.serving.config import ServeConfig
+
+    try:
+        specs = sources.parse_adapters(adapters or [])
+        base_src = sources.parse_source(base)
+        if declared:
+            known = {a.name for a in specs}
+            specs += [a for a in sources.declared_adapters(declared, base_src) if a.name not in known]
+        config = ServeConfig(base_src, specs, host, port, device, dtype, max_batch, gpu_slots, cpu_cache_mb, disk_cache_mb,
+                             eviction, cycle_time, max_lora_rank, max_model_len, cache_dir=cache_dir,
+                             admin_token=admin_token).check()
+        chosen = backend(backend_name)
+        if export_only:
+            if not hasattr(chosen, "export"):
+                raise FmhubError(f"the {backend_name} backend has nothing to export; --export-only is for backends that hand serving to another engine")
+            plan = chosen.export(config, export_only)
+            console.print(f"wrote {export_only}: start it with {getattr(plan, 'script', export_only)}", highlight=False, soft_wrap=True)
+            return
+        handle = chosen.serve(config)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"serving {base} with {len(specs)} adapter(s) at {handle.url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
+    handle.wait()
+
+
+@app.command()
+def deploy(
+    url: str = typer.Option(..., "--url", help="The running server, e.g. http://127.0.0.1:8000."),
+    rev: str = typer.Option("HEAD", "--rev", help="Serve the adapters recorded (fmhub adapter add) at this revision."),
+    base: Optional[str] = typer.Option(None, "--base", help="Only the adapters of this base path."),
+    adapters: List[str] = typer.Option(None, "--adapters", help="Serve these instead (PATH[@REV], NAME=PATH[@REV])."),
+    backend_name: str = typer.Option("local", "--backend"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="FMHUB_ADMIN_TOKEN"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Hot-swap a running server to the adapters declared at REV: new ones load, changed ones swap, removed ones go."""
+    from fmhub.serving import sources
+    from fmhub.serving.backends import backend
+
+    try:
+        if adapters:
+            specs = sources.parse_adapters(adapters)
+        else:
+            specs = sources.declared_adapters(rev, sources.parse_source(f"{base}@{rev}") if base else None)
+        report = backend(backend_name).deploy(url, specs, token)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(report.to_json()))
+        return
+    table = Table("change", "adapters", title=f"deployed {rev} to {url}")
+    for what in ("added", "updated", "removed", "unchanged"):
+        names = getattr(report, what)
+        if names:
+            table.add_row(what, ", ".join(names))
+    for name, why in report.failed.items():
+        table.add_row("failed", f"{name}: {why}")
+    console.print(table)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")
     app()

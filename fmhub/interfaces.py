@@ -8,7 +8,12 @@ a plugin returns any object with these attributes, no base class needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from fmhub.serving.config import ServeConfig
+    from fmhub.serving.deploy import DeployReport
+    from fmhub.serving.sources import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -405,10 +410,26 @@ class AccessPolicy(Protocol):
 
 
 @runtime_checkable
+class ServerHandle(Protocol):
+    """A running server, as a serving backend's ``serve`` returns it."""
+
+    url: str  # where clients reach it, e.g. http://127.0.0.1:8000
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C stops it)."""
+
+    def stop(self) -> None:
+        """Stop serving: finish nothing new, close connections, free the model. Idempotent."""
+
+
+@runtime_checkable
 class ServingBackend(Protocol):
-    """Serves one base model with many adapters."""
+    """Serves one base model with many adapters; see `fmhub.hookspecs.fmhub_serving_backends`."""
 
     name: str
 
-    def start(self, base_model: str, options: Mapping[str, Any]) -> Any:
-        """Load ``base_model`` and return a server handle."""
+    def serve(self, config: "ServeConfig") -> ServerHandle:
+        """Start serving ``config`` (a `fmhub.serving.config.ServeConfig`) and return once it answers."""
+
+    def deploy(self, url: str, adapters: "list[AdapterSpec]", token: str | None = None) -> "DeployReport":
+        """Make the server at ``url`` serve exactly ``adapters``, without a restart (a `fmhub.serving.deploy.DeployReport`)."""

@@ -1,0 +1,1 @@
+"""Serving one base model with many adapters: sources, the adapter cache, the batching engine, the HTTP API, deploys."""

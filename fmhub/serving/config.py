@@ -1,0 +1,69 @@
+"""What a serving backend is asked to serve, and how: one object every backend reads.
+
+``fmhub serve`` builds a `ServeConfig` from its options; a ``serve:`` section
+of ``fmhub.yaml`` (docs/serving.md) gives the same keys. Backends take what
+applies to them and say so when an option means nothing to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fmhub.errors import FmhubError
+from fmhub.serving.sources import AdapterSpec, Source
+
+EVICTION = ("lru", "lfu")
+
+
+@dataclass
+class ServeConfig:
+    """One base model, the adapters to serve on it, and the server's limits.
+
+    Sizes are in MiB. ``gpu_slots`` is how many adapters the device holds at
+    once (the *active set*; on a CPU-only machine "gpu" is the compute device);
+    ``cpu_cache_mb`` the warm tier in host memory; ``disk_cache_mb`` the cold
+    tier of adapters materialized from the fmhub store. ``cycle_time`` is how
+    long (seconds) an adapter keeps its slot while requests for adapters
+    outside the active set wait: small swaps often (lower latency for rare
+    adapters), large keeps batches full (higher throughput).
+    """
+
+    base: Source
+    adapters: list[AdapterSpec] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
+    max_batch: int = 32  # rows decoding together
+    gpu_slots: int = 8
+    cpu_cache_mb: float = 2048.0
+    disk_cache_mb: float = 20480.0
+    eviction: str = "lru"
+    cycle_time: float = 0.5
+    max_lora_rank: int = 64
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_tokens_default: int = 16
+    cache_dir: str | None = None  # cold tier; default <git dir>/fmhub/serve-cache or a temp dir
+    admin_token: str | None = None  # required by the admin API (hot swap) when set
+    base_name: str = "base"  # the ``model`` that means "no adapter"
+    backend_options: dict[str, Any] = field(default_factory=dict)  # anything backend-specific
+
+    def check(self) -> "ServeConfig":
+        if self.eviction not in EVICTION:
+            raise FmhubError(f"eviction {self.eviction!r}: use one of {', '.join(EVICTION)}")
+        for name in ("max_batch", "gpu_slots", "max_lora_rank", "port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "port" else 1):
+                raise FmhubError(f"{name.replace('_', '-')} must be a positive whole number, not {value!r}")
+        for name in ("cpu_cache_mb", "disk_cache_mb", "cycle_time"):
+            if getattr(self, name) < 0:
+                raise FmhubError(f"{name.replace('_', '-')} must not be negative")
+        names = [a.name for a in self.adapters]
+        if self.base_name in names:
+            raise FmhubError(f"an adapter is named {self.base_name!r}, the name of the bare base model; rename it")
+        return self
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("base", "adapters")]

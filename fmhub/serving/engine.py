@@ -1,0 +1,468 @@
+"""Continuous multi-adapter batching: one base model, rows of many adapters decoding in one batch.
+
+One engine thread owns the model. Each turn of its loop it
+
+1. admits waiting requests, oldest first, into the free rows of the batch:
+   a request whose adapter is on the device joins at once; one whose adapter
+   is warm takes a free slot (the adapter is copied in); one whose adapter is
+   cold starts a load in the loader thread and waits, without holding up
+   anyone behind it (see `fmhub.serving.cache.DeviceSlots` for how a slot is
+   taken from an adapter whose turn, ``cycle_time``, is over);
+2. prefills the admitted prompts together and joins them to the batch;
+3. runs one decode step for every row at once, each row through its own
+   adapter (`fmhub.serving.multilora`), and streams each row's token to its
+   request; finished, cancelled and disconnected rows leave the batch.
+
+Requests are submitted from any thread (`Engine.submit`) and read back as a
+stream of events (`Request.events`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from fmhub.errors import FmhubError
+from fmhub.serving.batch import Forward, RunningBatch
+from fmhub.serving.cache import AdapterCache, DeviceSlots, Entry, ServeError, Slot
+from fmhub.serving.config import ServeConfig
+from fmhub.serving.metrics import Metrics
+from fmhub.serving.model import Loaded, load_base
+from fmhub.serving.multilora import LoraBank, factors_from
+from fmhub.serving.sources import AdapterSpec
+
+log = logging.getLogger("fmhub.serve")
+MAX_PREFILL_TOKENS = 8192  # per engine turn, so a burst of long prompts cannot stall the decoding rows for long
+
+
+@dataclass
+class GenParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class Request:
+    """One generation: submitted by a client thread, decoded by the engine, read back through ``events``."""
+
+    id: str
+    prompt: list[int]
+    params: GenParams
+    adapter: str  # the name the client asked for
+    entry: Entry | None  # None: the bare base model
+    arrival: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)
+    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    slot: Slot | None = None
+    first_token: float | None = None
+    finish_reason: str | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, or a stop string seen); the engine drops the row at its next turn."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def stream(self, timeout: float | None = None) -> Iterator[tuple]:
+        """``("token", id)`` events, then one ``("done", finish_reason)`` or ``("error", ServeError)``."""
+        while True:
+            event = self.events.get(timeout=timeout)
+            yield event
+            if event[0] != "token":
+                return
+
+    def result(self, timeout: float | None = None) -> tuple[list[int], str]:
+        """All tokens and the finish reason (raises the request's ServeError)."""
+        out = []
+        for event in self.stream(timeout):
+            if event[0] == "token":
+                out.append(event[1])
+            elif event[0] == "error":
+                raise event[1]
+            else:
+                return out, event[1]
+        raise AssertionError("unreachable")
+
+
+class Engine:
+    """The serving engine of the built-in backend; see the module doc."""
+
+    def __init__(self, config: ServeConfig, loaded: Loaded | None = None, metrics: Metrics | None = None) -> None:
+        self.config = config.check()
+        self.metrics = metrics or Metrics()
+        self.cache_dir = config.cache_dir or _default_cache_dir(config)
+        self.loaded = loaded or load_base(config.base, self.cache_dir, config.device, config.dtype, config.max_model_len)
+        self.model, self.device = self.loaded.model, self.loaded.device
+        self.bank = LoraBank(self.model, config.gpu_slots, config.max_lora_rank)
+        self.slots = DeviceSlots(config.gpu_slots, config.cycle_time, config.eviction)
+        self.cache = AdapterCache(os.path.join(self.cache_dir, "adapters"), config.cpu_cache_mb, config.disk_cache_mb,
+                                  config.eviction, self._load_factors, self._wake, self.metrics)
+        self.cache.in_use = self._keys_in_use
+        self.cache.set_adapters(config.adapters, replace=True)
+        self.forward = Forward(self.model)
+        self.batch = RunningBatch()
+        self.waiting: list[Request] = []
+        self.vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._stop = False
+        self._declare_gauges()
+        self._thread = threading.Thread(target=self._run, name="fmhub-engine", daemon=True)
+        self._thread.start()
+
+    # -- client side ------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: GenParams, adapter: str | None = None) -> Request:
+        """Queue a generation; raises `ServeError` for what can be refused at once (unknown adapter, over-long prompt)."""
+        if self._stop:
+            raise ServeError(503, "the server is shutting down", "server_error")
+        name = adapter or self.config.base_name
+        entry = None if name == self.config.base_name else self.cache.get(name)
+        if entry is not None and entry.state == "error":
+            if entry.error.status >= 500 and entry.error.status != 507:
+                self.cache.retry(entry)  # maybe passing (a disk or fetch error): the next request tries again
+            else:
+                raise entry.error
+        self.check_prompt(prompt, params.max_tokens)
+        req = Request(f"cmpl-{next(self._ids)}", list(prompt), params, name, entry)
+        if params.temperature > 0:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
+        with self._cv:
+            if entry is not None:
+                entry.waiters += 1
+            self.waiting.append(req)
+            self._cv.notify_all()
+        self.metrics.inc("fmhub_requests_total", "Requests accepted, by adapter.", adapter=name)
+        return req
+
+    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+        if not prompt:
+            raise ServeError(400, "the prompt is empty", param="prompt")
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise ServeError(400, f"token id {bad!r} is outside the model's vocabulary (0..{self.vocab - 1})", param="prompt")
+        if max_tokens < 1:
+            raise ServeError(400, f"max_tokens must be at least 1, not {max_tokens}", param="max_tokens")
+        limit = self.loaded.max_len
+        if len(prompt) + max_tokens > limit:
+            raise ServeError(400, f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)} "
+                                  f"and max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+                             param="prompt" if len(prompt) >= limit else "max_tokens")
+
+    def set_adapters(self, specs: list[AdapterSpec], replace: bool = True) -> dict[str, list[str]]:
+        """Serve these adapters from now on (a deploy); rows decoding keep the version they started with."""
+        with self._cv:
+            report = self.cache.set_adapters(specs, replace)
+            self._cv.notify_all()
+        return report
+
+    def adapters(self) -> list[dict]:
+        """Every served adapter: name, version, source, where it is (gpu/cpu/disk/cold) and any load error."""
+        on_device = {s.entry.key: s for s in self.slots.slots if s.entry is not None}
+        out = []
+        for name, e in sorted(self.cache.current.items()):
+            if e.key in on_device:
+                tier = "gpu"
+            elif e.state == "cpu":
+                tier = "cpu"
+            elif e.source.rev is None or self.cache.disk.holds(e.version):
+                tier = "disk"
+            else:
+                tier = "store"
+            out.append({"name": name, "version": e.version, "source": e.source.label, "tier": tier, "state": e.state,
+                        "uses": e.uses, "error": str(e.error) if e.error else None})
+        return out
+
+    def health(self) -> dict:
+        return {"status": "ok" if self._thread.is_alive() else "stopped", "base": self.config.base.label,
+                "device": str(self.device), "adapters": len(self.cache.current), "running": len(self.batch),
+                "waiting": len(self.waiting), "slots": [s.entry.name if s.entry else None for s in self.slots.slots]}
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        self.cache.close()
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _keys_in_use(self) -> set[str]:
+        keys = {s.entry.key for s in self.slots.slots if s.entry is not None and s.rows}
+        keys.update(r.entry.key for r in list(self.waiting) if r.entry is not None)
+        return keys
+
+    def _load_factors(self, entry: Entry, path: str) -> dict:
+        from fmhub import lora
+
+        adapter = lora.load_adapter(path)
+        _check_recorded_base(entry, path, self.config)
+        factors = factors_from(adapter, self.loaded.dtype, pin=self.device.type == "cuda")
+        self.bank.check(entry.name, factors)
+        return factors
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not len(self.batch):
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                if len(self.batch):
+                    self._decode()
+                elif not admitted:
+                    with self._cv:  # everyone waits for a load: sleep until a loader or a client wakes us
+                        self._cv.wait(timeout=0.05)
+                self.cache.collect()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, never the server
+                log.exception("decode step failed")
+                self._fail_running(ServeError(500, f"generation failed: {exc.__class__.__name__}: {exc}", "server_error"))
+        self._fail_running(ServeError(503, "the server is shutting down", "server_error"))
+        with self._cv:
+            for r in self.waiting:
+                r.events.put(("error", ServeError(503, "the server is shutting down", "server_error")))
+            self.waiting.clear()
+
+    def _admit(self) -> list[Request]:
+        room = self.config.max_batch - len(self.batch)
+        budget = MAX_PREFILL_TOKENS
+        admitted: list[Request] = []
+        want_slot: set[str] = set()
+        # adapters loaded ahead of a free slot: as many as there are slots, so the warm tier is not filled with
+        # adapters whose turn is far off (and evicted again before it comes)
+        self._prefetch = self.config.gpu_slots - self.cache.loading
+        with self._cv:
+            queue_now = list(self.waiting)
+        for r in queue_now:
+            if r.cancelled:
+                self._leave_queue(r)
+                continue
+            if r.entry is not None and r.entry.retired and not self._rebind(r):
+                continue
+            # a request that cannot join now still counts as demand: its adapter is prefetched and may claim a slot
+            admit = room > 0 and (not admitted or len(r.prompt) <= budget)
+            slot = None
+            if r.entry is not None:
+                slot = self._slot_for(r, want_slot, admit)
+                if slot is None:
+                    continue
+                slot.rows += 1
+                slot.uses += 1
+                slot.last_used = time.monotonic()
+                r.entry.touch()
+            elif not admit:
+                continue
+            r.slot = slot
+            self._leave_queue(r)
+            admitted.append(r)
+            room -= 1
+            budget -= len(r.prompt)
+        if want_slot:
+            self.slots.drain_for(len(want_slot))
+        else:
+            self.slots.undrain()
+        return admitted
+
+    def _rebind(self, r: Request) -> bool:
+        """A queued request for an adapter a deploy replaced gets the new version (or an error, if it was removed)."""
+        current = self.cache.current.get(r.adapter)
+        with self._cv:
+            r.entry.waiters -= 1
+            if current is None:
+                self.waiting.remove(r)
+                r.events.put(("error", ServeError(404, f"adapter {r.adapter!r} was removed by a deploy", param="model")))
+                return False
+            current.waiters += 1
+            r.entry = current
+        return True
+
+    def _slot_for(self, r: Request, want_slot: set[str], admit: bool) -> Slot | None:
+        """The slot ``r`` decodes with, claimed now if ``admit``; else None, noting in ``want_slot`` an adapter that waits for one."""
+        e = r.entry
+        slot = self.slots.admissible(e)
+        if slot is not None:
+            if not admit:
+                return None
+            if slot.rows == 0:
+                self.metrics.cache_event("gpu", "hit")
+            return slot
+        if self.slots.find(e) is not None:  # its turn is over: it waits while others get a slot
+            return None
+        if e.state == "error":
+            with self._cv:
+                e.waiters -= 1
+                self.waiting.remove(r)
+            r.events.put(("error", e.error))
+            return None
+        if e.state != "cpu":
+            if e.state == "cold":
+                if self._prefetch <= 0:
+                    return None
+                self._prefetch -= 1
+            self.cache.ensure_warm(e)
+            return None
+        free = self.slots.free_slot()
+        if free is None:
+            want_slot.add(e.key)
+            return None
+        if not admit:
+            return None
+        factors = e.factors
+        if factors is None:  # evicted from the warm tier in the meantime: load again
+            e.state = "cold"
+            self.cache.ensure_warm(e)
+            return None
+        self.bank.load(free.index, factors)
+        self.slots.assign(free, e)
+        self.metrics.cache_event("gpu", "miss")
+        return free
+
+    def _leave_queue(self, r: Request) -> None:
+        with self._cv:
+            self.waiting.remove(r)
+            if r.entry is not None:
+                r.entry.waiters -= 1
+
+    def _slot_index(self, r: Request) -> int:
+        return r.slot.index if r.slot is not None else self.bank.none_slot
+
+    def _prefill(self, rows: list[Request]) -> None:
+        ids, mask, positions = RunningBatch.prefill_inputs([r.prompt for r in rows], self.loaded.pad, self.device)
+        self.bank.select([self._slot_index(r) for r in rows], self.device)
+        start = time.monotonic()
+        logits, kv = self.forward(ids, mask, positions, None)
+        self.metrics.observe("fmhub_prefill_seconds", "Time of one prefill of the requests admitted together.", time.monotonic() - start)
+        self.batch.join(kv, mask, rows)
+        self._emit(self._sample(logits, rows), offset=len(self.batch) - len(rows))
+
+    def _decode(self) -> None:
+        rows = self.batch.rows
+        last = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long, device=self.device)
+        ids, mask, positions = self.batch.step_inputs(last)
+        self.bank.select([self._slot_index(r) for r in rows], self.device)
+        start = time.monotonic()
+        logits, kv = self.forward(ids, mask, positions, self.batch.kv)
+        self.batch.advance(kv, mask)
+        self.metrics.observe("fmhub_decode_step_seconds", "Time of one decode step of the whole batch.", time.monotonic() - start)
+        self.metrics.inc("fmhub_decode_steps_total", "Decode steps run.")
+        self._emit(self._sample(logits, rows), offset=0)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
+        out = logits.argmax(-1)
+        for i, r in enumerate(rows):
+            if r.params.temperature > 0:
+                out[i] = _sample_row(logits[i].float(), r.params, r.generator)
+        return out.tolist()
+
+    def _emit(self, tokens: list[int], offset: int) -> None:
+        """Hand each row its token; finished and cancelled rows leave the batch."""
+        now = time.monotonic()
+        keep = list(range(offset))
+        rows = self.batch.rows
+        for i, tok in enumerate(tokens):
+            r = rows[offset + i]
+            reason = None
+            if r.cancelled:
+                reason = "cancelled"
+            elif not r.params.ignore_eos and tok in self.loaded.eos or tok in r.params.stop_ids:
+                reason = "stop"
+            else:
+                r.tokens.append(tok)
+                r.events.put(("token", tok))
+                if r.first_token is None:
+                    r.first_token = now
+                    self.metrics.observe("fmhub_time_to_first_token_seconds", "Arrival to first token.", now - r.arrival, adapter=r.adapter)
+                if len(r.tokens) >= r.params.max_tokens or len(r.prompt) + len(r.tokens) >= self.loaded.max_len:
+                    reason = "length"
+            if reason is None:
+                keep.append(offset + i)
+            else:
+                self._finish(r, reason, now)
+        self.metrics.inc("fmhub_generated_tokens_total", "Tokens generated.", float(len(tokens)))
+        self.batch.keep(keep)
+
+    def _finish(self, r: Request, reason: str, now: float) -> None:
+        r.finish_reason = reason
+        if r.slot is not None:
+            r.slot.rows -= 1
+        r.events.put(("done", reason))
+        self.metrics.inc("fmhub_requests_finished_total", "Requests finished, by reason.", reason=reason)
+        self.metrics.observe("fmhub_request_seconds", "Arrival to last token.", now - r.arrival, adapter=r.adapter)
+
+    def _fail_running(self, err: ServeError) -> None:
+        for r in self.batch.rows:
+            if r.slot is not None:
+                r.slot.rows -= 1
+            r.events.put(("error", err))
+        self.batch = RunningBatch()
+
+    def _declare_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("fmhub_batch_rows", "Rows decoding now.", lambda: {(): len(self.batch)})
+        m.gauge("fmhub_waiting_requests", "Requests queued for a row, a slot or an adapter load.", lambda: {(): len(self.waiting)})
+        m.gauge("fmhub_adapter_slots_used", "Device slots holding an adapter with rows.",
+                lambda: {(): sum(1 for s in self.slots.slots if s.rows)})
+        m.gauge("fmhub_adapter_cache_bytes", "Bytes held by each adapter cache tier.",
+                lambda: {(("tier", "cpu"),): self.cache.warm_bytes, (("tier", "disk"),): self.cache.disk.used})
+        m.gauge("fmhub_adapters_served", "Adapters this server serves.", lambda: {(): len(self.cache.current)})
+
+
+def _sample_row(logits: torch.Tensor, params: GenParams, gen: torch.Generator | None) -> int:
+    probs = torch.softmax(logits / params.temperature, -1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(0) - sorted_p > params.top_p
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _check_recorded_base(entry: Entry, path: str, config: ServeConfig) -> None:
+    """Refuse an adapter whose ``fmhub-adapter.json`` records a base other than the one served (same path, other weights)."""
+    from fmhub.adapters import SIDECAR, base_files, read_sidecar
+
+    side = os.path.join(path, SIDECAR)
+    base = config.base
+    if not os.path.isfile(side) or base.rev is None:
+        return
+    with open(side, "rb") as f:
+        recorded = read_sidecar(f.read(), f"{entry.name}/{SIDECAR}")
+    if recorded.path.rstrip("/") != base.path.rstrip("/"):
+        return  # recorded against a base at another path: only the shape check applies
+    now = base_files(base.path, base.rev, base.repo)
+    if now != recorded.files:
+        raise FmhubError(f"adapter {entry.name} was trained on the base {recorded.path} at {recorded.revision[:12]}, "
+                         f"whose weights differ from the served base {base.label}; serve that revision or re-train the adapter")
+
+
+def _default_cache_dir(config: ServeConfig) -> str:
+    src = config.base
+    if src.repo:
+        from fmhub.repo import common_dir
+
+        return os.path.join(common_dir(src.repo), "fmhub", "serve-cache")
+    return os.path.join(tempfile.gettempdir(), "fmhub-serve-cache")
