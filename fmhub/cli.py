@@ -1153,51 +1153,64 @@ def unlearn(
 
 @app.command()
 def serve(
-    base: str = typer.Option(..., "--base", help="The base model: a directory, or PATH@REV in this repository."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model: a directory, or PATH@REV in this repository."),
     adapters: List[str] = typer.Option(None, "--adapters", help="PATH[@REV] of an adapter or a directory of adapters, or NAME=PATH[@REV]; repeat or comma-separate."),
     declared: Optional[str] = typer.Option(None, "--declared", help="Also serve the adapters recorded with `fmhub adapter add` at this revision."),
-    backend_name: str = typer.Option("local", "--backend", help="The serving backend (`fmhub plugins`): local, vllm."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16."),
-    max_batch: int = typer.Option(32, "--max-batch", help="Rows decoding together."),
-    gpu_slots: int = typer.Option(8, "--gpu-slots", help="Adapters active on the device at once."),
-    cpu_cache_mb: float = typer.Option(2048, "--cpu-cache-mb", help="Warm tier: adapters in host memory."),
-    disk_cache_mb: float = typer.Option(20480, "--disk-cache-mb", help="Cold tier: adapters materialized from the store."),
-    eviction: str = typer.Option("lru", "--eviction", help="lru or lfu, for every tier."),
-    cycle_time: float = typer.Option(0.5, "--cycle-time", help="Seconds an adapter keeps its slot while others wait for one."),
-    max_lora_rank: int = typer.Option(64, "--max-lora-rank"),
+    backend_name: Optional[str] = typer.Option(None, "--backend", help="The serving backend (`fmhub plugins`): local (default), vllm."),
+    host: Optional[str] = typer.Option(None, "--host", help="Default 127.0.0.1."),
+    port: Optional[int] = typer.Option(None, "--port", help="Default 8000; 0 picks a free one."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Rows decoding together (32)."),
+    gpu_slots: Optional[int] = typer.Option(None, "--gpu-slots", help="Adapters active on the device at once (8)."),
+    cpu_cache_mb: Optional[float] = typer.Option(None, "--cpu-cache-mb", help="Warm tier: adapters in host memory (2048)."),
+    disk_cache_mb: Optional[float] = typer.Option(None, "--disk-cache-mb", help="Cold tier: adapters materialized from the store (20480)."),
+    eviction: Optional[str] = typer.Option(None, "--eviction", help="lru (default) or lfu, for every tier."),
+    cycle_time: Optional[float] = typer.Option(None, "--cycle-time", help="Seconds an adapter keeps its slot while others wait for one (0.5)."),
+    max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="Largest adapter rank served (64)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens (default: the model's)."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Default: .git/fmhub/serve-cache."),
     admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="FMHUB_ADMIN_TOKEN", help="Required by the admin API (fmhub deploy)."),
     export_only: Optional[str] = typer.Option(None, "--export-only", help="vllm: write the model, adapters and launch script to DIR, start nothing."),
+    spec_file: Optional[str] = typer.Option(None, "--spec", help="The fmhub.yaml whose serve: section gives the defaults."),
 ) -> None:
-    """Serve BASE with many LoRA adapters over an OpenAI-compatible HTTP API (`model` names the adapter)."""
-    from fmhub.serving import sources
-    from fmhub.serving.backends import backend
-    from fmhub.serving.config import ServeConfig
+    """Serve BASE with many LoRA adapters over an OpenAI-compatible HTTP API (`model` names the adapter).
 
+    Options left out come from the serve: section of fmhub.yaml, when there is one.
+    """
+    from fmhub.serving.backends import backend
+    from fmhub.serving.config import from_options
+    from fmhub.spec import SPEC_FILE, load_spec
+
+    cli = dict(base=base, adapters=adapters or None, declared=declared, backend=backend_name, host=host, port=port, device=device,
+               dtype=dtype, max_batch=max_batch, gpu_slots=gpu_slots, cpu_cache_mb=cpu_cache_mb, disk_cache_mb=disk_cache_mb,
+               eviction=eviction, cycle_time=cycle_time, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+               cache_dir=cache_dir, admin_token=admin_token)
     try:
-        specs = sources.parse_adapters(adapters or [])
-        base_src = sources.parse_source(base)
-        if declared:
-            known = {a.name for a in specs}
-            specs += [a for a in sources.declared_adapters(declared, base_src) if a.name not in known]
-        config = ServeConfig(base_src, specs, host, port, device, dtype, max_batch, gpu_slots, cpu_cache_mb, disk_cache_mb,
-                             eviction, cycle_time, max_lora_rank, max_model_len, cache_dir=cache_dir,
-                             admin_token=admin_token).check()
-        chosen = backend(backend_name)
+        options, cwd = {}, None
+        if spec_file or os.path.exists(SPEC_FILE) or base is None:
+            loaded = load_spec(spec_file)
+            if loaded.spec.serve is not None:
+                options, cwd = loaded.spec.serve.model_dump(), loaded.root
+                options = {k: (loaded.resolve(v) if k == "cache_dir" and v else v) for k, v in options.items()}
+        if cli["base"] is not None or cli["adapters"] is not None:
+            cwd = None  # paths given here are relative to the current directory
+        options.update({k: v for k, v in cli.items() if v is not None})
+        config, name = from_options(options, cwd)
+        chosen = backend(name)
         if export_only:
             if not hasattr(chosen, "export"):
-                raise FmhubError(f"the {backend_name} backend has nothing to export; --export-only is for backends that hand serving to another engine")
+                raise FmhubError(f"the {name} backend has nothing to export; --export-only is for backends that hand serving to another engine")
             plan = chosen.export(config, export_only)
+            for warning in getattr(plan, "warnings", []):
+                err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
             console.print(f"wrote {export_only}: start it with {getattr(plan, 'script', export_only)}", highlight=False, soft_wrap=True)
             return
         handle = chosen.serve(config)
     except FmhubError as exc:
         _fail(exc)
-    console.print(f"serving {base} with {len(specs)} adapter(s) at {handle.url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
+    console.print(f"serving {config.base.label} with {len(config.adapters)} adapter(s) at {handle.url} (Ctrl-C stops)",
+                  highlight=False, soft_wrap=True)
     handle.wait()
 
 

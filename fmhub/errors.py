@@ -73,3 +73,11 @@ class CorruptDownload(TransferError, CorruptObject):
 
 class RemoteMissingObject(TransferError, MissingObject):
     """The LFS server does not have an object asked for (a push that left it behind)."""
+
+
+class ServeError(FmhubError):
+    """A request a server refuses: an HTTP status, an OpenAI error type and a message for the client."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param

@@ -17,6 +17,8 @@ compatibly):
     named cleaning pipelines (`CleanPipeline`), run by ``fmhub clean``.
 ``label``
     named labelling pipelines (`LabelPipeline`), run by ``fmhub label``.
+``serve``
+    what ``fmhub serve`` / ``fmhub deploy`` serve (`ServeSpec`, docs/serving.md).
 
 A pipeline step is written ``- NAME: {options}`` (or just ``- NAME``), where
 NAME is a cleaner or labeler a plugin provides.
@@ -121,11 +123,35 @@ class LabelPipeline(_Strict):
     suggest: int = Field(0, ge=0, description="how many rows to suggest for hand labelling (active learning)")
 
 
+class ServeSpec(_Strict):
+    """``serve``: what ``fmhub serve`` serves and how (every key is also a command-line option, which wins)."""
+
+    base: Optional[str] = Field(None, description="PATH or PATH@REV of the base model")
+    adapters: list[str] = Field(default_factory=list, description="PATH[@REV] or NAME=PATH[@REV] items")
+    declared: Optional[str] = Field(None, description="also serve the adapters recorded at this revision")
+    backend: str = "local"
+    host: Optional[str] = None
+    port: Optional[int] = Field(None, ge=0, le=65535)
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    max_batch: Optional[int] = Field(None, ge=1)
+    gpu_slots: Optional[int] = Field(None, ge=1)
+    cpu_cache_mb: Optional[float] = Field(None, ge=0)
+    disk_cache_mb: Optional[float] = Field(None, ge=0)
+    eviction: Optional[str] = Field(None, pattern="^(lru|lfu)$")
+    cycle_time: Optional[float] = Field(None, ge=0)
+    max_lora_rank: Optional[int] = Field(None, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=1)
+    cache_dir: Optional[str] = None
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Spec(_Strict):
     version: int = SPEC_VERSION
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     clean: dict[str, CleanPipeline] = Field(default_factory=dict)
     label: dict[str, LabelPipeline] = Field(default_factory=dict)
+    serve: Optional[ServeSpec] = None
 
     @field_validator("version")
     @classmethod

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from fmhub.serving.cache import DeviceSlots, Entry, ServeError, _victim
+from fmhub.errors import ServeError
+from fmhub.serving.cache import DeviceSlots, Entry, _victim
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.engine import Engine, GenParams
 from fmhub.serving.multilora import LoraBank, factors_from
@@ -21,7 +22,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [17, 3], [40, 41, 42, 43, 44, 45, 46, 47], [100, 200
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    base = save_base(root / "base")
+    save_base(root / "base")
     ads = root / "adapters"
     random_adapter(ads / "a0", seed=10, r=4)
     random_adapter(ads / "a1", seed=11, r=8, targets=("q_proj", "v_proj"))

@@ -24,23 +24,15 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from fmhub.errors import FmhubError
+from fmhub.errors import FmhubError, ServeError
 from fmhub.serving.multilora import Factors
 from fmhub.serving.sources import AdapterSpec, Source, dir_bytes, materialize
 from fmhub.units import human_bytes
 
 MiB = 1 << 20
-
-
-class ServeError(FmhubError):
-    """A request the server refuses: an HTTP status, an OpenAI error type and a message for the client."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
 
 
 @dataclass
@@ -293,7 +285,7 @@ class AdapterCache:
         except ServeError as exc:
             entry.error, entry.state = exc, "error"
         except FmhubError as exc:
-            entry.error, entry.state = ServeError(409 if "base" in str(exc) else 422, str(exc), "invalid_request_error", "model"), "error"
+            entry.error, entry.state = ServeError(422, str(exc), "invalid_request_error", "model"), "error"
         except Exception as exc:  # noqa: BLE001 - a broken adapter must fail its requests, not the loader
             entry.error, entry.state = ServeError(500, f"adapter {entry.name}: loading failed: {exc.__class__.__name__}: {exc}", "server_error"), "error"
         if self.metrics:

@@ -1,8 +1,8 @@
 """What a serving backend is asked to serve, and how: one object every backend reads.
 
-``fmhub serve`` builds a `ServeConfig` from its options; a ``serve:`` section
-of ``fmhub.yaml`` (docs/serving.md) gives the same keys. Backends take what
-applies to them and say so when an option means nothing to them.
+``fmhub serve`` builds a `ServeConfig` from the ``serve:`` section of
+``fmhub.yaml`` (`fmhub.spec.ServeSpec`, docs/serving.md) with its command-line
+options on top (`from_options`). Backends take what applies to them.
 """
 
 from __future__ import annotations
@@ -67,3 +67,26 @@ class ServeConfig:
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name not in ("base", "adapters")]
+
+
+def from_options(options: dict[str, Any], cwd: str | None = None) -> tuple[ServeConfig, str]:
+    """A config (and the backend's name) from ``serve:`` keys: ``base``, ``adapters``, ``declared``, ``backend`` and the fields above.
+
+    Paths are relative to ``cwd``. Keys whose value is None take the defaults.
+    """
+    from fmhub.serving import sources
+
+    opts = {k: v for k, v in options.items() if v is not None}
+    if not opts.get("base"):
+        raise FmhubError("no base model: give --base PATH[@REV] or a serve: section with base: in fmhub.yaml")
+    base = sources.parse_source(opts.pop("base"), cwd)
+    specs = sources.parse_adapters(opts.pop("adapters", None) or [], cwd)
+    declared = opts.pop("declared", None)
+    if declared:
+        known = {a.name for a in specs}
+        specs += [a for a in sources.declared_adapters(declared, base, cwd) if a.name not in known]
+    backend = opts.pop("backend", "local")
+    unknown = sorted(set(opts) - set(ServeConfig.keys()))
+    if unknown:
+        raise FmhubError(f"unknown serving option(s): {', '.join(unknown)}")
+    return ServeConfig(base, specs, **opts).check(), backend

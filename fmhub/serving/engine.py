@@ -27,13 +27,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
-from fmhub.errors import FmhubError
 from fmhub.serving.batch import Forward, RunningBatch
-from fmhub.serving.cache import AdapterCache, DeviceSlots, Entry, ServeError, Slot
+from fmhub.errors import ServeError
+from fmhub.serving.cache import AdapterCache, DeviceSlots, Entry, Slot
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.metrics import Metrics
 from fmhub.serving.model import Loaded, load_base
@@ -455,8 +455,8 @@ def _check_recorded_base(entry: Entry, path: str, config: ServeConfig) -> None:
         return  # recorded against a base at another path: only the shape check applies
     now = base_files(base.path, base.rev, base.repo)
     if now != recorded.files:
-        raise FmhubError(f"adapter {entry.name} was trained on the base {recorded.path} at {recorded.revision[:12]}, "
-                         f"whose weights differ from the served base {base.label}; serve that revision or re-train the adapter")
+        raise ServeError(409, f"adapter {entry.name} was trained on the base {recorded.path} at {recorded.revision[:12]}, whose "
+                              f"weights differ from the served base {base.label}; serve that revision or re-train the adapter", param="model")
 
 
 def _default_cache_dir(config: ServeConfig) -> str:

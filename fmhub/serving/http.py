@@ -23,12 +23,11 @@ import select
 import socket
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 from fmhub.errors import FmhubError
-from fmhub.serving.cache import ServeError
+from fmhub.errors import ServeError
 from fmhub.serving.engine import Engine, GenParams, Request
 from fmhub.serving.sources import AdapterSpec, Source, check_name
 

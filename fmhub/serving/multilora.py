@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmhub.errors import FmhubError
+from fmhub.errors import FmhubError, ServeError
 
 
 @dataclass
@@ -115,16 +115,17 @@ class LoraBank:
             if layer is None:
                 kind = self.other.get(module)
                 if kind:
-                    raise FmhubError(f"adapter {label}: targets {module!r}, a {kind}; fmhub serve applies LoRA to Linear layers only")
-                raise FmhubError(f"adapter {label}: targets {module!r}, which the served base model does not have; "
-                                 "is this adapter for another base model?")
+                    raise ServeError(422, f"adapter {label}: targets {module!r}, a {kind}; fmhub serve applies LoRA to Linear layers only",
+                                     param="model")
+                raise ServeError(409, f"adapter {label}: targets {module!r}, which the served base model does not have; "
+                                      "is this adapter for another base model?", param="model")
             w = layer.base.weight
             if tuple(f.a.shape[1:]) != (w.shape[1],) or tuple(f.b.shape[:1]) != (w.shape[0],):
-                raise FmhubError(f"adapter {label}: its update of {module!r} is {f.b.shape[0]}×{f.a.shape[1]}, "
-                                 f"the served base's weight is {w.shape[0]}×{w.shape[1]}; is this adapter for another base model?")
+                raise ServeError(409, f"adapter {label}: its update of {module!r} is {f.b.shape[0]}×{f.a.shape[1]}, the served "
+                                      f"base's weight is {w.shape[0]}×{w.shape[1]}; is this adapter for another base model?", param="model")
             if f.a.shape[0] > self.max_rank:
-                raise FmhubError(f"adapter {label}: rank {f.a.shape[0]} of {module!r} is above the server's max LoRA rank "
-                                 f"{self.max_rank}; restart with a larger --max-lora-rank")
+                raise ServeError(422, f"adapter {label}: rank {f.a.shape[0]} of {module!r} is above the server's max LoRA rank "
+                                      f"{self.max_rank}; restart with a larger --max-lora-rank", param="model")
 
     def load(self, slot: int, updates: dict[str, Factors]) -> None:
         """Put an adapter's factors into ``slot`` (copied to the device), replacing what the slot held."""
