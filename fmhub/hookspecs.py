@@ -308,5 +308,25 @@ def fmhub_access_policies() -> list[AccessPolicy]:
 def fmhub_serving_backends() -> list[ServingBackend]:
     """Return serving backends that share one base model across many adapters.
 
-    :return: a list of `fmhub.interfaces.ServingBackend` objects.
+    :return: a list of `fmhub.interfaces.ServingBackend` objects. fmhub ships
+        ``local`` (plugins/serve_local.py: its own engine with multi-adapter
+        batching and a tiered adapter cache, docs/serving.md) and ``vllm``
+        (plugins/serve_vllm.py: hands serving to vLLM, docs/serving-vllm.md).
+
+    ``fmhub serve --backend NAME`` calls ``serve(config)`` with a
+    `fmhub.serving.config.ServeConfig`: the base and the adapters as
+    `fmhub.serving.sources.Source` objects (a directory, or a path at a
+    commit; ``materialize`` writes one out, ``view()`` reads its tensors),
+    host and port, cache sizes, ``backend_options`` for what only your backend
+    reads. Return once the server answers, with a handle that has ``url``,
+    ``wait()`` (block until stopped; Ctrl-C stops) and ``stop()``. Raise
+    ``FmhubError`` with what to do when the backend cannot serve the config
+    (an option it does not support, an adapter it cannot serve).
+
+    ``fmhub deploy --backend NAME`` calls ``deploy(url, adapters, token)``:
+    make the running server at ``url`` serve exactly ``adapters`` without a
+    restart, comparing each adapter's ``source.version`` with what the server
+    holds, and return a `fmhub.serving.deploy.DeployReport`. A backend that
+    can write its model and adapters for another machine may add
+    ``export(config, out_dir)`` (``fmhub serve --export-only DIR``).
     """

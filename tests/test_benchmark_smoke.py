@@ -160,3 +160,20 @@ def test_clean_benchmark_small(tmp_path):
     for run in ("serial", "processes"):
         assert data["results"][run]["rows_per_s"] > 0
     assert "rows/s" in proc.stdout and "precision" in proc.stdout
+
+
+def test_serve_benchmark_small(tmp_path):
+    """serve_bench.py serves every request through both servers, and the naive baseline really swaps merged adapters."""
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "serve_bench.py"), "--quick", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    p = data["params"]
+    for key, r in data["results"].items():
+        assert r["errors"] == 0 and r["requests"] == p["requests"], key
+        assert r["tokens"] == p["requests"] * p["new"] and r["tok_per_s"] > 0 and r["p99_s"] >= r["p50_s"] > 0, key
+    assert data["results"]["naive/1"]["swaps"] == 1 and data["results"]["naive/4"]["swaps"] > 4
+    assert "| N adapters |" in proc.stdout and "fmhub / naive" in proc.stdout

@@ -62,6 +62,7 @@ def test_builtins_register_through_entry_points():
     assert dists["safetensors"] == "fmhub"
     assert set(host.registry("merge-strategy", pm)) >= {"ours", "theirs"}
     assert host.registry("format", pm)["safetensors"].name == "safetensors"
+    assert set(host.registry("serving-backend", pm)) >= {"local", "vllm"}
 
 
 def test_without_entry_points_nothing_is_loaded():

@@ -170,15 +170,24 @@ def test_deploy_hot_swaps_changed_adapters_without_restart(served):
     assert bad.returncode == 1 and b"admin token" in bad.stderr
 
 
+def _start_cli(repo, *args):
+    """``fmhub serve ARGS`` in the background; returns the process and the URL it printed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fmhub", "serve", *args], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    line = proc.stdout.readline().decode()
+    if " at http://" not in line:
+        proc.kill()
+        raise AssertionError(line + proc.stderr.read().decode())
+    return proc, line
+
+
 def test_fmhub_serve_cli(repo, tmp_path):
     save_base(repo / "base")
     random_adapter(tmp_path / "ads" / "x", seed=1, base=repo / "base")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fmhub", "serve", "--base", "base", "--adapters", str(tmp_path / "ads"),
-                             "--port", "0", "--gpu-slots", "1"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc, line = _start_cli(repo, "--base", "base", "--adapters", str(tmp_path / "ads"), "--port", "0", "--gpu-slots", "1")
     try:
-        line = proc.stdout.readline().decode()
-        assert "serving base with 1 adapter(s) at http://127.0.0.1:" in line, proc.stderr.read().decode() if proc.poll() is not None else line
+        assert "serving base with 1 adapter(s) at http://127.0.0.1:" in line
         url = line.split(" at ")[1].split()[0]
         status, doc = complete(url, "x", PROMPT, 4)
         assert status == 200 and doc["choices"][0]["token_ids"] == reference(repo / "base", tmp_path / "ads" / "x", PROMPT, 4)
@@ -188,3 +197,20 @@ def test_fmhub_serve_cli(repo, tmp_path):
     bad = fmhub(repo, "serve", "--base", "base", "--eviction", "random", check=False)
     assert bad.returncode == 1 and b"eviction 'random'" in bad.stderr
     shutil.rmtree(tmp_path / "ads")
+
+
+def test_serve_section_of_fmhub_yaml(served):
+    repo, server = served
+    (repo / "fmhub.yaml").write_text("serve:\n  base: base@HEAD\n  declared: HEAD\n  port: 0\n  gpu_slots: 1\n  eviction: lfu\n")
+    proc, line = _start_cli(repo)
+    try:
+        url = line.split(" at ")[1].split()[0]
+        assert "with 2 adapter(s)" in line
+        status, doc = complete(url, "a1", PROMPT, 4)
+        assert status == 200 and doc["choices"][0]["token_ids"] == reference(repo / "base", repo / "adapters" / "a1", PROMPT, 4)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    (repo / "fmhub.yaml").write_text("serve:\n  base: base@HEAD\n  gpu_slot: 1\n")
+    bad = fmhub(repo, "serve", check=False)
+    assert bad.returncode == 1 and b"fmhub.yaml:3: serve.gpu_slot: unknown key" in bad.stderr
