@@ -41,6 +41,12 @@ def greedy(n: int) -> GenParams:
     return GenParams(max_tokens=n, ignore_eos=True)
 
 
+def slow_down(eng: Engine, seconds: float) -> None:
+    """Make every forward take a while, so orderings a test relies on hold on a loaded machine too."""
+    forward = eng.forward
+    eng.forward = lambda *a: (time.sleep(seconds), forward(*a))[1]
+
+
 def test_mixed_batch_equals_each_adapter_alone(models):
     names = ["a0", "a1", "a2", "a3", "base", "a1"]
     expected = [reference(models / "base", None if n == "base" else models / "adapters" / n, p, 10) for p, n in zip(PROMPTS, names)]
@@ -83,6 +89,7 @@ def test_mixed_batch_logits_match_peft_per_row(models):
 
 def test_new_requests_join_between_decode_steps(models):
     eng = engine(models, gpu_slots=4)
+    slow_down(eng, 0.01)
     try:
         long = eng.submit(PROMPTS[0], greedy(60), "a0")
         first = [e for _, e in zip(range(5), long.stream(30))]  # it is decoding
@@ -176,6 +183,7 @@ def test_cycle_time_lets_a_waiting_adapter_take_a_busy_slot(models):
 
     def finish_order(cycle_time: float) -> list[str]:
         eng = engine(models, gpu_slots=1, max_batch=2, cycle_time=cycle_time)
+        slow_down(eng, 0.01)
         try:
             eng.submit([1], greedy(1), "a1").result(30)  # a1 warm, so only the slot is in question
             order: list[str] = []

@@ -106,6 +106,9 @@ def test_bad_requests_get_clear_errors_and_the_server_goes_on(served):
 
 def test_client_disconnect_mid_stream_cancels_only_that_request(served):
     _, server = served
+    engine, forward = server.engine, server.engine.forward
+    # decode steps slow enough that the stream cannot finish before the hang-up is seen
+    engine.forward = lambda *a: (time.sleep(0.03), forward(*a))[1]
     host, port = server.url.split("//")[1].split(":")
     body = json.dumps({"model": "a0", "prompt": PROMPT, "max_tokens": 110, "temperature": 0, "ignore_eos": True, "stream": True})
     sock = socket.create_connection((host, int(port)), timeout=30)

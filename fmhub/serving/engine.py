@@ -26,6 +26,7 @@ import queue
 import tempfile
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -38,7 +39,7 @@ from fmhub.serving.config import ServeConfig
 from fmhub.serving.metrics import Metrics
 from fmhub.serving.model import Loaded, load_base
 from fmhub.serving.multilora import LoraBank, factors_from
-from fmhub.serving.sources import AdapterSpec
+from fmhub.serving.sources import AdapterSpec, check_recorded_base
 
 log = logging.getLogger("fmhub.serve")
 MAX_PREFILL_TOKENS = 8192  # per engine turn, so a burst of long prompts cannot stall the decoding rows for long
@@ -176,8 +177,10 @@ class Engine:
     def adapters(self) -> list[dict]:
         """Every served adapter: name, version, source, where it is (gpu/cpu/disk/cold) and any load error."""
         on_device = {s.entry.key: s for s in self.slots.slots if s.entry is not None}
+        with self._cv:  # a deploy may be changing the set
+            current = sorted(self.cache.current.items())
         out = []
-        for name, e in sorted(self.cache.current.items()):
+        for name, e in current:
             if e.key in on_device:
                 tier = "gpu"
             elif e.state == "cpu":
@@ -214,9 +217,12 @@ class Engine:
 
     def _load_factors(self, entry: Entry, path: str) -> dict:
         from fmhub import lora
+        from fmhub.adapters import SIDECAR
 
         adapter = lora.load_adapter(path)
-        _check_recorded_base(entry, path, self.config)
+        side = os.path.join(path, SIDECAR)
+        sidecar = Path(side).read_bytes() if os.path.isfile(side) else None
+        check_recorded_base(entry.name, sidecar, f"{entry.name}/{SIDECAR}", self.config.base)
         factors = factors_from(adapter, self.loaded.dtype, pin=self.device.type == "cuda")
         self.bank.check(entry.name, factors)
         return factors
@@ -260,6 +266,7 @@ class Engine:
         for r in queue_now:
             if r.cancelled:
                 self._leave_queue(r)
+                r.events.put(("done", "cancelled"))
                 continue
             if r.entry is not None and r.entry.retired and not self._rebind(r):
                 continue
@@ -439,24 +446,6 @@ def _sample_row(logits: torch.Tensor, params: GenParams, gen: torch.Generator | 
         sorted_p[cut] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _check_recorded_base(entry: Entry, path: str, config: ServeConfig) -> None:
-    """Refuse an adapter whose ``fmhub-adapter.json`` records a base other than the one served (same path, other weights)."""
-    from fmhub.adapters import SIDECAR, base_files, read_sidecar
-
-    side = os.path.join(path, SIDECAR)
-    base = config.base
-    if not os.path.isfile(side) or base.rev is None:
-        return
-    with open(side, "rb") as f:
-        recorded = read_sidecar(f.read(), f"{entry.name}/{SIDECAR}")
-    if recorded.path.rstrip("/") != base.path.rstrip("/"):
-        return  # recorded against a base at another path: only the shape check applies
-    now = base_files(base.path, base.rev, base.repo)
-    if now != recorded.files:
-        raise ServeError(409, f"adapter {entry.name} was trained on the base {recorded.path} at {recorded.revision[:12]}, whose "
-                              f"weights differ from the served base {base.label}; serve that revision or re-train the adapter", param="model")
 
 
 def _default_cache_dir(config: ServeConfig) -> str:

@@ -36,7 +36,8 @@ from fmhub import lora
 from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError
 from fmhub.serving.config import ServeConfig
-from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source, materialize
+from fmhub.adapters import SIDECAR
+from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source, check_recorded_base, materialize
 
 # The flags, the --lora-modules JSON form, /v1/models' parent/root fields and the
 # runtime load/unload endpoints were checked against vLLM's documentation and
@@ -104,7 +105,8 @@ def export(config: ServeConfig, out_dir: str) -> ExportPlan:
     for spec in config.adapters:
         check_dir_name(spec.name)
         ranks[spec.name], sizes[spec.name] = check_adapter(spec, base_view, base.label, config.max_lora_rank)
-        check_recorded_base(spec, base)
+        sidecar = spec.source.read(SIDECAR) if SIDECAR in spec.source.files() else None
+        check_recorded_base(f"{spec.name!r} ({spec.source.label})", sidecar, f"{spec.source.label}/{SIDECAR}", base)
 
     base_dir = os.path.join(out_dir, "base")
     plan_dirs = {a.name: os.path.join(out_dir, "adapters", a.name) for a in config.adapters}
@@ -224,25 +226,6 @@ def check_adapter(spec: AdapterSpec, base_view, base_label: str, max_rank: int |
                              f"but vLLM scales every module by {scaling:g}; retrain without the patterns, "
                              "or merge it (`fmhub adapter merge`) and serve the merged model")
     return r, sum(t.size for t in view)
-
-
-def check_recorded_base(spec: AdapterSpec, base: Source) -> None:
-    """Refuse an adapter whose ``fmhub-adapter.json`` records the served base's path with other weights.
-
-    Same shapes, other weights: it would load and serve wrong answers. The
-    local backend refuses the same adapters (`fmhub.serving.engine`).
-    """
-    from fmhub.adapters import SIDECAR, base_files, read_sidecar
-
-    if base.rev is None or SIDECAR not in spec.source.files():
-        return
-    recorded = read_sidecar(spec.source.read(SIDECAR), f"{spec.source.label}/{SIDECAR}")
-    if recorded.path.rstrip("/") != base.path.rstrip("/"):
-        return  # recorded against a base at another path: only the shape check applies
-    if base_files(base.path, base.rev, base.repo) != recorded.files:
-        raise FmhubError(f"adapter {spec.name!r} ({spec.source.label}) was trained on the base {recorded.path} at "
-                         f"{recorded.revision[:12]}, whose weights differ from the served base {base.label}; "
-                         "serve that revision or re-train the adapter")
 
 
 def unsupported_feature(cfg: dict) -> str | None:

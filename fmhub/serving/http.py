@@ -19,6 +19,7 @@ keeps being served.
 from __future__ import annotations
 
 import json
+import queue
 import select
 import socket
 import threading
@@ -157,9 +158,9 @@ class _Decoder:
             if at >= 0:
                 self.stopped = True
                 text = text[:at]
-        if not self.stopped and text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent):], text if len(text) >= len(self.sent) else self.sent
+        if not self.stopped and text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""  # an incomplete character, or the tokenizer re-spelled earlier text: wait for more tokens
+        delta, self.sent = text[len(self.sent):], text
         return delta
 
     def flush(self) -> str:
@@ -223,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             try:
                 event = req.events.get(timeout=POLL)
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 if self._client_gone():
                     req.cancel()
                     raise _Gone() from None

@@ -258,3 +258,24 @@ def _write_weights(src: Source, names: list[str], tmp: str) -> None:
 
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def check_recorded_base(name: str, sidecar: bytes | None, where: str, base: Source) -> None:
+    """Refuse an adapter whose ``fmhub-adapter.json`` records the served base's path with other weights.
+
+    Same shapes, other weights: it would load and serve wrong answers. An
+    adapter recorded against a base at another path (or a base served from
+    the work tree) gets only the shape checks.
+    """
+    from fmhub.adapters import base_files, read_sidecar
+    from fmhub.errors import ServeError
+
+    if sidecar is None or base.rev is None:
+        return
+    recorded = read_sidecar(sidecar, where)
+    if recorded.path.rstrip("/") != base.path.rstrip("/"):
+        return
+    if base_files(base.path, base.rev, base.repo) != recorded.files:
+        raise ServeError(409, f"adapter {name} was trained on the base {recorded.path} at {recorded.revision[:12]}, whose "
+                              f"weights differ from the served base {base.label}; serve that revision or re-train the adapter",
+                         param="model")
