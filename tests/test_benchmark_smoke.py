@@ -166,7 +166,7 @@ def test_serve_benchmark_small(tmp_path):
     """serve_bench.py serves every request through both servers, and the naive baseline really swaps merged adapters."""
     out = tmp_path / "serve.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH.parent / "serve_bench.py"), "--quick", "--workdir", str(tmp_path), "--json", str(out)],
+        [sys.executable, str(BENCH.parent / "serve_bench.py"), "--quick", "--repeat", "1", "--workdir", str(tmp_path), "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -217,3 +217,27 @@ def test_serve_section_of_fmhub_yaml(served):
     (repo / "fmhub.yaml").write_text("serve:\n  base: base@HEAD\n  gpu_slot: 1\n")
     bad = fmhub(repo, "serve", check=False)
     assert bad.returncode == 1 and b"fmhub.yaml:3: serve.gpu_slot: unknown key" in bad.stderr
+
+
+def test_disk_tier_materializes_from_the_store_and_evicts_by_size(served, tmp_path):
+    from fmhub.errors import ServeError
+    from fmhub.serving.cache import DiskTier
+
+    repo, _ = served
+    specs = {a.name: a.source for a in declared_adapters("HEAD", parse_source(f"{repo}/base@HEAD"), str(repo))}
+    size = sum(f.stat().st_size for f in (repo / "adapters" / "a0").iterdir() if f.is_file())
+    disk = DiskTier(str(tmp_path / "cold"), int(size * 1.5), "lru")
+    path0, hit0 = disk.path_for(specs["a0"], specs["a0"].version, "a0", set())
+    assert not hit0 and (tmp_path / "cold" / specs["a0"].version / "adapter_model.safetensors").read_bytes() == \
+        (repo / "adapters" / "a0" / "adapter_model.safetensors").read_bytes()  # byte-identical to the committed file
+    assert disk.path_for(specs["a0"], specs["a0"].version, "a0", set()) == (path0, True)
+    disk.path_for(specs["a1"], specs["a1"].version, "a1", set())
+    assert not os.path.exists(path0) and disk.used <= disk.limit  # a0 made room for a1
+    # an adapter in use is never evicted, even over the limit
+    disk.path_for(specs["a0"], specs["a0"].version, "a0", {specs["a1"].version})
+    assert disk.holds(specs["a1"].version) and disk.holds(specs["a0"].version)
+    tiny = DiskTier(str(tmp_path / "tiny"), 100, "lru")
+    with pytest.raises(ServeError) as info:
+        tiny.path_for(specs["a0"], specs["a0"].version, "a0", set())
+    assert info.value.status == 507 and "--disk-cache-mb" in str(info.value)
+    assert os.listdir(tmp_path / "tiny") == []  # nothing half-written left behind
