@@ -1151,6 +1151,150 @@ def unlearn(
         console.print(f"excluded {source} from future pipeline runs ({excluded}); retrain or revert the models above", highlight=False, soft_wrap=True)
 
 
+@app.command("run")
+def run_steps(
+    only: List[str] = typer.Argument(None, metavar="[STEP]...", help="Run only these steps (e.g. clean:web finetune:sentiment)."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="The spec file (default: fmhub.yaml at the top of the work tree)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what is out of date; run nothing."),
+    commit_: bool = typer.Option(False, "--commit", help="Commit what the steps wrote (and their lineage records) as a new version."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Build what fmhub.yaml declares: data pipelines, adapters per task, selection, merge, deploy; only what is out of date."""
+    try:
+        loaded, outcomes, committed = _run_spec(spec, only, dry_run, commit_, quiet=as_json)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"steps": [o.__dict__ for o in outcomes], "commit": committed}, default=str))
+        return
+    _print_run(loaded.path, outcomes, committed)
+
+
+def _run_spec(spec: Optional[str], only: Optional[List[str]], dry_run: bool, commit_: bool, quiet: bool = False):
+    from fmhub import dag
+    from fmhub import run as runner
+    from fmhub.spec import load_spec
+
+    def event(what: str, step, outcome) -> None:
+        if what == "start" and not quiet:
+            err.print(f"[dim]running {step.id}...[/dim]", highlight=False)
+
+    loaded = load_spec(spec)
+    p = runner.plan(loaded)
+    known = {s.id for s in p.steps}
+    for name in only or []:
+        if name not in known:
+            raise FmhubError(f"no step {name!r}; {loaded.path} declares: {', '.join(sorted(known)) or 'none'}")
+    outcomes = dag.run(p.steps, dag.State(runner.state_path(loaded)), set(only) if only else None, dry_run, event)
+    committed = runner.commit(loaded, outcomes, p.steps) if commit_ and not dry_run else None
+    return loaded, outcomes, committed
+
+
+def _print_run(path: str, outcomes, committed: Optional[str]) -> None:
+    from rich.markup import escape
+
+    table = Table("step", "status", "seconds", "result", title=f"fmhub run ({path})", title_justify="left")
+    for o in outcomes:
+        result = ", ".join(f"{k}={_short(v)}" for k, v in o.summary.items() if v is not None)
+        table.add_row(o.step, o.status, f"{o.seconds:.1f}" if o.status == "ran" else "", escape(result))
+    console.print(table)
+    if committed:
+        console.print(f"committed {committed[:12]}", highlight=False)
+
+
+@app.command("select")
+def select_cmd(
+    base: Optional[str] = typer.Option(None, "--base", help="The base model directory (default: every model in fmhub.yaml's models:)."),
+    adapters: List[str] = typer.Option(None, "--adapters", help="An adapter directory, a directory of adapters, or NAME=DIR; repeat."),
+    task_names: List[str] = typer.Option(None, "--task", help="Rank on these tasks of fmhub.yaml's tasks: (default: all)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Leave the bare base model off the board."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Score cache (default: .git/fmhub/select-cache.json)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate everything again."),
+    router_out: Optional[str] = typer.Option(None, "--router", help="Also train the composition-of-experts router on the tasks' texts and write it here."),
+    as_json: bool = typer.Option(False, "--json", help="The leaderboard as JSON."),
+    spec_file: Optional[str] = typer.Option(None, "--spec", help="The fmhub.yaml whose tasks: are ranked on."),
+) -> None:
+    """Rank the base model and its adapters on the declared tasks: a leaderboard, best first (mean rank over tasks)."""
+    from fmhub.run import task_of, task_texts
+    from fmhub.select import Candidate, default_cache, leaderboard, parse_candidates, router_from_leaderboard
+    from fmhub.spec import load_spec
+
+    try:
+        loaded = load_spec(spec_file)
+        tasks = list(task_names or loaded.spec.tasks)
+        unknown = [t for t in tasks if t not in loaded.spec.tasks]
+        if unknown or not tasks:
+            raise FmhubError(f"no task {unknown[0]!r} in {loaded.path}" if unknown else f"{loaded.path} declares no tasks: add a tasks: section")
+        if base is not None:
+            cands = parse_candidates(base, adapters or [], include_base=not no_base)
+        else:
+            if not loaded.spec.models:
+                raise FmhubError("no --base and no models: section in fmhub.yaml; give --base DIR")
+            first = loaded.resolve(next(iter(loaded.spec.models.values())).path)
+            cands = [] if no_base else [Candidate(m, loaded.resolve(ms.path)) for m, ms in loaded.spec.models.items()]
+            cands += parse_candidates(first, adapters or [], include_base=False)
+        path = None if no_cache else (cache or default_cache())
+
+        def progress(c, task, s) -> None:
+            if not as_json:
+                what = "error" if s.error else ("cached" if s.cached else f"{s.seconds:.1f}s")
+                err.print(f"  {c.name} on {task}: {what}", highlight=False)
+
+        board = leaderboard(cands, [task_of(loaded, t) for t in tasks], cache=path, on_result=progress)
+        if router_out:
+            router = router_from_leaderboard(board, {t: task_texts(loaded, t) for t in tasks},
+                                             {t: loaded.spec.tasks[t].description for t in tasks if loaded.spec.tasks[t].description},
+                                             served_names={c.name: "base" for c in cands if c.adapter_dir is None})
+            router.save(router_out)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(board.to_json()))
+        return
+    console.print(board.table())
+    if router_out:
+        console.print(f"router for {', '.join(router.classes)} written to {router_out}; serve it with backend_options: {{router: {router_out}}}",
+                      highlight=False, soft_wrap=True)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+@app.command("init")
+def init(
+    directory: str = typer.Argument("fmhub-example", help="A new (or empty) directory."),
+    example: bool = typer.Option(False, "--example", help="Write the built-in example project and run it end to end."),
+    run_it: bool = typer.Option(True, "--run/--no-run", help="With --example: run `fmhub run --commit` in it."),
+) -> None:
+    """Start a repository with fmhub installed; --example writes a tiny model, data and an fmhub.yaml and runs it."""
+    from fmhub import example as ex
+
+    try:
+        if not example:
+            path = ex.create_empty(directory)
+            console.print(f"initialized {path}: fmhub installed, *.safetensors *.jsonl *.parquet tracked, fmhub.yaml to fill in",
+                          highlight=False, soft_wrap=True)
+            return
+        path = ex.create(directory)
+        console.print(f"example project in {path}", highlight=False)
+        if not run_it:
+            return
+        os.chdir(path)
+        loaded, outcomes, committed = _run_spec(None, None, False, True)
+    except FmhubError as exc:
+        _fail(exc)
+    _print_run(loaded.path, outcomes, committed)
+    console.print(f"see it: cd {path} && git log --stat && cat runs/leaderboard.json; change data/reviews.jsonl and `fmhub run` again",
+                  highlight=False, soft_wrap=True)
+
+
 @app.command()
 def serve(
     base: Optional[str] = typer.Option(None, "--base", help="The base model: a directory, or PATH@REV in this repository."),

@@ -18,15 +18,19 @@ from fmhub.store import file_sha256
 from fmhub.units import human_bytes
 
 
-def build_tiny_llama(seed: int = 0):
-    """A ~1M-parameter Llama-architecture causal LM with random weights."""
+def build_tiny_llama(seed: int = 0, initializer_range: float = 0.02):
+    """A ~1M-parameter Llama-architecture causal LM with random weights.
+
+    ``initializer_range`` larger than transformers' 0.02 gives the random
+    model enough signal for a small LoRA fine-tune to learn a task quickly.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config).eval()
 

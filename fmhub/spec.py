@@ -17,6 +17,10 @@ compatibly):
     named cleaning pipelines (`CleanPipeline`), run by ``fmhub clean``.
 ``label``
     named labelling pipelines (`LabelPipeline`), run by ``fmhub label``.
+``models``, ``tasks``, ``finetune``, ``select``, ``merge``, ``deploy``
+    what ``fmhub run`` builds (docs/fmhub-yaml.md): candidate base models,
+    tasks with their data and metric, how adapters are trained, ranked,
+    merged and served.
 ``serve``
     what ``fmhub serve`` / ``fmhub deploy`` serve (`ServeSpec`, docs/serving.md).
 
@@ -146,11 +150,80 @@ class ServeSpec(_Strict):
     backend_options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ModelSpec(_Strict):
+    """``models.NAME``: a candidate base model, a transformers model directory."""
+
+    path: str
+    description: str = ""
+
+
+class TaskSpec(_Strict):
+    """``tasks.NAME``: what an adapter is for: its data (a dataset name or a .jsonl path) and how it is scored."""
+
+    data: str
+    eval: Optional[str] = Field(None, description="held-out rows (default: a fixed split of data)")
+    metric: str = Field("loss", pattern="^(loss|accuracy|exact_match)$")
+    classes: Optional[list[str]] = None
+    text: str = "text"
+    label: str = "label"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    description: str = ""
+
+
+class FinetuneSpec(_Strict):
+    """``finetune``: how ``fmhub run`` trains one PEFT adapter per task and candidate model."""
+
+    method: str = Field("lora", pattern="^lora$", description="the PEFT method (LoRA)")
+    models: Optional[list[str]] = Field(None, description="candidate models to train on (default: every one)")
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    target_modules: Optional[list[str]] = None
+    steps: int = Field(60, ge=1, description="the budget: optimizer steps of the final run")
+    trial_steps: Optional[int] = Field(None, ge=1, description="steps of each learning-rate trial")
+    lrs: Optional[list[float]] = Field(None, description="learning rates to try (default: a small search)")
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    output: str = Field("adapters", description="adapters go to OUTPUT/TASK (OUTPUT/TASK-MODEL with several models)")
+
+
+class SelectSpec(_Strict):
+    """``select``: rank the trained adapters (and bare models) on every task; train the request router."""
+
+    output: str = "runs/leaderboard.json"
+    router: Optional[str] = Field("runs/router.json", description="where the composition-of-experts router goes (null: none)")
+
+
+class MergeSpec(_Strict):
+    """``merge``: merge the task adapters into one, with a strategy."""
+
+    tasks: Optional[list[str]] = None
+    strategy: str = "task-arithmetic"
+    into: str = Field("adapter", pattern="^(adapter|base)$")
+    options: dict[str, Any] = Field(default_factory=dict)
+    output: str = "adapters/merged"
+
+
+class DeploySpec(_Strict):
+    """``deploy``: serve the results: hot-swap a running server (``url``), else a check through a local server."""
+
+    url: Optional[str] = None
+    token: Optional[str] = Field(None, description="the server's admin token (or FMHUB_ADMIN_TOKEN)")
+    prompt: str = Field("Hello", description="what the local check sends to every served adapter")
+    max_tokens: int = Field(8, ge=1)
+
+
 class Spec(_Strict):
     version: int = SPEC_VERSION
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     clean: dict[str, CleanPipeline] = Field(default_factory=dict)
     label: dict[str, LabelPipeline] = Field(default_factory=dict)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    finetune: Optional[FinetuneSpec] = None
+    select: Optional[SelectSpec] = None
+    merge: Optional[MergeSpec] = None
+    deploy: Optional[DeploySpec] = None
     serve: Optional[ServeSpec] = None
 
     @field_validator("version")

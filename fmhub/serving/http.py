@@ -61,6 +61,14 @@ class Api:
         self.tok = engine.loaded.tokenizer
         self.admin_token = admin_token
         self.created = int(time.time())
+        # composition of experts (fmhub.router): with a router, "model": "auto" picks the adapter per request
+        router_path = engine.config.backend_options.get("router")
+        if router_path:
+            from fmhub.router import Router
+
+            self.router: Any = Router.load(router_path)
+        else:
+            self.router = None
 
     def models(self) -> dict:
         base = self.engine.config.base_name
@@ -119,6 +127,36 @@ class Api:
                                  param=f"messages[{i}]")
             clean.append({"role": m["role"], "content": m["content"]})
         return self.tok.encode(self.tok.chat_prompt(clean))
+
+    # -- "model": "auto": composition of experts (fmhub.router) ---------------------------------------
+    def route(self, body: dict, chat: bool) -> tuple[dict, dict | None]:
+        """For ``"model": "auto"``: the body with the router's adapter as its model, and ``{routed_to, confidence}``.
+
+        Routes on the prompt text (token ids decoded; a list of prompts joined),
+        or for chat the last user message. Other models pass through unchanged.
+        """
+        if body.get("model") != "auto":
+            return body, None
+        if self.router is None:
+            if "auto" in self.engine.cache.current:
+                return body, None  # an adapter really named auto
+            raise ServeError(404, "the model 'auto' routes each request to the best adapter, but this server has no router: "
+                                  "train one (fmhub.router.Router.fit, then .save(PATH)) and serve with backend_options: "
+                                  "{router: PATH} in the serve: section of fmhub.yaml", param="model")
+        if chat:
+            messages = [m for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            users = [m["content"] for m in messages if m.get("role") == "user"]
+            text = users[-1] if users else "\n".join(m["content"] for m in messages)
+        else:
+            prompt = body.get("prompt")
+            items = [prompt] if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) \
+                else prompt if isinstance(prompt, list) else []
+            text = "\n".join(p if isinstance(p, str) else self.tok.decode([t for t in p if isinstance(t, int)])
+                              for p in items if isinstance(p, (str, list)))
+        name, confidence = self.router.route(text)
+        self.engine.metrics.inc("fmhub_routed_requests_total", "Requests for model 'auto', by the adapter routed to.", adapter=name)
+        return {**body, "model": name}, {"routed_to": name, "confidence": round(confidence, 6)}
+    # -- end of "model": "auto" ----------------------------------------------------------------------
 
     def submit(self, body: dict, chat: bool) -> tuple[list[Request], list[str], int]:
         model = body.get("model")
@@ -302,13 +340,14 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, body: dict, chat: bool) -> None:
         api = self.api
         stream = _field(body, "stream", bool, False)
+        body, routed = api.route(body, chat)  # "model": "auto" → the router's adapter (fmhub.router)
         requests, stops, prompt_tokens = api.submit(body, chat)
         rid = requests[0].id
         model = body["model"]
         kind = "chat.completion" if chat else "text_completion"
         try:
             if stream:
-                self._stream(requests, stops, rid, model, kind, chat)
+                self._stream(requests, stops, rid, model, kind, chat, routed)
                 return
             choices, completion = [], 0
             for i, r in enumerate(requests):
@@ -331,12 +370,13 @@ class Handler(BaseHTTPRequestHandler):
                 choices.append(choice)
             self._send_json(200, {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices,
                                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                            "total_tokens": prompt_tokens + completion}})
+                                            "total_tokens": prompt_tokens + completion}, **({"fmhub": routed} if routed else {})})
         finally:
             for r in requests:
                 r.cancel()  # a no-op for finished ones; frees the rows of a request whose client went away
 
-    def _stream(self, requests: list[Request], stops: list[str], rid: str, model: str, kind: str, chat: bool) -> None:
+    def _stream(self, requests: list[Request], stops: list[str], rid: str, model: str, kind: str, chat: bool,
+                routed: dict | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -356,7 +396,8 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
             if token is not None:
                 choice["token_ids"] = [token]
-            return {"id": rid, "object": chunk_kind, "created": int(time.time()), "model": model, "choices": [choice]}
+            return {"id": rid, "object": chunk_kind, "created": int(time.time()), "model": model, "choices": [choice],
+                    **({"fmhub": routed} if routed else {})}
 
         # choices stream one after another; n > 1 and prompt lists are rare with streaming
         for i, r in enumerate(requests):

@@ -1,0 +1,159 @@
+"""``fmhub run``: steps in dependency order, each re-run only when its inputs changed; cycles and failures reported."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from fmhub import dag
+from fmhub import run as runner
+from fmhub.spec import load_spec
+
+
+def _step(tmp_path, sid, inputs, outputs, calls, body=None, params=None):
+    def go():
+        calls.append(sid)
+        if body:
+            body()
+        for o in outputs:
+            (tmp_path / o).write_text("".join((tmp_path / i).read_text() for i in inputs) + sid)
+        return {"n": len(calls)}
+
+    return dag.Step(sid, [str(tmp_path / i) for i in inputs], [str(tmp_path / o) for o in outputs], params or {}, go)
+
+
+def test_only_steps_downstream_of_a_change_rerun(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    calls: list[str] = []
+
+    def steps():  # declared out of order: the dependency order comes from the files
+        return [_step(tmp_path, "join", ["a2", "b2"], ["ab"], calls),
+                _step(tmp_path, "a", ["a.txt"], ["a2"], calls),
+                _step(tmp_path, "b", ["b.txt"], ["b2"], calls)]
+
+    state = dag.State(str(tmp_path / "state.json"))
+    out = dag.run(steps(), state)
+    assert calls == ["a", "b", "join"] and [o.status for o in out] == ["ran"] * 3
+    calls.clear()
+    assert [o.status for o in dag.run(steps(), dag.State(str(tmp_path / "state.json")))] == ["up to date"] * 3 and calls == []
+    (tmp_path / "b.txt").write_text("B")
+    dag.run(steps(), dag.State(str(tmp_path / "state.json")))
+    assert calls == ["b", "join"]  # a did not run again
+    calls.clear()
+    (tmp_path / "ab").write_text("edited by hand")
+    dag.run(steps(), dag.State(str(tmp_path / "state.json")))
+    assert calls == ["join"]  # an output changed by hand is rebuilt
+    calls.clear()
+    plan = dag.run(steps(), dag.State(str(tmp_path / "state.json")), dry_run=True)
+    assert calls == [] and {o.status for o in plan} == {"up to date"}
+    (tmp_path / "a.txt").write_text("A")
+    plan = dag.run(steps(), dag.State(str(tmp_path / "state.json")), dry_run=True)
+    assert [(o.step, o.status) for o in plan] == [("a", "would run"), ("b", "up to date"), ("join", "would run")] and calls == []
+
+
+def test_a_failed_step_keeps_the_completed_ones_and_the_next_run_resumes(tmp_path):
+    from fmhub.errors import FmhubError
+
+    (tmp_path / "a.txt").write_text("a")
+    calls: list[str] = []
+    broken = [True]
+
+    def fail():
+        if broken[0]:
+            raise FmhubError("out of disk")
+
+    steps = lambda: [_step(tmp_path, "one", ["a.txt"], ["x"], calls), _step(tmp_path, "two", ["x"], ["y"], calls, fail)]  # noqa: E731
+    with pytest.raises(dag.DagError) as info:
+        dag.run(steps(), dag.State(str(tmp_path / "s.json")))
+    assert "step two failed: out of disk" in str(info.value) and "1 step(s) before it are kept" in str(info.value)
+    broken[0] = False
+    calls.clear()
+    dag.run(steps(), dag.State(str(tmp_path / "s.json")))
+    assert calls == ["two"]
+
+
+def test_cycles_and_missing_inputs_are_named(tmp_path):
+    calls: list[str] = []
+    cyc = [_step(tmp_path, "p", ["q.out"], ["p.out"], calls), _step(tmp_path, "q", ["p.out"], ["q.out"], calls)]
+    cyc[0].where = "fmhub.yaml:3"
+    with pytest.raises(dag.DagError, match=r"fmhub.yaml:3: a cycle: p -> q -> p"):
+        dag.run(cyc, dag.State(str(tmp_path / "s.json")))
+    with pytest.raises(dag.DagError, match=r"needs .*nothing.txt, which does not exist and no step makes it"):
+        dag.run([_step(tmp_path, "r", ["nothing.txt"], ["r.out"], calls)], dag.State(str(tmp_path / "s.json")))
+    assert calls == []
+
+
+SPEC = """\
+datasets:
+  raw_a: {path: raw/a.jsonl}
+  raw_b: {path: raw/b.jsonl}
+clean:
+  a:
+    input: raw_a
+    output: clean/a.jsonl
+    steps: [dedup]
+  b:
+    input: raw_b
+    output: clean/b.jsonl
+    steps: [dedup]
+label:
+  la:
+    input: clean/a.jsonl
+    output: labelled/a.jsonl
+    classes: [neg, pos]
+    backend: serial
+    lfs:
+      - keyword: {words: [great, good], label: pos}
+      - keyword: {words: [bad, awful], label: neg}
+"""
+
+
+def _rows(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+
+
+def test_fmhub_run_reruns_only_the_pipelines_of_a_changed_asset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fmhub.yaml").write_text(SPEC)
+    _rows(tmp_path / "raw/a.jsonl", ["a great thing", "a great thing", "bad stuff", "good good"])
+    _rows(tmp_path / "raw/b.jsonl", ["x", "y", "y"])
+    loaded = load_spec(str(tmp_path / "fmhub.yaml"))
+
+    def run():
+        p = runner.plan(loaded)
+        return {o.step: o for o in dag.run(p.steps, dag.State(runner.state_path(loaded)))}
+
+    first = run()
+    assert [first[s].status for s in ("clean:a", "clean:b", "label:la")] == ["ran"] * 3
+    assert first["clean:a"].summary["rows_out"] == 3 and first["label:la"].summary["labelled"] == 3
+    assert (tmp_path / "labelled/a.jsonl").exists() and (tmp_path / "clean/a.jsonl.lineage.json").exists()
+    assert {o.status for o in run().values()} == {"up to date"}
+    _rows(tmp_path / "raw/b.jsonl", ["x", "y", "z"])  # only b's pipeline depends on it
+    again = run()
+    assert again["clean:b"].status == "ran" and again["clean:a"].status == "up to date" and again["label:la"].status == "up to date"
+    _rows(tmp_path / "raw/a.jsonl", ["a great thing", "awful", "good good"])
+    third = run()
+    assert third["clean:a"].status == "ran" and third["label:la"].status == "ran" and third["clean:b"].status == "up to date"
+
+
+def test_spec_errors_point_at_the_line(tmp_path):
+    (tmp_path / "fmhub.yaml").write_text(textwrap.dedent("""\
+        models:
+          tiny: {path: m}
+        tasks:
+          t: {data: d.jsonl, metric: f1}
+        """))
+    from fmhub.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"fmhub.yaml:4: tasks.t.metric"):
+        load_spec(str(tmp_path / "fmhub.yaml"))
+    (tmp_path / "fmhub.yaml").write_text("models:\n  tiny: {path: m}\ntasks:\n  t: {data: d.jsonl}\nfinetune:\n  models: [big]\n")
+    with pytest.raises(SpecError, match=r"fmhub.yaml:6: finetune.models\[0\]: unknown model 'big'"):
+        runner.plan(load_spec(str(tmp_path / "fmhub.yaml")))
+    (tmp_path / "fmhub.yaml").write_text("models:\n  tiny: {path: m}\ntasks:\n  t: {data: d.jsonl}\n")
+    with pytest.raises(SpecError, match=r"no finetune: section"):
+        runner.plan(load_spec(str(tmp_path / "fmhub.yaml")))
