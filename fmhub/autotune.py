@@ -42,7 +42,6 @@ token, so ``exact_match`` cuts each generation at the reference's length).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -332,16 +331,11 @@ def _greedy(model: Any, prompts: list[list[int]], limits: list[int], eos: Option
     """
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    from fmhub.serving.batch import RunningBatch, cache_kw as cache_arg
+
+    ids, mask, positions = RunningBatch.prefill_inputs(prompts, pad, device)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes the cache on
-    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # transformers 5 / 4
+    cache_kw = cache_arg(hf)
     out: list[list[int]] = [[] for _ in prompts]
     done = [limit <= 0 for limit in limits]
     past = None

@@ -126,17 +126,10 @@ def create(directory: str, rows: int = 240) -> str:
     """Write the example project into ``directory`` (new or empty) and commit it; returns its path."""
     from fmhub.demo import build_tiny_llama
 
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and os.listdir(directory):
-        raise FmhubError(f"{directory} is not empty; give a new directory for the example")
-    os.makedirs(directory, exist_ok=True)
-    fmhub = [sys.executable, "-m", "fmhub"]
-    _sh(["git", "init", "-q"], directory)
+    directory = _new_repo(directory, ["*.safetensors", "*.jsonl"])
     if not _has_identity(directory):  # commits need one; the user's own is kept when set
         for key, value in (("user.name", "fmhub example"), ("user.email", "example@fmhub.invalid")):
             _sh(["git", "config", key, value], directory)
-    _sh([*fmhub, "install"], directory)
-    _sh([*fmhub, "track", "*.safetensors", "*.jsonl"], directory)
     build_tiny_llama(seed=0, initializer_range=0.1).save_pretrained(os.path.join(directory, "models", "tiny"))
     _write_jsonl(os.path.join(directory, "data", "reviews.jsonl"), reviews(rows, seed=1))
     _write_jsonl(os.path.join(directory, "data", "tickets.jsonl"), tickets(rows // 2, seed=2))
@@ -169,6 +162,14 @@ EMPTY_SPEC = """\
 
 def create_empty(directory: str) -> str:
     """A new repository with fmhub installed, the usual patterns tracked and a commented fmhub.yaml."""
+    directory = _new_repo(directory, ["*.safetensors", "*.jsonl", "*.parquet"])
+    with open(os.path.join(directory, "fmhub.yaml"), "w", encoding="utf-8") as f:
+        f.write(EMPTY_SPEC)
+    return directory
+
+
+def _new_repo(directory: str, patterns: list[str]) -> str:
+    """``git init`` a new (or empty) directory, install fmhub in it and track ``patterns``."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and os.listdir(directory):
         raise FmhubError(f"{directory} is not empty; give a new directory")
@@ -176,7 +177,5 @@ def create_empty(directory: str) -> str:
     fmhub = [sys.executable, "-m", "fmhub"]
     _sh(["git", "init", "-q"], directory)
     _sh([*fmhub, "install"], directory)
-    _sh([*fmhub, "track", "*.safetensors", "*.jsonl", "*.parquet"], directory)
-    with open(os.path.join(directory, "fmhub.yaml"), "w", encoding="utf-8") as f:
-        f.write(EMPTY_SPEC)
+    _sh([*fmhub, "track", *patterns], directory)
     return directory

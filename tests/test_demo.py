@@ -1,4 +1,4 @@
-"""The README's first command: `fmhub demo` runs end to end on the built-in example."""
+"""`fmhub demo`: versions a tiny transformers model with git + fmhub end to end (diff, byte-identical checkout)."""
 
 from __future__ import annotations
 

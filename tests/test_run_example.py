@@ -1,4 +1,4 @@
-"""The built-in example: `fmhub init --example` runs every stage end to end; editing one data file re-runs only what depends on it."""
+"""The README's first command, `fmhub init --example`: every stage end to end; editing one data file re-runs only what depends on it."""
 
 from __future__ import annotations
 
@@ -40,3 +40,12 @@ def test_example_end_to_end_then_only_dependent_steps_rerun(tmp_path):
     assert status == {"clean:tickets": "ran", "finetune:tickets": "ran", "select": "ran", "merge": "ran", "deploy": "ran",
                       "clean:reviews": "up to date", "label:sentiment": "up to date", "finetune:sentiment": "up to date"}
     assert {s["status"] for s in json.loads(fmhub(ex, "run", "--json").stdout)["steps"]} == {"up to date"}
+
+
+def test_init_without_example_and_into_a_non_empty_directory(tmp_path):
+    fmhub(tmp_path, "init", "plain")
+    plain = tmp_path / "plain"
+    assert (plain / "fmhub.yaml").is_file() and "filter=fmhub" in (plain / ".gitattributes").read_text()
+    assert git(plain, "config", "--get", "filter.fmhub.process").stdout.strip()
+    bad = fmhub(tmp_path, "init", "--example", "plain", check=False)
+    assert bad.returncode == 1 and b"is not empty" in bad.stderr

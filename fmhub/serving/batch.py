@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 
-def _cache_kw(model: Any) -> str:
+def cache_kw(model: Any) -> str:
+    """The name of the forward's cache argument."""
     # transformers >= 5.x names it ``cache``; earlier versions ``past_key_values``
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -41,7 +42,7 @@ class Forward:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.kw = _cache_kw(model)
+        self.kw = cache_kw(model)
         params = inspect.signature(model.forward).parameters
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
