@@ -1215,7 +1215,7 @@ def select_cmd(
     spec_file: Optional[str] = typer.Option(None, "--spec", help="The fmhub.yaml whose tasks: are ranked on."),
 ) -> None:
     """Rank the base model and its adapters on the declared tasks: a leaderboard, best first (mean rank over tasks)."""
-    from fmhub.run import task_of, task_texts
+    from fmhub.run import model_dir_of, task_of, task_texts
     from fmhub.select import Candidate, default_cache, leaderboard, parse_candidates, router_from_leaderboard
     from fmhub.spec import load_spec
 
@@ -1230,8 +1230,8 @@ def select_cmd(
         else:
             if not loaded.spec.models:
                 raise FmhubError("no --base and no models: section in fmhub.yaml; give --base DIR")
-            first = loaded.resolve(next(iter(loaded.spec.models.values())).path)
-            cands = [] if no_base else [Candidate(m, loaded.resolve(ms.path)) for m, ms in loaded.spec.models.items()]
+            first = model_dir_of(loaded, next(iter(loaded.spec.models)))
+            cands = [] if no_base else [Candidate(m, model_dir_of(loaded, m)) for m in loaded.spec.models]
             cands += parse_candidates(first, adapters or [], include_base=False)
         path = None if no_cache else (cache or default_cache())
 

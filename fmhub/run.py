@@ -81,10 +81,10 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
         for i, m in enumerate(names):
             if m not in spec.models:
                 raise loaded.error(("finetune", "models", i), f"unknown model {m!r}; models: declares {', '.join(spec.models)}")
-        base = res(spec.models[names[0]].path)
+        base = model_dir_of(loaded, names[0])
         for task_name, task in spec.tasks.items():
             for m in names:
-                model_dir = res(spec.models[m].path)
+                model_dir = model_dir_of(loaded, m)
                 adapter = task_name if len(names) == 1 else f"{task_name}-{m}"
                 out = res(os.path.join(ft.output, adapter))
                 adapters[adapter] = out
@@ -117,6 +117,22 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
         steps.append(dag.Step("deploy", [base, *adapters.values()], [], {"deploy": _dump(spec.deploy)},
                               _deploy(loaded, base, adapters), _where(loaded, ("deploy",)), after=after))
     return Plan(loaded, steps, adapters, base)
+
+
+def model_dir_of(loaded: LoadedSpec, name: str) -> str:
+    """A declared model's directory: its ``path``, or its ``hub`` id's snapshot in the local Hugging Face cache."""
+    ms = loaded.spec.models[name]
+    if ms.path is not None:
+        return loaded.resolve(ms.path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(ms.hub, revision=ms.revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise loaded.error(("models", name, "hub"), f"{ms.hub}{'@' + ms.revision if ms.revision else ''} is not in the local "
+                           "Hugging Face cache (HF_HUB_CACHE); download it where the Hub can be reached "
+                           "(`huggingface-cli download ...`), or give path:") from None
 
 
 def _dump(model: Any) -> Any:
@@ -173,12 +189,17 @@ def _select(loaded: LoadedSpec, adapters: dict[str, str]) -> Callable[[], dict]:
         from fmhub.select import Candidate, default_cache, leaderboard, router_from_leaderboard
 
         spec = loaded.spec
-        cands = [Candidate(m, loaded.resolve(ms.path), None) for m, ms in spec.models.items()]
+        cands = [Candidate(m, model_dir_of(loaded, m), None) for m in spec.models]
         cands += [Candidate(a, _model_of(loaded, a), d) for a, d in adapters.items() if a != "merged"]
         board = leaderboard(cands, [task_of(loaded, t) for t in spec.tasks], cache=default_cache(loaded.root))
         out = loaded.resolve(spec.select.output)
         with atomic_write(out, "w") as f:
             json.dump(board.to_json(), f, indent=2, sort_keys=True)
+        from fmhub import lineage
+
+        inputs = [lineage.describe_input(c.adapter_dir or c.model_dir, "model", loaded.root) for c in cands]
+        inputs += [lineage.describe_input(loaded.dataset_path(t.data), "dataset", loaded.root) for t in spec.tasks.values()]
+        lineage.record(out, "select", inputs, {"tasks": sorted(spec.tasks)}, cwd=loaded.root)
         best = {t: board.best_for(t).name for t in spec.tasks}
         if spec.select.router:
             # a bare model that wins a task is served as the server's base model
@@ -195,8 +216,8 @@ def _model_of(loaded: LoadedSpec, adapter: str) -> str:
     names = loaded.spec.finetune.models or list(loaded.spec.models)
     for m in names:
         if adapter.endswith(f"-{m}"):
-            return loaded.resolve(loaded.spec.models[m].path)
-    return loaded.resolve(loaded.spec.models[names[0]].path)
+            return model_dir_of(loaded, m)
+    return model_dir_of(loaded, names[0])
 
 
 def task_texts(loaded: LoadedSpec, task_name: str, limit: int = 500) -> list[str]:

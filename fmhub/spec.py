@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Mapping, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fmhub.errors import FmhubError
 
@@ -151,10 +151,25 @@ class ServeSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    """``models.NAME``: a candidate base model, a transformers model directory."""
+    """``models.NAME``: a candidate base model: a transformers model directory, or a Hub id in the local cache."""
 
-    path: str
+    path: Optional[str] = None
+    hub: Optional[str] = Field(None, description="a Hugging Face Hub model id, read from the local cache (never downloaded)")
+    revision: Optional[str] = None
     description: str = ""
+
+    @field_validator("hub")
+    @classmethod
+    def _hub(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (v.count("/") != 1 or any(not p for p in v.split("/"))):
+            raise ValueError(f"{v!r} is not a Hub model id (ORG/NAME)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give a model either path: (a directory) or hub: (an id in the local Hugging Face cache)")
+        return self
 
 
 class TaskSpec(_Strict):

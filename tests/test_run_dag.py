@@ -157,3 +157,26 @@ def test_spec_errors_point_at_the_line(tmp_path):
     (tmp_path / "fmhub.yaml").write_text("models:\n  tiny: {path: m}\ntasks:\n  t: {data: d.jsonl}\n")
     with pytest.raises(SpecError, match=r"no finetune: section"):
         runner.plan(load_spec(str(tmp_path / "fmhub.yaml")))
+
+
+def test_models_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    from fmhub.spec import SpecError
+
+    cache = tmp_path / "hf"
+    snap = cache / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "fmhub.yaml").write_text("models:\n  tiny: {hub: acme/tiny}\n  gone: {hub: acme/gone}\n")
+    loaded = load_spec(str(tmp_path / "fmhub.yaml"))
+    assert runner.model_dir_of(loaded, "tiny") == str(snap)
+    with pytest.raises(SpecError, match=r"fmhub.yaml:3: models.gone.hub: acme/gone is not in the local Hugging Face cache"):
+        runner.model_dir_of(loaded, "gone")
+    (tmp_path / "fmhub.yaml").write_text("models:\n  both: {hub: acme/tiny, path: m}\n  bad: {hub: tiny}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(str(tmp_path / "fmhub.yaml"))
+    assert "fmhub.yaml:2: models.both" in str(info.value) and "either path" in str(info.value)
+    assert "fmhub.yaml:3: models.bad.hub" in str(info.value) and "not a Hub model id" in str(info.value)

@@ -32,6 +32,9 @@ def test_example_end_to_end_then_only_dependent_steps_rerun(tmp_path):
     assert git(ex, "show", "HEAD:adapters/sentiment/adapter_model.safetensors").stdout.startswith(b"fmhub manifest")
     lineage = fmhub(ex, "lineage", "adapters/sentiment@HEAD", "--json").stdout.decode()
     assert "data/reviews.jsonl" in lineage  # the adapter traces back through labelling and cleaning to the raw data
+    assert "runs/leaderboard.json.lineage.json" in files  # and the ranking back to the adapters it ranked
+    ranked = fmhub(ex, "lineage", "runs/leaderboard.json@HEAD", "--json").stdout.decode()
+    assert "adapters/tickets" in ranked and "data/raw" not in ranked and "data/tickets.jsonl" in ranked
 
     with open(ex / "data" / "tickets.jsonl", "a") as f:
         f.write(json.dumps({"id": 999, "text": "hello, my invoice is missing (order 1234). thanks"}) + "\n")
