@@ -16,6 +16,13 @@ tokenizer's end-of-sequence token when it has one) given the prompt, which is
 what the metric asks of the model. The eval loss the search compares is the
 same quantity on the held-out rows.
 
+**Sparsity instead of an adapter.** ``train_adapter(..., sparsity=0.99)``
+trains no adapter: it estimates the base's empirical Fisher on the task's
+own objective (squared per-example gradients, up to `FISHER_EXAMPLES`),
+keeps the top ``1 - sparsity`` of the weight entries, and fine-tunes only
+those (masked gradients, AdamW without weight decay, so every other entry
+stays bit-exact): FishMask. The output is a full model directory.
+
 **Held-out rows.** ``Task.eval`` when given, else every row of ``data`` whose
 line hashes (sha256) to 0 mod 10 (the lowest hash alone when that leaves a
 side empty): a split that depends on each row's content only, so appending
@@ -454,18 +461,31 @@ def _lora_config(model: Any, r: int, alpha: int, target_modules: Optional[Sequen
 
 
 def _run(base_dir: str, lora: Any, examples: list[_Example], pad: int, accelerator: Any, *,
-         lr: float, steps: int, batch_size: int, seed: int) -> tuple[Any, list[float]]:
-    """A fresh adapter on the base, trained ``steps`` steps at ``lr``: (the prepared model, loss per step)."""
+         lr: float, steps: int, batch_size: int, seed: int, mask: Optional[dict] = None) -> tuple[Any, list[float]]:
+    """A fresh adapter on the base (or, with ``mask``, the base's masked entries) trained ``steps`` steps at ``lr``.
+
+    Returns the prepared model and the loss of each step. With ``mask``
+    (parameter name -> 0/1 tensor) only the entries under a 1 train: their
+    gradients are masked, so AdamW (no weight decay) leaves every other entry
+    bit-exact.
+    """
     import torch
     from accelerate.utils import set_seed
     from peft import get_peft_model
 
     model = load_model(base_dir)
     set_seed(seed)  # after loading, right before the adapter's init: every run starts from the same A matrices
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:  # peft's word for targets the model does not have
-        raise TaskError(f"{base_dir}: cannot add the LoRA adapter ({exc}); check target_modules") from None
+    if mask is not None:
+        for name, p in model.named_parameters():
+            m = mask.get(name)
+            p.requires_grad_(m is not None)
+            if m is not None:
+                p.register_hook(lambda g, m=m: g * m.to(g.device, g.dtype))
+    else:
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:  # peft's word for targets the model does not have
+            raise TaskError(f"{base_dir}: cannot add the LoRA adapter ({exc}); check target_modules") from None
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -484,10 +504,45 @@ def _run(base_dir: str, lora: Any, examples: list[_Example], pad: int, accelerat
     return model, losses
 
 
-def _check_output(output_dir: str) -> None:
+FISHER_EXAMPLES = 256  # examples the Fisher is estimated on: enough to rank entries, bounded in time
+
+
+def _fisher_mask(base_dir: str, examples: list[_Example], pad: int, accelerator: Any, keep: float) -> tuple[dict, int, int]:
+    """The top ``keep`` fraction of the base's weight entries by empirical Fisher on the task's own objective.
+
+    Fisher: the sum over (up to `FISHER_EXAMPLES`) training examples of each
+    entry's squared gradient of that example's loss (FishMask). Returns
+    (name -> 0/1 mask, entries kept, entries in all).
+    """
+    import torch
+
+    model = load_model(base_dir).to(accelerator.device)
+    model.eval()  # no dropout: the gradients are the model's, not a sample's
+    params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    for ex in examples[:FISHER_EXAMPLES]:
+        ids, labels = (t.to(accelerator.device) for t in _collate([ex], pad))
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.float() ** 2
+    flat = torch.cat([f.reshape(-1) for f in fisher.values()])
+    total = flat.numel()
+    k = max(1, int(round(keep * total)))
+    threshold = flat.kthvalue(total - k + 1).values
+    mask = {n: (f >= threshold).to(torch.float32) for n, f in fisher.items()}
+    mask = {n: m for n, m in mask.items() if m.any()}
+    kept = int(sum(m.sum().item() for m in mask.values()))
+    return mask, kept, total
+
+
+def _check_output(output_dir: str, sparse: bool = False) -> None:
+    marker = "config.json" if sparse else "adapter_config.json"
     if os.path.isfile(output_dir) or (os.path.isdir(output_dir) and os.listdir(output_dir)
-                                      and not os.path.isfile(os.path.join(output_dir, "adapter_config.json"))):
-        raise TaskError(f"{output_dir} exists and is not an adapter directory; choose another output or remove it")
+                                      and not os.path.isfile(os.path.join(output_dir, marker))):
+        what = "a model" if sparse else "an adapter"
+        raise TaskError(f"{output_dir} exists and is not {what} directory; choose another output or remove it")
 
 
 def _fsync_tree(path: str) -> None:
@@ -523,8 +578,15 @@ def train_adapter(
     seed: int = 0,
     max_length: int = 128,
     progress: Optional[Callable[[str], None]] = None,
+    sparsity: Optional[float] = None,
 ) -> TrainResult:
     """Train a LoRA adapter of ``base_dir`` for ``task``, picking the learning rate by a short search, and score it.
+
+    With ``sparsity`` (say 0.99) no adapter is trained: the base's weights are
+    fine-tuned where its Fisher on the task is largest, ``1 - sparsity`` of
+    their entries, every other entry kept bit-exact (FishMask), and
+    ``output_dir`` is a full model directory (which fmhub stores as sparse
+    deltas of the base with ``fmhub.deltas``).
 
     Every check that can fail on the inputs (task, rows, tokens, output
     directory) runs before training, so bad input writes nothing. The adapter
@@ -546,6 +608,7 @@ def train_adapter(
     :param seed: adapter init, batch order and every RNG.
     :param max_length: examples are cut to this many tokens (prompts lose their start, answers are kept).
     :param progress: called with a line after each trial and at the end.
+    :param sparsity: in [0, 1): train only the top ``1 - sparsity`` of the weights' entries by Fisher, no adapter.
     :return: a `TrainResult`.
     :raises TaskError: bad task data (naming file and line), bad hyperparameters, every learning rate diverging.
     """
@@ -560,9 +623,11 @@ def train_adapter(
     if steps < 1 or batch_size < 1 or r < 1 or alpha <= 0 or (trial_steps is not None and trial_steps < 1):
         raise TaskError(f"steps, batch_size, r, alpha and trial_steps must be >= 1; "
                         f"got {steps}, {batch_size}, {r}, {alpha}, {trial_steps}")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise TaskError(f"sparsity must be in [0, 1) (the fraction of entries left unchanged), got {sparsity}")
     trial_steps = trial_steps or max(1, steps // 3)
     output_dir = os.path.normpath(output_dir)
-    _check_output(output_dir)
+    _check_output(output_dir, sparse=sparsity is not None)
     for source in (task.data, task.eval):
         if source is not None:  # a source `fmhub unlearn --remove` took out stays out of new versions
             lineage.check_not_excluded(source, os.getcwd())
@@ -578,7 +643,7 @@ def train_adapter(
     train, held = _examples(task, train_rows, tokenizer, max_length), _examples(task, eval_rows, tokenizer, max_length)
     _check_vocab(train, vocab, train_rows)
     _check_vocab(held, vocab, eval_rows)
-    lora = _lora_config(base, r, alpha, target_modules)
+    lora = _lora_config(base, r, alpha, target_modules) if sparsity is None else None
 
     accelerator = Accelerator()
     if batch_size < accelerator.num_processes:
@@ -586,8 +651,9 @@ def train_adapter(
     base.to(accelerator.device).eval()
     base_loss = _nll(base, held, pad, accelerator, batch_size)
     del base
+    mask, kept, entries = (None, 0, 0) if sparsity is None else _fisher_mask(base_dir, train, pad, accelerator, 1 - sparsity)
 
-    run = dict(steps=steps, batch_size=batch_size, seed=seed)
+    run = dict(steps=steps, batch_size=batch_size, seed=seed, mask=mask)
     trials: list[Trial] = []
     if len(candidates) > 1:
         for lr in candidates:
@@ -615,8 +681,9 @@ def train_adapter(
     tail = losses[-math.ceil(len(losses) / 10) :]
     result = TrainResult(output_dir, lr, trials, sum(tail) / len(tail), eval_loss, task.metric, score,
                          time.monotonic() - start, steps, base_loss, losses, str(accelerator.device))
-    params = {"task": task.name, "metric": task.metric, "lr": lr, "lrs": candidates, "r": r, "alpha": alpha,
-              "target_modules": sorted(unwrapped.peft_config["default"].target_modules),
+    shape = ({"r": r, "alpha": alpha, "target_modules": sorted(unwrapped.peft_config["default"].target_modules)} if mask is None
+             else {"method": "fishmask", "sparsity": sparsity, "entries_trained": kept, "entries": entries})
+    params = {"task": task.name, "metric": task.metric, "lr": lr, "lrs": candidates, **shape,
               "steps": steps, "trial_steps": trial_steps if trials else None, "batch_size": batch_size, "seed": seed,
               "max_length": max_length}
 
@@ -627,6 +694,10 @@ def train_adapter(
         tmp = tempfile.mkdtemp(dir=parent, prefix=".fmhub-train-")
         try:
             unwrapped.save_pretrained(tmp)
+            if mask is not None:  # a full model: it needs the base's tokenizer and generation files beside it
+                from fmhub.sparse_update import copy_side_files
+
+                copy_side_files(base_dir, tmp)
             with open(os.path.join(tmp, TRAIN_FILE), "w", encoding="utf-8") as f:
                 json.dump(_train_record(result, params, sources), f, indent=2, sort_keys=True)
                 f.write("\n")

@@ -68,6 +68,7 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
         steps.append(dag.Step(f"label:{name}", inputs, [res(pipe.output)], {"pipeline": _dump(pipe)},
                               _label(loaded, name), _where(loaded, ("label", name))))
     adapters: dict[str, str] = {}
+    tuned: dict[str, str] = {}  # finetune.method fishmask: full models, one per task
     base = None
     ft = spec.finetune
     if spec.tasks and ft is None:
@@ -87,17 +88,21 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
                 model_dir = model_dir_of(loaded, m)
                 adapter = task_name if len(names) == 1 else f"{task_name}-{m}"
                 out = res(os.path.join(ft.output, adapter))
-                adapters[adapter] = out
+                (adapters if ft.method == "lora" else tuned)[adapter] = out
                 data = loaded.dataset_path(task.data)
                 inputs = [model_dir, data] + ([loaded.dataset_path(task.eval)] if task.eval else [])
                 steps.append(dag.Step(f"finetune:{adapter}", inputs, [out], {"task": _dump(task), "finetune": _dump(ft)},
                                       _finetune(loaded, task_name, model_dir, out), _where(loaded, ("tasks", task_name))))
-    if spec.select is not None and adapters:
+    if spec.select is not None and (adapters or tuned):
         sel = spec.select
-        outputs = [res(sel.output)] + ([res(sel.router)] if sel.router else [])
-        inputs = sorted(set(adapters.values())) + sorted({loaded.dataset_path(t.data) for t in spec.tasks.values()})
+        outputs = [res(sel.output)] + ([res(sel.router)] if sel.router and adapters else [])
+        inputs = sorted({*adapters.values(), *tuned.values()}) + sorted({loaded.dataset_path(t.data) for t in spec.tasks.values()})
         steps.append(dag.Step("select", inputs, outputs, {"select": _dump(sel), "tasks": {k: _dump(v) for k, v in spec.tasks.items()}},
-                              _select(loaded, adapters), _where(loaded, ("select",))))
+                              _select(loaded, adapters, tuned), _where(loaded, ("select",))))
+    for section in ("merge", "deploy"):
+        if getattr(spec, section) is not None and tuned:
+            raise loaded.error((section,), f"{section}: works on LoRA adapters, and finetune.method fishmask makes full models; "
+                                           "merge them with `fmhub merge`, serve one with `fmhub serve --base`")
     if spec.merge is not None:
         mg = spec.merge
         chosen = mg.tasks or list(spec.tasks)
@@ -177,13 +182,14 @@ def _finetune(loaded: LoadedSpec, task_name: str, model_dir: str, out: str) -> C
 
         ft = loaded.spec.finetune
         r = train_adapter(model_dir, task_of(loaded, task_name), out, r=ft.r, alpha=ft.alpha, target_modules=ft.target_modules,
-                          steps=ft.steps, batch_size=ft.batch_size, lrs=ft.lrs, trial_steps=ft.trial_steps, seed=ft.seed)
+                          steps=ft.steps, batch_size=ft.batch_size, lrs=ft.lrs, trial_steps=ft.trial_steps, seed=ft.seed,
+                          sparsity=ft.sparsity if ft.method == "fishmask" else None)
         return {"metric": r.metric, "score": r.score, "lr": r.lr, "eval_loss": r.eval_loss, "trials": len(r.trials)}
 
     return go
 
 
-def _select(loaded: LoadedSpec, adapters: dict[str, str]) -> Callable[[], dict]:
+def _select(loaded: LoadedSpec, adapters: dict[str, str], tuned: dict[str, str]) -> Callable[[], dict]:
     def go() -> dict:
         from fmhub.atomic import atomic_write
         from fmhub.select import Candidate, default_cache, leaderboard, router_from_leaderboard
@@ -191,6 +197,7 @@ def _select(loaded: LoadedSpec, adapters: dict[str, str]) -> Callable[[], dict]:
         spec = loaded.spec
         cands = [Candidate(m, model_dir_of(loaded, m), None) for m in spec.models]
         cands += [Candidate(a, _model_of(loaded, a), d) for a, d in adapters.items() if a != "merged"]
+        cands += [Candidate(t, d, None) for t, d in tuned.items()]
         board = leaderboard(cands, [task_of(loaded, t) for t in spec.tasks], cache=default_cache(loaded.root))
         out = loaded.resolve(spec.select.output)
         with atomic_write(out, "w") as f:
@@ -201,7 +208,7 @@ def _select(loaded: LoadedSpec, adapters: dict[str, str]) -> Callable[[], dict]:
         inputs += [lineage.describe_input(loaded.dataset_path(t.data), "dataset", loaded.root) for t in spec.tasks.values()]
         lineage.record(out, "select", inputs, {"tasks": sorted(spec.tasks)}, cwd=loaded.root)
         best = {t: board.best_for(t).name for t in spec.tasks}
-        if spec.select.router:
+        if spec.select.router and adapters:  # the router picks among served adapters
             # a bare model that wins a task is served as the server's base model
             router = router_from_leaderboard(board, {t: task_texts(loaded, t) for t in spec.tasks},
                                              {t: spec.tasks[t].description for t in spec.tasks if spec.tasks[t].description},

@@ -189,7 +189,9 @@ class TaskSpec(_Strict):
 class FinetuneSpec(_Strict):
     """``finetune``: how ``fmhub run`` trains one PEFT adapter per task and candidate model."""
 
-    method: str = Field("lora", pattern="^lora$", description="the PEFT method (LoRA)")
+    method: str = Field("lora", pattern="^(lora|fishmask)$",
+                        description="lora (an adapter per task) or fishmask (the base's top-Fisher entries, a full model per task)")
+    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="fishmask: the fraction of weight entries left unchanged (0.99)")
     models: Optional[list[str]] = Field(None, description="candidate models to train on (default: every one)")
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
@@ -200,6 +202,14 @@ class FinetuneSpec(_Strict):
     batch_size: int = Field(8, ge=1)
     seed: int = 0
     output: str = Field("adapters", description="adapters go to OUTPUT/TASK (OUTPUT/TASK-MODEL with several models)")
+
+    @model_validator(mode="after")
+    def _sparsity(self) -> "FinetuneSpec":
+        if self.method == "fishmask" and self.sparsity is None:
+            raise ValueError("method fishmask needs sparsity: (the fraction of entries left unchanged, e.g. 0.99)")
+        if self.method == "lora" and self.sparsity is not None:
+            raise ValueError("sparsity is for method fishmask; LoRA's size is set by r")
+        return self
 
 
 class SelectSpec(_Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -138,6 +139,30 @@ def test_search_picks_the_best_trial_and_the_adapter_beats_the_base(env, tmp_pat
     assert side["step"] == "finetune" and side["params"]["lr"] == res.lr
     assert [i["kind"] for i in side["inputs"]] == ["model", "dataset", "dataset"]
     assert leftovers(tmp_path) == []
+
+
+def test_sparsity_trains_only_the_top_fisher_entries_of_the_base(env, tmp_path):
+    """FishMask: with sparsity 0.99 no adapter; 1 % of the base's weight entries change, the rest stay bit-exact."""
+    import torch
+    from safetensors.torch import load_file
+
+    task = Task("sentiment", env["train"], eval=env["eval"], metric="accuracy", classes=["pos", "neg"])
+    out = tmp_path / "sparse"
+    res = train_adapter(env["base"], task, str(out), steps=60, lrs=[3e-2], sparsity=0.99)
+    base = load_file(os.path.join(env["base"], "model.safetensors"))
+    tuned = load_file(str(out / "model.safetensors"))
+    assert set(tuned) == set(base) and not (out / "adapter_config.json").exists()
+    weights = [n for n, t in base.items() if t.dim() >= 2]
+    changed = sum(int((tuned[n] != base[n]).sum()) for n in weights)
+    total = sum(base[n].numel() for n in weights)
+    assert 0 < changed <= 0.0101 * total  # at most the 1 % the mask allows (ties could add a few)
+    assert all(torch.equal(tuned[n], base[n]) for n in base if base[n].dim() < 2)  # norms are not in the mask
+    base_acc = evaluate(env["base"], None, task)
+    assert res.score == evaluate(str(out), None, task) and res.score >= base_acc + 0.2
+    rec = json.loads((out / TRAIN_FILE).read_text())
+    assert rec["method"] == "fishmask" and rec["sparsity"] == 0.99 and rec["entries_trained"] <= 0.0101 * rec["entries"]
+    with pytest.raises(FmhubError, match="sparsity must be in"):
+        train_adapter(env["base"], task, str(tmp_path / "bad"), sparsity=1.0)
 
 
 def test_default_search_on_a_held_out_split_is_reproducible_to_the_byte(env, tmp_path):

@@ -168,8 +168,10 @@ def test_models_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
     (snap / "config.json").write_text("{}")
     (cache / "models--acme--tiny" / "refs").mkdir()
     (cache / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, which may have happened
     (tmp_path / "fmhub.yaml").write_text("models:\n  tiny: {hub: acme/tiny}\n  gone: {hub: acme/gone}\n")
     loaded = load_spec(str(tmp_path / "fmhub.yaml"))
     assert runner.model_dir_of(loaded, "tiny") == str(snap)
@@ -180,3 +182,35 @@ def test_models_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
         load_spec(str(tmp_path / "fmhub.yaml"))
     assert "fmhub.yaml:2: models.both" in str(info.value) and "either path" in str(info.value)
     assert "fmhub.yaml:3: models.bad.hub" in str(info.value) and "not a Hub model id" in str(info.value)
+
+
+def test_fishmask_finetune_with_a_sparsity_constraint(tmp_path):
+    """finetune.method fishmask: a full model per task, 1 % of its entries trained, ranked by select; merge/deploy refuse it."""
+    from safetensors.torch import load_file
+
+    from fmhub.spec import SpecError
+    from test_autotune import sentiment_rows, tiny_base, write_jsonl
+
+    tiny_base(tmp_path / "m")
+    write_jsonl(tmp_path / "s.jsonl", sentiment_rows(160, 1))
+    spec = textwrap.dedent("""\
+        models: {tiny: {path: m}}
+        tasks: {sent: {data: s.jsonl, metric: accuracy, classes: [pos, neg]}}
+        finetune: {method: fishmask, sparsity: 0.99, steps: 40, lrs: [0.03]}
+        select: {output: board.json}
+        """)
+    (tmp_path / "fmhub.yaml").write_text(spec)
+    loaded = load_spec(str(tmp_path / "fmhub.yaml"))
+    out = {o.step: o for o in dag.run(runner.plan(loaded).steps, dag.State(str(tmp_path / "state.json")))}
+    assert out["finetune:sent"].status == "ran" and out["select"].status == "ran"
+    base, tuned = load_file(str(tmp_path / "m" / "model.safetensors")), load_file(str(tmp_path / "adapters" / "sent" / "model.safetensors"))
+    changed = sum(int((tuned[n] != base[n]).sum()) for n in base)
+    assert 0 < changed <= 0.0101 * sum(t.numel() for t in base.values())
+    board = json.loads((tmp_path / "board.json").read_text())
+    assert "sent" in json.dumps(board) and not (tmp_path / "runs" / "router.json").exists()
+    (tmp_path / "fmhub.yaml").write_text(spec + "merge: {}\n")
+    with pytest.raises(SpecError, match=r"fmhub.yaml:5: merge: merge: works on LoRA adapters"):
+        runner.plan(load_spec(str(tmp_path / "fmhub.yaml")))
+    (tmp_path / "fmhub.yaml").write_text(spec.replace("method: fishmask, sparsity: 0.99", "method: fishmask"))
+    with pytest.raises(SpecError, match=r"fmhub.yaml:3: finetune: .*needs sparsity"):
+        load_spec(str(tmp_path / "fmhub.yaml"))
