@@ -293,32 +293,45 @@ def _nll(model: Any, examples: Sequence[_Example], pad: int, accelerator: Any, b
     return float(nll / count)
 
 
+def class_logprobs(model: Any, task: Task, rows: Sequence[_Row], tokenizer: Any, pad: int, device: Any,
+                   batch_size: int, max_length: int) -> "torch.Tensor":
+    """(rows, classes) float64: each class verbalization's total log-probability given each row's text.
+
+    One prompt cut per row for every class, so all classes are scored on the same context.
+    """
+    import torch
+
+    classes = list(task.classes or ())
+    answers = [_encode(tokenizer, " " + c, False) for c in classes]
+    longest = max(answers, key=len)
+    seqs = []
+    for row in rows:
+        prompt = _with_prompt(_encode(tokenizer, row.values[task.text], True), longest, max_length, row.where)
+        ctx = prompt.ids[: prompt.start]
+        seqs += [_Example(ctx + a, len(ctx)) for a in answers]
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            ids, labels = (t.to(device) for t in _collate(seqs[i : i + batch_size], pad))
+            scores.append(sequence_log_likelihood(model(input_ids=ids, use_cache=False).logits, labels, "sum").double())
+    if not scores:
+        return torch.zeros((0, len(classes)), dtype=torch.float64, device=device)
+    return torch.cat(scores).reshape(len(rows), len(classes))
+
+
 def _accuracy(model: Any, task: Task, rows: Sequence[_Row], tokenizer: Any, pad: int, accelerator: Any,
               batch_size: int, max_length: int) -> float:
     """The fraction of rows whose label is the class with the highest total log-probability."""
     import torch
 
     classes = list(task.classes or ())
-    answers = [_encode(tokenizer, " " + c, False) for c in classes]
-    longest = max(answers, key=len)
     device = accelerator.device
     correct = torch.zeros((), dtype=torch.float64, device=device)
     mine = list(rows[accelerator.process_index :: accelerator.num_processes])
-    with torch.no_grad():
-        # one sequence per (row, class), scored together in batches of batch_size sequences
-        seqs, truth = [], []
-        for row in mine:
-            prompt = _with_prompt(_encode(tokenizer, row.values[task.text], True), longest, max_length, row.where)
-            ctx = prompt.ids[: prompt.start]  # one prompt cut for every class, so all are scored on the same context
-            seqs += [_Example(ctx + a, len(ctx)) for a in answers]
-            truth.append(classes.index(row.values[task.label]))
-        scores = []
-        for i in range(0, len(seqs), batch_size):
-            ids, labels = (t.to(device) for t in _collate(seqs[i : i + batch_size], pad))
-            scores.append(sequence_log_likelihood(model(input_ids=ids, use_cache=False).logits, labels, "sum").double())
-        if mine:
-            predicted = torch.cat(scores).reshape(len(mine), len(classes)).argmax(-1)  # the first of equal maxima
-            correct += (predicted == torch.tensor(truth, device=device)).sum()
+    if mine:
+        predicted = class_logprobs(model, task, mine, tokenizer, pad, device, batch_size, max_length).argmax(-1)  # the first of equal maxima
+        truth = torch.tensor([classes.index(row.values[task.label]) for row in mine], device=device)
+        correct += (predicted == truth).sum()
     total = accelerator.reduce(torch.tensor(float(len(mine)), dtype=torch.float64, device=device), "sum")
     return float(accelerator.reduce(correct, "sum") / total)
 
@@ -368,32 +381,55 @@ def _greedy(model: Any, prompts: list[list[int]], limits: list[int], eos: Option
     return out
 
 
-def _exact_match(model: Any, task: Task, rows: Sequence[_Row], tokenizer: Any, pad: int, accelerator: Any,
-                 batch_size: int, max_length: int, vocab_size: int) -> float:
-    """The fraction of rows whose greedy completion equals the reference after strip()."""
+def completions(model: Any, task: Task, rows: Sequence[_Row], tokenizer: Any, pad: int, device: Any,
+                batch_size: int, max_length: int, vocab_size: int) -> list[str]:
+    """Each row's greedy completion of its prompt, decoded (not stripped)."""
     import torch
 
     eos = _eos(tokenizer)
     if isinstance(tokenizer, datasets_io.ByteTokenizer) and vocab_size < 256:
         raise TaskError(f"task {task.name!r}: exact_match needs a tokenizer that can decode; the byte fallback decodes "
                         f"only with a vocabulary of at least 256 (this model has {vocab_size})")
-    device = accelerator.device
-    mine = list(rows[accelerator.process_index :: accelerator.num_processes])
-    refs = [_encode(tokenizer, row.values[task.completion], False) for row in mine]
+    refs = [_encode(tokenizer, row.values[task.completion], False) for row in rows]
     # without an end-of-sequence token nothing says where a completion ends: cut it at the reference's length
     limits = [len(r) + (0 if eos is None else EXACT_MATCH_SLACK) for r in refs]
-    correct = 0
+    out: list[str] = []
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = mine[i : i + batch_size]
+        for i in range(0, len(rows), batch_size):
             prompts = []
-            for row, limit in zip(batch, limits[i : i + batch_size]):
+            for row, limit in zip(rows[i : i + batch_size], limits[i : i + batch_size]):
                 ex = _with_prompt(_encode(tokenizer, row.values[task.prompt], True), [0] * max(limit, 1), max_length, row.where)
                 prompts.append(ex.ids[: ex.start])
-            for row, got in zip(batch, _greedy(model, prompts, limits[i : i + batch_size], eos, pad, device)):
-                correct += _decode(tokenizer, got).strip() == row.values[task.completion].strip()
+            out += [_decode(tokenizer, got) for got in _greedy(model, prompts, limits[i : i + batch_size], eos, pad, device)]
+    return out
+
+
+def _exact_match(model: Any, task: Task, rows: Sequence[_Row], tokenizer: Any, pad: int, accelerator: Any,
+                 batch_size: int, max_length: int, vocab_size: int) -> float:
+    """The fraction of rows whose greedy completion equals the reference after strip()."""
+    import torch
+
+    device = accelerator.device
+    mine = list(rows[accelerator.process_index :: accelerator.num_processes])
+    got = completions(model, task, mine, tokenizer, pad, device, batch_size, max_length, vocab_size)
+    correct = sum(g.strip() == row.values[task.completion].strip() for g, row in zip(got, mine))
     total = accelerator.reduce(torch.tensor(float(len(mine)), dtype=torch.float64, device=device), "sum")
     return float(accelerator.reduce(torch.tensor(float(correct), dtype=torch.float64, device=device), "sum") / total)
+
+
+def row_nll(model: Any, examples: Sequence[_Example], pad: int, device: Any, batch_size: int) -> list[tuple[float, int]]:
+    """Each example's (total NLL of its scored tokens, number of scored tokens)."""
+    import torch
+
+    out: list[tuple[float, int]] = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            ids, labels = (t.to(device) for t in _collate(examples[i : i + batch_size], pad))
+            logits = model(input_ids=ids, use_cache=False).logits
+            nll = (-sequence_log_likelihood(logits, labels, "sum").double()).tolist()
+            count = (labels[:, 1:] != datasets_io.IGNORE_INDEX).sum(-1).tolist()
+            out += list(zip(nll, count))
+    return out
 
 
 def _score(model: Any, task: Task, rows: Sequence[_Row], examples: Sequence[_Example], tokenizer: Any, pad: int,
@@ -461,13 +497,15 @@ def _lora_config(model: Any, r: int, alpha: int, target_modules: Optional[Sequen
 
 
 def _run(base_dir: str, lora: Any, examples: list[_Example], pad: int, accelerator: Any, *,
-         lr: float, steps: int, batch_size: int, seed: int, mask: Optional[dict] = None) -> tuple[Any, list[float]]:
+         lr: float, steps: int, batch_size: int, seed: int, mask: Optional[dict] = None,
+         init_adapter: Optional[str] = None) -> tuple[Any, list[float]]:
     """A fresh adapter on the base (or, with ``mask``, the base's masked entries) trained ``steps`` steps at ``lr``.
 
     Returns the prepared model and the loss of each step. With ``mask``
     (parameter name -> 0/1 tensor) only the entries under a 1 train: their
     gradients are masked, so AdamW (no weight decay) leaves every other entry
-    bit-exact.
+    bit-exact. With ``init_adapter`` training continues from that adapter's
+    weights instead of a fresh one (``fmhub rebase --retune``).
     """
     import torch
     from accelerate.utils import set_seed
@@ -481,6 +519,10 @@ def _run(base_dir: str, lora: Any, examples: list[_Example], pad: int, accelerat
             p.requires_grad_(m is not None)
             if m is not None:
                 p.register_hook(lambda g, m=m: g * m.to(g.device, g.dtype))
+    elif init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
     else:
         try:
             model = get_peft_model(model, lora)
@@ -579,6 +621,7 @@ def train_adapter(
     max_length: int = 128,
     progress: Optional[Callable[[str], None]] = None,
     sparsity: Optional[float] = None,
+    init_adapter: Optional[str] = None,
 ) -> TrainResult:
     """Train a LoRA adapter of ``base_dir`` for ``task``, picking the learning rate by a short search, and score it.
 
@@ -609,6 +652,7 @@ def train_adapter(
     :param max_length: examples are cut to this many tokens (prompts lose their start, answers are kept).
     :param progress: called with a line after each trial and at the end.
     :param sparsity: in [0, 1): train only the top ``1 - sparsity`` of the weights' entries by Fisher, no adapter.
+    :param init_adapter: continue training this adapter of the base (its r, alpha and targets) instead of a fresh one.
     :return: a `TrainResult`.
     :raises TaskError: bad task data (naming file and line), bad hyperparameters, every learning rate diverging.
     """
@@ -653,7 +697,9 @@ def train_adapter(
     del base
     mask, kept, entries = (None, 0, 0) if sparsity is None else _fisher_mask(base_dir, train, pad, accelerator, 1 - sparsity)
 
-    run = dict(steps=steps, batch_size=batch_size, seed=seed, mask=mask)
+    if init_adapter is not None and sparsity is not None:
+        raise TaskError("init_adapter continues a LoRA adapter; it cannot be combined with sparsity")
+    run = dict(steps=steps, batch_size=batch_size, seed=seed, mask=mask, init_adapter=init_adapter)
     trials: list[Trial] = []
     if len(candidates) > 1:
         for lr in candidates:

@@ -1395,6 +1395,198 @@ def deploy(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- monitoring and patching (docs/monitoring.md)
+
+
+def _value(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+@app.command("join")
+def join_cmd(
+    name: Optional[str] = typer.Argument(None, help="The join of fmhub.yaml's join: section (default: the only one)."),
+    spec_file: Optional[str] = typer.Option(None, "--spec"),
+) -> None:
+    """Bring a metadata table's attributes (entity -> type, ...) into text rows, as fmhub.yaml's join: declares."""
+    from fmhub import join
+    from fmhub.spec import load_spec
+
+    try:
+        rep = join.run_join(load_spec(spec_file), name)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"{rep['output']}: {rep['rows_out']} rows ({rep['rows_matched']} with a match, {rep['rows_dropped']} dropped); "
+                  f"added {', '.join(rep['columns_added'])}", highlight=False, soft_wrap=True)
+
+
+@app.command("eval")
+def eval_cmd(
+    name: Optional[str] = typer.Argument(None, help="The eval of fmhub.yaml's eval: section (default: the only one)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Score this model instead: PATH or PATH@REV."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="With this PEFT adapter: PATH or PATH@REV."),
+    compare_to: Optional[str] = typer.Option(None, "--compare", help="A revision (or predictions file) to compare with: the regression table."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where predictions and reports go (default: the eval's output)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Write no PNG/HTML."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when a slice is 'flagged' or (with --compare) got 'worse'."),
+    as_json: bool = typer.Option(False, "--json"),
+    spec_file: Optional[str] = typer.Option(None, "--spec"),
+) -> None:
+    """Score a model (and adapter) row by row; store the predictions; report the metric per slice, and what changed since --compare."""
+    from rich.markup import escape
+
+    from fmhub import evaluation
+    from fmhub.spec import load_spec
+
+    if fail_on not in (None, "flagged", "worse"):
+        _fail(FmhubError("--fail-on is 'flagged' or 'worse'"))
+    try:
+        rep = evaluation.run_eval(load_spec(spec_file), name, model=model, adapter=adapter, output=output, compare_to=compare_to,
+                                  plots=not no_plots, progress=None if as_json else lambda m: err.print(m, highlight=False))
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rep, default=str))
+    else:
+        o = rep["overall"]
+        t = Table("slice", "kind", "n", rep["metric"], "± se", "gap", "", title=f"eval {rep['eval']}: {rep['model']}"
+                  f"{' + ' + rep['adapter'] if rep['adapter'] else ''}", title_justify="left")
+        t.add_row("(all)", "", str(o["n"]), _value(o["value"]), _value(o["stderr"]), "", "")
+        for s in rep["slices"]:
+            t.add_row(escape(s["name"]), s["kind"], str(s["n"]), _value(s["value"]), _value(s["stderr"]),
+                      "—" if s["gap"] is None else f"{s['gap']:+.3f}", "[red]FLAGGED[/red]" if s["flagged"] else "")
+        console.print(t)
+        if rep.get("compare"):
+            c = Table("slice", "n", "old", "new", "delta", "verdict", title=f"compared with {rep['compare']['old']['label']}",
+                      title_justify="left")
+            colour = {"worse": "red", "better": "green", "same": "dim"}
+            for r in rep["compare"]["rows"]:
+                c.add_row(escape(r["slice"]), str(r["n_new"]), _value(r["old"]), _value(r["new"]),
+                          "—" if r["delta"] is None else f"{r['delta']:+.3f}", f"[{colour[r['verdict']]}]{r['verdict']}[/]")
+            console.print(c)
+        files = rep.get("files", {})
+        if files:
+            console.print(f"report: {os.path.join(output or '', files.get('html', ''))}" if output else
+                          f"wrote {', '.join(sorted(files.values()))} beside predictions.jsonl", highlight=False, soft_wrap=True)
+    if fail_on == "flagged" and any(s["flagged"] for s in rep["slices"]):
+        raise typer.Exit(1)
+    if fail_on == "worse" and rep.get("compare") and any(r["verdict"] == "worse" for r in rep["compare"]["rows"]):
+        raise typer.Exit(1)
+
+
+@app.command("explain")
+def explain_cmd(
+    name: Optional[str] = typer.Argument(None, help="The eval whose failing predictions to explain (default: the only one)."),
+    slice_name: Optional[str] = typer.Option(None, "--slice", help="Explain failing rows of this slice."),
+    rows: List[int] = typer.Option(None, "--row", help="Explain this row (its 0-based position in predictions.jsonl); repeat."),
+    limit: int = typer.Option(5, "--limit", help="At most this many failing rows."),
+    k: int = typer.Option(10, "-k", help="Training rows listed per failing row."),
+    method: str = typer.Option("gradient", "--method", help="gradient (TracIn: gradient similarity) or embedding (nearest neighbours)."),
+    train: List[str] = typer.Option(None, "--train", help="Training data (default: what the model's lineage records)."),
+    as_json: bool = typer.Option(False, "--json"),
+    spec_file: Optional[str] = typer.Option(None, "--spec"),
+) -> None:
+    """Provenance of predictions: for failing rows, the training rows most responsible for what the model predicted."""
+    from rich.markup import escape
+
+    from fmhub import provenance
+    from fmhub.spec import load_spec
+
+    try:
+        loaded = load_spec(spec_file)
+        result = provenance.explain_eval(loaded, name, slice_name=slice_name, rows=rows or None, limit=limit, k=k,
+                                         method=method, train=train or None)
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(result, default=str))
+        return
+    for q in result["queries"]:
+        t = Table("score", "training row", "label", title=f"row {q['row']}: {escape(str(q['text']))!s} — predicted "
+                  f"{escape(str(q['prediction']))}, expected {escape(str(q['target']))}", title_justify="left")
+        for inf in q["influences"]:
+            t.add_row(f"{inf['score']:+.3f}", escape(f"{inf['where']}: {inf['text']}"), escape(str(inf.get("label"))))
+        console.print(t)
+
+
+@app.command("patch")
+def patch_cmd(
+    name: Optional[str] = typer.Argument(None, help="The patch of fmhub.yaml's patch: section (default: the only one)."),
+    commit_: bool = typer.Option(False, "--commit", help="Commit the patched model, its patch set and lineage as a new version."),
+    as_json: bool = typer.Option(False, "--json"),
+    spec_file: Optional[str] = typer.Option(None, "--spec"),
+) -> None:
+    """Fix a failing slice through data: label a patch set, fine-tune the base on it, and keep it only if the gate passes."""
+    from fmhub import patch
+    from fmhub.spec import load_spec
+
+    rep, failure = None, None
+    try:
+        loaded = load_spec(spec_file)
+        rep = patch.run_patch(loaded, name, progress=None if as_json else lambda m: err.print(m, highlight=False))
+    except patch.PatchRejected as exc:
+        rep, failure = exc.report, exc
+    except FmhubError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rep, default=str))
+    else:
+        t = Table("slice", "n", "before", "after", "change", "needs", "gate", title=f"patch {rep['patch']}: gate", title_justify="left")
+        for row in patch.format_gate(rep):
+            t.add_row(*row[:-1], "[green]pass[/green]" if row[-1] == "pass" else "[red]FAIL[/red]")
+        console.print(t)
+    if failure is not None:
+        _fail(failure)
+    if commit_:
+        from fmhub.repo import git
+
+        paths = [rep["output"], rep["output"] + ".lineage.json", rep["data"], rep["data"] + ".lineage.json"]
+        try:
+            git("add", "--", *paths, cwd=loaded.root)
+            git("commit", "-q", "-m", f"fmhub patch {rep['patch']}: slice {rep['slice']} fixed through data", "--", *paths, cwd=loaded.root)
+            console.print(f"committed {git('rev-parse', 'HEAD', cwd=loaded.root).strip()[:12]}", highlight=False)
+        except FmhubError as exc:
+            _fail(exc)
+
+
+@app.command("rebase")
+def rebase_cmd(
+    sources: List[str] = typer.Argument(..., help="Adapters or fine-tuned models built on the old base."),
+    onto: str = typer.Option(..., "--onto", help="The new base (e.g. the patched one)."),
+    old: str = typer.Option(..., "--from", help="The base they were built on."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory (one source only; default: rebase in place)."),
+    strategy: str = typer.Option("task-arithmetic", "--strategy", help="For full models: the merge strategy (task-arithmetic, ties, ...)."),
+    check: Optional[str] = typer.Option(None, "--check", help="A task of fmhub.yaml to score before and after; a regression refuses the rebase."),
+    max_regression: float = typer.Option(0.02, "--max-regression"),
+    retune: int = typer.Option(0, "--retune", help="An adapter that regresses on the new base trains this many more steps on the --check task, then is checked again."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="The retune's learning rate (default: a third or a tenth of the adapter's own, whichever does better)."),
+    spec_file: Optional[str] = typer.Option(None, "--spec"),
+) -> None:
+    """Move adapters and fine-tunes of a base onto a new version of it: the model analogue of rebasing a branch."""
+    from fmhub import rebase
+
+    if output and len(sources) > 1:
+        _fail(FmhubError("--output takes one source; without it each source is rebased in place"))
+    task = None
+    try:
+        if check:
+            from fmhub.run import task_of
+            from fmhub.spec import load_spec
+
+            loaded = load_spec(spec_file)
+            if check not in loaded.spec.tasks:
+                raise FmhubError(f"no task {check!r} in {loaded.path}")
+            task = task_of(loaded, check)
+        if retune and task is None:
+            raise FmhubError("--retune trains on the --check task: name one")
+        t = Table("source", "kind", "output", "before", "after", "retuned", title=f"rebased onto {onto}", title_justify="left")
+        for src in sources:
+            r = rebase.rebase(src, old, onto, output, strategy=strategy, check=task, max_regression=max_regression, retune=retune, lr=lr)
+            t.add_row(src, r.kind, r.output, _value(r.score_before), _value(r.score_after), f"{r.retuned} steps" if r.retuned else "")
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(t)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")
     app()

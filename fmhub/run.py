@@ -59,6 +59,9 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
     """The steps ``loaded`` declares, with their inputs and outputs resolved; errors name the spec line."""
     spec, res = loaded.spec, loaded.resolve
     steps: list[dag.Step] = []
+    for name, jn in spec.join.items():
+        steps.append(dag.Step(f"join:{name}", [loaded.dataset_path(jn.input), res(jn.table)], [res(jn.output)], {"join": _dump(jn)},
+                              _join(loaded, name), _where(loaded, ("join", name))))
     for name, pipe in spec.clean.items():
         inputs = [loaded.dataset_path(pipe.input)] + ([res(pipe.overrides)] if getattr(pipe, "overrides", None) else [])
         steps.append(dag.Step(f"clean:{name}", inputs, [res(pipe.output)], {"pipeline": _dump(pipe)},
@@ -71,7 +74,7 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
     tuned: dict[str, str] = {}  # finetune.method fishmask: full models, one per task
     base = None
     ft = spec.finetune
-    if spec.tasks and ft is None:
+    if spec.tasks and ft is None and not spec.eval:
         raise loaded.error(("tasks",), "tasks are declared but there is no finetune: section saying how to train their adapters")
     if ft is not None:
         if not spec.tasks:
@@ -121,7 +124,66 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
         after = [s.id for s in steps if s.id in ("select", "merge")]
         steps.append(dag.Step("deploy", [base, *adapters.values()], [], {"deploy": _dump(spec.deploy)},
                               _deploy(loaded, base, adapters), _where(loaded, ("deploy",)), after=after))
+    steps += _monitoring_steps(loaded)
     return Plan(loaded, steps, adapters, base)
+
+
+def _monitoring_steps(loaded: LoadedSpec) -> list[dag.Step]:
+    """eval:NAME and patch:NAME steps: their inputs are the model, adapter and rows they read (docs/monitoring.md)."""
+    from fmhub import evaluation
+
+    spec, res = loaded.spec, loaded.resolve
+    steps = []
+    for name, ev in spec.eval.items():
+        p = evaluation.plan(loaded, name, read_rows=False)
+        inputs = [p.model.dir, p.data] + ([p.adapter.dir] if p.adapter else [])
+        params = {"eval": _dump(ev), "task": _dump(spec.tasks[ev.task]), "slices": {k: _dump(v) for k, v in p.slices.items()}}
+        steps.append(dag.Step(f"eval:{name}", inputs, [os.path.join(p.output, evaluation.PREDICTIONS)], params,
+                              _eval(loaded, name), _where(loaded, ("eval", name))))
+    for name, ps in spec.patch.items():
+        if ps.eval not in spec.eval:
+            raise loaded.error(("patch", name, "eval"), f"no eval {ps.eval!r}; evals: {', '.join(spec.eval) or 'none'}")
+        p = evaluation.plan(loaded, ps.eval, read_rows=False)
+        pool = loaded.dataset_path(ps.pool) if ps.pool else p.task.data
+        out = res(ps.output)
+        data_out = res(ps.data_output) if ps.data_output else out.rstrip("/") + ".patch.jsonl"
+        inputs = sorted({p.model.dir, p.data, pool, p.task.data})
+        params = {"patch": _dump(ps), "slice": _dump(spec.slices[ps.slice]) if ps.slice in spec.slices else None,
+                  "label": _dump(spec.label[ps.label]) if ps.label in spec.label else None}
+        steps.append(dag.Step(f"patch:{name}", inputs, [out, data_out], params, _patch(loaded, name), _where(loaded, ("patch", name))))
+    return steps
+
+
+def _join(loaded: LoadedSpec, name: str) -> Callable[[], dict]:
+    def go() -> dict:
+        from fmhub import join
+
+        rep = join.run_join(loaded, name)
+        return {k: rep.get(k) for k in ("rows_in", "rows_out", "rows_matched")}
+
+    return go
+
+
+def _eval(loaded: LoadedSpec, name: str) -> Callable[[], dict]:
+    def go() -> dict:
+        from fmhub import evaluation
+
+        rep = evaluation.run_eval(loaded, name)
+        return {"rows": rep["rows"], rep["metric"]: round(rep["overall"]["value"], 4),
+                "flagged": ",".join(s["name"] for s in rep["slices"] if s["flagged"]) or None}
+
+    return go
+
+
+def _patch(loaded: LoadedSpec, name: str) -> Callable[[], dict]:
+    def go() -> dict:
+        from fmhub import patch
+
+        rep = patch.run_patch(loaded, name)
+        row = next(r for r in rep["gate"]["table"] if r["slice"] == rep["slice"])
+        return {"slice": rep["slice"], "before": round(row["before"], 4), "after": round(row["after"], 4), "output": rep["output"]}
+
+    return go
 
 
 def model_dir_of(loaded: LoadedSpec, name: str) -> str:

@@ -23,6 +23,10 @@ compatibly):
     merged and served.
 ``serve``
     what ``fmhub serve`` / ``fmhub deploy`` serve (`ServeSpec`, docs/serving.md).
+``join``, ``slices``, ``eval``, ``patch``
+    monitoring and patching (docs/monitoring.md): metadata joined into rows,
+    slices of the evaluation rows, sliced evaluations, and patches that fix a
+    failing slice through data.
 
 A pipeline step is written ``- NAME: {options}`` (or just ``- NAME``), where
 NAME is a cleaner or labeler a plugin provides.
@@ -238,6 +242,106 @@ class DeploySpec(_Strict):
     max_tokens: int = Field(8, ge=1)
 
 
+class JoinSpec(_Strict):
+    """``join.NAME``: bring a metadata table's attributes (entity -> type, ...) into text rows (``fmhub join``).
+
+    Exactly one of ``on`` (a column of the rows holding the entity, joined by
+    equality) and ``mentions`` (a text column: every table entity named in the
+    text, as whole words and case-insensitively, is joined; the joined columns
+    are then lists, one value per distinct entity in order of first mention).
+    """
+
+    input: str = Field(description="a dataset name from `datasets`, or a .jsonl/.parquet path")
+    table: str = Field(description="the metadata: a .csv, .jsonl or .parquet file with one row per entity")
+    key: str = Field("entity", description="the table's entity column")
+    on: Optional[str] = None
+    mentions: Optional[str] = None
+    columns: Optional[list[str]] = Field(None, description="table columns to bring (default: all but key)")
+    prefix: str = Field("", description="prepended to each joined column's name")
+    missing: str = Field("keep", pattern="^(keep|drop|error)$", description="a row with no entity in the table: keep (nulls), drop, error")
+    output: str
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "JoinSpec":
+        if (self.on is None) == (self.mentions is None):
+            raise ValueError("give either on: (a column holding the entity) or mentions: (a text column naming entities)")
+        return self
+
+
+class SliceSpec(_Strict):
+    """``slices.NAME``: a subset of evaluation rows, declared by exactly one filter (docs/monitoring.md).
+
+    ``where``: column predicates, all of which must hold (``{category: toys}``,
+    ``{stars: {lt: 3}}``; ops eq, ne, in, not_in, lt, le, gt, ge, contains,
+    exists; a list-valued column matches when any element does). ``regex``: a
+    Python regex searched in ``column`` (default: the task's text column).
+    ``lf``: a labelling function (``{keyword: {words: [...], label: x}}``);
+    the slice is the rows it votes ``vote`` on (default: any vote). ``clusters``:
+    K clusters (seeded k-means) of the evaluated model's embeddings of the
+    rows, slices ``NAME:0`` .. ``NAME:K-1``.
+    """
+
+    where: Optional[dict[str, Any]] = None
+    regex: Optional[str] = None
+    column: Optional[str] = None
+    lf: Optional[StepField] = None
+    vote: Optional[str] = None
+    clusters: Optional[int] = Field(None, ge=2, le=64)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _one_filter(self) -> "SliceSpec":
+        given = [k for k in ("where", "regex", "lf", "clusters") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a slice is exactly one of where:, regex:, lf: or clusters:" + (f" (got {', '.join(given)})" if given else ""))
+        if self.vote is not None and self.lf is None:
+            raise ValueError("vote: is for lf: slices")
+        return self
+
+
+class EvalSpec(_Strict):
+    """``eval.NAME``: score a model (and adapter) on a task's rows, row by row, sliced (``fmhub eval``)."""
+
+    task: str = Field(description="a task name from `tasks`: its metric, columns and classes")
+    data: Optional[str] = Field(None, description="the rows to evaluate (default: the task's held-out rows)")
+    model: Optional[str] = Field(None, description="a name from `models`, or a model directory (default: the only model)")
+    adapter: Optional[str] = Field(None, description="a PEFT adapter directory to evaluate on the model")
+    slices: Optional[list[str]] = Field(None, description="names from `slices` (default: every one)")
+    min_rows: int = Field(5, ge=1, description="slices with fewer rows are reported, never flagged")
+    output: Optional[str] = Field(None, description="the directory predictions and reports go to (default: evals/NAME)")
+
+
+class PatchGate(_Strict):
+    """The CI-like gate a patch must pass before it is written."""
+
+    min_gain: float = Field(0.1, description="the patched slice's metric must improve by at least this much")
+    max_regression: float = Field(0.02, ge=0, description="no other slice (nor all rows) may get worse by more than this")
+
+
+class PatchSpec(_Strict):
+    """``patch.NAME``: fix a failing slice through data: label a patch set, fine-tune the base on it, gate it (``fmhub patch``)."""
+
+    eval: str = Field(description="an eval name: its model is patched, its rows and slices gate the patch")
+    slice: str = Field(description="the failing slice to fix")
+    pool: Optional[str] = Field(None, description="rows to draw the patch set from (default: the task's training data)")
+    label: Optional[str] = Field(None, description="a label pipeline whose functions relabel the pool's slice rows (default: keep their labels)")
+    augment: list[StepField] = Field(default_factory=list, description="augmentations of the slice rows: swap: {words: [...], copies: N}")
+    replay: float = Field(1.0, ge=0, description="rows from outside the slice, per slice row, trained on too (guards the other slices)")
+    method: str = Field("fishmask", pattern="^(lora|fishmask)$", description="fishmask (a sparse update of the base) or lora (merged into it)")
+    sparsity: float = Field(0.99, ge=0, lt=1)
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    target_modules: Optional[list[str]] = None
+    steps: int = Field(60, ge=1)
+    lrs: Optional[list[float]] = None
+    trial_steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    gate: PatchGate = Field(default_factory=PatchGate)
+    output: str = Field(description="the patched model's directory")
+    data_output: Optional[str] = Field(None, description="where the patch set is written (default: OUTPUT.patch.jsonl)")
+
+
 class Spec(_Strict):
     version: int = SPEC_VERSION
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
@@ -250,6 +354,10 @@ class Spec(_Strict):
     merge: Optional[MergeSpec] = None
     deploy: Optional[DeploySpec] = None
     serve: Optional[ServeSpec] = None
+    join: dict[str, JoinSpec] = Field(default_factory=dict)
+    slices: dict[str, SliceSpec] = Field(default_factory=dict)
+    eval: dict[str, EvalSpec] = Field(default_factory=dict)
+    patch: dict[str, PatchSpec] = Field(default_factory=dict)
 
     @field_validator("version")
     @classmethod
@@ -317,6 +425,8 @@ def _construct(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:
             key = _scalar(knode)
+            if isinstance(key, bool) and isinstance(knode, yaml.ScalarNode) and not knode.style:
+                key = knode.value  # YAML 1.1 reads a bare `on:`/`yes:` key as a boolean; a key is a name as written
             if key in out:
                 raise SpecError(f"{{path}}:{knode.start_mark.line + 1}: {format_loc(loc + (key,))}: duplicate key")
             lines[loc + (key,)] = knode.start_mark.line + 1
