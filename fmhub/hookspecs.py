@@ -253,6 +253,12 @@ def fmhub_labelers() -> list[Labeler]:
     must come from its options: they are sent to the workers, not the
     function object. A function holding a big model sets ``in_driver = True``
     to run once, in the calling process, instead.
+
+    The same kinds define slices of evaluation rows (``slices: {NAME: {lf:
+    {KIND: {options}}, vote: CLASS}}``, docs/monitoring.md): there
+    ``configure`` gets a context whose classes are the task's plus the slice's
+    ``vote``, and ``vote`` gets every evaluated row in one call, in the calling
+    process. A patch's ``label:`` pipeline runs them as ``fmhub label`` does.
     """
 
 

@@ -117,6 +117,8 @@ def patch_set(loaded: LoadedSpec, name: str, p: evaluation.Plan, ps: PatchSpec, 
     column = evaluation._text_column(task)
     spec = {ps.slice: loaded.spec.slices[ps.slice]}
     pool_path = loaded.dataset_path(ps.pool) if ps.pool else task.data
+    for source in (pool_path, task.data):  # a source `fmhub unlearn --remove` took out stays out of new versions
+        lineage.check_not_excluded(source, loaded.root)
     pool = _read_all(pool_path)
     inside = membership(spec, pool, text_column=column, classes=task.classes or (), loaded=loaded).members[ps.slice]
     rows = [r for r, m in zip(pool, inside) if m]

@@ -78,6 +78,18 @@ def lfs_server(tmp_path):
         yield server
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: matrices this small gain nothing from a second thread, and on a busy
+    machine its spin-waits made steps ~7x slower. Use with ``pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """A fresh git repo with fmhub installed and *.safetensors tracked."""

@@ -14,7 +14,8 @@ from fmhub.autotune import DEFAULT_LRS, TRAIN_FILE, Task, TaskError, evaluate, t
 from fmhub.errors import FmhubError
 from fmhub.store import file_sha256
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 FILLER = "the a movie plot was and very it film so".split()
 WORDS = {"pos": ["good", "great"], "neg": ["bad", "awful"]}
@@ -76,17 +77,6 @@ def counting_rows(n: int, seed: int) -> list[dict]:
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices this small gain nothing from a second thread, and on a busy machine its spin-waits made steps ~7x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from fmhub import autotune, datasets_io, lineage, provenance
 from fmhub.autotune import Task
 from fmhub.provenance import Influence, ProvenanceError, explain, precision_at_k, training_data
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 FILLER = "the a movie plot was and very it film so".split()
 WORDS = {"pos": ["good", "great"], "neg": ["bad", "awful"]}
@@ -62,31 +63,15 @@ def write_jsonl(path, rows) -> str:
 
 def predict(base: str, adapter: str, task: Task, rows: list[dict]) -> list[str]:
     """The class with the highest total log-probability, as `fmhub.autotune` scores accuracy."""
-    import torch
     from peft import PeftModel
 
-    from fmhub.fisher import load_model, sequence_log_likelihood
+    from fmhub.fisher import load_model
 
     model = PeftModel.from_pretrained(load_model(base), adapter).eval()
     tok = datasets_io.load_tokenizer(base, model.config.vocab_size)
-    out = []
-    with torch.no_grad():
-        for row in rows:
-            wrapped = [autotune._Row("q", {**row, "label": c}, 0) for c in CLASSES]
-            ids, labels = autotune._collate(autotune._examples(task, wrapped, tok, 128), datasets_io.pad_id(tok))
-            out.append(CLASSES[int(sequence_log_likelihood(model(input_ids=ids).logits, labels).argmax())])
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in test_autotune: tiny matrices gain nothing from a second thread on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    wrapped = [autotune._Row("q", row, 0) for row in rows]
+    scores = autotune.class_logprobs(model, task, wrapped, tok, datasets_io.pad_id(tok), "cpu", 16, 128)
+    return [CLASSES[i] for i in scores.argmax(-1).tolist()]
 
 
 @pytest.fixture(scope="module")
