@@ -156,6 +156,7 @@ slices:
   japanese: {{where: {{country: jp}}}}
   negative-words: {{lf: {{keyword: {{words: [{", ".join(NEG)}], label: neg}}}}, vote: neg}}
   from-template: {{regex: " from "}}
+  topics: {{clusters: 3, description: k-means of the model's embeddings}}
 eval:
   sentiment:
     task: sentiment

@@ -162,11 +162,18 @@ def _gate(before: dict, after: dict, ps: PatchSpec, higher: bool, min_rows: int)
     return all(r["pass"] for r in table), table
 
 
-def _score(p: evaluation.Plan, model_dir: str, loaded: LoadedSpec) -> dict:
-    preds, vectors = evaluation.predict(model_dir, None, p.task, p.rows)
-    sliced = evaluation.slice_rows(p, [r.values for r in p.rows], loaded, vectors)
+def _score(p: evaluation.Plan, model_dir: str, loaded: LoadedSpec, sliced: Any = None) -> tuple[dict, Any]:
+    """Overall and per-slice metrics of ``model_dir`` on the eval's rows, and the slices used.
+
+    Pass the first model's ``sliced`` when scoring the second, so cluster
+    slices (from the first model's embeddings) hold the same rows for both.
+    """
+    embed = sliced is None and any(s.clusters is not None for s in p.slices.values())
+    preds, vectors = evaluation.predict(model_dir, None, p.task, p.rows, embed=embed)
+    if sliced is None:
+        sliced = evaluation.slice_rows(p, [r.values for r in p.rows], loaded, vectors)
     overall, per = metrics([r["score"] for r in preds], sliced, p.task.metric != "loss", p.min_rows)
-    return {"overall": overall, "slices": {s["name"]: s for s in per}}
+    return {"overall": overall, "slices": {s["name"]: s for s in per}}, sliced
 
 
 def _merge_lora(base_dir: str, adapter_dir: str, out: str) -> None:
@@ -209,7 +216,7 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
     higher = p.task.metric != "loss"
 
     say(f"patch {name}: scoring {p.model.given} on {len(p.rows)} rows")
-    before = _score(p, p.model.dir, loaded)
+    before, sliced = _score(p, p.model.dir, loaded)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".fmhub-patch-")
@@ -237,7 +244,7 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
         for side in (cand + lineage.SUFFIX, os.path.join(tmp, "adapter") + lineage.SUFFIX):
             if os.path.exists(side):
                 os.remove(side)
-        after = _score(p, cand, loaded)
+        after, _ = _score(p, cand, loaded, sliced)
         passed, table = _gate(before, after, ps, higher, p.min_rows)
         report = {"v": 1, "patch": name, "slice": ps.slice, "eval": ps.eval, "metric": p.task.metric, "model": p.model.given,
                   "method": ps.method, "sparsity": ps.sparsity if ps.method == "fishmask" else None, "lr": result.lr,

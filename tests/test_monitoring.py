@@ -64,8 +64,14 @@ def test_planted_slice_found_blamed_patched_and_gated(project):
     by = {s["name"]: s for s in rep["slices"]}
     assert by["toys"]["flagged"] and by["toys"]["value"] < 0.7 and by["toys"]["n"] > 40
     assert not by["tools"]["flagged"] and not by["food"]["flagged"] and by["tools"]["value"] > 0.85
-    assert {s["name"] for s in rep["slices"] if s["flagged"]} <= {"toys", "japanese"}  # the Japanese brands are toy brands
     preds = [json.loads(line) for line in (repo / "evals/sentiment/predictions.jsonl").read_text().splitlines()]
+    for s in rep["slices"]:
+        if s["flagged"] and s["kind"] == "cluster":  # a cluster of the model's embeddings may find the toys unsupervised
+            rows = [p for p in preds if s["name"] in p["slices"]]
+            assert sum(p["row"]["category"] == ["toys"] for p in rows) / len(rows) > 0.5, s
+        elif s["flagged"]:
+            assert s["name"] in ("toys", "japanese"), s  # the Japanese brands are toy brands
+    assert sum(by[f"topics:{k}"]["n"] for k in range(3)) == 240
     assert len(preds) == 240 and all("toys" in p["slices"] for p in preds if p["row"]["category"] == ["toys"])
     html = (repo / "evals/sentiment/report.html").read_text()
     assert "toys" in html and "data:image/png;base64," in html
