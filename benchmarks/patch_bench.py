@@ -108,13 +108,17 @@ def main() -> None:
         prep = exc.report
     patch_seconds = time.monotonic() - t0
     gate = {r["slice"]: r for r in prep["gate"]["table"]}
+    patch_train = None
+    if prep["gate"]["passed"]:
+        with open(os.path.join("models/base-patched", "fmhub-train.json")) as f:
+            patch_train = json.load(f)["seconds"]
 
     # baseline: retrain the base from scratch with the planted labels corrected (knowing which rows are bad)
     fixed = [dict(r, label="pos") if i in planted else r for i, r in enumerate(g.train)]
     sd.write_jsonl("data/train.oracle.jsonl", fixed)
     t0 = time.monotonic()
-    train_adapter("models/init", Task("oracle", "data/train.oracle.jsonl", metric="accuracy", classes=sd.CLASSES),
-                  "models/oracle", **train_kw)
+    oracle_train = train_adapter("models/init", Task("oracle", "data/train.oracle.jsonl", metric="accuracy", classes=sd.CLASSES),
+                                 "models/oracle", **train_kw).seconds
     oracle_seconds = time.monotonic() - t0
     oracle = evaluation.run_eval(loaded, "sentiment", model="models/oracle", output="evals/oracle", plots=False)
     oracle_by = {s["name"]: s["value"] for s in oracle["slices"]}
@@ -143,14 +147,20 @@ def main() -> None:
     for name, r in gate.items():
         o = oracle["overall"]["value"] if name == "(all)" else oracle_by.get(name)
         print(f"   {name:16} {r['n']:5d} {fmt(r['before']):>7} {fmt(r['after']):>8} {r['gain']:+7.3f} {fmt(o):>15}")
-    print(f"   wall time: patch {patch_seconds:.1f} s, oracle retrain {oracle_seconds:.1f} s "
-          f"(patch / retrain = {patch_seconds / oracle_seconds:.2f}x; the base's own training took {base_seconds:.1f} s)")
+    n_patch = sum(prep["counts"][c] for c in ("slice_rows", "augmented", "replay"))
+    print(f"   training: patch {prep['steps']} steps x {cfg['batch']} on {n_patch} rows, 1 % of the entries; "
+          f"retrain {cfg['steps']} steps x {cfg['batch']} on {cfg['n_train']} rows, every entry "
+          f"(steps: {prep['steps'] / cfg['steps']:.2f}x)")
+    if patch_train is not None:
+        print(f"   training time: patch {patch_train:.1f} s, retrain {oracle_train:.1f} s ({patch_train / oracle_train:.2f}x)")
+    print(f"   wall time: fmhub patch {patch_seconds:.1f} s (two evals of {rep['rows']} rows, labelling, Fisher, training, gate), "
+          f"retrain {oracle_seconds:.1f} s; the base's own training took {base_seconds:.1f} s")
     if cmp:
         print("\n4. regression table, committed base -> patched: " +
               ", ".join(f"{r['slice']} {r['verdict']}" for r in cmp["rows"]))
     figures = {"scale": args.scale, "config": cfg, "flagged": flagged, "provenance": res,
-               "patch": {"gate": prep["gate"], "seconds": patch_seconds, "counts": prep["counts"]},
-               "oracle": {"seconds": oracle_seconds, "overall": oracle["overall"]["value"], "slices": oracle_by},
+               "patch": {"gate": prep["gate"], "seconds": patch_seconds, "train_seconds": patch_train, "counts": prep["counts"]},
+               "oracle": {"seconds": oracle_seconds, "train_seconds": oracle_train, "overall": oracle["overall"]["value"], "slices": oracle_by},
                "compare": cmp, "repo": root}
     if args.json:
         with open(args.json, "w") as f:

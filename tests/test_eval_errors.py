@@ -1,0 +1,82 @@
+"""Bad input to fmhub eval / explain / patch: a clear error naming the spec line or the file, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import fmhub
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import slice_data as sd  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+SPEC = """\
+models:
+  base: {path: base}
+tasks:
+  t: {data: rows.jsonl, metric: accuracy, classes: [neg, pos]}
+slices:
+  s: {regex: zorbo}
+  c: {clusters: 2}
+eval:
+  e: {task: t, data: rows.jsonl}
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sd.tiny_llama(str(tmp_path / "base"), hidden=32, layers=1)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sd.make_task(n_train=20).train))
+    (tmp_path / "fmhub.yaml").write_text(SPEC)
+    return tmp_path
+
+
+def _err(tmp_path: Path, *args: str) -> str:
+    proc = fmhub(tmp_path, *args, check=False)
+    assert proc.returncode == 1, proc
+    return proc.stderr.decode()
+
+
+def _raises(spec: str, fn, *args, **kw) -> str:
+    from fmhub.errors import FmhubError
+    from fmhub.spec import parse_spec
+
+    with pytest.raises(FmhubError) as info:
+        fn(parse_spec(spec, str(Path.cwd() / "fmhub.yaml")), *args, **kw)
+    return str(info.value)
+
+
+def test_spec_errors_name_their_line(project):
+    from fmhub.evaluation import plan
+    from fmhub.patch import run_patch
+
+    assert "fmhub.yaml:10: eval.f.task: no task 'nope'" in _raises(SPEC + "  f: {task: nope}\n", plan, "f")
+    assert "eval.g.slices: no slice 'missing'" in _raises(SPEC + "  g: {task: t, slices: [s, missing]}\n", plan, "g")
+    assert "patch.p.slice: patch a where:, regex: or lf: slice" in _raises(
+        SPEC + "patch:\n  p: {eval: e, slice: c, output: out}\n", run_patch, "p")
+    assert "patch.p.output: output is the model being patched" in _raises(
+        SPEC + "patch:\n  p: {eval: e, slice: s, output: base}\n", run_patch, "p")
+    assert not (project / "out").exists() and not (project / "evals").exists()
+
+
+def test_eval_writes_a_report_and_bad_predictions_or_missing_ones_are_said(project):
+    from fmhub.evaluation import run_eval
+    from fmhub.provenance import explain_eval
+
+    assert "no predictions; run `fmhub eval e` first" in _raises(SPEC, explain_eval, "e")
+    out = json.loads(fmhub(project, "eval", "e", "--json", "--no-plots").stdout)
+    assert out["rows"] == 20 and [s["name"] for s in out["slices"]] == ["s", "c:0", "c:1"]
+    assert sum(s["n"] for s in out["slices"] if s["kind"] == "cluster") == 20
+    assert not (project / "evals/e/report.html").exists() and (project / "evals/e/predictions.jsonl.lineage.json").is_file()
+    (project / "bad.jsonl").write_text('{"no": "key"}\n')
+    assert "bad.jsonl:1: not a predictions record" in _raises(SPEC, run_eval, "e", compare_to="bad.jsonl", plots=False)
+    assert "no predictions at nope:evals/e/predictions.jsonl" in _raises(SPEC, run_eval, "e", compare_to="nope", plots=False)
+    assert "no row of the predictions is in slice 'zzz'" in _raises(SPEC, explain_eval, "e", slice_name="zzz")
+    assert "row 99 is not in" in _raises(SPEC, explain_eval, "e", rows=[99])
+    assert "--fail-on is 'flagged' or 'worse'" in _err(project, "eval", "e", "--fail-on", "bad")
