@@ -1463,10 +1463,9 @@ def eval_cmd(
                 c.add_row(escape(r["slice"]), str(r["n_new"]), _value(r["old"]), _value(r["new"]),
                           "—" if r["delta"] is None else f"{r['delta']:+.3f}", f"[{colour[r['verdict']]}]{r['verdict']}[/]")
             console.print(c)
-        files = rep.get("files", {})
-        if files:
-            console.print(f"report: {os.path.join(output or '', files.get('html', ''))}" if output else
-                          f"wrote {', '.join(sorted(files.values()))} beside predictions.jsonl", highlight=False, soft_wrap=True)
+        html = rep.get("files", {}).get("html")
+        console.print(f"predictions: {os.path.join(rep['output'], evaluation.PREDICTIONS)}"
+                      + (f"; report: {os.path.join(rep['output'], html)}" if html else ""), highlight=False, soft_wrap=True)
     if fail_on == "flagged" and any(s["flagged"] for s in rep["slices"]):
         raise typer.Exit(1)
     if fail_on == "worse" and rep.get("compare") and any(r["verdict"] == "worse" for r in rep["compare"]["rows"]):

@@ -255,7 +255,8 @@ def build_report(p: Plan, records: Sequence[dict], sliced: Sliced) -> dict[str, 
     overall, per_slice = metrics([r["score"] for r in records], sliced, higher, p.min_rows)
     return {"v": VERSION, "eval": p.name, "task": p.task.name, "metric": p.task.metric, "higher_is_better": higher,
             "model": p.model.given, "adapter": p.adapter.given if p.adapter else None, "rev": p.model.rev,
-            "rows": len(records), "overall": overall, "slices": per_slice, "compare": None}
+            "rows": len(records), "overall": overall, "slices": per_slice, "compare": None,
+            "output": os.path.relpath(p.output)}
 
 
 def load_predictions(source: str, output_dir: str, root: str) -> list[dict]:
