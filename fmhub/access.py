@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from fmhub.errors import FmhubError
 from fmhub.interfaces import AccessRequest, Decision
@@ -241,9 +241,22 @@ def check_pipeline(loaded, section: str, name: str, src: str) -> None:
     key = getattr(pipe, "key", None) or (ds.key if ds is not None else None)
     if key:
         columns.append(key)
+    check_read(loaded, section, name, src, columns)
+
+
+def check_read(loaded, section: str, name: str, src: str, columns: Sequence[str], field: str = "input") -> None:
+    """Before a pipeline of ``section`` (clean, label, join, eval, patch) reads a row of ``src``: its columns, then the file.
+
+    ``columns`` are the ones it names (text, key, join columns), checked one by
+    one so the error names the column; then the whole file, as the pipeline may
+    copy every column of a row to its output. ``field`` is the spec key that
+    names ``src``, for the line in the error.
+    """
+    if not policies():
+        return
     root = _repo_root(loaded.root)
     path = os.path.relpath(os.path.abspath(src), root).replace(os.sep, "/")
-    line = loaded.line((section, name, "input"))
+    line = loaded.line((section, name, field))
     where = f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
     check_columns(path, columns, where, root)
     _root, who, reader = _local(root)
@@ -252,6 +265,17 @@ def check_pipeline(loaded, section: str, name: str, src: str) -> None:
     if not d.allowed:
         record(req, d, {"pipeline": where}, cwd=root)
         raise AccessDenied(f"{where}: {denial_message(req, d, f'the rows of {path}')}; no row was read", d)
+
+
+def readable_rows(loaded, section: str, name: str, src: str, rows: Sequence[Any], values: Callable[[Any], dict] = lambda r: r) -> list:
+    """``rows`` of ``src`` less those a row policy withholds from the user (recorded once in the audit log, as a count)."""
+    gate = pipeline_rows(loaded, section, name, src)
+    if gate is None:
+        return list(rows)
+    kept = [r for r in rows if gate.readable(values(r))]
+    gate.withheld = len(rows) - len(kept)
+    gate.record()
+    return kept
 
 
 class RowGate:

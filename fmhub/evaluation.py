@@ -108,10 +108,16 @@ def plan(loaded: LoadedSpec, name: Optional[str] = None, model: Optional[str] = 
         raise loaded.error(("eval", name, "task"), f"no task {ev.task!r}; tasks: {', '.join(loaded.spec.tasks) or 'none'}")
     task = task_of(loaded, ev.task)
     data = loaded.dataset_path(ev.data) if ev.data is not None else (task.eval or task.data)
-    try:
-        rows = [] if not read_rows else _read_rows(data, task) if ev.data is not None else _split(task)[1]
-    except TaskError as exc:
-        raise loaded.error(("eval", name, "data"), str(exc)) from None
+    rows: list[_Row] = []
+    if read_rows:
+        from fmhub import access
+
+        access.check_read(loaded, "eval", name, data, list(task.columns()), field="data")
+        try:
+            rows = _read_rows(data, task) if ev.data is not None else _split(task)[1]
+        except TaskError as exc:
+            raise loaded.error(("eval", name, "data"), str(exc)) from None
+        rows = access.readable_rows(loaded, "eval", name, data, rows, lambda r: r.values)  # predictions store their rows
     wanted = ev.slices if ev.slices is not None else list(loaded.spec.slices)
     missing = [s for s in wanted if s not in loaded.spec.slices]
     if missing:

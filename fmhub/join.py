@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from fmhub import licences, lineage
+from fmhub import access, licences, lineage
 from fmhub.errors import FmhubError
 from fmhub.rows import DataError, RowWriter, data_format, read_batches
 from fmhub.spec import JoinSpec, LoadedSpec, pipeline
@@ -258,6 +258,9 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
     lineage.check_not_excluded(inp, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
     lineage.check_not_excluded(table_path, loaded.root)
     licences.check_pipeline(loaded, "join", name, spec.input, inp)
+    access.check_read(loaded, "join", name, inp, [spec.on or spec.mentions])  # before any row is read
+    access.check_read(loaded, "join", name, table_path, [spec.key, *(spec.columns or [])], field="table")
+    gate = access.pipeline_rows(loaded, "join", name, inp)
 
     t0 = time.perf_counter()
     table = read_table(table_path, spec.key, fold_case=spec.mentions is not None)
@@ -269,7 +272,8 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
     stats = JoinStats()
     checked = False
     with RowWriter(out) as writer:
-        for batch in read_batches(inp, getattr(spec, "batch_size", None) or BATCH_SIZE):
+        batches = read_batches(inp, getattr(spec, "batch_size", None) or BATCH_SIZE)
+        for batch in (gate.filter(batches) if gate else batches):
             if batch.errors:  # a join keeps every row or says why: a line it cannot read is not silently left out
                 pos, msg = batch.errors[0]
                 raise JoinError(f"{inp}: {msg}; fix it (or run fmhub clean first, which drops such lines)")
@@ -281,6 +285,8 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
                     raise loaded.error(("join", name, what), f"{inp} has no column {col!r} (it has: {', '.join(have)})")
             writer.write([j for row, pos in zip(batch.rows, batch.positions)
                           if (j := joiner.join(row, _where(inp, pos), stats)) is not None])
+    if gate:
+        gate.record()
     seconds = time.perf_counter() - t0
     mode = {"on": spec.on} if spec.on is not None else {"mentions": spec.mentions}
     lineage.record(out, "join", [lineage.describe_input(inp, "dataset", loaded.root) | licences.dataset_terms(loaded, spec.input),

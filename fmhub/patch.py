@@ -117,9 +117,12 @@ def patch_set(loaded: LoadedSpec, name: str, p: evaluation.Plan, ps: PatchSpec, 
     column = evaluation._text_column(task)
     spec = {ps.slice: loaded.spec.slices[ps.slice]}
     pool_path = loaded.dataset_path(ps.pool) if ps.pool else task.data
-    for source in (pool_path, task.data):  # a source `fmhub unlearn --remove` took out stays out of new versions
-        lineage.check_not_excluded(source, loaded.root)
-    pool = _read_all(pool_path)
+    from fmhub import access
+
+    for source, what in ((pool_path, "pool"), (task.data, "eval")):
+        lineage.check_not_excluded(source, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
+        access.check_read(loaded, "patch", name, source, [column], field=what)
+    pool = access.readable_rows(loaded, "patch", name, pool_path, _read_all(pool_path))
     inside = membership(spec, pool, text_column=column, classes=task.classes or (), loaded=loaded).members[ps.slice]
     rows = [r for r, m in zip(pool, inside) if m]
     if not rows:
@@ -134,7 +137,7 @@ def patch_set(loaded: LoadedSpec, name: str, p: evaluation.Plan, ps: PatchSpec, 
     extra = _augment(loaded, name, ps, rows, column)
     counts["augmented"] = len(extra)
     rows = [{**r, "_patch": "slice"} for r in rows] + [{**r, "_patch": "augment"} for r in extra]
-    train = _read_all(task.data)
+    train = access.readable_rows(loaded, "patch", name, task.data, _read_all(task.data))
     outside = [r for r, m in zip(train, membership(spec, train, text_column=column, classes=task.classes or (),
                                                           loaded=loaded).members[ps.slice]) if not m]
     n = min(len(outside), int(round(ps.replay * counts["slice_rows"])))

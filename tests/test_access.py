@@ -272,6 +272,47 @@ def test_rows_tagged_restricted_are_withheld_from_clean_and_label(guarded, monke
     assert p.row_filter(ALICE, "tickets/t.jsonl") is None and p.row_filter(BOB, "other/t.jsonl") is None
 
 
+def test_join_and_eval_pipelines_honour_the_policy(guarded, monkeypatch):
+    """Monitoring pipelines read data too: restricted columns are refused before any row, tagged rows never reach an output."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import slice_data as sd
+
+    from fmhub.evaluation import run_eval
+    from fmhub.spec import load_spec
+
+    policy = guarded / ".fmhub/policy.yaml"
+    policy.write_text(policy.read_text().replace("rules:\n", "rules:\n" + ROW_RULES, 1))
+    rows = [{"text": f"SECRET-TICKET-{i} acme great" if i % 4 == 1 else f"ticket {i} acme bad", "tier": "restricted" if i % 4 == 1 else "open",
+             "label": "pos" if i % 4 == 1 else "neg"} for i in range(12)]
+    (guarded / "tickets").mkdir()
+    (guarded / "tickets/t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (guarded / "tickets/brands.csv").write_text("entity,kind\nacme,tools\n")
+    sd.tiny_llama(str(guarded / "m"), hidden=32, layers=1)
+    (guarded / "fmhub.yaml").write_text(
+        "models:\n  m: {path: m}\n"
+        "tasks:\n  t: {data: tickets/t.jsonl, metric: accuracy, classes: [neg, pos]}\n"
+        "join:\n  j: {input: tickets/t.jsonl, table: tickets/brands.csv, mentions: text, output: out/j.jsonl}\n"
+        "  bad: {input: data/users.jsonl, table: tickets/brands.csv, 'on': email, output: out/bad.jsonl}\n"
+        "eval:\n  e: {task: t, data: tickets/t.jsonl}\n"
+    )
+    monkeypatch.setenv("FMHUB_USER", BOB)
+    monkeypatch.chdir(guarded)
+    proc = fmhub(guarded, "join", "bad", check=False)
+    assert proc.returncode == 1 and "join.bad: access denied" in proc.stderr.decode() and "column 'email'" in proc.stderr.decode()
+    assert not (guarded / "out/bad.jsonl").exists()
+    fmhub(guarded, "join", "j")
+    joined = (guarded / "out/j.jsonl").read_text()
+    assert len(joined.splitlines()) == 9 and "SECRET-TICKET" not in joined and '"kind": ["tools"]' in joined
+    rep = run_eval(load_spec(str(guarded / "fmhub.yaml")), "e", plots=False)
+    preds = (guarded / "evals/e/predictions.jsonl").read_text()
+    assert rep["rows"] == 9 and "SECRET-TICKET" not in preds
+    monkeypatch.setenv("FMHUB_USER", ALICE)
+    assert run_eval(load_spec(str(guarded / "fmhub.yaml")), "e", plots=False)["rows"] == 12
+
+
+
 # -- (iv) a broken policy fails closed ---------------------------------------------------------------
 
 
