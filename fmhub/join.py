@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from fmhub import access, licences, lineage
+from fmhub import access, audit, licences, lineage
 from fmhub.errors import FmhubError
 from fmhub.rows import DataError, RowWriter, data_format, read_batches
 from fmhub.spec import JoinSpec, LoadedSpec, pipeline
@@ -287,6 +287,8 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
                           if (j := joiner.join(row, _where(inp, pos), stats)) is not None])
     if gate:
         gate.record()
+    audit.pipeline_run("join-pipeline", name, inp, out, {"rows": stats.rows_in, "matched": stats.matched,
+                                                        "dropped": stats.dropped}, loaded.root)
     seconds = time.perf_counter() - t0
     mode = {"on": spec.on} if spec.on is not None else {"mentions": spec.mentions}
     lineage.record(out, "join", [lineage.describe_input(inp, "dataset", loaded.root) | licences.dataset_terms(loaded, spec.input),

@@ -255,6 +255,9 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
                   "gate": {"min_gain": ps.gate.min_gain, "max_regression": ps.gate.max_regression, "passed": passed, "table": table},
                   "output": os.path.relpath(out, loaded.root) if passed else None}
         if not passed:
+            from fmhub import audit
+
+            audit.record("patch", name, "rejected", {"slice": ps.slice, "model": p.model.given, "gate": table}, loaded.root)
             failed = [r for r in table if not r["pass"]]
             what = "; ".join(f"{r['slice']} {r['before']:.3f} -> {r['after']:.3f} (needs {r['needs']})" for r in failed)
             raise PatchRejected(f"patch {name}: the gate failed: {what}. Nothing was written to {ps.output}; "
@@ -271,6 +274,10 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
     lineage.record(out, "patch", [p.model.lineage_input(loaded.root), lineage.describe_input(data_out, "dataset", loaded.root)],
                    {"slice": ps.slice, "eval": ps.eval, "method": ps.method, "gate": "passed",
                     "gain": next(r["gain"] for r in table if r["slice"] == ps.slice)}, pipeline=name, cwd=loaded.root)
+    from fmhub import audit
+
+    audit.record("patch", name, "ok", {"slice": ps.slice, "model": p.model.given, "output": report["output"],
+                                       "data": report["data"], "gate": table}, loaded.root)
     report["seconds"] = time.monotonic() - t0
     say(f"patch {name}: passed the gate; wrote {ps.output} ({report['seconds']:.1f} s)")
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,3 +81,22 @@ def test_eval_writes_a_report_and_bad_predictions_or_missing_ones_are_said(proje
     assert "no row of the predictions is in slice 'zzz'" in _raises(SPEC, explain_eval, "e", slice_name="zzz")
     assert "row 99 is not in" in _raises(SPEC, explain_eval, "e", rows=[99])
     assert "--fail-on is 'flagged' or 'worse'" in _err(project, "eval", "e", "--fail-on", "bad")
+
+
+def test_lora_patch_is_merged_into_a_full_model(project):
+    from fmhub.patch import run_patch
+    from fmhub.spec import parse_spec
+
+    spec = SPEC.replace("  s: {regex: zorbo}\n", "  s: {regex: zorbo}\n  toy: {regex: 'kite|doll|ball'}\n")
+    spec += ("patch:\n  p: {eval: e, slice: toy, method: lora, r: 2, steps: 3, lrs: [1e-3], batch_size: 4,\n"
+                   "       gate: {min_gain: -1.0, max_regression: 1.0}, output: patched}\n")
+    rep = run_patch(parse_spec(spec, str(project / "fmhub.yaml")), "p")
+    assert rep["gate"]["passed"] and rep["method"] == "lora" and rep["output"] == "patched"
+    files = set(os.listdir(project / "patched"))
+    assert {"config.json", "model.safetensors", "fmhub-patch.json"} <= files and "adapter_config.json" not in files
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(project / "base/model.safetensors")), load_file(str(project / "patched/model.safetensors"))
+    assert set(before) == set(after) and any(not (before[k] == after[k]).all() for k in before)  # the merged update moved weights
+    assert json.loads((project / "patched.lineage.json").read_text())["step"] == "patch"
+    assert not [p for p in os.listdir(project) if p.startswith(".fmhub-patch-")]

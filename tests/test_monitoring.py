@@ -58,6 +58,8 @@ def test_planted_slice_found_blamed_patched_and_gated(project):
     status = {s["step"]: s["status"] for s in done["steps"]}
     assert status == {"join:train": "ran", "join:eval": "ran", "join:pool": "ran", "label:pool": "ran",
                       "eval:sentiment": "ran", "patch:toys": "ran"}
+    again = json.loads(fmhub(repo, "run", "--json").stdout)  # nothing changed: nothing runs
+    assert {s["status"] for s in again["steps"]} == {"up to date"}
 
     # 1. the report finds the slice: toys is flagged, the other categories are not
     rep = json.loads((repo / "evals/sentiment/report.json").read_text())
