@@ -232,7 +232,7 @@ def _compare_figure(report: Mapping[str, Any]):
     ax.grid(axis="x", color="#e5e5e5", zorder=0)
     direction = "higher is better" if _higher_is_better(report) else "lower is better"
     threshold = _num(comp.get("threshold"))
-    ax.set_xlabel(f"{_mpl_text(metric)} ({direction}" + (f"; |delta| ≤ {_fmt(threshold)} is same)" if threshold is not None else ")"))
+    ax.set_xlabel(f"{_mpl_text(metric)} ({direction}" + (f"; same: |delta| ≤ {_fmt(threshold)} or within 2 stderr)" if threshold is not None else ")"))
     handles = [Patch(facecolor=OLD_COLOUR, edgecolor="#444444", label=f"old: {old_label}")]
     handles += [Patch(color=c, label=f"new, {v}") for v, c in VERDICT_COLOURS.items()]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)

@@ -238,13 +238,20 @@ def run_eval(loaded: LoadedSpec, name: Optional[str] = None, *, model: Optional[
     rows = [r.values for r in p.rows]
     sliced = slice_rows(p, rows, loaded, vectors)
     records = []
+    seen: dict[str, int] = {}
     for i, (row, pr) in enumerate(zip(p.rows, preds)):
-        records.append({"key": row_key(row), "where": _rel_where(row.where, loaded.root), "row": row.values, **pr,
+        key = row_key(row)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:  # the same line again: its n-th copy pairs with the other version's n-th copy
+            key = f"{key}.{seen[key]}"
+        records.append({"key": key, "where": _rel_where(row.where, loaded.root), "row": row.values, **pr,
                         "slices": [s for s, m in sliced.members.items() if m[i]]})
     report = build_report(p, records, sliced)
     if compare_to is not None:
-        report["compare"] = compare_section(load_predictions(compare_to, p.output, loaded.root), records, p.task.metric != "loss",
-                                            old_label=compare_to, new_label="this run")
+        # at a revision, the eval's own output directory holds the committed predictions, wherever this run writes
+        committed = plan(loaded, p.name, read_rows=False).output if output else p.output
+        report["compare"] = compare_section(load_predictions(compare_to, committed, loaded.root), records, p.task.metric != "loss",
+                                            old_label=compare_to, new_label="this run", order=[s["name"] for s in report["slices"]])
     report["seconds"] = time.monotonic() - t0
     write(p, loaded, records, report, plots)
     return report
@@ -292,9 +299,9 @@ def load_predictions(source: str, output_dir: str, root: str) -> list[dict]:
 
 
 def compare_section(old: Sequence[dict], new: Sequence[dict], higher_is_better: bool, *, old_label: str, new_label: str,
-                    threshold: float = COMPARE_THRESHOLD) -> dict[str, Any]:
-    """The regression table between two versions' predictions; slices as the new version's records assign them."""
-    members: dict[str, set[str]] = {}
+                    threshold: float = COMPARE_THRESHOLD, order: Sequence[str] = ()) -> dict[str, Any]:
+    """The regression table between two versions' predictions; slices as the records assign them, ``order`` first."""
+    members: dict[str, set[str]] = {name: set() for name in order}
     for rec in (*new, *old):
         for s in rec.get("slices", []):
             members.setdefault(s, set()).add(rec["key"])

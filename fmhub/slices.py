@@ -226,17 +226,26 @@ def compare(old: Mapping[str, float], new: Mapping[str, float], members: Mapping
     """The regression table between two versions: per slice (and all rows) old, new, delta and a verdict.
 
     :param old: row key -> score under the old version; ``new`` the same under the new one.
-    :param members: slice name -> the keys of its rows.
+    :param members: slice name -> the keys of its rows, in the order the table lists them.
     :param threshold: a change smaller than this (in the metric's units) is "same", as is one within `Z` standard errors.
     :return: rows {slice, n_old, n_new, old, new, delta, verdict} with verdict better | worse | same, (all) first.
+
+    Rows both versions scored are compared pairwise (the standard error of the
+    per-row differences, which is what a change on the same rows has); a slice
+    whose rows differ between the versions falls back to the two means' errors.
     """
     out = []
     for name, keys in [(ALL, set(old) | set(new)), *members.items()]:
         a = _stat([old[k] for k in keys if k in old])
         b = _stat([new[k] for k in keys if k in new])
+        shared = [k for k in keys if k in old and k in new]
         verdict = "same"
         if a["n"] and b["n"]:
-            if _worse(b, a, higher_is_better, threshold):
+            if len(shared) == a["n"] == b["n"] and len(shared) > 1:
+                d = _stat([(new[k] - old[k]) * (1 if higher_is_better else -1) for k in shared])
+                if abs(d["value"]) > threshold and abs(d["value"]) > Z * d["stderr"]:
+                    verdict = "better" if d["value"] > 0 else "worse"
+            elif _worse(b, a, higher_is_better, threshold):
                 verdict = "worse"
             elif _worse(a, b, higher_is_better, threshold):
                 verdict = "better"
