@@ -100,3 +100,25 @@ def test_lora_patch_is_merged_into_a_full_model(project):
     assert set(before) == set(after) and any(not (before[k] == after[k]).all() for k in before)  # the merged update moved weights
     assert json.loads((project / "patched.lineage.json").read_text())["step"] == "patch"
     assert not [p for p in os.listdir(project) if p.startswith(".fmhub-patch-")]
+
+
+def test_loss_and_exact_match_evals_score_every_row(project):
+    from fmhub.evaluation import run_eval
+    from fmhub.spec import parse_spec
+
+    rows = [{"text": f"abc {i}", "prompt": f"count {i}:", "completion": str(i + 1)} for i in range(12)]
+    (project / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = SPEC.replace("  c: {clusters: 2}\n", "  one: {regex: '1'}\n").replace(
+        "  t: {data: rows.jsonl, metric: accuracy, classes: [neg, pos]}\n",
+        "  t: {data: rows.jsonl, metric: accuracy, classes: [neg, pos]}\n  l: {data: gen.jsonl}\n  x: {data: gen.jsonl, metric: exact_match}\n")
+    spec += "  el: {task: l, data: gen.jsonl}\n  ex: {task: x, data: gen.jsonl}\n"
+    loaded = parse_spec(spec, str(project / "fmhub.yaml"))
+    loss = run_eval(loaded, "el", plots=False)
+    assert loss["metric"] == "loss" and not loss["higher_is_better"] and loss["overall"]["value"] > 0
+    preds = [json.loads(x) for x in (project / "evals/el/predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 12 and all(p["correct"] is None and p["score"] > 0 for p in preds)
+    em = run_eval(loaded, "ex", plots=False)
+    preds = [json.loads(x) for x in (project / "evals/ex/predictions.jsonl").read_text().splitlines()]
+    assert em["overall"]["value"] == sum(p["correct"] for p in preds) / 12  # a random model completes nothing right, or little
+    assert all(isinstance(p["prediction"], str) and p["target"] == str(i + 1) for i, p in enumerate(preds))
+    assert {s["name"] for s in em["slices"]} == {"s", "one"}
