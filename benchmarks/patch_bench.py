@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--scale", choices=sorted(SCALES), default="default")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--workdir", help="where the benchmark's repository goes (default: a new temp directory, kept)")
     args = ap.parse_args()
     cfg = SCALES[args.scale]
 
@@ -55,7 +56,7 @@ def main() -> None:
     from fmhub.autotune import Task, train_adapter
     from fmhub.spec import load_spec
 
-    root = tempfile.mkdtemp(prefix="fmhub-patch-bench-")
+    root = tempfile.mkdtemp(prefix="fmhub-patch-bench-", dir=args.workdir)
     os.chdir(root)
     _git(root, "init", "-q")
     subprocess.run([sys.executable, "-m", "fmhub", "install"], cwd=root, check=True, capture_output=True)

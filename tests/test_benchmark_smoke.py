@@ -177,3 +177,19 @@ def test_serve_benchmark_small(tmp_path):
         assert r["tokens"] == p["requests"] * p["new"] and r["tok_per_s"] > 0 and r["p99_s"] >= r["p50_s"] > 0, key
     assert data["results"]["naive/1"]["swaps"] == 1 and data["results"]["naive/4"]["swaps"] > 4
     assert "| N adapters |" in proc.stdout and "fmhub / naive" in proc.stdout
+
+
+def test_patch_benchmark_small(tmp_path):
+    """patch_bench.py at the test's scale: the planted slice is flagged, the gradient method beats a random ranking, the gate passes."""
+    out = tmp_path / "patch.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "patch_bench.py"), "--scale", "small", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "toys" in data["flagged"]
+    prov = data["provenance"]
+    assert prov["gradient"]["precision_at_10"] > 2 * prov["random"]["precision_at_10"]
+    assert data["patch"]["gate"]["passed"] and data["compare"] is not None
+    assert "precision@10" in proc.stdout and "oracle retrain" in proc.stdout
