@@ -134,8 +134,9 @@ def _monitoring_steps(loaded: LoadedSpec) -> list[dag.Step]:
 
     spec, res = loaded.spec, loaded.resolve
     steps = []
+    plans = {name: evaluation.plan(loaded, name, read_rows=False) for name in spec.eval}  # a patch reads its eval's plan
     for name, ev in spec.eval.items():
-        p = evaluation.plan(loaded, name, read_rows=False)
+        p = plans[name]
         inputs = [p.model.dir, p.data] + ([p.adapter.dir] if p.adapter else [])
         params = {"eval": _dump(ev), "task": _dump(spec.tasks[ev.task]), "slices": {k: _dump(v) for k, v in p.slices.items()}}
         steps.append(dag.Step(f"eval:{name}", inputs, [os.path.join(p.output, evaluation.PREDICTIONS)], params,
@@ -143,7 +144,7 @@ def _monitoring_steps(loaded: LoadedSpec) -> list[dag.Step]:
     for name, ps in spec.patch.items():
         if ps.eval not in spec.eval:
             raise loaded.error(("patch", name, "eval"), f"no eval {ps.eval!r}; evals: {', '.join(spec.eval) or 'none'}")
-        p = evaluation.plan(loaded, ps.eval, read_rows=False)
+        p = plans[ps.eval]
         pool = loaded.dataset_path(ps.pool) if ps.pool else p.task.data
         out = res(ps.output)
         data_out = res(ps.data_output) if ps.data_output else out.rstrip("/") + ".patch.jsonl"
