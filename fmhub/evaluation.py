@@ -144,22 +144,12 @@ def plan(loaded: LoadedSpec, name: Optional[str] = None, model: Optional[str] = 
 
 def _embed(model: Any, tokenizer: Any, texts: Sequence[str], pad: int, device: Any, batch_size: int, max_length: int) -> Any:
     """Mean of the last hidden states over each text's tokens: the model's own view of the rows, for cluster slices."""
-    import torch
+    from fmhub.autotune import _encode
+    from fmhub.provenance import embeddings
 
-    from fmhub.autotune import _Example, _collate, _encode
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            exs = [_Example(_encode(tokenizer, t, True)[:max_length] or [pad], 0) for t in texts[i : i + batch_size]]
-            ids, _ = _collate(exs, pad)
-            mask = torch.zeros_like(ids, dtype=torch.float32)
-            for r, e in enumerate(exs):
-                mask[r, : len(e.ids)] = 1.0
-            hidden = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False).hidden_states[-1].float()
-            mask = mask.to(device)[..., None]
-            out.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
-    return torch.cat(out).numpy() if out else None
+    if not texts:
+        return None
+    return embeddings(model, [_encode(tokenizer, t, True)[:max_length] or [pad] for t in texts], pad, batch_size, device).numpy()
 
 
 def predict(model_dir: str, adapter_dir: Optional[str], task: Task, rows: Sequence[_Row], *, batch_size: int = 16,

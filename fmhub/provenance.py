@@ -342,8 +342,8 @@ def gradient_sketches(model: Any, params: dict[str, "torch.Tensor"], examples: S
 # ------------------------------------------------------------------ embeddings
 
 
-def _embeddings(model: Any, prompts: Sequence[list[int]], pad: int, batch_size: int, device: Any) -> "torch.Tensor":
-    """[len(prompts), hidden] float32: the mean over real tokens of the last layer's hidden states."""
+def embeddings(model: Any, prompts: Sequence[list[int]], pad: int, batch_size: int, device: Any) -> "torch.Tensor":
+    """[len(prompts), hidden] float32: the mean over real tokens of the last layer's hidden states (cluster slices use it too)."""
     import torch
 
     out = []
@@ -435,8 +435,8 @@ def explain(model_dir: str, adapter_dir: str | None, task: Task, train_rows: Seq
         right = gradient_sketches(model, params, asked, pad, **kw)
         eligible = torch.ones((len(asked), len(train)), dtype=torch.bool)
     else:
-        left = _embeddings(model, [_prompt_ids(task, e) for e in train], pad, batch_size, device)
-        right = _embeddings(model, [_prompt_ids(task, e) for e in asked], pad, batch_size, device)
+        left = embeddings(model, [_prompt_ids(task, e) for e in train], pad, batch_size, device)
+        right = embeddings(model, [_prompt_ids(task, e) for e in asked], pad, batch_size, device)
         eligible = torch.tensor([[_same_answer(task, r, t) for r in train_rows] for t in targets], dtype=torch.bool)
     del model
     scores = _cosine(right, left)  # [queries, train]

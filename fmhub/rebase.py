@@ -74,13 +74,19 @@ def _retune(adapter_dir: str, new_base: str, check: Any, steps: int, lrs: list[f
     for name in os.listdir(out):
         shutil.copy2(os.path.join(out, name), os.path.join(adapter_dir, name))
     shutil.rmtree(out, ignore_errors=True)
-    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+    _point_at(adapter_dir, new_base)  # save_pretrained wrote the path the base was loaded from
+    return res.score
+
+
+def _point_at(adapter_dir: str, new_base: str) -> None:
+    """Set the adapter's ``base_model_name_or_path`` to ``new_base``, so peft loads it on the new base."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["base_model_name_or_path"] = os.path.abspath(new_base)
-    with open(os.path.join(adapter_dir, "adapter_config.json"), "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
-    return res.score
 
 
 def _is_adapter(path: str) -> bool:
@@ -105,13 +111,7 @@ def _adapter(source: str, new_base: str, tmp: str) -> int:
     for name in sorted(os.listdir(source)):
         if os.path.isfile(os.path.join(source, name)) and name != SIDECAR:  # the sidecar pins the old base's commit
             shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
-    cfg_path = os.path.join(tmp, "adapter_config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["base_model_name_or_path"] = os.path.abspath(new_base)
-    with open(cfg_path, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _point_at(tmp, new_base)
     return len([n for n in os.listdir(tmp) if n.endswith(".safetensors")])
 
 

@@ -5,30 +5,17 @@ from __future__ import annotations
 import json
 import sys
 import types
-from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 from rich.console import Console
 
+from fmhub.autotune import Task
 from fmhub.errors import FmhubError
 from fmhub.select import Candidate, leaderboard, parse_candidates, router_from_leaderboard
 from serve_helpers import random_adapter, save_base
-
-
-@dataclass
-class Task:
-    """What fmhub.autotune.Task carries that selection looks at (kept local: these tests do not need autotune)."""
-
-    name: str
-    data: str
-    eval: Optional[str] = None
-    metric: str = "loss"
-    classes: Optional[list[str]] = None
-    text: str = "text"
 
 
 class Scores:
@@ -59,7 +46,7 @@ def setup(tmp_path):
         (d / "adapter_config.json").write_text("{}")
     for t in ("qa", "lm"):
         (tmp_path / f"{t}.jsonl").write_text(json.dumps({"text": f"rows of {t}"}) + "\n")
-    tasks = [Task("qa", str(tmp_path / "qa.jsonl"), metric="accuracy"), Task("lm", str(tmp_path / "lm.jsonl"), metric="loss")]
+    tasks = [Task("qa", str(tmp_path / "qa.jsonl"), metric="accuracy", classes=["no", "yes"]), Task("lm", str(tmp_path / "lm.jsonl"), metric="loss")]
     return tmp_path, parse_candidates(str(base), [str(tmp_path / "adapters")]), tasks
 
 
