@@ -298,9 +298,8 @@ def _stored(manifest: Manifest, updates: dict) -> list[StoredTensor]:
     for t in manifest.tensors:
         if t.name not in updates:
             continue
-        last = t.deltas[-1] if t.deltas else None
-        out.append(StoredTensor(t.name, t.size, last.size if last else t.size, last.codec if last else None,
-                                t.approx.max_error if t.approx else None))
+        codec = t.deltas[-1].codec if t.deltas else t.root_codec or None
+        out.append(StoredTensor(t.name, t.size, t.stored_size, codec, t.approx.max_error if t.approx else None))
     return out
 
 

@@ -8,17 +8,21 @@ feeds them from git's filter protocol, the CLI from files.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import queue
+import threading
 from typing import BinaryIO, Callable, Protocol
 
 from fmhub import host
-from fmhub.deltas import DeltaPolicy, store_changed
-from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError, MissingObject, StoreWriteError
+from fmhub.deltas import PLAIN, DeltaPolicy, store_tensor
+from fmhub.errors import CorruptCheckpoint, CorruptObject, FmhubError, ManifestError, MissingObject, StoreWriteError
 from fmhub.interfaces import CheckpointFormat, Layout
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
-from fmhub.store import CHUNK, ObjectStore, ObjectStream, copy_objects
+from fmhub.store import CHUNK, ObjectStore, copy_objects
 
 SNIFF_BYTES = 16
+MAX_BUFFERED = 256 << 20  # tensors read ahead of the one being stored, at most (or one tensor, if bigger)
 
 
 class Readable(Protocol):
@@ -151,50 +155,127 @@ def _clean_checkpoint(
             raise CorruptCheckpoint(f"{path}: truncated inside the header ({inp.pos} bytes in all); the file is incomplete")
         return data
 
-    def truncated(t, got: int) -> CorruptCheckpoint:
-        return CorruptCheckpoint(
-            f"{path}: truncated: tensor {t.name!r} needs {t.size} bytes but the file ends after "
-            f"{got}; the file is incomplete (an interrupted download or save?)"
-        )
-
     layout: Layout = fmt.read_layout(read_exact, path)
     header_oid = store.write_bytes(layout.header)
     before = {t.name: t for t in previous.tensors} if previous is not None else {}
-    chained: dict[int, TensorEntry] = {}  # tensors stored through the delta path, by position
-    stream = ObjectStream(store)
+    sink = TensorSink(store, deltas or PLAIN, path)
     try:
-        for i, t in enumerate(layout.tensors):
-            old = before.get(t.name)
-            # a tensor stored as a chain is re-added through the chain path even with deltas off, so that
-            # an unchanged one keeps its entry (else status would call the file modified)
-            policy = deltas if deltas is not None or old is None or old.root is None else DeltaPolicy(max_chain=0)
-            if policy is not None and old is not None and old.size == t.size and (old.dtype, old.shape) == (t.dtype, t.shape) \
-                    and 0 < t.size <= policy.max_tensor_bytes:
-                data = inp.read_upto(t.size)
-                if len(data) != t.size:
-                    raise truncated(t, len(data))
-                chained[i] = store_changed(store, old, data, t.dtype, policy)
-                continue
-            stream.begin(old.oid if old is not None and old.size == t.size and old.root is None else None)
-            remaining = t.size
-            while remaining:
-                chunk = inp.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise truncated(t, t.size - remaining)
-                stream.write(chunk)
-                remaining -= len(chunk)
-            stream.end_object()
-        oids = iter(stream.close())
+        for t in layout.tensors:
+            sink.submit(t, _read_tensor(inp, t, path, sink.buffer(t.size)), before.get(t.name))
+        entries = sink.finish()
     except BaseException:
-        stream.abort()
+        sink.abort()
         raise
-    entries = [chained.get(i) or TensorEntry(t.name, t.dtype, t.shape, t.size, next(oids)) for i, t in enumerate(layout.tensors)]
     if inp.peek(1):
         extra = len(inp.read_upto(1 << 30))
         raise CorruptCheckpoint(f"{path}: {extra} bytes follow the last tensor that the header does not describe; the file is corrupt")
     size = len(layout.header) + sum(e.size for e in entries)
     metadata = dict(layout.metadata) if layout.metadata is not None else None
     return Manifest(fmt.name, size, header_oid, len(layout.header), entries, metadata)
+
+
+def _read_tensor(inp: _Input, t, path: str, buf: bytearray) -> bytearray:
+    """Fill ``buf`` with the tensor's bytes from the input; CorruptCheckpoint when the file ends first."""
+    view, got = memoryview(buf), 0
+    while got < t.size:
+        chunk = inp.read(min(CHUNK, t.size - got))
+        if not chunk:
+            raise CorruptCheckpoint(
+                f"{path}: truncated: tensor {t.name!r} needs {t.size} bytes but the file ends after "
+                f"{got}; the file is incomplete (an interrupted download or save?)"
+            )
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+    return buf
+
+
+class TensorSink:
+    """Stores the tensors of one file in a background thread while the caller reads the next ones.
+
+    Each tensor is hashed, compared with its namesake in the previous version
+    and stored (`fmhub.deltas.store_tensor`: whole, compressed, or as a delta,
+    its frames encoded on every core). Tensors waiting for their turn hold at
+    most `MAX_BUFFERED` bytes (or one tensor, if it is bigger), so memory stays
+    near the largest tensor whatever the file's size.
+    """
+
+    def __init__(self, store: ObjectStore, policy: DeltaPolicy, path: str) -> None:
+        self.store, self.policy, self.path = store, policy, path
+        self._todo: queue.Queue = queue.Queue()
+        self._entries: list[TensorEntry] = []
+        self._error: BaseException | None = None
+        self._held = 0
+        self._room = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="fmhub-clean", daemon=True)
+        self._thread.start()
+
+    def buffer(self, size: int) -> bytearray:
+        """A buffer for the next tensor, once the tensors still waiting leave room for it."""
+        with self._room:
+            while self._held and self._held + size > MAX_BUFFERED and self._error is None:
+                self._room.wait()
+            self._raise()
+            self._held += size
+        return bytearray(size)
+
+    def submit(self, t, data: bytearray, old: TensorEntry | None) -> None:
+        """Queue a tensor; its hashing starts at once on a pool thread, ahead of its turn to be stored."""
+        from fmhub.tensorio import pool
+
+        self._raise()
+        self._todo.put((t, data, old, pool().submit(_sha256, data)))
+
+    def finish(self) -> list[TensorEntry]:
+        """Wait until every tensor is stored; their entries, in file order."""
+        self._todo.put(None)
+        self._thread.join()
+        self._raise()
+        return self._entries
+
+    def abort(self) -> None:
+        self._error = self._error or _Stopped()
+        self._todo.put(None)
+        with self._room:
+            self._room.notify_all()
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Stopped):
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            while (item := self._todo.get()) is not None:
+                if self._error is None:
+                    self._entries.append(self._store(*item))
+                self._release(len(item[1]))
+                item = None  # drop the buffer now, not when the next tensor arrives
+        except BaseException as exc:  # surfaced in the reading thread
+            self._error = exc
+            with self._room:
+                self._room.notify_all()
+            while self._todo.get() is not None:  # let the reader finish its call and see the error
+                pass
+
+    def _store(self, t, data: bytearray, old: TensorEntry | None, hashing) -> TensorEntry:
+        oid = hashing.result()
+        try:
+            return store_tensor(self.store, data, oid, old, t.name, t.dtype, tuple(t.shape), self.policy)
+        except (CorruptObject, MissingObject) as exc:
+            raise type(exc)(f"{self.path}: tensor {t.name!r}: {exc}") from None
+
+    def _release(self, size: int) -> None:
+        with self._room:
+            self._held -= size
+            self._room.notify_all()
+
+
+def _sha256(data: bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Stopped(Exception):
+    """The reading side gave up; the sink drops what is left."""
 
 
 def _present(t: TensorEntry, store: ObjectStore) -> bool:
@@ -277,6 +358,8 @@ def smudge(
         out.write(data)
         return
     ensure_objects(manifest, store, path, fetch)
+    from fmhub.tensorio import copy_tensors, needs_rebuild
+
     if manifest.is_data:
         from fmhub.datafile import smudge_data
 
@@ -293,32 +376,12 @@ def smudge(
         on_start()
     out.write(header)
     try:
-        if all(t.root is None or store.ensure(t.oid) for t in manifest.tensors):
-            copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
+        if any(needs_rebuild(t, store) for t in manifest.tensors):
+            copy_tensors(store, manifest.tensors, out)  # chains and compressed tensors, decoded on every core
         else:
-            _write_with_chains(manifest, store, out)
+            copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
     except FmhubError as exc:
         raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
-
-
-def _write_with_chains(manifest: Manifest, store: ObjectStore, out: BinaryIO) -> None:
-    """Smudge's path when some tensor is a delta chain: runs of whole objects are streamed, chains rebuilt one at a time."""
-    from fmhub.deltas import tensor_bytes
-
-    run: list[TensorEntry] = []
-
-    def flush() -> None:
-        if run:
-            copy_objects(store, [t.oid for t in run], out, labels=[f"tensor {t.name!r}" for t in run])
-            run.clear()
-
-    for t in manifest.tensors:
-        if t.root is None or store.ensure(t.oid):
-            run.append(t)
-            continue
-        flush()
-        out.write(tensor_bytes(store, t))
-    flush()
 
 
 def _exact_reader(f: BinaryIO, path: str, what: str = "header object is truncated") -> Callable[[int], bytes]:

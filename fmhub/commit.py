@@ -80,7 +80,7 @@ def sparse_commit(path: str, message: str, fisher: str, keep: float, data: str |
     for t in new.tensors:
         if old.get(t.name) is None or old[t.name].oid != t.oid:
             report.changed_bytes += t.size
-            report.stored_bytes += t.deltas[-1].size if t.deltas else t.size
+            report.stored_bytes += t.stored_size
     return report
 
 

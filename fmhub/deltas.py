@@ -1,29 +1,33 @@
-"""Delta objects: a changed tensor stored as its previous version plus a delta (spec: docs/manifest.md, version 2).
+"""How the clean filter stores a tensor: whole or compressed, or as a delta against its previous version.
 
-A fine-tune often changes a small part of a tensor (a sparse update, a few
-rows). With ``git config fmhub.deltas true`` the clean filter stores such a
-tensor as a chain: the root object of an earlier version plus one delta per
-version since, each made by a codec plugin (`fmhub.interfaces.DeltaCodec`).
-The tensor's oid still names its full bytes, so diffs, merges and equality
-are unchanged; rebuilding checks the result against that oid, so a chain
-rebuilds bit for bit or fails loudly.
+Spec: docs/manifest.md (versions 2 and 4). By default (``fmhub.deltas`` and
+``fmhub.compress``, both on) a new tensor is stored as a ``planes`` object
+(`fmhub.planes`: byte planes, zstd where it pays), and a tensor that changed
+from its namesake in the version git's index holds is stored as a link of a
+*chain*: the earlier version's objects plus one delta object per version
+since. The tensor's oid still names its full bytes, so diffs, merges and
+equality are unchanged; every rebuild is checked against that oid.
 
+Choosing the encoding costs about one pass over the bytes: each frame of the
+tensor is compared with the same frame of the previous version and coded as
+unchanged, as its changed elements, or as the difference (`fmhub.planes`);
+the ``lowrank`` codec (a LoRA merged into its base) runs only when a probe of
+one frame says the change is low-rank, and within a time budget per byte.
 Chains are bounded: after ``fmhub.deltachain`` links (default 8) the tensor
 is stored whole again, so a checkout never applies more than that many deltas.
 
 Lossy storage is opt-in and explicit: with ``fmhub.lowrank.tolerance T`` a
 changed float matrix may be stored as a low-rank delta whose rebuild is
-within T of every element, when that is smaller than any exact delta.
-Its manifest line says so (``approx``: the sha256 of the bytes as added, the
-largest error, the tolerance), and checkout gives the rebuilt bytes. With
-``fmhub.lowrank.strict`` a changed float matrix that cannot be stored that
-way fails the add instead of being stored whole.
+within T of every element, when that is smaller than any exact delta; its
+manifest line says so (``approx``). With ``fmhub.lowrank.strict`` a changed
+float matrix that cannot be stored that way fails the add.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from fmhub import host
@@ -33,14 +37,20 @@ from fmhub.manifest import Approx, Delta, TensorEntry
 from fmhub.store import ObjectStore
 
 DEFAULT_MAX_CHAIN = 8
-MAX_RATIO = 0.5  # a delta must be under half the tensor's size to be worth a chain link
-MAX_DELTA_TENSOR_BYTES = 2 << 30  # bigger tensors are stored whole: encoding holds a few copies in memory
+MAX_RATIO = 0.5  # an exact delta of another codec must be under half the tensor's size to be worth a chain link
+MAX_DELTA_TENSOR_BYTES = 2 << 30  # bigger tensors are stored whole: the in-memory codecs hold a few copies
+MIN_CODED_BYTES = 1024  # smaller tensors are stored as they are: an encoded object would save nothing worth a file
+CODED_PAYS = 0.98  # a planes root is kept only below this fraction of the tensor's size
+LOWRANK_NS_PER_BYTE = 40  # time a low-rank encode may take per byte of tensor before it is abandoned
+LOWRANK_MUST_BEAT = 0.1  # a change the planes code under this fraction of its size is not worth a low-rank attempt
 
 
 @dataclass(frozen=True)
 class DeltaPolicy:
-    """Whether and how the clean filter stores changed tensors as deltas."""
+    """How the clean filter stores tensors (`policy_from_git` reads it from git config)."""
 
+    deltas: bool = True  # a changed tensor may be stored as a delta against its previous version
+    compress: bool = True  # a whole tensor is stored as a planes object when that is smaller
     max_chain: int = DEFAULT_MAX_CHAIN
     max_ratio: float = MAX_RATIO
     max_tensor_bytes: int = MAX_DELTA_TENSOR_BYTES
@@ -50,39 +60,76 @@ class DeltaPolicy:
     prepared: Mapping[str, tuple[str, str, bytes]] = field(default_factory=dict)
 
 
+PLAIN = DeltaPolicy(deltas=False, compress=False)
+"""Every tensor stored as it is, one object each (what `fmhub.checkpoint.clean` does when given no policy)."""
+
+
 class ToleranceError(FmhubError):
     """A changed tensor cannot be stored as a low-rank delta within the tolerance the user set."""
 
 
-def policy_from_git(cwd: str | None = None) -> DeltaPolicy | None:
-    """``fmhub.deltas`` (off by default), ``fmhub.deltachain`` and ``fmhub.lowrank.*`` from git config; None when deltas are off.
+def policy_from_git(cwd: str | None = None) -> DeltaPolicy:
+    """``fmhub.deltas`` and ``fmhub.compress`` (both on unless set false), ``fmhub.deltachain``, ``fmhub.lowrank.*``.
 
-    Setting ``fmhub.lowrank.tolerance`` or ``fmhub.lowrank.strict`` turns deltas on.
+    One ``git config`` call reads them all. Setting ``fmhub.lowrank.tolerance``
+    or ``fmhub.lowrank.strict`` turns deltas on.
     """
-    from fmhub.repo import git
+    config = _fmhub_config(cwd)
+    tolerance_s = config.get("fmhub.lowrank.tolerance", "")
+    strict = _bool(config, "fmhub.lowrank.strict", False)
+    return DeltaPolicy(
+        deltas=_bool(config, "fmhub.deltas", True) or bool(tolerance_s) or strict,
+        compress=_bool(config, "fmhub.compress", True),
+        max_chain=_chain_length(config.get("fmhub.deltachain", "")),
+        tolerance=parse_tolerance(tolerance_s or "0", "git config fmhub.lowrank.tolerance"),
+        strict=strict,
+    )
 
-    def get(key: str, *typ: str) -> str:
-        return git("config", *typ, "--get", key, cwd=cwd, check=False).strip()
 
-    tolerance_s = get("fmhub.lowrank.tolerance")
-    strict = get("fmhub.lowrank.strict", "--type=bool") == "true"
-    if get("fmhub.deltas", "--type=bool") != "true" and not tolerance_s and not strict:
-        return None
-    return DeltaPolicy(max_chain=max_chain_from_git(cwd), tolerance=parse_tolerance(tolerance_s or "0", "git config fmhub.lowrank.tolerance"), strict=strict)
+def _fmhub_config(cwd: str | None) -> dict[str, str]:
+    """Every ``fmhub.*`` key git sees here (last value wins, as git's own ``--get``), keys lowercased by git."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "config", "-z", "--get-regexp", r"^fmhub\."], cwd=cwd, capture_output=True)
+    except FileNotFoundError:
+        raise FmhubError("git is not installed or not on PATH") from None
+    out: dict[str, str] = {}
+    for item in proc.stdout.decode("utf-8", "replace").split("\0"):
+        key, _, value = item.partition("\n")
+        if key:
+            out[key] = value
+    return out
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1", ""}, {"false", "no", "off", "0"}
+
+
+def _bool(config: dict[str, str], key: str, default: bool) -> bool:
+    """A boolean the way git reads one (a key with no value is true)."""
+    if key not in config:
+        return default
+    value = config[key].strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise FmhubError(f"git config {key} is {config[key]!r}; it should be true or false")
+
+
+def _chain_length(text: str) -> int:
+    try:
+        value = int(text) if text.strip() else DEFAULT_MAX_CHAIN
+    except ValueError:
+        raise FmhubError(f"git config fmhub.deltachain is {text!r}; it should be a whole number") from None
+    if value < 1:
+        raise FmhubError("git config fmhub.deltachain must be at least 1")
+    return value
 
 
 def max_chain_from_git(cwd: str | None = None) -> int:
     """``git config fmhub.deltachain`` (default 8), whether deltas are on or not (`fmhub repack` reads it too)."""
-    from fmhub.repo import git
-
-    chain = git("config", "--get", "fmhub.deltachain", cwd=cwd, check=False).strip()
-    try:
-        value = int(chain) if chain else DEFAULT_MAX_CHAIN
-    except ValueError:
-        raise FmhubError(f"git config fmhub.deltachain is {chain!r}; it should be a whole number") from None
-    if value < 1:
-        raise FmhubError("git config fmhub.deltachain must be at least 1")
-    return value
+    return _chain_length(_fmhub_config(cwd).get("fmhub.deltachain", ""))
 
 
 def parse_tolerance(text: str, what: str = "the tolerance") -> float:
@@ -100,13 +147,133 @@ def codecs() -> dict[str, DeltaCodec]:
     return host.registry("delta-codec")
 
 
+# -- storing a tensor (the clean filter) ---------------------------------------------------------
+
+
+def store_tensor(
+    store: ObjectStore, data: bytes | bytearray, oid: str, old: TensorEntry | None, name: str, dtype: str,
+    shape: tuple[int, ...], policy: DeltaPolicy,
+) -> TensorEntry:
+    """Store one tensor's bytes (sha256 ``oid``) and return its manifest entry.
+
+    ``old`` is its namesake in the version being replaced: an unchanged tensor
+    keeps that entry (nothing is written), a changed one may become the next
+    link of its chain.
+    """
+    if old is not None and (oid == old.oid or (old.approx is not None and oid == old.approx.oid)):
+        return old  # unchanged, or re-added unchanged after a lossy add: keep what the index holds
+    entry = TensorEntry(name, dtype, tuple(shape), len(data), oid)
+    if old is not None and _chainable(old, entry, policy):
+        if policy.prepared or policy.tolerance > 0 or policy.strict:
+            return store_changed(store, old, data, dtype, policy)
+        linked = _store_link(store, data, entry, old, policy.max_chain)
+        if linked is not None:
+            return linked
+    return _store_whole(store, data, entry, policy)
+
+
+def _chainable(old: TensorEntry, new: TensorEntry, policy: DeltaPolicy) -> bool:
+    return (
+        policy.deltas and (old.dtype, old.shape, old.size) == (new.dtype, new.shape, new.size)
+        and MIN_CODED_BYTES <= new.size <= policy.max_tensor_bytes
+    )
+
+
+def _store_whole(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry, policy: DeltaPolicy) -> TensorEntry:
+    """The tensor on its own: a planes object when compression is on and pays, else its bytes as they are."""
+    if policy.compress and len(data) >= MIN_CODED_BYTES and not store.has(entry.oid):
+        from fmhub.tensorio import write_planes
+
+        coded = write_planes(store, data, entry.dtype, None, limit=int(CODED_PAYS * len(data)))
+        if coded is not None:
+            return replace(entry, root=coded.oid, root_codec="planes", root_size=coded.size)
+    store.write_bytes(data)
+    return entry
+
+
+def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry, old: TensorEntry, max_chain: int) -> TensorEntry | None:
+    """``entry`` as the next link of ``old``'s chain, or a fresh compressed root when the change shares nothing
+    with ``old``; None when ``old``'s chain is full or cannot be read here (the caller stores the tensor whole)."""
+    from fmhub.tensorio import Chain, write_planes
+
+    if len(old.deltas) >= max_chain:
+        return None
+    try:
+        base = Chain(store, old)
+    except FmhubError:
+        return None  # the previous version cannot be rebuilt here: this version does not depend on it
+    try:
+        low = _lowrank_link(store, data, entry, old, base)
+        if low is not None:
+            return low
+        coded = write_planes(store, data, entry.dtype, base, base_oid=old.oid)
+    finally:
+        base.close()
+    if coded is None:
+        return None  # the previous version's objects are damaged: store this one without them
+    if coded.literal == coded.frames:  # nothing in common with the previous version: a new root, not a link
+        return replace(entry, root=coded.oid, root_codec="planes", root_size=coded.size)
+    return _link(entry, old, Delta("planes", coded.oid, coded.size))
+
+
+def _link(entry: TensorEntry, old: TensorEntry, delta: Delta) -> TensorEntry:
+    if old.root is None:
+        return replace(entry, root=old.oid, deltas=(delta,))
+    return replace(entry, root=old.root, root_codec=old.root_codec, root_size=old.root_size, deltas=old.deltas + (delta,))
+
+
+def _lowrank_link(store: ObjectStore, data, entry: TensorEntry, old: TensorEntry, base) -> TensorEntry | None:
+    """A ``lowrank-fixed`` link, when a probe of the first frame says the change is low-rank, the planes coding of
+    that frame says planes would do worse, and the encode finishes within its time budget and beats that estimate."""
+    from fmhub import lowrank, lowrank_fixed, planes
+
+    if not lowrank.worth_probing(entry.dtype, entry.shape, entry.size):
+        return None
+    first = next(iter(base.jobs()), None)
+    if first is None:
+        return None
+    before = first()
+    probed = lowrank.probe_bytes(entry.dtype, entry.shape)
+    rank = lowrank.probe_rank(before, data[:probed], entry.dtype, entry.shape)
+    if rank is None:
+        return None
+    n = min(len(data), planes.FRAME_BYTES)
+    estimate = len(planes.encode_frame(memoryview(data)[:n], before, planes.layout_for(entry.dtype, len(data)))) / n
+    if estimate <= LOWRANK_MUST_BEAT:
+        return None  # the frames already code it small (a sparse update that happens to look low-rank)
+    deadline = time.monotonic() + LOWRANK_NS_PER_BYTE * entry.size * 1e-9
+    from fmhub.tensorio import read_tensor
+
+    try:
+        whole = read_tensor(store, old)
+    except FmhubError:
+        return None
+    delta = lowrank_fixed.encode(whole, data, entry.dtype, entry.shape, rank, deadline)
+    if delta is None or len(delta) >= estimate * entry.size:
+        return None
+    return _link(entry, old, Delta(lowrank_fixed.NAME, store.write_bytes(delta), len(delta)))
+
+
+# -- whole-tensor paths: other codecs, tolerances, deltas a caller prepared, `fmhub repack` -------------
+
+
 def encode_best(
     base: bytes | bytearray, new: bytes | bytearray, dtype: str, policy: DeltaPolicy, shape: tuple[int, ...] | None = None
 ) -> tuple[str, bytes] | None:
-    """The smallest delta any codec makes from ``base`` to ``new`` under the policy's ratio, checked to round-trip."""
+    """The smallest exact delta from ``base`` to ``new`` under the policy's ratio, checked to round-trip.
+
+    ``planes`` always; ``lowrank`` only when its probe says the change is low-rank;
+    other installed codecs (plugins) are each asked too.
+    """
+    from fmhub import lowrank
+
     best: tuple[str, bytes] | None = None
     limit = policy.max_ratio * len(new)
     for name, codec in sorted(codecs().items()):
+        if name in ("sparse", "xor-zlib", "lowrank"):
+            continue  # superseded by planes' frames and lowrank-fixed; still decoded
+        if name == "lowrank-fixed" and not (shape and lowrank.worth_probing(dtype, shape, len(new))):
+            continue
         delta = codec.encode(base, new, dtype, shape)
         if delta is None or len(delta) >= limit or (best is not None and len(delta) >= len(best[1])):
             continue
@@ -127,17 +294,29 @@ def read_object(store: ObjectStore, oid: str, what: str) -> bytes:
 
 
 def tensor_bytes(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
-    """A tensor's full bytes: its own object if the store has it, else its delta chain rebuilt and checked."""
+    """A tensor's full bytes, rebuilt whole in memory by each codec's ``decode`` and checked (chains of any codec).
+
+    Frame-coded chains are rebuilt faster and in bounded memory by `fmhub.tensorio`; this is the path for
+    chains holding another codec's link (a version-2 ``sparse`` or ``xor-zlib`` chain, or a plugin's).
+    """
     where = f"{label}tensor {entry.name!r}"
     if entry.root is None or store.ensure(entry.oid):
         return bytearray(read_object(store, entry.oid, where))
+    if entry.root_codec:
+        from fmhub.tensorio import read_tensor
+
+        return read_tensor(store, entry, label)  # frame-coded: tensorio reads it, or says why it cannot
     data = read_object(store, entry.root, f"{where} (root of its delta chain)")
     available = codecs()
     for i, d in enumerate(entry.deltas, start=1):
         codec = available.get(d.codec)
         if codec is None:
             raise FmhubError(f"{where} is stored with the delta codec {d.codec!r}, which no installed plugin provides; install it")
-        data = codec.decode(data, read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})"), entry.dtype)
+        delta = read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})")
+        try:
+            data = codec.decode(data, delta, entry.dtype)
+        except Exception as exc:  # a damaged delta can break a codec in any way (struct.error, IndexError, ...)
+            raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) does not decode ({exc}); run `fmhub fsck`") from None
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.oid:
         raise CorruptObject(f"{where}: its delta chain does not rebuild sha256:{entry.oid}; run `fmhub fsck`")
     return data if isinstance(data, bytearray) else bytearray(data)
@@ -192,14 +371,15 @@ def _is_float_matrix(entry: TensorEntry) -> bool:
 
 
 def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, dtype: str, policy: DeltaPolicy) -> TensorEntry:
-    """Store ``new`` (the next version of ``old``, same name, dtype and shape) and return its manifest entry.
+    """Store ``new`` (the next version of ``old``, same name, dtype and shape) in memory, for the opt-in modes.
 
-    As a chain link when a codec makes it small (with a tolerance set, the
-    smallest of the exact and the within-tolerance links); else whole.
+    Used when the policy carries prepared deltas, a tolerance or ``strict``: as a
+    chain link when a codec makes it small (with a tolerance set, the smallest
+    of the exact and the within-tolerance links); else whole.
     """
     oid = hashlib.sha256(new).hexdigest()
     if oid == old.oid or (old.approx is not None and oid == old.approx.oid):
-        return old  # unchanged, or re-added unchanged after a lossy add: keep what the index holds
+        return old
     entry = TensorEntry(old.name, dtype, old.shape, old.size, oid)
     room = len(old.deltas) < policy.max_chain
     if room:
@@ -215,12 +395,12 @@ def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, 
         del base
         if best is not None and (lossy is None or len(best[1]) <= len(lossy[1])):
             codec, delta = best
-            return _link(store, entry, old, codec, delta)
+            return _link(entry, old, Delta(codec, store.write_bytes(delta), len(delta)))
         if lossy is not None:  # the user allowed an approximation and it is the smallest
             codec, delta, rebuilt, max_error = lossy
             approx = Approx(oid, max_error, policy.tolerance)
             entry = TensorEntry(old.name, dtype, old.shape, old.size, hashlib.sha256(rebuilt).hexdigest(), approx=approx)
-            return _link(store, entry, old, codec, delta)
+            return _link(entry, old, Delta(codec, store.write_bytes(delta), len(delta)))
     if room and policy.strict and _is_float_matrix(old):  # a full chain is due a whole snapshot, strict or not
         within = f"within {policy.tolerance:g}" if policy.tolerance else "exactly"
         raise ToleranceError(
@@ -228,12 +408,4 @@ def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, 
             "its size, so the file was not added (the index is unchanged). Raise fmhub.lowrank.tolerance "
             "(--tolerance), or unset fmhub.lowrank.strict to store such tensors whole"
         )
-    store.write_bytes(new)
-    return entry
-
-
-def _link(store: ObjectStore, entry: TensorEntry, old: TensorEntry, codec: str, delta: bytes) -> TensorEntry:
-    from dataclasses import replace
-
-    d = Delta(codec, store.write_bytes(delta), len(delta))
-    return replace(entry, root=old.root or old.oid, deltas=old.deltas + (d,))
+    return _store_whole(store, new, entry, policy)

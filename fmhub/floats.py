@@ -34,9 +34,12 @@ def round_bits(x, dtype: str):
         return f32.view("<u4")
     if dtype == "F16":
         return f32.astype("<f2").view("<u2")
-    bits = f32.view("<u4").astype(np.uint64)  # BF16: round the upper half to nearest, ties to even
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    bits = f32.view("<u4")  # BF16: round the upper half to nearest, ties to even
+    rounded = ((bits >> 16) & 1) + bits  # uint32: only a NaN's payload can carry past the top, and NaNs are redone below
+    rounded += 0x7FFF
+    rounded >>= 16
+    out = rounded.astype("<u2")
     nan = np.isnan(f32)
     if nan.any():
-        rounded[nan] = (bits[nan] >> 16) | 0x40  # keep NaN a (quiet) NaN
-    return rounded.astype("<u2")
+        out[nan] = (bits[nan] >> 16) | 0x40  # keep NaN a (quiet) NaN
+    return out

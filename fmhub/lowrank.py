@@ -219,17 +219,130 @@ class LowRank:
         return out
 
     def decode(self, base, delta, dtype):
-        np = _np()
-        magic, precision, m, k, r = _HEAD.unpack_from(delta, 0)
-        item = ITEMSIZE.get(dtype)
-        if magic != b"FLR1" or precision not in (4, 8) or item is None or m * k * item != len(base):
+        """Whole-tensor decode: the codec API gives no shape, so the delta's own (m, k) are used, checked against the size."""
+        if len(delta) < _HEAD.size:
+            raise ValueError("it is shorter than a lowrank header")
+        _magic, _precision, m, k, _r = _HEAD.unpack_from(delta, 0)
+        if m * k * ITEMSIZE.get(dtype, 0) != len(base):
             raise ValueError("not a lowrank delta for this tensor")
-        at = _HEAD.size
-        p = np.frombuffer(delta, f"<f{precision}", m * r, at).reshape(m, r).astype(np.float64)
-        at += m * r * precision
-        f = np.frombuffer(delta, f"<f{precision}", r * k, at).reshape(r, k).astype(np.float64)
-        at += r * k * precision
-        out = rebuild_bits(to_float64(base, dtype), p, f, dtype, k)
-        idx, _item, values, _ = decode_patch(delta, at)
-        out[idx] = np.frombuffer(values, out.dtype)
+        out = RangeDecoder(delta, dtype, (m, k)).apply(base, 0, len(base))
         return bytearray(out.tobytes())
+
+
+def _check_head(delta, dtype: str, shape) -> tuple[int, int, int]:
+    """(m, k, r) of a lowrank delta that fits a tensor of this dtype and shape; ValueError otherwise."""
+    if len(delta) < _HEAD.size:
+        raise ValueError("it is shorter than a lowrank header")
+    magic, precision, m, k, r = _HEAD.unpack_from(delta, 0)
+    mk = _matrix(dtype, shape) if shape is not None else None
+    if magic != b"FLR1" or precision not in (4, 8) or mk is None or (m, k) != mk[:2] or not 0 < r <= MAX_RANK:
+        raise ValueError("it is not a lowrank delta for this tensor (its rows, columns or rank do not fit)")
+    return m, k, r
+
+
+class RangeDecoder:
+    """A ``lowrank`` delta parsed once and applied to any run of a tensor's elements (a frame at a time).
+
+    Gives the same bits as `LowRank.decode`: each element's arithmetic does not
+    depend on its neighbours, so rebuilding whole rows around the run and
+    cutting it out is exact. ValueError when the delta does not fit the tensor.
+    """
+
+    def __init__(self, delta: bytes, dtype: str, shape: tuple[int, ...]) -> None:
+        np = _np()
+        m, k, r = _check_head(delta, dtype, shape)
+        precision, item = delta[4], ITEMSIZE[dtype]
+        at = _HEAD.size
+        if len(delta) < at + (m + k) * r * precision:
+            raise ValueError("its factors are truncated")
+        self.p = np.frombuffer(delta, f"<f{precision}", m * r, at).reshape(m, r).astype(np.float64)
+        at += m * r * precision
+        self.f = np.frombuffer(delta, f"<f{precision}", r * k, at).reshape(r, k).astype(np.float64)
+        at += r * k * precision
+        idx, patch_item, values, end = decode_patch(delta, at, m * k)
+        if end != len(delta) or patch_item != item:
+            raise ValueError("its patch does not fit the tensor")
+        self.idx = idx.astype(np.int64)
+        if self.idx.size > 1 and not (np.diff(self.idx) > 0).all():
+            raise ValueError("its patch indices are not ascending")
+        self.values = np.frombuffer(values, f"<u{item}")
+        self.dtype, self.item, self.k = dtype, item, k
+
+    def apply(self, base, at: int, nbytes: int):
+        """Elements ``[at/item, (at+nbytes)/item)`` of the new version, from the same elements of ``base``."""
+        np = _np()
+        e0, count, k = at // self.item, nbytes // self.item, self.k
+        i0, i1 = e0 // k, -(-(e0 + count) // k)
+        rows = np.zeros((i1 - i0) * k, np.float64)
+        off = e0 - i0 * k
+        rows[off : off + count] = to_float64(base, self.dtype)
+        out = rebuild_bits(rows, self.p[i0:i1], self.f, self.dtype, k)[off : off + count]
+        lo, hi = np.searchsorted(self.idx, [e0, e0 + count])
+        out[self.idx[lo:hi] - e0] = self.values[lo:hi]
+        return out
+
+
+# -- the probe that decides whether a low-rank encode is worth trying ------------------------------------
+
+PROBE_FRAME = 1 << 22  # the probe looks at the rows in the first frame (`fmhub.planes.FRAME_BYTES`) only
+PROBE_ROWS, PROBE_COLS = 256, 256
+MIN_PROBE_ROWS = 32
+FAST_MAX_ELEMENTS = 1 << 24  # a 4096 x 4096 matrix: `fmhub.lowrank_fixed.encode` holds the change once in float32
+CLIFF = 3.0  # a singular value this many times the next one ends the update's rank (the rest is rounding noise)
+
+
+def _matrix(dtype: str, shape) -> tuple[int, int, int] | None:
+    """(rows, columns, element size) of a float tensor seen as a matrix, or None."""
+    item = ITEMSIZE.get(dtype)
+    if item is None or shape is None or len(shape) < 2:
+        return None
+    m, k = shape[0], math.prod(shape[1:])
+    return (m, k, item) if m >= 2 and k >= 2 else None
+
+
+def probe_bytes(dtype: str, shape) -> int:
+    """How many leading bytes of each version `probe_rank` reads (whole rows within the first frame)."""
+    mk = _matrix(dtype, shape)
+    if mk is None:
+        return 0
+    m, k, item = mk
+    return min(m, PROBE_ROWS, PROBE_FRAME // (k * item)) * k * item
+
+
+def worth_probing(dtype: str, shape, size: int) -> bool:
+    """A float matrix small enough for `fmhub.lowrank_fixed.encode` with enough rows in its first frame to probe."""
+    mk = _matrix(dtype, shape)
+    return mk is not None and mk[0] * mk[1] <= FAST_MAX_ELEMENTS and probe_bytes(dtype, shape) >= MIN_PROBE_ROWS * mk[1] * mk[2]
+
+
+def probe_rank(base, new, dtype: str, shape) -> int | None:
+    """The rank of ``new - base`` as seen on its first rows and a sample of columns, when it is low; else None.
+
+    A merged LoRA is a rank-r update plus rounding noise: its singular values
+    fall off a cliff after r. A fine-tune's are spread out. The sample is the
+    first rows (one frame: no other frame need be decoded) and up to 512
+    columns, chosen with a fixed seed so the answer is repeatable.
+    """
+    np = _np()
+    nbytes = probe_bytes(dtype, shape)
+    m, k, item = _matrix(dtype, shape)
+    rows = nbytes // (k * item)
+    base, new = memoryview(base).cast("B"), memoryview(new).cast("B")  # frames may be numpy arrays: slice bytes
+    if rows < MIN_PROBE_ROWS or len(base) < nbytes or len(new) < nbytes:
+        return None
+    d = (to_float64(new[:nbytes], dtype) - to_float64(base[:nbytes], dtype)).reshape(rows, k)
+    if not np.isfinite(d).all():
+        return None
+    if k > PROBE_COLS:
+        d = d[:, np.sort(np.random.default_rng(0).choice(k, PROBE_COLS, replace=False))]
+    # the top singular values of a random sketch (seeded) show the same cliff as the matrix's own, for a
+    # fraction of the cost of a full decomposition
+    sketch = d @ np.random.default_rng(1).standard_normal((d.shape[1], min(d.shape[1], MAX_RANK + 16)))
+    s = np.linalg.svd(sketch, compute_uv=False)
+    if s.size == 0 or s[0] == 0:
+        return None
+    limit = min(MAX_RANK, rows // 4, s.size - 1)
+    for r in range(1, limit + 1):
+        if s[r] == 0 or s[r - 1] >= CLIFF * s[r]:
+            return r
+    return None

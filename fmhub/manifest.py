@@ -14,7 +14,8 @@ MAGIC = b"fmhub manifest "
 VERSION = 1  # written when no tensor is stored as a delta, so older readers keep working
 DELTA_VERSION = 2  # written when some tensor is stored as a delta chain
 DATA_VERSION = 3  # a data file (jsonl, parquet) stored as content-defined chunks; never mixed with tensors
-READS = (1, 2, 3)
+CODED_VERSION = 4  # written when some tensor's root is an encoded object (``from planes sha256:… N``)
+READS = (1, 2, 3, 4)
 CHUNK_DTYPE = "U8"  # a data file's chunks appear in `Manifest.tensors` as 1-D byte tensors named "chunk N"
 MAX_MANIFEST_BYTES = 64 << 20
 
@@ -59,12 +60,21 @@ class TensorEntry:
     root: str | None = None
     deltas: tuple[Delta, ...] = ()
     approx: Approx | None = None  # only with a chain: its last link is lossy
+    root_codec: str = ""  # "" : the root object holds an earlier version's bytes as they are
+    root_size: int = 0  # the root object's size when it is encoded
 
     def storage(self) -> list[tuple[str, int]]:
         """The objects that hold this tensor: its own, or its chain's root and deltas."""
         if self.root is None:
             return [(self.oid, self.size)]
-        return [(self.root, self.size)] + [(d.oid, d.size) for d in self.deltas]
+        return [(self.root, self.root_size if self.root_codec else self.size)] + [(d.oid, d.size) for d in self.deltas]
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes this version added to the store: its last delta, its encoded root, or its whole bytes."""
+        if self.deltas:
+            return self.deltas[-1].size
+        return self.root_size if self.root_codec else self.size
 
 
 @dataclass
@@ -104,7 +114,11 @@ class Manifest:
     def to_bytes(self) -> bytes:
         if self.is_data:
             return self._data_bytes()
-        version = DELTA_VERSION if any(t.root is not None for t in self.tensors) else VERSION
+        version = VERSION
+        if any(t.root_codec for t in self.tensors):
+            version = CODED_VERSION
+        elif any(t.root is not None for t in self.tensors):
+            version = DELTA_VERSION
         lines = [
             f"fmhub manifest {version}",
             f"format {self.format}",
@@ -118,7 +132,8 @@ class Manifest:
             name = json.dumps(t.name, ensure_ascii=False)
             line = f"tensor {name} {t.dtype} {shape} {t.size} sha256:{t.oid}"
             if t.root is not None:
-                line += f" from sha256:{t.root}" + "".join(f" delta {d.codec} sha256:{d.oid} {d.size}" for d in t.deltas)
+                root = f"{t.root_codec} sha256:{t.root} {t.root_size}" if t.root_codec else f"sha256:{t.root}"
+                line += f" from {root}" + "".join(f" delta {d.codec} sha256:{d.oid} {d.size}" for d in t.deltas)
             if t.approx is not None:
                 line += f" approx sha256:{t.approx.oid} maxerr {t.approx.max_error!r} tolerance {t.approx.tolerance!r}"
             lines.append(line)
@@ -238,7 +253,7 @@ def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> 
     except json.JSONDecodeError:
         raise ManifestError(f"{path}:{lineno}: tensor name must be a JSON string") from None
     parts = rest[end:].split(" ")
-    chain = version >= DELTA_VERSION and len(parts) > 5 and parts[5] == "from"
+    chain = version in (DELTA_VERSION, CODED_VERSION) and len(parts) > 5 and parts[5] == "from"
     if not isinstance(name, str) or (len(parts) != 5 and not chain) or parts[0] != "":
         raise ManifestError(f"{path}:{lineno}: want 'tensor \"NAME\" DTYPE [SHAPE] SIZE sha256:OID'")
     words = parts[5:]
@@ -248,13 +263,15 @@ def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> 
         words = words[:-6]
         if not words:
             raise ManifestError(f"{path}:{lineno}: 'approx' is only allowed after a delta chain")
-    root, deltas = _parse_chain(words, path, lineno, version)
+    root, root_codec, root_size, deltas = _parse_chain(words, path, lineno, version)
+    if approx is not None and not deltas:
+        raise ManifestError(f"{path}:{lineno}: 'approx' is only allowed after a delta")
     _, dtype, shape_s, size_s, oid_s = parts[:5]
     shape_m = _SHAPE_RE.match(shape_s)
     if not _DTYPE_RE.match(dtype) or not shape_m or not size_s.isdigit():
         raise ManifestError(f"{path}:{lineno}: malformed tensor line for {name!r}")
     shape = tuple(int(d) for d in shape_m.group(1).split(",")) if shape_m.group(1) else ()
-    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path), root, deltas, approx)
+    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path), root, deltas, approx, root_codec, root_size)
 
 
 def _parse_approx(words: list[str], path: str, lineno: int) -> Approx:
@@ -273,17 +290,29 @@ def _parse_approx(words: list[str], path: str, lineno: int) -> Approx:
 _CODEC_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
 
 
-def _parse_chain(words: list[str], path: str, lineno: int, version: int) -> tuple[str | None, tuple[Delta, ...]]:
-    """``from sha256:ROOT (delta CODEC sha256:OID SIZE)+`` after a tensor line's oid (version 2)."""
+def _parse_chain(words: list[str], path: str, lineno: int, version: int) -> tuple[str | None, str, int, tuple[Delta, ...]]:
+    """``from ROOT (delta CODEC sha256:OID SIZE)*`` after a tensor line's oid: (root, root codec, root size, deltas).
+
+    ROOT is ``sha256:OID`` (version 2 and 4: an earlier version's bytes, at least one delta follows) or, in
+    version 4, ``CODEC sha256:OID SIZE`` (an encoded object, decoded without a base; deltas may follow).
+    """
     if not words:
-        return None, ()
-    if version < DELTA_VERSION or words[0] != "from" or len(words) < 6 or (len(words) - 2) % 4:
+        return None, "", 0, ()
+    if words[0] != "from" or len(words) < 2:
+        raise ManifestError(f"{path}:{lineno}: want 'from ROOT delta CODEC sha256:OID SIZE ...' after the tensor's oid")
+    coded = version == CODED_VERSION and not words[1].startswith("sha256:")
+    if coded:
+        if len(words) < 4 or not _CODEC_RE.match(words[1]) or not words[3].isdigit():
+            raise ManifestError(f"{path}:{lineno}: want 'from CODEC sha256:OID SIZE' for an encoded root")
+        root_codec, root, root_size, rest = words[1], _parse_oid(words[2], path), int(words[3]), words[4:]
+    else:
+        root_codec, root, root_size, rest = "", _parse_oid(words[1], path), 0, words[2:]
+    if len(rest) % 4 or (not coded and not rest):
         raise ManifestError(f"{path}:{lineno}: want 'from sha256:ROOT delta CODEC sha256:OID SIZE ...' after the tensor's oid")
-    root = _parse_oid(words[1], path)
     deltas = []
-    for i in range(2, len(words), 4):
-        key, codec, oid_s, size_s = words[i : i + 4]
+    for i in range(0, len(rest), 4):
+        key, codec, oid_s, size_s = rest[i : i + 4]
         if key != "delta" or not _CODEC_RE.match(codec) or not size_s.isdigit():
-            raise ManifestError(f"{path}:{lineno}: malformed delta {' '.join(words[i : i + 4])!r}")
+            raise ManifestError(f"{path}:{lineno}: malformed delta {' '.join(rest[i : i + 4])!r}")
         deltas.append(Delta(codec, _parse_oid(oid_s, path), int(size_s)))
-    return root, tuple(deltas)
+    return root, root_codec, root_size, tuple(deltas)

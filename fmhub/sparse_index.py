@@ -26,18 +26,41 @@ def encode_patch(idx, values: bytes, n_elements: int, itemsize: int) -> bytes:
     return _HEAD.pack(width, itemsize, idx.size, len(block)) + block + values
 
 
-def decode_patch(data, at: int = 0):
-    """``(indices, itemsize, values bytes, end offset)`` of the patch starting at ``data[at]``."""
+def decode_patch(data, at: int = 0, n_elements: int | None = None):
+    """``(indices, itemsize, values bytes, end offset)`` of the patch starting at ``data[at]``.
+
+    ValueError when the patch is damaged. Sizes are checked against the data
+    before anything is inflated, and the index block is inflated no further
+    than the count it declares (a zlib bomb stops there); with ``n_elements``
+    every index must also be below it.
+    """
     import numpy as np
 
+    if at + _HEAD.size > len(data):
+        raise ValueError("patch header is truncated")
     width, itemsize, count, block_len = _HEAD.unpack_from(data, at)
-    if width not in (4, 8):
-        raise ValueError(f"bad index width {width}")
+    if width not in (4, 8) or itemsize not in (1, 2, 4, 8):
+        raise ValueError(f"bad index width {width} or element size {itemsize}")
     at += _HEAD.size
-    gaps = np.frombuffer(zlib.decompress(data[at : at + block_len]), dtype=f"<u{width}", count=count)
+    if block_len > len(data) - at or count * itemsize > len(data) - at - block_len:
+        raise ValueError("patch is truncated")
+    if n_elements is not None and count > n_elements:
+        raise ValueError(f"patch changes {count} elements of {n_elements}")
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data[at : at + block_len], count * width)
+    except zlib.error as exc:
+        raise ValueError(f"patch index block does not inflate ({exc})") from None
+    if len(raw) != count * width or inflater.unconsumed_tail:
+        raise ValueError("patch index block does not hold the indices it declares")
+    gaps = np.frombuffer(raw, dtype=f"<u{width}")
+    if count > 1 and not gaps[1:].all():
+        raise ValueError("patch indices are not ascending")
     idx = np.cumsum(gaps, dtype=np.uint64)
+    if count > 1 and not (idx[1:] > idx[:-1]).all():  # a sum that wrapped past 2**64 comes back smaller
+        raise ValueError("patch indices wrap around")
+    if n_elements is not None and count and idx[-1] >= n_elements:
+        raise ValueError("patch index is past the end of the tensor")
     at += block_len
     end = at + count * itemsize
-    if end > len(data):
-        raise ValueError("patch values are truncated")
     return idx, itemsize, data[at:end], end

@@ -27,8 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
-from dulwich.lfs import LFSStore
-
 from fmhub.errors import CorruptObject, FmhubError, MissingObject, MissingPackBase, StoreWriteError
 
 CHUNK = 1 << 20
@@ -100,11 +98,12 @@ def _is_oid(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-class ObjectStore(LFSStore):
-    """An LFS-layout store that writes atomically, streams, and can borrow from other stores."""
+class ObjectStore:
+    """An LFS-layout store (as ``dulwich.lfs.LFSStore`` and git-lfs lay it out) that writes atomically, streams,
+    and can borrow from other stores."""
 
     def __init__(self, path: str, alternates: Sequence[str] = ()) -> None:
-        super().__init__(path)
+        self.path = path
         self.alternates = [a for a in alternates if os.path.abspath(a) != os.path.abspath(path)]
         self._pool: ThreadPoolExecutor | None = None
         self._small_pool: ThreadPoolExecutor | None = None
@@ -121,6 +120,9 @@ class ObjectStore(LFSStore):
         return cls(lfs_dir, alternates)
 
     # -- reading -------------------------------------------------------------
+
+    def _sha_path(self, oid: str) -> str:
+        return os.path.join(self.path, "objects", oid[0:2], oid[2:4], oid)
 
     def object_path(self, oid: str) -> str:
         """Where the whole object is (it may instead be packed: read through `open_object`)."""
@@ -416,9 +418,7 @@ class ObjectStore(LFSStore):
         return ObjectWriter(self)
 
     def write_bytes(self, data: bytes) -> str:
-        w = self.writer()
-        w.write(data)
-        return w.commit()
+        return self.write_object((data,))
 
     def write_object(self, chunks) -> str:  # dulwich's API, kept streaming
         w = self.writer()

@@ -113,12 +113,13 @@ def entry_ref(entry: TensorEntry, store: ObjectStore, path: str | None) -> Tenso
                 "fetch it (`fmhub fsck` lists what is missing)"
             ) from None
 
-    if entry.root is not None and not store.ensure(entry.oid):
-        from fmhub.deltas import tensor_bytes
+    from fmhub.tensorio import TensorFile, needs_rebuild, read_tensor
 
+    if needs_rebuild(entry, store):
         label = f"{path}: " if path else ""
-        # rebuilt and checked against entry.oid by tensor_bytes; no file to open or slice
-        return TensorRef(entry.name, entry.dtype, entry.shape, entry.size, entry.oid, path, None, lambda: tensor_bytes(store, entry, label), tuple(entry.storage()))
+        # a chain or a compressed tensor: streamed by TensorFile, or rebuilt whole; both checked against entry.oid
+        return TensorRef(entry.name, entry.dtype, entry.shape, entry.size, entry.oid, path, lambda: (TensorFile(store, entry, label), 0),
+                         lambda: read_tensor(store, entry, label), tuple(entry.storage()))
     return TensorRef(entry.name, entry.dtype, entry.shape, entry.size, entry.oid, path, opener, storage=tuple(entry.storage()))
 
 

@@ -1,4 +1,5 @@
-"""Built-in plugin: lossless delta codecs ``sparse`` and ``xor-zlib`` (numpy only, imported lazily)."""
+"""Built-in plugin: the lossless delta codecs ``planes`` (what fmhub writes), ``sparse`` and ``xor-zlib`` (read, and
+offered to `fmhub repack` no more: planes' sparse and difference frames supersede them). numpy is imported lazily."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Sparse:
     def decode(self, base, delta, dtype):
         if delta[:4] != b"FSP1":
             raise ValueError("not a sparse delta")
-        idx, item, values, _ = decode_patch(delta, 4)
+        idx, item, values, _ = decode_patch(delta, 4, len(base))
         out = bytearray(base)
         view = _elements(out, item)  # writable: over the bytearray
         view[idx] = _elements(values, item)
@@ -71,10 +72,38 @@ class XorZlib:
 
         if delta[:4] != b"FXZ1":
             raise ValueError("not an xor-zlib delta")
-        x = np.frombuffer(zlib.decompress(delta[4:]), np.uint8)
+        inflater = zlib.decompressobj()
+        x = inflater.decompress(delta[4:], max(len(base), 1))  # never more than the tensor (0 would mean no limit)
+        if len(x) != len(base) or inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("an xor-zlib delta that does not inflate to the tensor's size")
+        x = np.frombuffer(x, np.uint8)
         return bytearray(np.bitwise_xor(np.frombuffer(base, np.uint8), x).tobytes())
+
+
+class Planes:
+    """Byte planes entropy-coded with zstd, frame by frame (`fmhub.planes`; spec: docs/manifest.md).
+
+    As a delta each frame is coded as unchanged, its changed elements, or the
+    zigzag difference; as a root (no previous version) as its planes. fmhub
+    streams these objects frame by frame (`fmhub.tensorio`); ``encode`` and
+    ``decode`` here hold whole tensors, for `fmhub repack` and packed objects.
+    """
+
+    name = "planes"
+
+    def encode(self, base, new, dtype, shape=None):
+        from fmhub.planes import encode_object
+
+        if base is not None and len(base) != len(new):
+            return None
+        return encode_object(new, base, dtype)
+
+    def decode(self, base, delta, dtype):
+        from fmhub.planes import decode_object
+
+        return decode_object(delta, base, len(base))
 
 
 @hookimpl
 def fmhub_delta_codecs():
-    return [Sparse(), XorZlib()]
+    return [Planes(), Sparse(), XorZlib()]

@@ -1,11 +1,14 @@
-"""Built-in plugin: the ``lowrank`` delta codec (`fmhub.lowrank`), for updates such as a LoRA merged into its base."""
+"""Built-in plugin: the low-rank delta codecs, for updates such as a LoRA merged into its base: ``lowrank-fixed``
+(`fmhub.lowrank_fixed`: integer factors, what the clean filter writes) and ``lowrank`` (`fmhub.lowrank`: float
+factors; `fmhub adapter merge` and lossy storage within a tolerance)."""
 
 from __future__ import annotations
 
 from fmhub import hookimpl
 from fmhub.lowrank import LowRank
+from fmhub.lowrank_fixed import LowRankFixed
 
 
 @hookimpl
 def fmhub_delta_codecs():
-    return [LowRank()]
+    return [LowRank(), LowRankFixed()]

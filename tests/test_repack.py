@@ -20,6 +20,14 @@ CKPT = "model.safetensors"
 CHANGED = ("layers.0.weight", "layers.1.weight")  # what each version touches, a few rows of each
 
 
+@pytest.fixture
+def repo(repo: Path) -> Path:
+    """History as an older fmhub (or deltas and compression off) wrote it: every tensor version a whole object."""
+    git(repo, "config", "fmhub.deltas", "false")
+    git(repo, "config", "fmhub.compress", "false")
+    return repo
+
+
 def model() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {f"layers.{i}.weight": torch.randn(128, 128, generator=g) for i in range(3)} | {

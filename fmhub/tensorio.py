@@ -1,0 +1,508 @@
+"""A tensor's bytes read from the store frame by frame, in parallel: its root object, then each delta link.
+
+A manifest entry (`fmhub.manifest.TensorEntry`) names either one whole object,
+or a chain: a root (a whole object, or a ``planes`` object that needs no
+base) and delta links applied in order (docs/manifest.md). Every built-in
+encoding cuts a tensor into the same frames of `fmhub.planes.FRAME_BYTES`
+bytes, and frame ``i`` of a version depends only on frame ``i`` of the
+version before, so a chain is rebuilt frame by frame: memory stays at a few
+frames whatever the tensor's size, frames decode on every core at once, and
+the first bytes reach git while the rest is still being decoded.
+
+A chain that holds a link of another codec (the older ``sparse`` and
+``xor-zlib``, or a plugin's) is rebuilt whole in memory by the codec's own
+``decode`` and then handed out in frames, as before.
+
+Reads use ``os.pread`` on one descriptor per object, so decoding threads never
+share a file position; nothing here trusts a length it read before checking
+it against what the frame may hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from fmhub import planes
+from fmhub.errors import CorruptObject, FmhubError, MissingObject
+from fmhub.manifest import TensorEntry
+from fmhub.store import ObjectStore
+
+FRAME = planes.FRAME_BYTES
+FRAMED_LINKS = ("planes", "lowrank", "lowrank-fixed")  # link codecs decoded frame by frame; any other makes the chain whole
+EARLY_FRAMES = 4  # frames after which an encode on course to miss its size limit is abandoned
+DEPTH_PER_WORKER = 3  # frames in flight per worker: enough to keep every core busy, few enough to bound memory
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+Frame = object  # a bytes-like holding one frame's bytes: bytes, memoryview or a numpy array
+
+
+def workers() -> int:
+    """Threads that decode and encode frames: one per core (at least two, so I/O overlaps with work)."""
+    return max(2, os.cpu_count() or 2)
+
+
+def pool() -> ThreadPoolExecutor:
+    """The process-wide frame pool. Frame jobs never wait on other frame jobs, so sharing it cannot deadlock."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="fmhub-frame")
+        return _pool
+
+
+def ordered(jobs: Iterable[Callable[[], object]], depth: int | None = None) -> Iterator[object]:
+    """Run ``jobs`` in the pool, a bounded number at a time, and yield their results in order."""
+    depth = depth or DEPTH_PER_WORKER * workers()
+    running: deque[Future] = deque()
+    try:
+        for job in jobs:
+            running.append(pool().submit(job))
+            if len(running) >= depth:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
+    finally:
+        for fut in running:  # the consumer stopped early: do not leave work running on its behalf
+            fut.cancel()
+        for fut in running:
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+
+
+def frames_of(size: int) -> list[tuple[int, int]]:
+    """``(first byte, byte count)`` of each frame of a tensor of ``size`` bytes."""
+    return [(at, min(FRAME, size - at)) for at in range(0, size, FRAME)]
+
+
+def pread_exact(fd: int, n: int, at: int, what: str) -> bytes:
+    """``n`` bytes at offset ``at``; CorruptObject naming ``what`` when the file ends first."""
+    parts, got = [], 0
+    while got < n:
+        part = os.pread(fd, n - got, at + got)
+        if not part:
+            raise CorruptObject(f"{what} is corrupt: it is truncated")
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# -- the objects of a chain ---------------------------------------------------------------------
+
+
+class _Object:
+    """One object of a chain, open for positional reads; CorruptObject unless it holds the ``length`` bytes the
+    manifest declares."""
+
+    def __init__(self, store: ObjectStore, oid: str, what: str, length: int | None = None) -> None:
+        self.what = f"{what} (object sha256:{oid})"
+        try:
+            self.file = store.open_object(oid, buffering=0)
+        except KeyError:
+            raise MissingObject(f"{what}: object sha256:{oid} is not in the store {store.path}; fetch it (`fmhub fsck` lists what is missing)") from None
+        self.fd = self.file.fileno()
+        self.length = os.fstat(self.fd).st_size
+        if length is not None and self.length != length:
+            self.close()
+            raise CorruptObject(f"{self.what} is corrupt: it holds {self.length} bytes, not the {length} its manifest declares")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _RawRoot(_Object):
+    """A whole object: the tensor's bytes as they are."""
+
+    def __init__(self, store: ObjectStore, oid: str, size: int, what: str) -> None:
+        super().__init__(store, oid, what, size)
+
+    def frame_job(self, at: int, n: int) -> Callable[[object | None], Frame]:
+        return lambda _base: pread_exact(self.fd, n, at, self.what)
+
+    def finish(self) -> None:
+        pass
+
+
+class _PlanesObject(_Object):
+    """A ``planes`` object, walked frame record by frame record (headers only: payloads are read by the jobs)."""
+
+    def __init__(self, store: ObjectStore, oid: str, size: int, what: str, root: bool, length: int | None = None) -> None:
+        super().__init__(store, oid, what, length)
+        self.root = root
+        try:
+            self.layout = planes.parse_header(pread_exact(self.fd, planes.HEADER_SIZE, 0, self.what), size)
+        except planes.PlanesError as exc:
+            self.close()
+            raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
+        self.pos = planes.HEADER_SIZE
+
+    def restart(self) -> None:
+        self.pos = planes.HEADER_SIZE
+
+    def frame_job(self, at: int, n: int) -> Callable[[object | None], Frame]:
+        kind, length = self._next_record(n)
+        offset, layout, what, fd = self.pos - length, self.layout, self.what, self.fd
+        if self.root and kind not in planes.BASELESS:
+            raise CorruptObject(f"{what} is corrupt: a root object holds a {planes.KIND_NAMES[kind]} frame, which needs a previous version")
+
+        def job(base: object | None) -> Frame:
+            payload = pread_exact(fd, length, offset, what) if length else b""
+            try:
+                return planes.decode_frame(kind, payload, base, layout, n)
+            except planes.PlanesError as exc:
+                raise CorruptObject(f"{what} is corrupt: frame at byte {at}: {exc}") from None
+
+        return job
+
+    def _next_record(self, n: int) -> tuple[int, int]:
+        try:
+            kind, length = planes.parse_record(pread_exact(self.fd, planes.RECORD_SIZE, self.pos, self.what))
+        except planes.PlanesError as exc:
+            raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
+        if length > planes.max_payload(n) or self.pos + planes.RECORD_SIZE + length > self.length:
+            raise CorruptObject(f"{self.what} is corrupt: a frame record claims {length} bytes, more than its frame or the object holds")
+        self.pos += planes.RECORD_SIZE + length
+        return kind, length
+
+    def finish(self) -> None:
+        if self.pos != self.length:
+            raise CorruptObject(f"{self.what} is corrupt: it has {self.length - self.pos} bytes after its last frame")
+
+
+class _LowRankLink(_Object):
+    """A ``lowrank`` or ``lowrank-fixed`` delta, read whole (its factors are small) and applied to any range of elements."""
+
+    def __init__(self, store: ObjectStore, oid: str, entry: TensorEntry, what: str, codec: str, length: int | None = None) -> None:
+        from fmhub.lowrank import RangeDecoder
+        from fmhub.lowrank_fixed import Decoder
+
+        super().__init__(store, oid, what, length)
+        try:
+            data = pread_exact(self.fd, self.length, 0, self.what)
+        finally:
+            self.close()
+        if hashlib.sha256(data).hexdigest() != oid:
+            raise CorruptObject(f"{self.what} is corrupt (its bytes do not hash to its name); run `fmhub fsck`")
+        try:
+            self.decoder = (Decoder if codec == "lowrank-fixed" else RangeDecoder)(data, entry.dtype, entry.shape)
+        except ValueError as exc:
+            raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
+
+    def frame_job(self, at: int, n: int) -> Callable[[object | None], Frame]:
+        return lambda base: self.decoder.apply(base, at, n)
+
+    def finish(self) -> None:
+        pass
+
+
+class Chain:
+    """The objects that hold one tensor, open; `jobs` gives one callable per frame that rebuilds it.
+
+    MissingObject when an object is not in the store, CorruptObject when one
+    does not parse; a job raises CorruptObject when its frame does not decode.
+    The caller checks the rebuilt bytes against the entry's oid.
+    """
+
+    def __init__(self, store: ObjectStore, entry: TensorEntry, label: str = "") -> None:
+        self.entry = entry
+        self.what = f"{label}tensor {entry.name!r}"
+        self.objects: list = []
+        self.whole: bytes | bytearray | None = None
+        try:
+            self._open(store)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, store: ObjectStore) -> None:
+        e, what = self.entry, self.what
+        if e.root is None or store.ensure(e.oid):  # whole: the object itself (a chain's full bytes may be stored too)
+            self.objects.append(_RawRoot(store, e.oid, e.size, what))
+            return
+        if e.root_codec not in ("", "planes"):
+            raise FmhubError(f"{what} is stored with {e.root_codec!r} as its root codec, which this fmhub cannot read; upgrade fmhub")
+        if any(d.codec not in FRAMED_LINKS for d in e.deltas):
+            if e.root_codec:
+                raise FmhubError(f"{what} is stored with the delta codec {_unframed(e)!r} after an encoded root, which this fmhub cannot read; "
+                                 "upgrade fmhub or install the plugin that provides it")
+            from fmhub.deltas import tensor_bytes  # another codec's chain: rebuilt whole by the codecs themselves
+
+            self.whole = tensor_bytes(store, e, "")
+            return
+        root = f"{what} (root of its chain)"
+        if e.root_codec == "planes":
+            self.objects.append(_PlanesObject(store, e.root, e.size, root, root=True, length=e.root_size))
+        else:
+            self.objects.append(_RawRoot(store, e.root, e.size, root))
+        for i, d in enumerate(e.deltas, start=1):
+            label = f"{what} (delta {i} of {len(e.deltas)})"
+            if d.codec == "planes":
+                self.objects.append(_PlanesObject(store, d.oid, e.size, label, root=False, length=d.size))
+            else:
+                self.objects.append(_LowRankLink(store, d.oid, e, label, d.codec, d.size))
+
+    def jobs(self) -> Iterator[Callable[[], Frame]]:
+        """One job per frame, in order; each returns that frame's bytes (walking the objects' frame headers as it goes)."""
+        if self.whole is not None:
+            view = memoryview(self.whole)
+            for at, n in frames_of(self.entry.size):
+                yield (lambda a=at, m=n: view[a : a + m])
+            return
+        for obj in self.objects:
+            if isinstance(obj, _PlanesObject):
+                obj.restart()  # each call walks the objects from their first frame
+        for at, n in frames_of(self.entry.size):
+            steps = [obj.frame_job(at, n) for obj in self.objects]
+            yield _chained(steps)
+        for obj in self.objects:
+            obj.finish()
+
+    def close(self) -> None:
+        for obj in self.objects:
+            if isinstance(obj, _Object) and not obj.file.closed:
+                obj.close()
+        self.objects = []
+
+
+def _unframed(e: TensorEntry) -> str:
+    return next(d.codec for d in e.deltas if d.codec not in FRAMED_LINKS)
+
+
+def _chained(steps: list[Callable[[object | None], Frame]]) -> Callable[[], Frame]:
+    def job() -> Frame:
+        data = None
+        for step in steps:
+            data = step(data)
+        return data
+
+    return job
+
+
+# -- whole tensors and streams --------------------------------------------------------------------
+
+
+def read_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
+    """A tensor's full bytes, rebuilt and checked against its oid (CorruptObject / MissingObject naming it)."""
+    out = bytearray(entry.size)
+    view = memoryview(out)
+    for at, data in stream_tensor(store, entry, label):
+        chunk = memoryview(data).cast("B")
+        view[at : at + len(chunk)] = chunk
+    return out
+
+
+def stream_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> Iterator[tuple[int, Frame]]:
+    """``(offset, frame bytes)`` of a tensor in order, decoded in parallel; CorruptObject after the last frame if the
+    bytes do not hash to the entry's oid (the caller must then treat what it wrote as failed)."""
+    chain = Chain(store, entry, label)
+    try:
+        h = hashlib.sha256()
+        at = 0
+        for data in ordered(chain.jobs()):
+            view = memoryview(data).cast("B")
+            h.update(view)
+            yield at, data
+            at += len(view)
+        if at != entry.size or h.hexdigest() != entry.oid:
+            raise CorruptObject(f"{chain.what} is corrupt: its objects do not rebuild sha256:{entry.oid}; run `fmhub fsck`")
+    finally:
+        chain.close()
+
+
+class TensorFile:
+    """A read-only, forward-seeking file over a tensor rebuilt from the store (what diffs read in chunks)."""
+
+    def __init__(self, store: ObjectStore, entry: TensorEntry, label: str = "") -> None:
+        self._store, self._entry, self._label = store, entry, label
+        self._frames: Iterator[tuple[int, Frame]] | None = None
+        self._buf, self._buf_at, self._pos = memoryview(b""), 0, 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self._pos + pos if whence == 1 else self._entry.size + pos
+        if target < self._buf_at:
+            self._restart()
+        self._pos = max(0, min(target, self._entry.size))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._entry.size - self._pos
+        parts = []
+        while n > 0 and self._pos < self._entry.size:
+            part = self._window(n)
+            parts.append(bytes(part))
+            self._pos += len(part)
+            n -= len(part)
+        return b"".join(parts)
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        got = 0
+        while got < len(view) and self._pos < self._entry.size:
+            part = self._window(len(view) - got)
+            view[got : got + len(part)] = part
+            got += len(part)
+            self._pos += len(part)
+        return got
+
+    def _window(self, n: int) -> memoryview:
+        while not self._buf_at <= self._pos < self._buf_at + len(self._buf):
+            if self._frames is None:
+                self._frames = stream_tensor(self._store, self._entry, self._label)
+            try:
+                at, data = next(self._frames)
+            except StopIteration:
+                raise CorruptObject(f"{self._label}tensor {self._entry.name!r} ended early") from None
+            self._buf, self._buf_at = memoryview(data).cast("B"), at
+        start = self._pos - self._buf_at
+        return self._buf[start : start + n]
+
+    def _restart(self) -> None:
+        if self._frames is not None:
+            self._frames.close()
+        self._frames, self._buf, self._buf_at = None, memoryview(b""), 0
+
+    def close(self) -> None:
+        self._restart()
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def needs_rebuild(entry: TensorEntry, store: ObjectStore) -> bool:
+    """Whether a tensor's bytes must be decoded (a chain or a compressed root) rather than copied from one object."""
+    return entry.root is not None and not store.ensure(entry.oid)
+
+
+
+# -- writing planes objects -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A planes object written to the store: its oid and size, and how many of its frames need no base."""
+
+    oid: str
+    size: int
+    frames: int
+    literal: int
+
+
+def write_planes(
+    store: ObjectStore, data: bytes | bytearray, dtype: str, base: Chain | None, base_oid: str | None = None,
+    limit: int | None = None,
+) -> Coded | None:
+    """Encode ``data`` as a planes object, frames in parallel, against ``base`` (the previous version's chain) or alone.
+
+    None, and nothing stored, when the object would exceed ``limit`` bytes, or
+    when ``base`` does not rebuild ``base_oid`` (a damaged previous version
+    must not become the foundation of this one).
+    """
+    layout = planes.layout_for(dtype, len(data))
+    view = memoryview(data).cast("B")
+    base_jobs = base.jobs() if base is not None else None
+
+    def jobs() -> Iterator[Callable[[], tuple[bytes, object | None]]]:
+        for at, n in frames_of(len(data)):
+            yield _encode_job(view[at : at + n], next(base_jobs) if base_jobs is not None else None, layout)
+
+    writer = store.writer()
+    try:
+        coded = _write_frames(writer, jobs(), layout, limit)
+        if coded is None or (base_jobs is not None and _base_differs(base_jobs, coded, base_oid)):
+            writer.abort()
+            return None
+        return Coded(writer.commit(), writer.size, coded[0], coded[1])
+    except CorruptObject:  # the previous version's objects do not decode: store this one without them
+        writer.abort()
+        return None
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | None) -> tuple[int, int, str] | None:
+    """Write the header and every frame record in order: (frames, frames needing no base, sha256 of the base's
+    frames as decoded); None as soon as the object passes ``limit`` bytes."""
+    checked = hashlib.sha256()
+    frames = literal = done = 0
+    writer.write(layout.header())
+    for record, before in ordered(jobs):
+        writer.write(record)
+        frames += 1
+        literal += record[0] in planes.BASELESS
+        done += layout.frame_bytes
+        if before is not None:
+            checked.update(memoryview(before).cast("B"))
+        if limit is not None and (writer.size > limit or (frames >= EARLY_FRAMES and writer.size > limit * done / layout.size)):
+            return None  # past the limit, or on course to pass it: incompressible bytes are not encoded to the end
+    return frames, literal, checked.hexdigest()
+
+
+def _base_differs(base_jobs: Iterator, coded: tuple[int, int, str], base_oid: str | None) -> bool:
+    """Whether the base the frames were coded against is not the version it claims to be."""
+    next(base_jobs, None)  # lets the chain check that its objects end where their frames do
+    return coded[2] != base_oid
+
+
+def _encode_job(new: memoryview, base_job: Callable[[], Frame] | None, layout: planes.Layout) -> Callable[[], tuple[bytes, object | None]]:
+    def job() -> tuple[bytes, object | None]:
+        before = base_job() if base_job is not None else None
+        return planes.encode_frame(new, before, layout), before
+
+    return job
+
+
+def copy_tensors(store: ObjectStore, entries: list[TensorEntry], out, label: str = "") -> None:
+    """Write the tensors' bytes to ``out`` one after another, every frame decoded in the pool ahead of the writes.
+
+    Each tensor is checked against its oid as its last frame is written: a
+    mismatch raises CorruptObject after partial output (the caller reports the
+    output as failed). Objects are opened in order, a few frames ahead.
+    """
+    opened: deque[tuple[int, Chain]] = deque()
+
+    def jobs() -> Iterator[Callable[[], Frame]]:
+        for i, e in enumerate(entries):
+            if e.size:
+                chain = Chain(store, e, label)
+                opened.append((i, chain))
+                yield from chain.jobs()
+
+    frames = ordered(jobs())
+    try:
+        for i, e in enumerate(entries):
+            h, got = hashlib.sha256(), 0
+            while got < e.size:
+                view = memoryview(next(frames)).cast("B")
+                h.update(view)
+                out.write(view)
+                got += len(view)
+            if got != e.size or h.hexdigest() != e.oid:
+                raise CorruptObject(f"{label}tensor {e.name!r} is corrupt: its objects do not rebuild sha256:{e.oid}")
+            while opened and opened[0][0] <= i:
+                opened.popleft()[1].close()
+    finally:
+        frames.close()
+        for _i, chain in opened:
+            chain.close()
