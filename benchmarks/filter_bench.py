@@ -33,12 +33,8 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import platform
-import shlex
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -48,32 +44,24 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gitbench  # noqa: E402
+from ckpt_gen import safetensors_header  # noqa: E402
+from gitbench import (  # noqa: E402,F401  (sha256_file, evict, ... stay importable as filter_bench.<name>)
+    TOOLS, Runner, du_bytes, evict, isolated_env, read_rss, sha256_file, timed_sync, tool_versions, write_wrapper,
+)
+
 MiB = 1 << 20
 FILE = "model.safetensors"
 GEN_CHUNK_ELEMS = 4 * MiB  # 16 MiB of float32 per generator chunk
 CHANGED_FRACTION = 0.01  # v2: share of the elements of every tensor that change
-
-TOOLS = ("git-lfs", "fmhub")
-DRIVER = {"git-lfs": "lfs", "fmhub": "fmhub"}
 
 # What needs a feature that is off in the run; printed next to the figures.
 NOT_ON = {
     "repo_size_v2": "needs delta storage, off by default: run with --deltas (git config fmhub.deltas true); "
     "without it a 1 %-of-elements change stores every tensor in full",
 }
-
-WRAPPER = r'''"""filter_bench: run a git filter process as a child, then record its peak RSS (KiB)."""
-import resource
-import subprocess
-import sys
-
-log, argv = sys.argv[1], sys.argv[2:]
-rc = subprocess.call(argv)  # stdin, stdout and stderr inherited: git talks to the real filter directly
-peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-with open(log, "a") as f:
-    f.write(f"{peak_kib}\n")
-sys.exit(rc)
-'''
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -142,18 +130,9 @@ def plan_tensors(size_mb: int, n: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def build_header(plan, seed: int) -> tuple[bytes, list[Tensor]]:
-    obj: dict = {"__metadata__": {"format": "pt", "generator": "fmhub benchmarks/filter_bench.py", "seed": str(seed)}}
-    offset = 0
-    spans = []
-    for name, shape in plan:
-        size = math.prod(shape) * 4
-        obj[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        spans.append((name, shape, offset))
-        offset += size
-    raw = json.dumps(obj, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    header = struct.pack("<Q", len(raw)) + raw
-    return header, [Tensor(name, shape, len(header) + off) for name, shape, off in spans]
+    meta = {"format": "pt", "generator": "fmhub benchmarks/filter_bench.py", "seed": str(seed)}
+    header, starts = safetensors_header(plan, "F32", 4, meta)
+    return header, [Tensor(name, shape, len(header) + off) for (name, shape), off in zip(plan, starts)]
 
 
 def random_chunks(rng: np.random.Generator, elems: int):
@@ -230,76 +209,6 @@ def apply_v2(path: Path, tensors: list[Tensor], seed: int) -> int:
     return changed
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def evict(*roots: Path) -> None:
-    """Flush dirty pages, then drop the clean cached pages of every file under roots (no root tricks)."""
-    os.sync()
-    for root in roots:
-        paths = [root] if root.is_file() else (Path(d) / f for d, _, fs in os.walk(root) for f in fs)
-        for p in paths:
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def isolated_env(home: Path) -> dict[str, str]:
-    home.mkdir(parents=True, exist_ok=True)
-    cfg = home / ".gitconfig"
-    cfg.write_text("[init]\n\tdefaultBranch = main\n[user]\n\tname = filter bench\n\temail = bench@fmhub.invalid\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_GLOBAL=str(cfg), GIT_CONFIG_NOSYSTEM="1")
-    return env
-
-
-class Runner:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-
-    def run(self, cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True)
-        if proc.returncode != 0:
-            raise SystemExit(
-                f"command failed ({proc.returncode}) in {cwd}: {shlex.join(cmd)}\n"
-                f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}"
-            )
-        return proc
-
-    def timed(self, cmd: list[str], cwd: Path) -> float:
-        t0 = time.perf_counter()
-        self.run(cmd, cwd)
-        return time.perf_counter() - t0
-
-    def out(self, cmd: list[str], cwd: Path) -> str:
-        return self.run(cmd, cwd).stdout.decode().strip()
-
-
-def du_bytes(path: Path) -> int:
-    return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
-
-
-def read_rss(log: Path) -> int | None:
-    """Largest peak RSS (bytes) any filter process of a step reported."""
-    if not log.exists():
-        return None
-    vals = [int(x) for x in log.read_text().split()]
-    return max(vals) * 1024 if vals else None
-
-
 # --------------------------------------------------------------------------- one tool
 
 
@@ -307,46 +216,15 @@ DELTAS = False  # --deltas: fmhub stores changed tensors as delta chains (git co
 REPACK = False  # --repack: step 5, fmhub repack and a checkout of v0 from packed objects
 
 
-class ToolRepo:
+class ToolRepo(gitbench.ToolRepo):
+    """gitbench's repository, with fmhub's deltas on under --deltas, committing the one checkpoint file."""
+
     def __init__(self, tool: str, root: Path, runner: Runner, wrapper: Path) -> None:
-        self.tool, self.root, self.r, self.wrapper = tool, root, runner, wrapper
-        self.driver = DRIVER[tool]
+        super().__init__(tool, root, runner, wrapper, {"fmhub.deltas": "true"} if DELTAS and tool == "fmhub" else {})
         self.file = root / FILE
-        self.real_filter: str | None = None
-
-    def setup(self) -> None:
-        self.root.mkdir(parents=True)
-        self.r.run(["git", "init", "-q"], self.root)
-        if self.tool == "git-lfs":
-            self.r.run(["git", "lfs", "install", "--local"], self.root)
-            self.r.run(["git", "lfs", "track", "*.safetensors"], self.root)
-        else:
-            self.r.run([sys.executable, "-m", "fmhub", "install"], self.root)
-            self.r.run([sys.executable, "-m", "fmhub", "track", "*.safetensors"], self.root)
-            if DELTAS:
-                self.r.run(["git", "config", "fmhub.deltas", "true"], self.root)
-        self.real_filter = self.r.out(["git", "config", f"filter.{self.driver}.process"], self.root)
-        self.r.run(["git", "add", ".gitattributes"], self.root)
-        self.r.run(["git", "commit", "-q", "-m", f"track *.safetensors with {self.tool}"], self.root)
-
-    def measure_rss_into(self, log: Path) -> None:
-        """Route the filter through the RSS wrapper, logging to ``log`` (one line per filter process)."""
-        cmd = shlex.join([sys.executable, "-I", str(self.wrapper), str(log), *shlex.split(self.real_filter)])
-        self.r.run(["git", "config", f"filter.{self.driver}.process", cmd], self.root)
-
-    def cold(self, *extra: Path) -> None:
-        evict(self.root, *extra)
 
     def add_commit(self, msg: str) -> dict:
-        t_add = self.r.timed(["git", "add", "--", FILE], self.root)
-        t_commit = self.r.timed(["git", "commit", "-q", "-m", msg], self.root)
-        return {"seconds": t_add + t_commit, "add_seconds": t_add, "commit_seconds": t_commit}
-
-
-def timed_sync() -> float:
-    t0 = time.perf_counter()
-    os.sync()
-    return time.perf_counter() - t0
+        return self.timed_add_commit([FILE], msg)
 
 
 def run_once(ck: Checkpoint, work: Path, runner: Runner, wrapper: Path, seed: int, log) -> dict:
@@ -611,23 +489,6 @@ def render(res: dict, ck: Checkpoint, targets: list[dict], meta: dict):
 # --------------------------------------------------------------------------- main
 
 
-def versions(env) -> dict:
-    def v(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, env=env).stdout.strip()
-        except OSError:
-            return None
-
-    try:
-        from importlib.metadata import version
-
-        fm = version("fmhub")
-    except Exception:
-        fm = None
-    return {"git": v(["git", "--version"]), "git-lfs": v(["git", "lfs", "version"]), "fmhub": fm, "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform(), "cpus": os.cpu_count()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=1024, help="payload size of the checkpoint in MiB (default 1024)")
@@ -658,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = isolated_env(work / "home")
         runner = Runner(env)
-        wrapper = work / "rss_wrapper.py"
-        wrapper.write_text(WRAPPER)
+        wrapper = write_wrapper(work)
         log(f"generating {args.size_mb} MiB / {args.tensors} tensors in {work}")
         t0 = time.perf_counter()
         ck = generate(work / f"v0-{FILE}", args.size_mb, args.tensors, args.seed)
@@ -674,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         res = median_runs(runs)
         targets = evaluate(res, ck)
-        meta = {"repeat": args.repeat, "seed": args.seed, "size_mb": args.size_mb, "tensors": args.tensors, "versions": versions(env)}
+        meta = {"repeat": args.repeat, "seed": args.seed, "size_mb": args.size_mb, "tensors": args.tensors, "versions": tool_versions(env)}
         render(res, ck, targets, meta)
         if args.json:
             data = {

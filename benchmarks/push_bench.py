@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import filter_bench as fb  # noqa: E402  (checkpoint generation and in-place edits)
+from gitbench import measured_push  # noqa: E402
 from lfs_server import running_lfs_server  # noqa: E402
 
 FILE = "model.safetensors"
@@ -96,16 +96,8 @@ def main() -> None:
                     shutil.copyfile(v, repo / FILE)
                     sh(["git", "add", FILE], repo)
                     sh(["git", "commit", "-qm", f"v{i}"], repo)
-                    before = server.objects()
-                    server.clear_log()
-                    t0 = time.perf_counter()
-                    sh(["git", "push", "-q", "origin", "main"], repo)
-                    seconds = time.perf_counter() - t0
-                    after = server.objects()
-                    new = {oid: size for oid, size in after.items() if oid not in before}
-                    # every request body the push sent: batch JSON, uploads, verify calls
-                    wire = sum(int(r.headers.get("Content-Length") or 0) for r in server.requests)
-                    rows.append({"version": f"v{i}", "uploaded_bytes": sum(new.values()), "objects": len(new), "request_bytes": wire, "seconds": seconds})
+                    pushed = measured_push(lambda: sh(["git", "push", "-q", "origin", "main"], repo), server)
+                    rows.append({"version": f"v{i}", **pushed})
                 results[tool] = rows
                 console.print(f"{tool}: pushed {len(rows)} versions", highlight=False)
     finally:

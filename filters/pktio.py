@@ -1,19 +1,69 @@
-"""File-like views of a pkt-line stream: content sections of git's filter protocol."""
+"""git's pkt-line framing, and file-like views of a pkt-line stream: content sections of git's filter protocol.
+
+A pkt-line is a 4-hex-digit length (counting those 4 digits) followed by the
+payload; ``0000`` is a flush-pkt, which ends a list or a content section.
+https://git-scm.com/docs/protocol-common#_pkt_line_format
+
+Implemented here rather than taken from dulwich: it is a few lines, and git
+starts the filter process once per command, so every import is paid often.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import BinaryIO
-
-from dulwich.protocol import Protocol
+from typing import BinaryIO, Callable, Iterator
 
 MAX_PKT_PAYLOAD = 65516  # git's LARGE_PACKET_DATA_MAX
+FLUSH_PKT = b"0000"
+
+
+class Hangup(Exception):
+    """The stream ended where a pkt-line should start (git closed its end)."""
+
+
+class PktLineError(Exception):
+    """The stream is not pkt-lines: a bad length prefix, or a pkt-line cut short."""
+
+
+class PktLine:
+    """Reads and writes pkt-lines through a ``read(n)`` that returns n bytes unless the stream ends, and a ``write``."""
+
+    def __init__(self, read: Callable[[int], bytes], write: Callable[[bytes], object]) -> None:
+        self._read = read
+        self._write = write
+
+    def read_pkt_line(self) -> bytes | None:
+        """The next payload; None for a flush-pkt."""
+        head = self._read(4)
+        if not head:
+            raise Hangup()
+        try:
+            size = int(head, 16) if len(head) == 4 else -1
+        except ValueError:
+            size = -1
+        if size == 0:
+            return None
+        if size < 4:
+            raise PktLineError(f"bad pkt-line length {head!r}")
+        data = self._read(size - 4)
+        if len(data) != size - 4:
+            raise PktLineError(f"pkt-line cut short: {len(data) + 4:04x} bytes of {size:04x}")
+        return data
+
+    def read_pkt_seq(self) -> Iterator[bytes]:
+        """Payloads up to the next flush-pkt."""
+        while (pkt := self.read_pkt_line()) is not None:
+            yield pkt
+
+    def write_pkt_line(self, data: bytes | None) -> None:
+        """One pkt-line (None: a flush-pkt)."""
+        self._write(FLUSH_PKT if data is None else b"%04x" % (len(data) + 4) + data)
 
 
 class PktReader:
     """Reads one content section (pkt-lines up to a flush-pkt) as a byte stream."""
 
-    def __init__(self, proto: Protocol) -> None:
+    def __init__(self, proto: PktLine) -> None:
         self._proto = proto
         self._buf = b""
         self._pos = 0
@@ -65,7 +115,7 @@ class PktWriter:
     pkt-line and no copy of the payload, which matters at gigabytes per file.
     """
 
-    def __init__(self, proto: Protocol, out: BinaryIO | None = None) -> None:
+    def __init__(self, proto: PktLine, out: BinaryIO | None = None) -> None:
         self._proto = proto
         self._out = out
         self._fd = _fileno(out)

@@ -1,4 +1,4 @@
-"""git's long-running filter process (``filter.fmhub.process``), speaking pkt-lines through dulwich.
+"""git's long-running filter process (``filter.fmhub.process``), speaking pkt-lines (`fmhub_filters.pktio`).
 
 One process serves every clean and smudge of one git command. Protocol:
 https://git-scm.com/docs/gitattributes#_long_running_filter_process
@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import BinaryIO, TextIO
-
-from dulwich.errors import HangupException
-from dulwich.protocol import Protocol
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from fmhub import audit, checkpoint
 from fmhub.errors import FmhubError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.repo import open_store, staged_blob
-from fmhub.store import ObjectStore
-from fmhub_filters.pktio import PktReader, PktWriter
+from fmhub_filters.pktio import Hangup, PktLine, PktLineError, PktReader, PktWriter
+
+if TYPE_CHECKING:
+    from fmhub.store import ObjectStore
 
 CAPABILITIES = ("clean", "smudge")
 
@@ -30,7 +29,7 @@ class FilterProtocolError(Exception):
 class FilterServer:
     def __init__(self, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO, store: ObjectStore | None = None) -> None:
         self._out = stdout
-        self.proto = Protocol(stdin.read, stdout.write)
+        self.proto = PktLine(stdin.read, stdout.write)
         self.stderr = stderr
         self._store = store
         self._fetcher = None
@@ -84,7 +83,7 @@ class FilterServer:
             while True:
                 try:
                     request = self._read_list()
-                except HangupException:
+                except Hangup:
                     return 0
                 if not request:
                     return 0
@@ -189,10 +188,10 @@ def main() -> int:
     server = FilterServer(stdin, stdout, sys.stderr)
     try:
         return server.serve()
-    except FilterProtocolError as exc:
+    except (FilterProtocolError, PktLineError) as exc:
         sys.stderr.write(f"fmhub: {exc}\n")
         return 2
-    except (BrokenPipeError, HangupException):
+    except (BrokenPipeError, Hangup):
         return 1
 
 

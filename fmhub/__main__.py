@@ -1,3 +1,21 @@
-from fmhub.cli import main
+"""``python -m fmhub``: the commands git runs go straight to `fmhub.gitcmd`, everything else to the CLI.
 
-main()
+git starts the filter once per command: importing the CLI (typer, rich) would cost more than a small clean.
+"""
+
+import sys
+
+
+def main() -> None:
+    from fmhub import gitcmd
+
+    status = gitcmd.run(sys.argv[1:])
+    if status is not None:
+        sys.exit(status)
+    from fmhub.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -52,11 +52,12 @@ def identity(cwd: Optional[str] = None) -> Optional[str]:
 
 @functools.lru_cache(maxsize=8)
 def _git_email(cwd: str) -> Optional[str]:
+    from fmhub.repo import git  # in git's filter process, a lookup in the config it has already read
+
     try:
-        proc = subprocess.run(["git", "config", "user.email"], cwd=cwd, capture_output=True, text=True)
-    except OSError:
+        return git("config", "user.email", cwd=cwd, check=False).strip() or None
+    except (FmhubError, OSError):  # no git, or no such directory
         return None
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,11 +85,12 @@ def work_tree_reader(root: str) -> Callable[[str], Optional[bytes]]:
 
 @functools.lru_cache(maxsize=32)
 def _index_blob(root: str, path: str) -> Optional[bytes]:
+    from fmhub.repo import staged_blob  # in git's filter process, through the `git cat-file` it already runs
+
     try:
-        proc = subprocess.run(["git", "cat-file", "blob", f":{path}"], cwd=root, capture_output=True)
-    except OSError:
+        return staged_blob(path, None, cwd=root)
+    except (FmhubError, OSError):  # no git, or no such directory
         return None
-    return proc.stdout if proc.returncode == 0 else None
 
 
 # -- deciding -------------------------------------------------------------------------------

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
-import hmac
 import json
 import os
 import re
 import sys
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Mapping, Optional
-from urllib.parse import urlsplit, urlunsplit
+import time
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from fmhub.errors import FmhubError, MergeConflict
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+# datetime, hmac, fnmatch and urllib are imported where used: `record` runs in git's filter
+# process, once per git command, and needs none of them.
 
 VERSION = 1
 ZERO = "0" * 64
@@ -62,6 +65,8 @@ def entry_hash(entry: Mapping[str, Any], key: Optional[bytes] = None) -> str:
     """The "hash" of an entry: sha256 (or HMAC-SHA256 with ``key``) of its canonical bytes without "hash"."""
     body = canonical({k: v for k, v in entry.items() if k != "hash"})
     if key is not None:
+        import hmac
+
         return hmac.new(key, body, hashlib.sha256).hexdigest()
     return hashlib.sha256(body).hexdigest()
 
@@ -72,7 +77,9 @@ def env_key() -> Optional[bytes]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime(TIME_FORMAT)
+    """The time as `TIME_FORMAT` gives it (UTC, microseconds), without importing datetime."""
+    ns = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000)) + ".%06dZ" % (ns // 1000 % 1_000_000)
 
 
 def _plain(details: Optional[Mapping[str, Any]]) -> dict:
@@ -311,6 +318,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def parse_time(text: str, now: Optional[datetime] = None) -> datetime:
     """An ISO-8601 date or time (UTC unless it says otherwise), or an age such as ``30m``, ``2h``, ``3d``, ``1w``."""
+    from datetime import datetime, timedelta, timezone
+
     m = _AGE.match(text.strip().lower())
     if m:
         return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
@@ -322,6 +331,8 @@ def parse_time(text: str, now: Optional[datetime] = None) -> datetime:
 
 
 def _entry_time(entry: Mapping[str, Any]) -> Optional[datetime]:
+    from datetime import datetime, timezone
+
     try:
         when = datetime.fromisoformat(entry["time"])
     except ValueError:
@@ -330,7 +341,11 @@ def _entry_time(entry: Mapping[str, Any]) -> Optional[datetime]:
 
 
 def _matches(pattern: Optional[str], value: str) -> bool:
-    return pattern is None or fnmatch.fnmatchcase(value, pattern)
+    if pattern is None:
+        return True
+    import fnmatch
+
+    return fnmatch.fnmatchcase(value, pattern)
 
 
 def query(path: str, who: Optional[str] = None, what: Optional[str] = None, since: Optional[str | datetime] = None,
@@ -410,23 +425,15 @@ def _settings(cwd: Optional[str] = None) -> Optional[_Settings]:
     where = os.path.abspath(cwd or os.getcwd())
     if where in _settings_cache:
         return _settings_cache[where]
-    import subprocess
-
-    from fmhub.repo import common_dir
+    from fmhub.repo import common_dir, config_values
 
     try:
         gitdir = common_dir(where)
     except FmhubError:
         _settings_cache[where] = None
         return None
-    # one git call for everything: this runs at the start of every filter process
-    proc = subprocess.run(["git", "config", "-z", "--get-regexp", r"^(fmhub\.audit(\.path)?|filter\.fmhub\.process|user\.(email|name))$"],
-                          cwd=where, capture_output=True, text=True)
-    config: dict[str, str] = {}
-    for item in proc.stdout.split("\0"):
-        name, _, value = item.partition("\n")
-        if name:
-            config[name.lower()] = value
+    # one read for everything: this runs in every filter process (from the process's config listing there)
+    config = {k.lower(): v for k, v in config_values(r"^(fmhub\.audit(\.path)?|filter\.fmhub\.process|user\.(email|name))$", where).items()}
     path = config.get("fmhub.audit.path") or os.path.join("fmhub", "audit.log")
     path = os.path.join(gitdir, os.path.expanduser(path))
     switch = config.get("fmhub.audit")
@@ -539,6 +546,8 @@ def operation(what: str, target: str, details: Optional[Mapping[str, Any]] = Non
 
 def redact_url(url: str) -> str:
     """A URL without user name and password: credentials never go into the log."""
+    from urllib.parse import urlsplit, urlunsplit
+
     try:
         parts = urlsplit(url)
     except ValueError:

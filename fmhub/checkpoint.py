@@ -12,17 +12,21 @@ import hashlib
 import io
 import queue
 import threading
-from typing import BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
 
 from fmhub import host
 from fmhub.deltas import PLAIN, DeltaPolicy, store_tensor
 from fmhub.errors import CorruptCheckpoint, CorruptObject, FmhubError, ManifestError, MissingObject, StoreWriteError
-from fmhub.interfaces import CheckpointFormat, Layout
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.store import CHUNK, ObjectStore, copy_objects
 
+if TYPE_CHECKING:
+    from fmhub.interfaces import CheckpointFormat, Layout
+
 SNIFF_BYTES = 16
 MAX_BUFFERED = 256 << 20  # tensors read ahead of the one being stored, at most (or one tensor, if bigger)
+SINK_THREADS = 2  # tensors stored at the same time
+POOL_HASH_BYTES = 1 << 20  # tensors this big are hashed on a pool thread as soon as they are read
 
 
 class Readable(Protocol):
@@ -190,11 +194,13 @@ def _read_tensor(inp: _Input, t, path: str, buf: bytearray) -> bytearray:
 
 
 class TensorSink:
-    """Stores the tensors of one file in a background thread while the caller reads the next ones.
+    """Stores the tensors of one file on background threads while the caller reads the next ones.
 
     Each tensor is hashed, compared with its namesake in the previous version
     and stored (`fmhub.deltas.store_tensor`: whole, compressed, or as a delta,
-    its frames encoded on every core). Tensors waiting for their turn hold at
+    its frames encoded on every core). Two tensors are stored at a time, so the
+    pool never idles while one tensor's own steps run (opening its chain, its
+    probe, committing its objects). Tensors waiting for their turn hold at
     most `MAX_BUFFERED` bytes (or one tensor, if it is bigger), so memory stays
     near the largest tensor whatever the file's size.
     """
@@ -202,12 +208,14 @@ class TensorSink:
     def __init__(self, store: ObjectStore, policy: DeltaPolicy, path: str) -> None:
         self.store, self.policy, self.path = store, policy, path
         self._todo: queue.Queue = queue.Queue()
-        self._entries: list[TensorEntry] = []
+        self._entries: dict[int, TensorEntry] = {}
+        self._count = 0
         self._error: BaseException | None = None
         self._held = 0
         self._room = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="fmhub-clean", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="fmhub-clean", daemon=True) for _ in range(SINK_THREADS)]
+        for thread in self._threads:
+            thread.start()
 
     def buffer(self, size: int) -> bytearray:
         """A buffer for the next tensor, once the tensors still waiting leave room for it."""
@@ -219,25 +227,34 @@ class TensorSink:
         return bytearray(size)
 
     def submit(self, t, data: bytearray, old: TensorEntry | None) -> None:
-        """Queue a tensor; its hashing starts at once on a pool thread, ahead of its turn to be stored."""
-        from fmhub.tensorio import pool
-
+        """Queue a tensor; a big one's hashing starts at once on a pool thread, ahead of its turn to be stored."""
         self._raise()
-        self._todo.put((t, data, old, pool().submit(_sha256, data)))
+        if len(data) >= POOL_HASH_BYTES:
+            from fmhub.tensorio import pool
+
+            hashing = pool().submit(_sha256, data).result
+        else:  # a small tensor is hashed in its turn: the pool would cost more than it saves (and its start-up)
+            hashing = lambda: _sha256(data)  # noqa: E731
+        self._todo.put((self._count, t, data, old, hashing))
+        self._count += 1
 
     def finish(self) -> list[TensorEntry]:
         """Wait until every tensor is stored; their entries, in file order."""
-        self._todo.put(None)
-        self._thread.join()
+        self._stop()
         self._raise()
-        return self._entries
+        return [self._entries[i] for i in range(self._count)]
 
     def abort(self) -> None:
         self._error = self._error or _Stopped()
-        self._todo.put(None)
         with self._room:
             self._room.notify_all()
-        self._thread.join()
+        self._stop()
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._todo.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _raise(self) -> None:
         if self._error is not None and not isinstance(self._error, _Stopped):
@@ -246,19 +263,20 @@ class TensorSink:
     def _run(self) -> None:
         try:
             while (item := self._todo.get()) is not None:
+                i, t, data, old, hashing = item
                 if self._error is None:
-                    self._entries.append(self._store(*item))
-                self._release(len(item[1]))
-                item = None  # drop the buffer now, not when the next tensor arrives
+                    self._entries[i] = self._store(t, data, old, hashing)
+                self._release(len(data))
+                item = data = None  # drop the buffer now, not when the next tensor arrives
         except BaseException as exc:  # surfaced in the reading thread
-            self._error = exc
+            self._error = self._error or exc
             with self._room:
                 self._room.notify_all()
-            while self._todo.get() is not None:  # let the reader finish its call and see the error
-                pass
+            while (item := self._todo.get()) is not None:  # let the reader finish its call and see the error
+                self._release(len(item[2]))
 
     def _store(self, t, data: bytearray, old: TensorEntry | None, hashing) -> TensorEntry:
-        oid = hashing.result()
+        oid = hashing()
         try:
             return store_tensor(self.store, data, oid, old, t.name, t.dtype, tuple(t.shape), self.policy)
         except (CorruptObject, MissingObject) as exc:

@@ -113,69 +113,38 @@ def _plugin_dists():
     return [(pm.get_name(p), d) for p, d in pm.list_plugin_distinfo()]
 
 
+# The commands git runs live in fmhub.gitcmd, which `python -m fmhub` reaches without this module;
+# these entries keep them working through the `fmhub` script and list them for `--help`.
+
+
 @app.command("filter-process", hidden=True)
 def filter_process() -> None:
     """git's long-running clean/smudge filter (started by git)."""
-    from fmhub_filters import process
+    from fmhub import gitcmd
 
-    raise typer.Exit(process.main())
-
-
-def _open_store():
-    from fmhub.repo import open_store
-
-    return open_store()
+    raise typer.Exit(gitcmd.run(["filter-process"]))
 
 
 @app.command("filter-clean", hidden=True)
 def filter_clean(path: str = typer.Argument("<stdin>")) -> None:
     """Checkpoint on stdin -> manifest on stdout, storing its tensors (git's one-shot clean filter)."""
-    from fmhub import checkpoint
-    from fmhub.deltas import policy_from_git
+    from fmhub import gitcmd
 
-    try:
-        store = _open_store()
-        try:
-            out = checkpoint.clean(sys.stdin.buffer, store, path, deltas=policy_from_git())
-        finally:
-            store.close()
-    except FmhubError as exc:
-        _fail(exc)
-    sys.stdout.buffer.write(out)
-    sys.stdout.buffer.flush()
+    raise typer.Exit(gitcmd.filter_clean(path))
 
 
 @app.command("filter-smudge", hidden=True)
 def filter_smudge(path: str = typer.Argument("<stdin>")) -> None:
     """Manifest on stdin -> the original checkpoint on stdout (git's one-shot smudge filter)."""
-    from fmhub import checkpoint
+    from fmhub import gitcmd
 
-    try:
-        store = _open_store()
-        checkpoint.smudge(sys.stdin.buffer.read(), store, sys.stdout.buffer, path, fetch=_lazy_fetcher(store))
-    except FmhubError as exc:
-        _fail(exc)
-    sys.stdout.buffer.flush()
-
-
-def _lazy_fetcher(store):
-    """Downloads objects a smudge lacks from the remote's LFS server; imports the transfer layer only when called."""
-
-    def fetch(objects) -> None:
-        from fmhub.sync import LazyFetcher
-
-        LazyFetcher(store)(objects)
-
-    return fetch
+    raise typer.Exit(gitcmd.filter_smudge(path))
 
 
 def _summary(verb: str, report) -> str:
-    from fmhub.units import human_bytes
+    from fmhub.gitcmd import summary
 
-    where = f" {'to' if verb == 'uploaded' else 'from'} {report.destination}" if report.destination else ""
-    have = report.needed - report.count
-    rest = f"; {have} of {report.needed} already there" if have > 0 else ""
-    return f"fmhub: {verb} {report.count} object(s), {human_bytes(report.bytes)}{where}{rest}"
+    return summary(verb, report)
 
 
 def _remote_and_revs(args: List[str]) -> tuple[Optional[str], List[str]]:
@@ -190,15 +159,9 @@ def _remote_and_revs(args: List[str]) -> tuple[Optional[str], List[str]]:
 @app.command("pre-push", hidden=True)
 def pre_push(remote: str, url: str = typer.Argument("")) -> None:
     """git's pre-push hook: upload the tensor objects of the pushed commits that the server lacks (reads git's stdin)."""
-    from fmhub import sync
+    from fmhub import gitcmd
 
-    try:
-        report = sync.push(remote, sys.stdin.read().splitlines(), url=url or None)
-    except FmhubError as exc:
-        err.print(f"[red]fmhub:[/red] push stopped: {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    if report.needed:
-        err.print(_summary("uploaded", report), highlight=False, soft_wrap=True)
+    raise typer.Exit(gitcmd.pre_push(remote, url))
 
 
 @app.command()
@@ -233,9 +196,9 @@ def push_objects(
 @app.command("merge-driver", hidden=True)
 def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> None:
     """Three-way tensor merge for git (merge.fmhub.driver)."""
-    from fmhub_filters import merge_driver as md
+    from fmhub import gitcmd
 
-    raise typer.Exit(md.run(base, ours, theirs, pathname))
+    raise typer.Exit(gitcmd.merge_driver(base, ours, theirs, pathname))
 
 
 def _utf8_stdout() -> None:
@@ -247,19 +210,17 @@ def _utf8_stdout() -> None:
 @app.command("diff-driver", hidden=True, context_settings={"ignore_unknown_options": True})
 def diff_driver(args: List[str] = typer.Argument(..., help="git's PATH OLD-FILE OLD-HEX OLD-MODE NEW-FILE NEW-HEX NEW-MODE")) -> None:
     """Semantic checkpoint diff for git (diff.fmhub.command)."""
-    from fmhub_filters import diff_driver as dd
+    from fmhub import gitcmd
 
-    _utf8_stdout()
-    raise typer.Exit(dd.run(args))
+    raise typer.Exit(gitcmd.diff_driver(*args))
 
 
 @app.command("textconv", hidden=True)
 def textconv(path: str) -> None:
     """One line per tensor (name, dtype, shape, sha256, norm, mean, std) for git log -p / show (diff.fmhub.textconv)."""
-    from fmhub_filters import diff_driver as dd
+    from fmhub import gitcmd
 
-    _utf8_stdout()
-    raise typer.Exit(dd.textconv(path))
+    raise typer.Exit(gitcmd.textconv(path))
 
 
 def _split_revs_paths(args: List[str]) -> tuple[List[str], List[str]]:

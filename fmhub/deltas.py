@@ -28,13 +28,15 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from fmhub import host
 from fmhub.errors import CorruptObject, FmhubError, MissingObject
-from fmhub.interfaces import DeltaCodec
 from fmhub.manifest import Approx, Delta, TensorEntry
 from fmhub.store import ObjectStore
+
+if TYPE_CHECKING:
+    from fmhub.interfaces import DeltaCodec
 
 DEFAULT_MAX_CHAIN = 8
 MAX_RATIO = 0.5  # an exact delta of another codec must be under half the tensor's size to be worth a chain link
@@ -87,19 +89,11 @@ def policy_from_git(cwd: str | None = None) -> DeltaPolicy:
 
 
 def _fmhub_config(cwd: str | None) -> dict[str, str]:
-    """Every ``fmhub.*`` key git sees here (last value wins, as git's own ``--get``), keys lowercased by git."""
-    import subprocess
+    """Every ``fmhub.*`` key git sees here (last value wins, as git's own ``--get``), keys lowercased by git;
+    served from the process's one reading of git config inside git's own commands (`fmhub.repo.config_values`)."""
+    from fmhub.repo import config_values
 
-    try:
-        proc = subprocess.run(["git", "config", "-z", "--get-regexp", r"^fmhub\."], cwd=cwd, capture_output=True)
-    except FileNotFoundError:
-        raise FmhubError("git is not installed or not on PATH") from None
-    out: dict[str, str] = {}
-    for item in proc.stdout.decode("utf-8", "replace").split("\0"):
-        key, _, value = item.partition("\n")
-        if key:
-            out[key] = value
-    return out
+    return config_values(r"^fmhub\.", cwd)
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1", ""}, {"false", "no", "off", "0"}
@@ -186,15 +180,19 @@ def _store_whole(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry
 
         coded = write_planes(store, data, entry.dtype, None, limit=int(CODED_PAYS * len(data)))
         if coded is not None:
-            return replace(entry, root=coded.oid, root_codec="planes", root_size=coded.size)
+            return replace(entry, root=coded.commit(), root_codec="planes", root_size=coded.size)
     store.write_bytes(data)
     return entry
 
 
 def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry, old: TensorEntry, max_chain: int) -> TensorEntry | None:
     """``entry`` as the next link of ``old``'s chain, or a fresh compressed root when the change shares nothing
-    with ``old``; None when ``old``'s chain is full or cannot be read here (the caller stores the tensor whole)."""
-    from fmhub.tensorio import Chain, write_planes
+    with ``old``; None when ``old``'s chain is full or cannot be read here (the caller stores the tensor whole).
+
+    The frames are coded first (one pass at memory speed); a low-rank probe runs meanwhile on a pool thread, and
+    only when it finds a low-rank change that the frames coded poorly is ``lowrank-fixed`` tried.
+    """
+    from fmhub.tensorio import Chain, pool, write_planes
 
     if len(old.deltas) >= max_chain:
         return None
@@ -203,17 +201,21 @@ def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry,
     except FmhubError:
         return None  # the previous version cannot be rebuilt here: this version does not depend on it
     try:
-        low = _lowrank_link(store, data, entry, old, base)
-        if low is not None:
-            return low
+        probe = pool().submit(_probe, base, data, entry) if _worth_probing(entry) else None
         coded = write_planes(store, data, entry.dtype, base, base_oid=old.oid)
+        rank = probe.result() if probe is not None else None
     finally:
         base.close()
     if coded is None:
         return None  # the previous version's objects are damaged: store this one without them
     if coded.literal == coded.frames:  # nothing in common with the previous version: a new root, not a link
-        return replace(entry, root=coded.oid, root_codec="planes", root_size=coded.size)
-    return _link(entry, old, Delta("planes", coded.oid, coded.size))
+        return replace(entry, root=coded.commit(), root_codec="planes", root_size=coded.size)
+    if rank is not None and coded.size > LOWRANK_MUST_BEAT * entry.size:
+        low = _lowrank_delta(store, data, entry, old, rank, coded.size)
+        if low is not None:
+            coded.abort()
+            return _link(entry, old, Delta(lowrank_fixed_name(), store.write_bytes(low), len(low)))
+    return _link(entry, old, Delta("planes", coded.commit(), coded.size))
 
 
 def _link(entry: TensorEntry, old: TensorEntry, delta: Delta) -> TensorEntry:
@@ -222,36 +224,40 @@ def _link(entry: TensorEntry, old: TensorEntry, delta: Delta) -> TensorEntry:
     return replace(entry, root=old.root, root_codec=old.root_codec, root_size=old.root_size, deltas=old.deltas + (delta,))
 
 
-def _lowrank_link(store: ObjectStore, data, entry: TensorEntry, old: TensorEntry, base) -> TensorEntry | None:
-    """A ``lowrank-fixed`` link, when a probe of the first frame says the change is low-rank, the planes coding of
-    that frame says planes would do worse, and the encode finishes within its time budget and beats that estimate."""
-    from fmhub import lowrank, lowrank_fixed, planes
+def _worth_probing(entry: TensorEntry) -> bool:
+    from fmhub import lowrank
 
-    if not lowrank.worth_probing(entry.dtype, entry.shape, entry.size):
-        return None
+    return lowrank.worth_probing(entry.dtype, entry.shape, entry.size)
+
+
+def _probe(base, data, entry: TensorEntry) -> int | None:
+    """The rank `fmhub.lowrank.probe_rank` sees in the first frame of the change (its own decode of that frame)."""
+    from fmhub import lowrank
+
     first = next(iter(base.jobs()), None)
     if first is None:
         return None
-    before = first()
-    probed = lowrank.probe_bytes(entry.dtype, entry.shape)
-    rank = lowrank.probe_rank(before, data[:probed], entry.dtype, entry.shape)
-    if rank is None:
-        return None
-    n = min(len(data), planes.FRAME_BYTES)
-    estimate = len(planes.encode_frame(memoryview(data)[:n], before, planes.layout_for(entry.dtype, len(data)))) / n
-    if estimate <= LOWRANK_MUST_BEAT:
-        return None  # the frames already code it small (a sparse update that happens to look low-rank)
-    deadline = time.monotonic() + LOWRANK_NS_PER_BYTE * entry.size * 1e-9
+    return lowrank.probe_rank(first(), data[: lowrank.probe_bytes(entry.dtype, entry.shape)], entry.dtype, entry.shape)
+
+
+def lowrank_fixed_name() -> str:
+    from fmhub.lowrank_fixed import NAME
+
+    return NAME
+
+
+def _lowrank_delta(store: ObjectStore, data, entry: TensorEntry, old: TensorEntry, rank: int, beat: int) -> bytes | None:
+    """A ``lowrank-fixed`` delta under ``beat`` bytes, made within the time budget, or None."""
+    from fmhub import lowrank_fixed
     from fmhub.tensorio import read_tensor
 
+    deadline = time.monotonic() + LOWRANK_NS_PER_BYTE * entry.size * 1e-9
     try:
         whole = read_tensor(store, old)
     except FmhubError:
         return None
     delta = lowrank_fixed.encode(whole, data, entry.dtype, entry.shape, rank, deadline)
-    if delta is None or len(delta) >= estimate * entry.size:
-        return None
-    return _link(entry, old, Delta(lowrank_fixed.NAME, store.write_bytes(delta), len(delta)))
+    return delta if delta is not None and len(delta) < beat else None
 
 
 # -- whole-tensor paths: other codecs, tolerances, deltas a caller prepared, `fmhub repack` -------------

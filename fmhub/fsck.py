@@ -76,4 +76,18 @@ def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
         missing = missing_objects(m, store)
         if missing:
             report.problems.append(f"{path} at {rev}: {len(missing)} object(s) missing: {', '.join(missing[:5])}")
+        report.problems += _size_problems(m, store, f"{path} at {rev}")
     return report
+
+
+def _size_problems(m: Manifest, store: ObjectStore, where: str) -> list[str]:
+    """Objects whose size is not the one the manifest declares (a manifest that lies, or the wrong object)."""
+    out = []
+    for oid, size in dict(m.oids()).items():
+        try:
+            actual = store.size_of(oid)
+        except (KeyError, FmhubError):
+            continue  # missing: reported above
+        if actual != size:
+            out.append(f"{where}: object sha256:{oid} is {actual} bytes but the manifest declares {size}")
+    return out

@@ -28,9 +28,10 @@ its kind: when two plugins provide the same name, fmhub refuses to guess and
 says which plugins clash. The shape of each kind is a ``typing.Protocol`` in
 `fmhub.interfaces`.
 
-Keep plugin modules cheap to import: the git filter process loads every plugin
-at start-up, once per git command. Import heavy libraries (torch,
-transformers) inside the functions that need them.
+Keep plugin modules cheap to import: git's filter process, started once per
+git command, imports every third-party plugin (fmhub cannot tell which kinds
+a plugin provides before importing it). Import heavy libraries (torch,
+transformers, numpy, pydantic) inside the functions that need them.
 """
 
 from __future__ import annotations

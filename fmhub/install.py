@@ -17,8 +17,15 @@ ATTRIBUTES = f"filter={DRIVER} diff={DRIVER} merge={DRIVER} -text"
 
 
 def default_command() -> str:
-    """How git should start fmhub: this interpreter, so the filter finds the same installation."""
-    return f"{shlex.quote(sys.executable)} -m fmhub"
+    """How git should start fmhub: this interpreter, so the filter finds the same installation.
+
+    Without ``site`` (``-S``), through `fmhub.boot`, which sets up sys.path itself: git starts the
+    filter once per command and ``site`` costs more than the rest of a small clean.
+    """
+    boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot.py")
+    if not os.path.isfile(boot):  # fmhub imported from a zip, say
+        return f"{shlex.quote(sys.executable)} -m fmhub"
+    return f"{shlex.quote(sys.executable)} -S {shlex.quote(boot)}"
 
 
 def driver_config(command: str) -> dict[str, str]:
@@ -53,7 +60,25 @@ def install(global_: bool = False, command: str | None = None, cwd: str | None =
     if not global_:
         open_store(cwd, create=True)
         install_pre_push(command or default_command(), cwd)
+    compile_bytecode()
     return cfg
+
+
+def compile_bytecode() -> None:
+    """Write the bytecode of fmhub's own packages now, so that git's filter, started for every git command, never
+    compiles them itself (it cannot keep what it compiles where PYTHONDONTWRITEBYTECODE is set, as in many
+    containers). Quietly does nothing where the installation is read-only."""
+    import compileall
+
+    import fmhub
+    import fmhub_filters
+    import fmhub_plugins
+
+    for pkg in (fmhub, fmhub_filters, fmhub_plugins):
+        try:
+            compileall.compile_dir(os.path.dirname(pkg.__file__), quiet=2, maxlevels=1)
+        except OSError:
+            pass
 
 
 def uninstall(global_: bool = False, cwd: str | None = None) -> None:

@@ -4,17 +4,22 @@ A LoRA merged into its base changes every element of a weight matrix by a
 rank-r update ΔW = P·F. The ``lowrank`` codec (`fmhub.lowrank`) stores float
 factors and defines decoding element by element, in a fixed order, because a
 BLAS product is not reproducible bit for bit; that makes it slow. Here the
-factors are integers below 2^20 with one power-of-two quantum for the whole
-product: ΔW = (A·B)·2^E. Every product a·b is below 2^40 and every sum of at
-most 64 of them below 2^46, so a float64 matrix product of A and B is exact in
-any order, with or without fused multiply-add, on every machine. Decoding is a
-BLAS call, one addition and one rounding per element (spec: docs/manifest.md,
-"lowrank-fixed").
+factors are integers of at most 2^20 with one power-of-two quantum for the
+whole product: ΔW ≈ (A·B)·2^E. Every product a·b is at most 2^40 and every sum
+of at most 64 of them below 2^47, so a float64 matrix product of A and B is
+exact in any order, with or without fused multiply-add, on every machine.
+
+The factors give a *prediction* of each element, ``round(previous + (A·B)·2^E)``;
+what the prediction misses (the merge's own rounding, the fit's error) is coded
+frame by frame as `fmhub.planes` frames against the prediction (unchanged, a
+few elements, or a small zigzag difference), so exactness costs a few bits per
+missed element rather than a whole value and index. Spec: docs/manifest.md,
+"lowrank-fixed".
 
 Encoding is bounded in time and memory: the change is held once in float32,
-its factors come from a seeded randomized range finder (rank given by
-`fmhub.lowrank.probe_rank`), and the exact rebuild is checked frame by frame;
-elements the factors miss go into a patch (`fmhub.sparse_index`).
+its factors come from a seeded randomized range finder (rank from
+`fmhub.lowrank.probe_rank`), and the residual frames are coded in the frame
+pool against a deadline.
 """
 
 from __future__ import annotations
@@ -23,17 +28,16 @@ import math
 import struct
 import time
 
+from fmhub import planes
 from fmhub.floats import ITEMSIZE, round_bits, to_float64
-from fmhub.sparse_index import decode_patch, encode_patch
 
 NAME = "lowrank-fixed"
 MAGIC = b"FLQ1"
 _HEAD = struct.Struct("<4sIIIi")  # magic, rows m, columns k, rank r, quantum exponent E
-FACTOR_BITS = 20  # |a|, |b| <= 2**20: products below 2**40, sums of 64 below 2**46 < 2**53
+FACTOR_BITS = 20  # |a|, |b| <= 2**20: products up to 2**40, sums of 64 below 2**47 < 2**53
 MAX_RANK = 64
 E_RANGE = (-1000, 900)  # keeps (A·B)·2**E a normal float64, away from under- and overflow
-MAX_PATCH = 8  # an encode whose patch holds more than 1/8 of the elements is abandoned
-ROWS_PER_STEP = 1 << 16  # elements per decode step, in whole rows: bounded temporaries
+OVERSAMPLE = 6  # extra columns of the randomized range finder
 
 
 def _np():
@@ -46,24 +50,31 @@ class OutOfTime(Exception):
     """An encode passed its deadline; the caller stores the change another way."""
 
 
-def _matrix(dtype: str, shape) -> tuple[int, int, int]:
-    return shape[0], math.prod(shape[1:]), ITEMSIZE[dtype]
-
-
-def rebuild(base, a, b, e: int, dtype: str):
-    """The new bits of the rows ``a`` covers: ``round(base + (a @ b) * 2**e)``; ``base`` holds exactly those rows."""
+def predict(base, a, b, e: int, dtype: str):
+    """The predicted bits of the rows ``a`` covers: ``round(base + (a @ b) * 2**e)``; ``base`` holds exactly those rows."""
     np = _np()
-    update = (a @ b).ravel()  # exact: integers below 2**46
+    update = (a @ b).ravel()  # exact: integers below 2**47
     return round_bits(to_float64(base, dtype) + np.ldexp(update, e), dtype)
 
 
-def pack(a, b, e: int, patch: bytes) -> bytes:
-    m, r = a.shape
-    return _HEAD.pack(MAGIC, m, b.shape[1], r, e) + a.astype("<i4").tobytes() + b.astype("<i4").tobytes() + patch
+def _rows(e0: int, count: int, k: int) -> tuple[int, int, int]:
+    """The whole rows [i0, i1) that hold elements [e0, e0 + count), and e0's offset in them."""
+    i0 = e0 // k
+    return i0, -(-(e0 + count) // k), e0 - i0 * k
+
+
+def _predict_run(base, a, b, e: int, dtype: str, item: int, at: int, nbytes: int):
+    """The prediction of elements [at/item, (at+nbytes)/item) from the same elements of ``base``."""
+    np = _np()
+    k = b.shape[1]
+    i0, i1, off = _rows(at // item, nbytes // item, k)
+    rows = np.zeros((i1 - i0) * k, f"<u{item}")
+    rows[off : off + nbytes // item] = np.frombuffer(memoryview(base).cast("B"), f"<u{item}")
+    return predict(rows, a[i0:i1], b, e, dtype)[off : off + nbytes // item]
 
 
 class Decoder:
-    """A ``lowrank-fixed`` delta parsed once, applied to any run of whole or partial rows (a frame at a time)."""
+    """A ``lowrank-fixed`` delta parsed once, applied to any frame of the tensor."""
 
     def __init__(self, delta, dtype: str, shape: tuple[int, ...]) -> None:
         np = _np()
@@ -82,28 +93,37 @@ class Decoder:
         b = np.frombuffer(delta, "<i4", r * k, at + 4 * m * r).reshape(r, k)
         if np.abs(a).max() > 1 << FACTOR_BITS or np.abs(b).max() > 1 << FACTOR_BITS:
             raise ValueError(f"its factors exceed 2**{FACTOR_BITS}, so their product would not be exact")
-        self.a, self.b = a.astype(np.float64), b.astype(np.float64)
-        idx, patch_item, values, end = decode_patch(delta, at + 4 * r * (m + k), m * k)
-        if end != len(delta) or patch_item != item:
-            raise ValueError("its patch does not fit the tensor")
-        self.idx = idx.astype(np.int64)
-        if self.idx.size > 1 and not (np.diff(self.idx) > 0).all():
-            raise ValueError("its patch indices are not ascending")
-        self.values = np.frombuffer(values, f"<u{item}")
-        self.e, self.dtype, self.item, self.k = e, dtype, item, k
+        self.a, self.b, self.e, self.dtype, self.item = a.astype(np.float64), b.astype(np.float64), e, dtype, item
+        self.layout = planes.layout_for(dtype, m * k * item)
+        self.records = _records(delta, at + 4 * r * (m + k), self.layout)
 
     def apply(self, base, at: int, nbytes: int):
-        """Elements ``[at/item, (at+nbytes)/item)`` of the new version, from the same elements of ``base``."""
-        np = _np()
-        e0, count, k = at // self.item, nbytes // self.item, self.k
-        i0, i1 = e0 // k, -(-(e0 + count) // k)
-        off = e0 - i0 * k
-        rows = np.zeros((i1 - i0) * k, f"<u{self.item}")
-        rows[off : off + count] = np.frombuffer(memoryview(base).cast("B"), f"<u{self.item}")
-        out = rebuild(rows.tobytes(), self.a[i0:i1], self.b, self.e, self.dtype)[off : off + count]
-        lo, hi = np.searchsorted(self.idx, [e0, e0 + count])
-        out[self.idx[lo:hi] - e0] = self.values[lo:hi]
-        return out
+        """Bytes [at, at + nbytes) of the new version (one frame), from the same bytes of ``base``."""
+        if at % planes.FRAME_BYTES or nbytes != min(planes.FRAME_BYTES, self.layout.size - at):
+            raise ValueError("lowrank-fixed deltas are applied a whole frame at a time")
+        guess = _predict_run(base, self.a, self.b, self.e, self.dtype, self.item, at, nbytes)
+        kind, payload = self.records[at // planes.FRAME_BYTES]
+        try:
+            return planes.decode_frame(kind, payload, guess, self.layout, nbytes)
+        except planes.PlanesError as exc:
+            raise ValueError(f"its frame at byte {at}: {exc}") from None
+
+
+def _records(delta: memoryview, at: int, layout: planes.Layout) -> list[tuple[int, memoryview]]:
+    """The residual's frame records, one per frame, each checked against its frame's bound; nothing may follow."""
+    out = []
+    for _start, n in layout.frames():
+        if at + planes.RECORD_SIZE > len(delta):
+            raise ValueError("its residual frames are truncated")
+        kind, length = planes.parse_record(bytes(delta[at : at + planes.RECORD_SIZE]))
+        at += planes.RECORD_SIZE
+        if length > planes.max_payload(n) or at + length > len(delta):
+            raise ValueError("a residual frame claims more bytes than it may hold")
+        out.append((kind, delta[at : at + length]))
+        at += length
+    if at != len(delta):
+        raise ValueError("it has bytes after its last residual frame")
+    return out
 
 
 class LowRankFixed:
@@ -127,34 +147,33 @@ class LowRankFixed:
         if m * k * ITEMSIZE.get(dtype, 0) != len(base):
             raise ValueError("it is not a lowrank-fixed delta for this tensor")
         dec = Decoder(delta, dtype, (m, k))
-        return bytearray(memoryview(dec.apply(base, 0, len(base))).cast("B"))
+        out = bytearray(len(base))
+        for at, n in dec.layout.frames():
+            out[at : at + n] = memoryview(dec.apply(memoryview(base)[at : at + n], at, n)).cast("B")
+        return out
 
 
 # -- encoding ----------------------------------------------------------------------------------------
 
 
-def _change_f32(base, new, dtype: str, m: int, k: int):
-    """new - base as an m x k float32 matrix, converted a block of rows at a time (no float64 copy of the whole)."""
+def _as_f32(data, dtype: str):
+    """A float tensor's bytes as float32 (exact for F16 and BF16; F64 rounded, which only the fit sees)."""
     np = _np()
-    item = ITEMSIZE[dtype]
-    out = np.empty((m, k), np.float32)
-    rows = max(1, ROWS_PER_STEP // k)
-    for i in range(0, m, rows):
-        j = min(m, i + rows)
-        lo, hi = i * k * item, j * k * item
-        out[i:j] = (to_float64(new[lo:hi], dtype) - to_float64(base[lo:hi], dtype)).reshape(j - i, k)
-    return out
+    if dtype == "BF16":
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(data, {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).astype(np.float32)
 
 
-def _factors(d, rank: int, deadline: float):
-    """Rank-``rank`` float factors of ``d`` by a seeded randomized range finder with one power iteration (float32 BLAS)."""
+def _factors(d, rank: int):
+    """Rank-``rank`` float factors of ``d`` by a seeded randomized range finder (float32 BLAS).
+
+    No power iteration: a merged LoRA is exactly low-rank plus rounding noise, so
+    one pass with a few extra columns already spans it.
+    """
     np = _np()
     m, k = d.shape
-    q = min(rank + 8, m, k)
+    q = min(rank + OVERSAMPLE, m, k)
     basis, _ = np.linalg.qr(d @ np.random.default_rng(0).standard_normal((k, q)).astype(np.float32))
-    if time.monotonic() > deadline:
-        raise OutOfTime
-    basis, _ = np.linalg.qr(d @ (d.T @ basis))
     ub, s, vt = np.linalg.svd((basis.T @ d).astype(np.float64), full_matrices=False)
     return (basis.astype(np.float64) @ ub)[:, :rank] * s[:rank], vt[:rank]
 
@@ -176,45 +195,39 @@ def quantize(p, f) -> tuple[object, object, int]:
 
 
 def encode(base, new, dtype: str, shape, rank: int, deadline: float) -> bytes | None:
-    """A ``lowrank-fixed`` delta of rank ``rank`` that rebuilds ``new`` exactly (a patch holds what the factors miss),
-    or None when it is not done by ``deadline`` (`time.monotonic`), or its patch would hold over 1/8 of the elements."""
+    """A ``lowrank-fixed`` delta of rank ``rank`` that rebuilds ``new`` exactly, or None when it is not done by
+    ``deadline`` (`time.monotonic`) or the factors do not fit (non-finite values, a scale out of range)."""
     np = _np()
-    m, k, item = _matrix(dtype, shape)
+    m, k = shape[0], math.prod(shape[1:])
+    d = _as_f32(new, dtype).reshape(m, k) - _as_f32(base, dtype).reshape(m, k)
+    if not np.isfinite(d).all():
+        return None
+    a, b, e = quantize(*_factors(d, min(rank, MAX_RANK, m, k)))
+    del d
+    if not E_RANGE[0] <= e <= E_RANGE[1] or time.monotonic() > deadline:
+        return None
     try:
-        d = _change_f32(base, new, dtype, m, k)
-        if not np.isfinite(d).all():
-            return None
-        a, b, e = quantize(*_factors(d, min(rank, MAX_RANK, m, k), deadline))
-        del d
-        if not E_RANGE[0] <= e <= E_RANGE[1]:
-            return None
-        new_bits = np.frombuffer(new, f"<u{item}")
-        bad = _mismatches(base, new_bits, a, b, e, dtype, k, deadline)
+        residual = _residual(base, new, a, b, e, dtype, deadline)
     except OutOfTime:
         return None
-    if bad.size * MAX_PATCH > new_bits.size:
-        return None
-    return pack(a, b, e, encode_patch(bad, new_bits[bad].tobytes(), m * k, item))
+    return _HEAD.pack(MAGIC, m, k, a.shape[1], e) + a.astype("<i4").tobytes() + b.astype("<i4").tobytes() + residual
 
 
-def _mismatches(base, new_bits, a, b, e: int, dtype: str, k: int, deadline: float):
-    """Indices of the elements the exact rebuild does not reproduce, a block of rows at a time, in the frame pool."""
-    np = _np()
+def _residual(base, new, a, b, e: int, dtype: str, deadline: float) -> bytes:
+    """Each frame of ``new`` coded against its prediction, the frames in the pool (OutOfTime past ``deadline``)."""
     from fmhub.tensorio import ordered
 
     item = ITEMSIZE[dtype]
-    m = a.shape[0]
-    rows = max(1, ROWS_PER_STEP // k)
-    view = memoryview(base).cast("B")
+    layout = planes.layout_for(dtype, len(new))
+    base, new = memoryview(base).cast("B"), memoryview(new).cast("B")
 
-    def job(i: int, j: int):
-        def run():
+    def job(at: int, n: int):
+        def run() -> bytes:
             if time.monotonic() > deadline:
                 raise OutOfTime
-            bits = rebuild(view[i * k * item : j * k * item], a[i:j], b, e, dtype)
-            return np.flatnonzero(bits != new_bits[i * k : j * k]) + i * k
+            guess = _predict_run(base[at : at + n], a, b, e, dtype, item, at, n)
+            return planes.encode_frame(new[at : at + n], guess, layout)
 
         return run
 
-    found = list(ordered(job(i, min(m, i + rows)) for i in range(0, m, rows)))
-    return np.concatenate(found) if found else np.empty(0, np.int64)
+    return b"".join(ordered(job(at, n) for at, n in layout.frames()))

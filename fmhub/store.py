@@ -19,15 +19,16 @@ import hashlib
 import os
 import queue
 import struct
-import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Sequence
 
 from fmhub.errors import CorruptObject, FmhubError, MissingObject, MissingPackBase, StoreWriteError
+
+if TYPE_CHECKING:  # imported where used: git starts the filter for every command, and most need neither
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 CHUNK = 1 << 20
 SPILL_BYTES = 64 << 20  # an object larger than this is streamed to a temp file instead of buffered
@@ -110,6 +111,7 @@ class ObjectStore:
         self._pending: deque[tuple[Future, int]] = deque()
         self._pending_bytes = 0
         self._pending_oids: set[str] = set()
+        self._pending_lock = threading.Lock()
         # one packed object rebuilt at a time: a rebuild holds a few copies of a tensor (up to 2 GiB) in memory
         self._rebuild_lock = threading.Lock()
 
@@ -325,6 +327,8 @@ class ObjectStore:
         """A packed object rebuilt into an anonymous file in tmp/ (no name: nothing to clean up), at offset 0."""
         with self._rebuild_lock:
             data = self._rebuild(oid)
+            import tempfile
+
             try:
                 f = tempfile.TemporaryFile(dir=self.tmp_dir(), prefix="unpacked-", buffering=buffering)
             except OSError as exc:
@@ -437,6 +441,8 @@ class ObjectStore:
         return d
 
     def _new_temp(self) -> tuple[int, str]:
+        import tempfile
+
         return tempfile.mkstemp(dir=self.tmp_dir(), prefix="obj-")
 
     def _publish(self, tmp_path: str, oid: str) -> None:
@@ -490,37 +496,49 @@ class ObjectStore:
         """Run a write in the background so fsync overlaps with reading the next tensor.
 
         ``nbytes`` is what the write holds in memory, ``size`` the object's size (more, when it spilled to a file).
+        Safe to call from several threads (the clean filter stores tensors two at a time).
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmhub-store")
-            self._small_pool = ThreadPoolExecutor(max_workers=SMALL_WRITERS, thread_name_prefix="fmhub-store-small")
-        while self._pending and self._pending_bytes + nbytes > MAX_PENDING_BYTES:
-            self._wait_oldest()
-        self._pending_oids.add(oid)
-        # big objects (tensors) one at a time, as before; a run of small ones (a dataset's ~64 KiB chunks)
-        # would otherwise wait on one fsync each, which costs more than chunking and hashing them
-        small = (nbytes if size is None else size) <= SMALL_OBJECT
-        pool = self._small_pool if small and self._small_pool is not None else self._pool
-        self._pending.append((pool.submit(fn), nbytes))
-        self._pending_bytes += nbytes
+        from concurrent.futures import ThreadPoolExecutor
 
-    def _wait_oldest(self) -> None:
-        fut, nbytes = self._pending.popleft()
-        self._pending_bytes -= nbytes
+        with self._pending_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmhub-store")
+                self._small_pool = ThreadPoolExecutor(max_workers=SMALL_WRITERS, thread_name_prefix="fmhub-store-small")
+        while self._wait_oldest(lambda: self._pending_bytes + nbytes > MAX_PENDING_BYTES):
+            pass
+        with self._pending_lock:
+            self._pending_oids.add(oid)
+            # big objects (tensors) one at a time, as before; a run of small ones (a dataset's ~64 KiB chunks)
+            # would otherwise wait on one fsync each, which costs more than chunking and hashing them
+            small = (nbytes if size is None else size) <= SMALL_OBJECT
+            pool = self._small_pool if small and self._small_pool is not None else self._pool
+            self._pending.append((pool.submit(fn), nbytes))
+            self._pending_bytes += nbytes
+
+    def _wait_oldest(self, needed=lambda: True) -> bool:
+        """Wait for the oldest pending write, if any and if ``needed()``; whether there was one to wait for."""
+        with self._pending_lock:
+            if not self._pending or not needed():
+                return False
+            fut, nbytes = self._pending.popleft()
+            self._pending_bytes -= nbytes
         try:
             fut.result()
         except OSError as exc:
             raise _as_user_error(exc, self.path) from None
+        return True
 
     def flush(self) -> None:
         """Wait until every object written so far is durable and visible; re-raise a write's error."""
         error: BaseException | None = None
-        while self._pending:
+        while True:
             try:
-                self._wait_oldest()
+                if not self._wait_oldest():
+                    break
             except BaseException as exc:  # keep draining so no write is left running
                 error = error or exc
-        self._pending_oids.clear()
+        with self._pending_lock:
+            self._pending_oids.clear()
         if error is not None:
             raise _as_user_error(error, self.path)
 

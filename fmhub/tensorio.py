@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from fmhub import planes
 from fmhub.errors import CorruptObject, FmhubError, MissingObject
 from fmhub.manifest import TensorEntry
 from fmhub.store import ObjectStore
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 FRAME = planes.FRAME_BYTES
 FRAMED_LINKS = ("planes", "lowrank", "lowrank-fixed")  # link codecs decoded frame by frame; any other makes the chain whole
@@ -52,6 +54,8 @@ def workers() -> int:
 def pool() -> ThreadPoolExecutor:
     """The process-wide frame pool. Frame jobs never wait on other frame jobs, so sharing it cannot deadlock."""
     global _pool
+    from concurrent.futures import ThreadPoolExecutor
+
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="fmhub-frame")
@@ -126,10 +130,10 @@ class _RawRoot(_Object):
     def __init__(self, store: ObjectStore, oid: str, size: int, what: str) -> None:
         super().__init__(store, oid, what, size)
 
-    def frame_job(self, at: int, n: int) -> Callable[[object | None], Frame]:
-        return lambda _base: pread_exact(self.fd, n, at, self.what)
+    def frame_job(self, at: int, n: int, pos: int) -> tuple[Callable[[object | None], Frame], int]:
+        return (lambda _base: pread_exact(self.fd, n, at, self.what)), pos
 
-    def finish(self) -> None:
+    def finish(self, pos: int) -> None:
         pass
 
 
@@ -144,14 +148,14 @@ class _PlanesObject(_Object):
         except planes.PlanesError as exc:
             self.close()
             raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
-        self.pos = planes.HEADER_SIZE
 
-    def restart(self) -> None:
-        self.pos = planes.HEADER_SIZE
+    def frame_job(self, at: int, n: int, pos: int) -> tuple[Callable[[object | None], Frame], int]:
+        """The job decoding the frame whose record starts at ``pos``, and where the next record starts.
 
-    def frame_job(self, at: int, n: int) -> Callable[[object | None], Frame]:
-        kind, length = self._next_record(n)
-        offset, layout, what, fd = self.pos - length, self.layout, self.what, self.fd
+        Positions belong to the caller, so several walks of one object (a probe beside an encode) never meet.
+        """
+        kind, length = self._record_at(pos, n)
+        offset, layout, what, fd = pos + planes.RECORD_SIZE, self.layout, self.what, self.fd
         if self.root and kind not in planes.BASELESS:
             raise CorruptObject(f"{what} is corrupt: a root object holds a {planes.KIND_NAMES[kind]} frame, which needs a previous version")
 
@@ -162,21 +166,20 @@ class _PlanesObject(_Object):
             except planes.PlanesError as exc:
                 raise CorruptObject(f"{what} is corrupt: frame at byte {at}: {exc}") from None
 
-        return job
+        return job, offset + length
 
-    def _next_record(self, n: int) -> tuple[int, int]:
+    def _record_at(self, pos: int, n: int) -> tuple[int, int]:
         try:
-            kind, length = planes.parse_record(pread_exact(self.fd, planes.RECORD_SIZE, self.pos, self.what))
+            kind, length = planes.parse_record(pread_exact(self.fd, planes.RECORD_SIZE, pos, self.what))
         except planes.PlanesError as exc:
             raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
-        if length > planes.max_payload(n) or self.pos + planes.RECORD_SIZE + length > self.length:
+        if length > planes.max_payload(n) or pos + planes.RECORD_SIZE + length > self.length:
             raise CorruptObject(f"{self.what} is corrupt: a frame record claims {length} bytes, more than its frame or the object holds")
-        self.pos += planes.RECORD_SIZE + length
         return kind, length
 
-    def finish(self) -> None:
-        if self.pos != self.length:
-            raise CorruptObject(f"{self.what} is corrupt: it has {self.length - self.pos} bytes after its last frame")
+    def finish(self, pos: int) -> None:
+        if pos != self.length:
+            raise CorruptObject(f"{self.what} is corrupt: it has {self.length - pos} bytes after its last frame")
 
 
 class _LowRankLink(_Object):
@@ -198,10 +201,10 @@ class _LowRankLink(_Object):
         except ValueError as exc:
             raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
 
-    def frame_job(self, at: int, n: int) -> Callable[[object | None], Frame]:
-        return lambda base: self.decoder.apply(base, at, n)
+    def frame_job(self, at: int, n: int, pos: int) -> tuple[Callable[[object | None], Frame], int]:
+        return (lambda base: self.decoder.apply(base, at, n)), pos
 
-    def finish(self) -> None:
+    def finish(self, pos: int) -> None:
         pass
 
 
@@ -258,14 +261,15 @@ class Chain:
             for at, n in frames_of(self.entry.size):
                 yield (lambda a=at, m=n: view[a : a + m])
             return
-        for obj in self.objects:
-            if isinstance(obj, _PlanesObject):
-                obj.restart()  # each call walks the objects from their first frame
+        positions = [planes.HEADER_SIZE] * len(self.objects)  # each call walks the objects from their first frame
         for at, n in frames_of(self.entry.size):
-            steps = [obj.frame_job(at, n) for obj in self.objects]
+            steps = []
+            for i, obj in enumerate(self.objects):
+                step, positions[i] = obj.frame_job(at, n, positions[i])
+                steps.append(step)
             yield _chained(steps)
-        for obj in self.objects:
-            obj.finish()
+        for obj, pos in zip(self.objects, positions):
+            obj.finish(pos)
 
     def close(self) -> None:
         for obj in self.objects:
@@ -398,14 +402,22 @@ def needs_rebuild(entry: TensorEntry, store: ObjectStore) -> bool:
 # -- writing planes objects -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Coded:
-    """A planes object written to the store: its oid and size, and how many of its frames need no base."""
+    """A planes object encoded into an open writer: commit it to the store, or abort it.
 
-    oid: str
-    size: int
-    frames: int
-    literal: int
+    ``frames`` and ``literal`` (how many frames need no base) tell the caller
+    whether it is worth keeping as a link before anything becomes visible.
+    """
+
+    def __init__(self, writer, frames: int, literal: int) -> None:
+        self._writer, self.frames, self.literal = writer, frames, literal
+        self.size = writer.size
+
+    def commit(self) -> str:
+        return self._writer.commit()
+
+    def abort(self) -> None:
+        self._writer.abort()
 
 
 def write_planes(
@@ -416,7 +428,8 @@ def write_planes(
 
     None, and nothing stored, when the object would exceed ``limit`` bytes, or
     when ``base`` does not rebuild ``base_oid`` (a damaged previous version
-    must not become the foundation of this one).
+    must not become the foundation of this one). The object is not visible
+    until the caller commits it.
     """
     layout = planes.layout_for(dtype, len(data))
     view = memoryview(data).cast("B")
@@ -427,24 +440,28 @@ def write_planes(
             yield _encode_job(view[at : at + n], next(base_jobs) if base_jobs is not None else None, layout)
 
     writer = store.writer()
+    checked = SequentialHash()
     try:
-        coded = _write_frames(writer, jobs(), layout, limit)
-        if coded is None or (base_jobs is not None and _base_differs(base_jobs, coded, base_oid)):
+        counts = _write_frames(writer, jobs(), layout, limit, checked)
+        if base_jobs is not None:
+            next(base_jobs, None)  # lets the chain check that its objects end where their frames do
+        if counts is None or (base_jobs is not None and checked.hexdigest() != base_oid):
             writer.abort()
             return None
-        return Coded(writer.commit(), writer.size, coded[0], coded[1])
+        return Coded(writer, *counts)
     except CorruptObject:  # the previous version's objects do not decode: store this one without them
         writer.abort()
         return None
     except BaseException:
         writer.abort()
         raise
+    finally:
+        checked.close()
 
 
-def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | None) -> tuple[int, int, str] | None:
-    """Write the header and every frame record in order: (frames, frames needing no base, sha256 of the base's
-    frames as decoded); None as soon as the object passes ``limit`` bytes."""
-    checked = hashlib.sha256()
+def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | None, checked: "SequentialHash") -> tuple[int, int] | None:
+    """Write the header and every frame record in order, hashing the base's frames as decoded: (frames, frames
+    needing no base); None as soon as the object passes ``limit`` bytes, or is on course to."""
     frames = literal = done = 0
     writer.write(layout.header())
     for record, before in ordered(jobs):
@@ -453,16 +470,42 @@ def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | No
         literal += record[0] in planes.BASELESS
         done += layout.frame_bytes
         if before is not None:
-            checked.update(memoryview(before).cast("B"))
+            checked.update(before)
         if limit is not None and (writer.size > limit or (frames >= EARLY_FRAMES and writer.size > limit * done / layout.size)):
-            return None  # past the limit, or on course to pass it: incompressible bytes are not encoded to the end
-    return frames, literal, checked.hexdigest()
+            return None  # incompressible bytes are not encoded to the end
+    return frames, literal
 
 
-def _base_differs(base_jobs: Iterator, coded: tuple[int, int, str], base_oid: str | None) -> bool:
-    """Whether the base the frames were coded against is not the version it claims to be."""
-    next(base_jobs, None)  # lets the chain check that its objects end where their frames do
-    return coded[2] != base_oid
+class SequentialHash:
+    """The sha256 of buffers given in order, computed on a thread of its own (hashlib releases the GIL), so that
+    the thread feeding it goes on with other work."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._todo: queue.Queue = queue.Queue(maxsize=2 * DEPTH_PER_WORKER * workers())
+        self._thread: threading.Thread | None = None
+
+    def update(self, data) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fmhub-hash", daemon=True)
+            self._thread.start()
+        self._todo.put(data)
+
+    def _run(self) -> None:
+        while (data := self._todo.get()) is not self._END:
+            self._h.update(memoryview(data).cast("B"))
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._todo.put(self._END)
+            self._thread.join()
+            self._thread = None
 
 
 def _encode_job(new: memoryview, base_job: Callable[[], Frame] | None, layout: planes.Layout) -> Callable[[], tuple[bytes, object | None]]:
@@ -492,8 +535,8 @@ def copy_tensors(store: ObjectStore, entries: list[TensorEntry], out, label: str
     frames = ordered(jobs())
     try:
         for i, e in enumerate(entries):
-            h, got = hashlib.sha256(), 0
-            while got < e.size:
+            h, got = SequentialHash(), 0
+            while got < e.size:  # the hash thread and git's pipe take each frame at the same time
                 view = memoryview(next(frames)).cast("B")
                 h.update(view)
                 out.write(view)

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from typing import TYPE_CHECKING
 
 from fmhub import hookimpl
 from fmhub.interfaces import AccessRequest, Decision
-from fmhub.policy import POLICY_FILE, Policy, PolicyError, parse_policy
+
+if TYPE_CHECKING:
+    from fmhub.policy import Policy, PolicyError
+
+# `fmhub.policy.POLICY_FILE`, spelled out: the parser (pydantic, yaml) is imported only when a
+# policy file exists, so a check in git's filter process without one costs a failed open
+POLICY_FILE = ".fmhub/policy.yaml"
 
 
 class RolePolicy:
@@ -25,6 +32,8 @@ class RolePolicy:
         self._lock = threading.Lock()
 
     def _policy(self, data: bytes) -> Policy | PolicyError:
+        from fmhub.policy import PolicyError, parse_policy
+
         key = hashlib.sha256(data).digest()
         with self._lock:
             hit = self._parsed.get(key)
@@ -46,7 +55,7 @@ class RolePolicy:
         if data is None:
             return None
         policy = self._policy(data)
-        if isinstance(policy, PolicyError):
+        if isinstance(policy, Exception):  # a PolicyError
             return Decision(False, f"the access policy is broken, so access is denied until it is fixed: {policy}",
                             policy=self.name)
         verdict, column = policy.decide(request.principal, request.action, request.path, request.tensor, request.column)
@@ -67,7 +76,7 @@ class RolePolicy:
         if data is None:
             return None
         policy = self._policy(data)
-        if isinstance(policy, PolicyError):
+        if isinstance(policy, Exception):  # a PolicyError
             return lambda _row: False  # fail closed (check() has already refused the file; this is belt and braces)
         return policy.row_filter(request.principal, request.path)
 

@@ -450,17 +450,19 @@ def test_a_byte_tensor_spanning_frames_round_trips(store):
 def test_store_writer_gives_the_bytes_of_encode_object(store, four_frames):
     old, new = four_frames
     coded = tensorio.write_planes(store, old, "F32", None)
+    oid = coded.commit()  # nothing is visible before the caller commits
     store.flush()
-    with open(store.object_path(coded.oid), "rb") as f:
+    with open(store.object_path(oid), "rb") as f:
         assert f.read() == planes.encode_object(old, None, "F32")
     root = TensorEntry(
-        "w", "F32", (len(old) // 4,), len(old), sha(old), root=coded.oid, root_codec="planes", root_size=coded.size
+        "w", "F32", (len(old) // 4,), len(old), sha(old), root=oid, root_codec="planes", root_size=coded.size
     )
     chain = tensorio.Chain(store, root)
     try:
         coded = tensorio.write_planes(store, new, "F32", chain, base_oid=root.oid)
     finally:
         chain.close()
+    coded.oid = coded.commit()
     store.flush()
     assert (coded.frames, coded.literal) == (4, 1)
     with open(store.object_path(coded.oid), "rb") as f:
