@@ -90,13 +90,21 @@ def fmhub_data_formats() -> list[DataFormat]:
 def fmhub_delta_codecs() -> list[DeltaCodec]:
     """Return codecs that store a changed tensor as a delta against its previous version.
 
-    :return: a list of `fmhub.interfaces.DeltaCodec` objects. When a tensor
-        changes and delta storage is on (``git config fmhub.deltas true``), the
-        clean filter asks every codec to ``encode`` the change and keeps the
-        smallest delta that is under half the tensor's size (else the whole
-        tensor). fmhub ships ``sparse`` (changed elements only), ``xor-zlib``
-        (bitwise XOR, compressed) and ``lowrank`` (factors P·F plus a patch:
-        a LoRA merged into its base).
+    :return: a list of `fmhub.interfaces.DeltaCodec` objects. fmhub ships
+        ``planes`` (frames coded as unchanged, changed elements, or a zigzag
+        difference in byte planes, zstd where it pays: what the clean filter
+        writes), ``lowrank-fixed`` (integer low-rank factors plus a residual
+        in planes frames: a LoRA merged into its base; tried by the clean
+        filter only when a rank probe says so), ``lowrank`` (float factors:
+        `fmhub adapter merge` and storage within a tolerance), and, to read
+        older repositories, ``sparse`` and ``xor-zlib``.
+
+    The clean filter does not try every codec on every changed tensor (that
+    cost tens of times git-lfs's time at 1 GiB): it codes the change with
+    ``planes``, at about the speed of memory. Every installed codec is asked
+    to ``encode`` by `fmhub repack` and when the user set a tolerance or
+    ``fmhub.lowrank.strict``; the smallest delta under half the tensor wins.
+    Any installed codec decodes the links that name it.
 
     A codec's ``name`` is written into manifests (``delta NAME ...``); renaming
     it makes those manifests unreadable. Decoding must give back the exact
