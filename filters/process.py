@@ -117,8 +117,9 @@ class FilterServer:
         audit.record(what, path, decision, details)
 
     def _clean(self, reader: PktReader, path: str) -> None:
+        staged = staged_blob(path, MAX_MANIFEST_BYTES)
         try:
-            result = checkpoint.clean(reader, self.store, path, previous=self._staged_manifest(path), deltas=self.deltas)
+            result = checkpoint.clean(reader, self.store, path, previous=self._staged_manifest(path, staged), deltas=self.deltas)
         except FmhubError as exc:
             reader.drain()
             return self._fail(path, str(exc), "clean", exc)
@@ -129,11 +130,11 @@ class FilterServer:
         PktWriter(self.proto, self._out).write(result)
         self.proto.write_pkt_line(None)
         self._send_list()
-        self._record("clean", path, "ok", audit.manifest_facts(result))
+        if result != staged:  # git re-cleans unchanged files to check their status: that stores nothing, records nothing
+            self._record("clean", path, "ok", audit.manifest_facts(result))
 
-    def _staged_manifest(self, path: str) -> Manifest | None:
-        """The manifest git's index holds for ``path``: clean compares against it to skip unchanged tensors."""
-        data = staged_blob(path, MAX_MANIFEST_BYTES)
+    def _staged_manifest(self, path: str, data: bytes | None) -> Manifest | None:
+        """The manifest git's index holds for ``path`` (``data``): clean compares against it to skip unchanged tensors."""
         if data is None or not is_manifest(data):
             return None
         try:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fmhub.interfaces import CheckpointFormat, Layout
 
 SNIFF_BYTES = 16
-MAX_BUFFERED = 256 << 20  # tensors read ahead of the one being stored, at most (or one tensor, if bigger)
+MAX_BUFFERED = 128 << 20  # tensors read ahead of the one being stored, at most (or one tensor, if bigger)
 SINK_THREADS = 2  # tensors stored at the same time
 POOL_HASH_BYTES = 1 << 20  # tensors this big are hashed on a pool thread as soon as they are read
 

@@ -202,7 +202,7 @@ def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry,
         return None  # the previous version cannot be rebuilt here: this version does not depend on it
     try:
         probe = pool().submit(_probe, base, data, entry) if _worth_probing(entry) else None
-        coded = write_planes(store, data, entry.dtype, base, base_oid=old.oid)
+        coded = write_planes(store, data, entry.dtype, base)
         rank = probe.result() if probe is not None else None
     finally:
         base.close()

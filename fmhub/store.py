@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # imported where used: git starts the filter for every comman
     from concurrent.futures import Future, ThreadPoolExecutor
 
 CHUNK = 1 << 20
-SPILL_BYTES = 64 << 20  # an object larger than this is streamed to a temp file instead of buffered
+SPILL_BYTES = 16 << 20  # an object larger than this is streamed to a temp file instead of buffered
 MAX_PENDING_BYTES = 128 << 20  # buffered bytes awaiting their background write, at most
 COPY_CHUNK = 4 << 20  # read size when copying objects out
 COPY_DEPTH = 4  # buffers in flight between the reading thread and the writer

@@ -89,6 +89,15 @@ def frames_of(size: int) -> list[tuple[int, int]]:
     return [(at, min(FRAME, size - at)) for at in range(0, size, FRAME)]
 
 
+def _read_ahead(fd: int) -> None:
+    """Ask the kernel to read the whole object in now: frames are read out of order by several threads, which
+    defeats its own read-ahead, and every byte of the object will be needed (a cold cache costs seeks otherwise)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass  # not on this platform: only slower
+
+
 def pread_exact(fd: int, n: int, at: int, what: str) -> bytes:
     """``n`` bytes at offset ``at``; CorruptObject naming ``what`` when the file ends first."""
     parts, got = [], 0
@@ -116,6 +125,7 @@ class _Object:
             raise MissingObject(f"{what}: object sha256:{oid} is not in the store {store.path}; fetch it (`fmhub fsck` lists what is missing)") from None
         self.fd = self.file.fileno()
         self.length = os.fstat(self.fd).st_size
+        _read_ahead(self.fd)
         if length is not None and self.length != length:
             self.close()
             raise CorruptObject(f"{self.what} is corrupt: it holds {self.length} bytes, not the {length} its manifest declares")
@@ -309,8 +319,8 @@ def stream_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> It
     """``(offset, frame bytes)`` of a tensor in order, decoded in parallel; CorruptObject after the last frame if the
     bytes do not hash to the entry's oid (the caller must then treat what it wrote as failed)."""
     chain = Chain(store, entry, label)
+    h = SequentialHash()  # on its own thread, beside whatever the caller does with the frames
     try:
-        h = hashlib.sha256()
         at = 0
         for data in ordered(chain.jobs()):
             view = memoryview(data).cast("B")
@@ -320,6 +330,7 @@ def stream_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> It
         if at != entry.size or h.hexdigest() != entry.oid:
             raise CorruptObject(f"{chain.what} is corrupt: its objects do not rebuild sha256:{entry.oid}; run `fmhub fsck`")
     finally:
+        h.close()
         chain.close()
 
 
@@ -420,32 +431,32 @@ class Coded:
         self._writer.abort()
 
 
-def write_planes(
-    store: ObjectStore, data: bytes | bytearray, dtype: str, base: Chain | None, base_oid: str | None = None,
-    limit: int | None = None,
-) -> Coded | None:
+def write_planes(store: ObjectStore, data: bytes | bytearray, dtype: str, base: Chain | None, limit: int | None = None) -> Coded | None:
     """Encode ``data`` as a planes object, frames in parallel, against ``base`` (the previous version's chain) or alone.
 
-    None, and nothing stored, when the object would exceed ``limit`` bytes, or
-    when ``base`` does not rebuild ``base_oid`` (a damaged previous version
-    must not become the foundation of this one). The object is not visible
+    None, and nothing stored, when the object would exceed ``limit`` bytes or
+    the previous version's objects do not decode. The object is not visible
     until the caller commits it.
+
+    The base is not checked against its own oid here: a link is made against
+    the bytes the base's objects decode to, and decoding is deterministic, so
+    the link rebuilds this version from those same objects whatever they
+    hold; every checkout checks the result against this version's oid.
     """
     layout = planes.layout_for(dtype, len(data))
     view = memoryview(data).cast("B")
     base_jobs = base.jobs() if base is not None else None
 
-    def jobs() -> Iterator[Callable[[], tuple[bytes, object | None]]]:
+    def jobs() -> Iterator[Callable[[], bytes]]:
         for at, n in frames_of(len(data)):
             yield _encode_job(view[at : at + n], next(base_jobs) if base_jobs is not None else None, layout)
 
     writer = store.writer()
-    checked = SequentialHash()
     try:
-        counts = _write_frames(writer, jobs(), layout, limit, checked)
+        counts = _write_frames(writer, jobs(), layout, limit)
         if base_jobs is not None:
             next(base_jobs, None)  # lets the chain check that its objects end where their frames do
-        if counts is None or (base_jobs is not None and checked.hexdigest() != base_oid):
+        if counts is None:
             writer.abort()
             return None
         return Coded(writer, *counts)
@@ -455,22 +466,18 @@ def write_planes(
     except BaseException:
         writer.abort()
         raise
-    finally:
-        checked.close()
 
 
-def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | None, checked: "SequentialHash") -> tuple[int, int] | None:
-    """Write the header and every frame record in order, hashing the base's frames as decoded: (frames, frames
-    needing no base); None as soon as the object passes ``limit`` bytes, or is on course to."""
+def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | None) -> tuple[int, int] | None:
+    """Write the header and every frame record in order: (frames, frames needing no base); None as soon as the
+    object passes ``limit`` bytes, or is on course to."""
     frames = literal = done = 0
     writer.write(layout.header())
-    for record, before in ordered(jobs):
+    for record in ordered(jobs):
         writer.write(record)
         frames += 1
         literal += record[0] in planes.BASELESS
         done += layout.frame_bytes
-        if before is not None:
-            checked.update(before)
         if limit is not None and (writer.size > limit or (frames >= EARLY_FRAMES and writer.size > limit * done / layout.size)):
             return None  # incompressible bytes are not encoded to the end
     return frames, literal
@@ -508,10 +515,9 @@ class SequentialHash:
             self._thread = None
 
 
-def _encode_job(new: memoryview, base_job: Callable[[], Frame] | None, layout: planes.Layout) -> Callable[[], tuple[bytes, object | None]]:
-    def job() -> tuple[bytes, object | None]:
-        before = base_job() if base_job is not None else None
-        return planes.encode_frame(new, before, layout), before
+def _encode_job(new: memoryview, base_job: Callable[[], Frame] | None, layout: planes.Layout) -> Callable[[], bytes]:
+    def job() -> bytes:
+        return planes.encode_frame(new, base_job() if base_job is not None else None, layout)
 
     return job
 

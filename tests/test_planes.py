@@ -459,7 +459,7 @@ def test_store_writer_gives_the_bytes_of_encode_object(store, four_frames):
     )
     chain = tensorio.Chain(store, root)
     try:
-        coded = tensorio.write_planes(store, new, "F32", chain, base_oid=root.oid)
+        coded = tensorio.write_planes(store, new, "F32", chain)
     finally:
         chain.close()
     coded.oid = coded.commit()
@@ -469,13 +469,30 @@ def test_store_writer_gives_the_bytes_of_encode_object(store, four_frames):
         assert f.read() == planes.encode_object(new, old, "F32")
 
 
-def test_writer_refuses_to_link_to_a_base_that_does_not_rebuild(store):
-    # a damaged previous version must not become the foundation of the next one
-    old, other = floats(2048, 1), floats(2048, 2)
+def test_a_link_rebuilds_from_what_its_base_objects_decode_to(store):
+    # the base is used as its objects decode, even when that is not the oid its entry names (a lying manifest):
+    # the link then rebuilds the new version from those same objects, and the new version's own oid is checked
+    old, other, new = floats(2048, 1), floats(2048, 2), floats(2048, 3)
     root = coded_root(store, old, planes.encode_object(other, None, "F32"))  # decodes, but to other bytes
     chain = tensorio.Chain(store, root)
     try:
-        assert tensorio.write_planes(store, floats(2048, 3), "F32", chain, base_oid=root.oid) is None
+        coded = tensorio.write_planes(store, new, "F32", chain)
+    finally:
+        chain.close()
+    link = linked(store, root, new, planes.encode_object(new, other, "F32"))
+    assert coded.size == link.storage()[-1][1]
+    coded.abort()
+    assert read(store, link) == new
+
+
+def test_writer_refuses_to_link_to_a_base_that_does_not_decode(store):
+    old = floats(2048, 1)
+    obj = bytearray(planes.encode_object(old, None, "F32"))
+    obj[planes.HEADER_SIZE] = 9  # an unknown frame kind
+    root = coded_root(store, old, bytes(obj))
+    chain = tensorio.Chain(store, root)
+    try:
+        assert tensorio.write_planes(store, floats(2048, 3), "F32", chain) is None
     finally:
         chain.close()
 
