@@ -26,6 +26,7 @@ float matrix that cannot be stored that way fails the add.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Mapping
@@ -44,6 +45,7 @@ MAX_DELTA_TENSOR_BYTES = 2 << 30  # bigger tensors are stored whole: the in-memo
 MIN_CODED_BYTES = 1024  # smaller tensors are stored as they are: an encoded object would save nothing worth a file
 CODED_PAYS = 0.98  # a planes root is kept only below this fraction of the tensor's size
 LOWRANK_NS_PER_BYTE = 40  # time a low-rank encode may take per byte of tensor before it is abandoned
+_LOWRANK_ONE_AT_A_TIME = threading.Lock()
 LOWRANK_MUST_BEAT = 0.1  # a change the planes code under this fraction of its size is not worth a low-rank attempt
 
 
@@ -251,12 +253,13 @@ def _lowrank_delta(store: ObjectStore, data, entry: TensorEntry, old: TensorEntr
     from fmhub import lowrank_fixed
     from fmhub.tensorio import read_tensor
 
-    deadline = time.monotonic() + LOWRANK_NS_PER_BYTE * entry.size * 1e-9
-    try:
-        whole = read_tensor(store, old)
-    except FmhubError:
-        return None
-    delta = lowrank_fixed.encode(whole, data, entry.dtype, entry.shape, rank, deadline)
+    with _LOWRANK_ONE_AT_A_TIME:  # it holds the change in float32 and uses every core through BLAS
+        deadline = time.monotonic() + LOWRANK_NS_PER_BYTE * entry.size * 1e-9
+        try:
+            whole = read_tensor(store, old)
+        except FmhubError:
+            return None
+        delta = lowrank_fixed.encode(whole, data, entry.dtype, entry.shape, rank, deadline)
     return delta if delta is not None and len(delta) < beat else None
 
 

@@ -164,16 +164,31 @@ def _as_f32(data, dtype: str):
     return np.frombuffer(data, {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).astype(np.float32)
 
 
+def _change_f32(base, new, dtype: str, m: int, k: int):
+    """``new - base`` as an m x k float32 matrix, a block of rows at a time: the change is held once, no more."""
+    np = _np()
+    item = ITEMSIZE[dtype]
+    out = np.empty((m, k), np.float32)
+    rows = max(1, (1 << 20) // k)
+    for i in range(0, m, rows):
+        j = min(m, i + rows)
+        lo, hi = i * k * item, j * k * item
+        np.subtract(_as_f32(new[lo:hi], dtype).reshape(j - i, k), _as_f32(base[lo:hi], dtype).reshape(j - i, k), out=out[i:j])
+    return out
+
+
 def _factors(d, rank: int):
     """Rank-``rank`` float factors of ``d`` by a seeded randomized range finder (float32 BLAS).
 
-    No power iteration: a merged LoRA is exactly low-rank plus rounding noise, so
-    one pass with a few extra columns already spans it.
+    One power iteration: without it the rounding noise of a merged LoRA tilts the
+    subspace enough that half the elements are mispredicted (measured: 53 % vs
+    9.6 %, the same as an exact SVD, with it); a second one changes nothing.
     """
     np = _np()
     m, k = d.shape
     q = min(rank + OVERSAMPLE, m, k)
     basis, _ = np.linalg.qr(d @ np.random.default_rng(0).standard_normal((k, q)).astype(np.float32))
+    basis, _ = np.linalg.qr(d @ (d.T @ basis))
     ub, s, vt = np.linalg.svd((basis.T @ d).astype(np.float64), full_matrices=False)
     return (basis.astype(np.float64) @ ub)[:, :rank] * s[:rank], vt[:rank]
 
@@ -199,7 +214,7 @@ def encode(base, new, dtype: str, shape, rank: int, deadline: float) -> bytes | 
     ``deadline`` (`time.monotonic`) or the factors do not fit (non-finite values, a scale out of range)."""
     np = _np()
     m, k = shape[0], math.prod(shape[1:])
-    d = _as_f32(new, dtype).reshape(m, k) - _as_f32(base, dtype).reshape(m, k)
+    d = _change_f32(base, new, dtype, m, k)
     if not np.isfinite(d).all():
         return None
     a, b, e = quantize(*_factors(d, min(rank, MAX_RANK, m, k)))
