@@ -26,12 +26,14 @@ import os
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from fmhub.errors import FmhubError, MergeConflict
 
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
     from datetime import datetime
+    from typing import Any, Iterator, Mapping, Optional
+
 
 # datetime, hmac, fnmatch and urllib are imported where used: `record` runs in git's filter
 # process, once per git command, and needs none of them.
@@ -195,6 +197,8 @@ class Problem:
 
 @dataclasses.dataclass
 class VerifyResult:
+    """What `verify` found: the log, how many entries, its head, and the first problem if any."""
+
     path: str
     entries: int = 0
     head_seq: int = 0
@@ -407,6 +411,8 @@ def resolve_anchor(text: str, cwd: Optional[str] = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
+    """Where this repository's audit log is, whether it is on, and who is acting."""
+
     path: str  # where the log is (or would be)
     enabled: bool
     who: str

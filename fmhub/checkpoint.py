@@ -12,25 +12,37 @@ import hashlib
 import io
 import queue
 import threading
-from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
 
 from fmhub import host
 from fmhub.deltas import PLAIN, DeltaPolicy, store_tensor
-from fmhub.errors import CorruptCheckpoint, CorruptObject, FmhubError, ManifestError, MissingObject, StoreWriteError
+from fmhub.errors import (
+    CorruptCheckpoint,
+    CorruptObject,
+    FmhubError,
+    ManifestError,
+    MissingObject,
+    StoreWriteError,
+)
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.store import CHUNK, ObjectStore, copy_objects
 
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
+    from typing import BinaryIO, Callable, Protocol
+
     from fmhub.interfaces import CheckpointFormat, Layout
+
+    class Readable(Protocol):
+        def read(self, n: int) -> bytes: ...
+
+    Fetcher = Callable[[list[tuple[str, int]]], None]
+    """Downloads ``(oid, size)`` objects into the store, verified; raises FmhubError saying why it could not."""
+
 
 SNIFF_BYTES = 16
 MAX_BUFFERED = 128 << 20  # tensors read ahead of the one being stored, at most (or one tensor, if bigger)
 SINK_THREADS = 2  # tensors stored at the same time
 POOL_HASH_BYTES = 1 << 20  # tensors this big are hashed on a pool thread as soon as they are read
-
-
-class Readable(Protocol):
-    def read(self, n: int) -> bytes: ...
 
 
 class _Input:
@@ -320,10 +332,6 @@ def check_objects(manifest: Manifest, store: ObjectStore, path: str, fetch_error
         raise MissingObject(f"{path}: {len(missing)} object(s) missing from the store {store.path}: {shown}; {advice}")
 
 
-Fetcher = Callable[[list[tuple[str, int]]], None]
-"""Downloads ``(oid, size)`` objects into the store, verified; raises FmhubError saying why it could not."""
-
-
 def ensure_objects(manifest: Manifest, store: ObjectStore, path: str, fetch: Fetcher | None = None) -> None:
     """Make sure every object of ``manifest`` is here, downloading just the missing ones with ``fetch`` if given.
 
@@ -410,6 +418,17 @@ def _exact_reader(f: BinaryIO, path: str, what: str = "header object is truncate
         return data
 
     return read_exact
+
+
+def staged_manifest(path: str, data: bytes | None) -> Manifest | None:
+    """The manifest in ``data``, what git's index holds for ``path`` (`fmhub.repo.staged_blob`); None when it holds
+    none, or a broken one: clean compares against it only to store less, so a bad one costs space, never an error."""
+    if data is None or not is_manifest(data):
+        return None
+    try:
+        return Manifest.from_bytes(data, path)
+    except FmhubError:
+        return None
 
 
 def read_manifest(data: bytes, path: str) -> Manifest | None:

@@ -26,12 +26,17 @@ import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
 
 from fmhub.errors import ManifestError
 
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
+    from typing import Callable, Iterator
+
     import numpy as np
+
+    Read = Callable[[int], bytes]  # returns up to n bytes, b"" at the end
+
 
 # numpy is imported inside the functions that hash: the git filter process
 # imports this module (through the manifest) for every git command, most of
@@ -182,9 +187,6 @@ def line_threshold(length: int, chunk_size: int, chunking: Chunking) -> int:
     """
     scaled = length << 30 if chunk_size < chunking.avg_size else length << 34
     return min(1 << 32, scaled // chunking.avg_size)
-
-
-Read = Callable[[int], bytes]
 
 
 def chunk_stream(read: Read, chunking: Chunking, block: int = BLOCK) -> Iterator[tuple[bytes | memoryview, bool]]:

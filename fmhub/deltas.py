@@ -29,15 +29,18 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Mapping
 
 from fmhub import host
 from fmhub.errors import CorruptObject, FmhubError, MissingObject
 from fmhub.manifest import Approx, Delta, TensorEntry
 from fmhub.store import ObjectStore
 
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
+    from typing import Mapping
+
     from fmhub.interfaces import DeltaCodec
+
 
 DEFAULT_MAX_CHAIN = 8
 MAX_RATIO = 0.5  # an exact delta of another codec must be under half the tensor's size to be worth a chain link

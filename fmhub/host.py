@@ -19,12 +19,15 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable
 
-import pluggy
-
-from fmhub import hookspecs
 from fmhub.errors import PluginError
+
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
+if TYPE_CHECKING:
+    from typing import Any, Iterable
+
+    import pluggy
+
 
 ENTRY_POINT_GROUP = "fmhub"
 
@@ -168,81 +171,97 @@ def _entry_points(dist: str) -> list[tuple[str, str]]:
 # -- the manager ----------------------------------------------------------------------------
 
 
-class PluginManager(pluggy.PluginManager):
-    """pluggy's manager, filled from entry points when a kind is asked for (`load`) or all at once (`load_all`)."""
+@functools.lru_cache(maxsize=1)
+def _manager_class() -> type:
+    """`PluginManager`, defined on first use: it subclasses pluggy's, and pluggy (with ``inspect``) costs git's
+    filter more than the clean of a small file; the filter asks for built-in plugins only (`provided`)."""
+    import pluggy
 
-    def __init__(self, entry_points: list[EntryPoint]) -> None:
-        super().__init__(ENTRY_POINT_GROUP)
-        self.add_hookspecs(hookspecs)
-        self._entry_points = entry_points
-        self._loaded: dict[str, tuple[EntryPoint, Any]] = {}  # entry-point name -> (entry point, plugin), registered
-        self._seen: set[str] = set()  # entry points imported or skipped: never loaded twice (unregistered ones stay so)
-        self._others: list[tuple[Any, str | None]] = []  # plugins registered by hand, in order
-        self._lock = threading.RLock()
+    from fmhub import hookspecs
 
-    def register(self, plugin: Any, name: str | None = None) -> str | None:
-        with self._lock:
-            result = super().register(plugin, name)
-            if result is not None:
-                self._others.append((plugin, name))
-            return result
+    class PluginManager(pluggy.PluginManager):
+        """pluggy's manager, filled from entry points when a kind is asked for (`load`) or all at once (`load_all`)."""
 
-    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
-        with self._lock:
-            plugin = super().unregister(plugin, name)
-            self._others = [(p, n) for p, n in self._others if p is not plugin]
-            self._loaded = {k: (ep, p) for k, (ep, p) in self._loaded.items() if p is not plugin}
-            return plugin
+        def __init__(self, entry_points: list[EntryPoint]) -> None:
+            super().__init__(ENTRY_POINT_GROUP)
+            self.add_hookspecs(hookspecs)
+            self._entry_points = entry_points
+            self._loaded: dict[str, tuple[EntryPoint, Any]] = {}  # entry-point name -> (entry point, plugin), registered
+            self._seen: set[str] = set()  # entry points imported or skipped: never loaded twice (unregistered ones stay so)
+            self._others: list[tuple[Any, str | None]] = []  # plugins registered by hand, in order
+            self._lock = threading.RLock()
 
-    def load(self, hooks: Iterable[str]) -> None:
-        """Import and register every plugin that may implement one of ``hooks``."""
-        wanted = set(hooks)
-        self._load([ep for ep in self._entry_points if BUILTIN_HOOKS.get(ep.module, wanted) & wanted])
+        def register(self, plugin: Any, name: str | None = None) -> str | None:
+            with self._lock:
+                result = super().register(plugin, name)
+                if result is not None:
+                    self._others.append((plugin, name))
+                return result
 
-    def load_all(self) -> None:
-        self._load(self._entry_points)
+        def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+            with self._lock:
+                plugin = super().unregister(plugin, name)
+                self._others = [(p, n) for p, n in self._others if p is not plugin]
+                self._loaded = {k: (ep, p) for k, (ep, p) in self._loaded.items() if p is not plugin}
+                return plugin
 
-    def _load(self, entry_points: list[EntryPoint]) -> None:
-        with self._lock:
-            todo = [ep for ep in entry_points if ep.name not in self._seen]
-            # as pluggy's load_setuptools_entrypoints: a name registered by hand or blocked is skipped
-            new = [ep for ep in todo if not self.get_plugin(ep.name) and not self.is_blocked(ep.name)]
-            plugins = [(ep, _import(ep)) for ep in new]  # a plugin that fails to import fails every ask (fail closed)
-            self._seen.update(ep.name for ep in todo)
-            if not new:
-                return
-            rank = {ep.name: i for i, ep in enumerate(self._entry_points)}
-            settled = [(ep, p) for ep, p in self._loaded.values()]
-            if settled and max(rank[ep.name] for ep, _ in settled) > rank[new[0].name] or self._others:
-                self._reregister(sorted(settled + plugins, key=lambda item: rank[item[0].name]))
-                return
+        def load(self, hooks: Iterable[str]) -> None:
+            """Import and register every plugin that may implement one of ``hooks``."""
+            wanted = set(hooks)
+            self._load([ep for ep in self._entry_points if BUILTIN_HOOKS.get(ep.module, wanted) & wanted])
+
+        def load_all(self) -> None:
+            self._load(self._entry_points)
+
+        def _load(self, entry_points: list[EntryPoint]) -> None:
+            with self._lock:
+                todo = [ep for ep in entry_points if ep.name not in self._seen]
+                # as pluggy's load_setuptools_entrypoints: a name registered by hand or blocked is skipped
+                new = [ep for ep in todo if not self.get_plugin(ep.name) and not self.is_blocked(ep.name)]
+                plugins = [(ep, _import(ep)) for ep in new]  # a plugin that fails to import fails every ask (fail closed)
+                self._seen.update(ep.name for ep in todo)
+                if not new:
+                    return
+                rank = {ep.name: i for i, ep in enumerate(self._entry_points)}
+                settled = [(ep, p) for ep, p in self._loaded.values()]
+                if settled and max(rank[ep.name] for ep, _ in settled) > rank[new[0].name] or self._others:
+                    self._reregister(sorted(settled + plugins, key=lambda item: rank[item[0].name]))
+                    return
+                for ep, plugin in plugins:
+                    self._loaded[ep.name] = (ep, plugin)
+                    super().register(plugin, name=ep.name)
+
+        def _reregister(self, plugins: list[tuple[EntryPoint, Any]]) -> None:
+            """Register entry-point plugins in entry-point order, then the ones registered by hand: an eager load's order."""
+            others = self._others
+            for ep, plugin in self._loaded.values():
+                super().unregister(plugin)
+            for plugin, _name in others:
+                super().unregister(plugin)
+            self._loaded = {}
             for ep, plugin in plugins:
                 self._loaded[ep.name] = (ep, plugin)
                 super().register(plugin, name=ep.name)
+            for plugin, name in others:
+                super().register(plugin, name)
 
-    def _reregister(self, plugins: list[tuple[EntryPoint, Any]]) -> None:
-        """Register entry-point plugins in entry-point order, then the ones registered by hand: an eager load's order."""
-        others = self._others
-        for ep, plugin in self._loaded.values():
-            super().unregister(plugin)
-        for plugin, _name in others:
-            super().unregister(plugin)
-        self._loaded = {}
-        for ep, plugin in plugins:
-            self._loaded[ep.name] = (ep, plugin)
-            super().register(plugin, name=ep.name)
-        for plugin, name in others:
-            super().register(plugin, name)
+        def list_plugin_distinfo(self) -> list[tuple[Any, Any]]:
+            """(plugin, distribution) of every plugin loaded from an entry point, as pluggy gives them."""
+            import importlib.metadata
+            import pathlib
 
-    def list_plugin_distinfo(self) -> list[tuple[Any, Any]]:
-        """(plugin, distribution) of every plugin loaded from an entry point, as pluggy gives them."""
-        import importlib.metadata
-        import pathlib
+            from pluggy._manager import DistFacade
 
-        from pluggy._manager import DistFacade
+            return [(plugin, DistFacade(ep.dist or importlib.metadata.PathDistribution(pathlib.Path(ep.dist_path))))
+                    for ep, plugin in self._loaded.values()]
 
-        return [(plugin, DistFacade(ep.dist or importlib.metadata.PathDistribution(pathlib.Path(ep.dist_path))))
-                for ep, plugin in self._loaded.values()]
+    return PluginManager
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PluginManager":
+        return _manager_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _import(ep: EntryPoint) -> Any:
@@ -266,23 +285,28 @@ def _load_error(ep: EntryPoint, exc: Exception) -> PluginError:
     )
 
 
-def new_plugin_manager(load_entry_points: bool = True, lazy: bool = False) -> PluginManager:
+def new_plugin_manager(load_entry_points: bool = True, lazy: bool = False) -> "pluggy.PluginManager":
     """Return a fresh manager with fmhub's hook specs and, by default, every installed plugin.
 
     With ``lazy``, plugins are imported when `registry` (or `PluginManager.load`) asks for their kind.
     """
-    pm = PluginManager(discover() if load_entry_points else [])
+    pm = _manager_class()(_discovered() if load_entry_points else [])
     if not lazy:
         pm.load_all()
     return pm
 
 
 @functools.lru_cache(maxsize=1)
-def _shared() -> PluginManager:
+def _discovered() -> list[EntryPoint]:
+    return discover()
+
+
+@functools.lru_cache(maxsize=1)
+def _shared() -> "pluggy.PluginManager":
     return new_plugin_manager(lazy=True)
 
 
-def plugin_manager() -> PluginManager:
+def plugin_manager() -> "pluggy.PluginManager":
     """The process-wide manager, with every plugin loaded (plugins are loaded once per process)."""
     pm = _shared()
     pm.load_all()
@@ -291,6 +315,8 @@ def plugin_manager() -> PluginManager:
 
 @dataclass(frozen=True)
 class Provided:
+    """One object a plugin provides: its kind, its name, the plugin's name, and the object."""
+
     kind: str
     name: str
     plugin: str
@@ -299,9 +325,13 @@ class Provided:
 
 def provided(pm: pluggy.PluginManager | None = None, kinds: Iterable[str] | None = None) -> list[Provided]:
     """Everything every plugin provides (of ``kinds``, default all), in hook-call order, with the providing plugin's name."""
-    pm = pm or _shared()
     hooks = [hook for hook, kind in KINDS.items() if kinds is None or kind in kinds]
-    if isinstance(pm, PluginManager):
+    if pm is None and _shared.cache_info().currsize == 0:
+        direct = _built_in_only(hooks)
+        if direct is not None:
+            return direct
+    pm = pm or _shared()
+    if isinstance(pm, _manager_class()):
         pm.load(hooks)
     out: list[Provided] = []
     for hook_name in hooks:
@@ -310,6 +340,22 @@ def provided(pm: pluggy.PluginManager | None = None, kinds: Iterable[str] | None
         for impl in reversed(hook.get_hookimpls()):
             for obj in impl.function() or []:
                 out.append(Provided(KINDS[hook_name], obj.name, impl.plugin_name, obj))
+    return out
+
+
+def _built_in_only(hooks: list[str]) -> list[Provided] | None:
+    """What `provided` gives, without pluggy, when only built-in plugins may implement ``hooks`` and no manager
+    exists yet (nothing registered by hand): each plugin's hook called directly, in pluggy's call order (the
+    reverse of registration, which follows entry-point order; built-ins use no tryfirst/trylast). None otherwise."""
+    wanted = set(hooks)
+    eps = [ep for ep in _discovered() if BUILTIN_HOOKS.get(ep.module, wanted) & wanted]
+    if any(ep.module not in BUILTIN_HOOKS for ep in eps):
+        return None  # a third-party plugin: pluggy's own rules (and its checks) apply
+    out: list[Provided] = []
+    for hook_name in hooks:
+        for ep in reversed([ep for ep in eps if hook_name in BUILTIN_HOOKS[ep.module]]):
+            for obj in getattr(_import(ep), hook_name)() or []:
+                out.append(Provided(KINDS[hook_name], obj.name, ep.name, obj))
     return out
 
 

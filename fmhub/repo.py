@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from typing import TYPE_CHECKING
 
 from fmhub.errors import FmhubError
 
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
     from fmhub.store import ObjectStore
 
@@ -194,7 +194,9 @@ def local_remote_stores(gitdir: str) -> list[str]:
     out = git("config", "--get-regexp", r"^remote\..*\.url$", cwd=gitdir, check=False)
     stores = []
     for line in out.splitlines():
-        from urllib.parse import urlparse  # here: most filter runs are in repositories without remotes
+        from urllib.parse import (
+            urlparse,  # here: most filter runs are in repositories without remotes
+        )
 
         _key, _, url = line.partition(" ")
         parsed = urlparse(url)

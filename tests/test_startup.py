@@ -304,7 +304,7 @@ def test_filter_of_a_non_editable_install(tmp_path, monkeypatch):
     install_dist(site, "fmhub", eps)
     mark = tmp_path / "imported-from"
     with open(site / "fmhub" / "__init__.py", "a") as f:  # say where the filter imports fmhub from
-        f.write(f"\nimport os as _os\nif _os.environ.get('FMHUB_TEST_MARK'):\n    open(_os.environ['FMHUB_TEST_MARK'], 'a').write(__file__ + '\\n')\n")
+        f.write("\nimport os as _os\nif _os.environ.get('FMHUB_TEST_MARK'):\n    open(_os.environ['FMHUB_TEST_MARK'], 'a').write(__file__ + '\\n')\n")
 
     path = venv_repo(tmp_path, python)
     assert shlex.split(filter_command(path))[2] == str(site / "fmhub" / "boot.py")
