@@ -1313,6 +1313,9 @@ def test_checkout_of_a_manifest_lying_about_a_roots_size_fails(committed):
     proc = git(repo, "checkout", "--", CKPT, check=False)
     assert_one_clear_error(proc, CKPT, "'emb'", str(root_size + 1))
     assert not (repo / CKPT).exists()
+    report = fmhub(repo, "fsck", check=False)  # fsck compares every object's size with what the manifests declare
+    said = " ".join((report.stdout + report.stderr).decode().split())  # rich wraps long lines
+    assert report.returncode != 0 and f"is {root_size} bytes but the manifest declares {root_size + 1}" in said
 
 
 @pytest.mark.parametrize("codec", [b"zstd", b"xor-zlib"], ids=["not installed", "not a root codec"])
