@@ -6,6 +6,7 @@ Used by filter_bench.py, push_bench.py and scale_bench.py; nothing here knows a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 MiB = 1 << 20
 
@@ -86,6 +87,19 @@ def isolated_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, s
 
 class CommandFailed(SystemExit):
     """A command exited non-zero; uncaught it ends the benchmark with the command's output."""
+
+
+@contextlib.contextmanager
+def busy(n: int) -> Iterator[None]:
+    """``n`` processes each spinning on a core while the block runs: "under load" (a build or a training job beside
+    git), for both tools alike."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 class Runner:

@@ -354,6 +354,8 @@ def parse_args(argv):
     ap.add_argument("--workdir", type=Path, default=None, help="where the repos go (a fresh subdir, removed at the end; default: temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
     ap.add_argument("--repeat", type=int, default=1, help="run everything this many times; the table shows medians (min–max)")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="run every step with N other processes each spinning on a core (checkout under load)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -392,11 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         env = gb.isolated_env(work / "home", thread_env(args.threads))
         ctx = Ctx(shape, args.seed, shards, versions, steps, work, gb.Runner(env), gb.write_wrapper(work), fmhub_config, args.threads, log)
         log(f"{shape.payload_bytes / 1e9:.2f} GB checkpoint, tools {tools}, steps {sorted(steps)}, in {work}")
-        runs = [run_once(ctx, tools, flip=i % 2 == 1) for i in range(args.repeat)]
+        with gb.busy(args.load):
+            runs = [run_once(ctx, tools, flip=i % 2 == 1) for i in range(args.repeat)]
         meta = {"shape": vars(shape), "checkpoint": {"payload_bytes": shape.payload_bytes, "largest_tensor_bytes": shape.largest_tensor_bytes,
                                                      "tensors": len(shape.tensors()), "shards": shards},
                 "versions": versions, "written": ctx.written, "tools": tools, "steps": sorted(steps), "repeat": args.repeat,
-                "seed": args.seed, "threads": args.threads, "fmhub_config": fmhub_config, "acceptance": args.acceptance,
+                "seed": args.seed, "threads": args.threads, "load": args.load, "fmhub_config": fmhub_config, "acceptance": args.acceptance,
                 "tool_versions": gb.tool_versions(env)}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -167,7 +167,12 @@ def _title(meta: dict) -> str:
     return (f"### {_size(ck['payload_bytes'])} bf16 Llama-shaped checkpoint ({shape['layers']} layers, hidden {shape['hidden']}, "
             f"intermediate {shape['intermediate']}, vocab {shape['vocab']}; {ck['tensors']} tensors in {ck['shards']} shard(s), "
             f"largest {_size(ck['largest_tensor_bytes'])}); {meta['repeat']} run(s), medians (min–max); "
-            f"fmhub config: {meta['fmhub_config'] or 'defaults'}\n\nElements changed from v0: {changed}.")
+            f"fmhub config: {meta['fmhub_config'] or 'defaults'}{_load(meta)}\n\nElements changed from v0: {changed}.")
+
+
+def _load(meta: dict) -> str:
+    n = meta.get("load", 0)
+    return f"; under load: {n} other process(es) spinning on a core each" if n else ""
 
 
 def rss_goal(meta: dict) -> int:
@@ -232,7 +237,7 @@ def acceptance(summary: dict, meta: dict) -> list[dict]:
 
 def render_acceptance(checks: list[dict], meta: dict) -> str:
     lines = [f"### Acceptance: {meta['checkpoint']['payload_bytes'] / MiB:.1f} MiB bf16, fmhub {meta['fmhub_config'] or 'defaults'}, "
-             "git-lfs in the same run", "", "| check | target | measured | result |", "|---|---|---|---|"]
+             f"git-lfs in the same run{_load(meta)}", "", "| check | target | measured | result |", "|---|---|---|---|"]
     for c in checks:
         v = c["value"]
         shown = ", ".join(f"{t} {'yes' if ok else 'NO'}" for t, ok in v.items()) if isinstance(v, dict) else _fmt("ratio", v, 1)
