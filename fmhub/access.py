@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 
 from fmhub.errors import FmhubError
 from fmhub.records import AccessRequest, Decision
@@ -343,6 +342,8 @@ def pipeline_rows(loaded, section: str, name: str, src: str) -> Optional[RowGate
 @functools.lru_cache(maxsize=8)
 def _repo_root(start: str) -> str:
     try:
+        import subprocess  # here, not at the top: git's filter has no use for it
+
         proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=start, capture_output=True, text=True)
     except OSError:
         return start

@@ -19,13 +19,13 @@ process, never the operation it was recording.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import sys
 import time
+from collections import namedtuple
 
 from fmhub.errors import FmhubError, MergeConflict
 
@@ -179,14 +179,14 @@ def _link(last: Optional[bytes]) -> tuple[int, str]:
 # -- reading and verifying ---------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """Where the chain breaks: a line number, the entry's seq when it has one, and what kind of break."""
+# Named tuples and plain classes, not dataclasses: git's filter imports this module on every git command.
 
-    line: Optional[int]
-    seq: Optional[int]
-    kind: str  # malformed, edited, prev mismatch, seq gap, truncated, key needed, unkeyed, anchor missing
-    detail: str
+
+class Problem(namedtuple("Problem", "line seq kind detail")):
+    """Where the chain breaks: a line number, the entry's seq when it has one, what kind of break (malformed,
+    edited, prev mismatch, seq gap, truncated, key needed, unkeyed, anchor missing) and the detail."""
+
+    __slots__ = ()
 
     def __str__(self) -> str:
         where = f"line {self.line}" if self.line is not None else "anchor"
@@ -195,16 +195,18 @@ class Problem:
         return f"{where}: {self.kind}: {self.detail}"
 
 
-@dataclasses.dataclass
 class VerifyResult:
-    """What `verify` found: the log, how many entries, its head, and the first problem if any."""
+    """What `verify` found: the log, how many entries (how many keyed), its head, and the first problem if any."""
 
-    path: str
-    entries: int = 0
-    head_seq: int = 0
-    head_hash: str = ZERO
-    keyed: int = 0
-    problem: Optional[Problem] = None
+    def __init__(self, path: str, entries: int = 0, head_seq: int = 0, head_hash: str = ZERO, keyed: int = 0,
+                 problem: Optional[Problem] = None) -> None:
+        self.path, self.entries, self.head_seq, self.head_hash, self.keyed, self.problem = path, entries, head_seq, head_hash, keyed, problem
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __repr__(self) -> str:
+        return "VerifyResult(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
 
     @property
     def ok(self) -> bool:
@@ -409,13 +411,10 @@ def resolve_anchor(text: str, cwd: Optional[str] = None) -> str:
 # -- the repository's log ----------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Where this repository's audit log is, whether it is on, and who is acting."""
+class _Settings(namedtuple("_Settings", "path enabled who")):
+    """Where this repository's audit log is (or would be), whether it is on, and who is acting."""
 
-    path: str  # where the log is (or would be)
-    enabled: bool
-    who: str
+    __slots__ = ()
 
 
 _settings_cache: dict[str, Optional[_Settings]] = {}

@@ -233,6 +233,11 @@ def main() -> None:
     sys.meta_path.insert(0, OwnPackages(own))
     if finders:
         sys.meta_path.append(SiteOnDemand(finders, set(own)))
+    if sys.argv[1:2] == ["filter-process"]:
+        from fmhub import prefetch  # git answers while the imports below run (the filter asks both first)
+
+        prefetch.start(("rev-parse", "--git-common-dir", "--git-path", "index"), ("config", "--list", "-z"))
+        prefetch.start_child("cat-file", "--batch-command")  # the staged manifests, clean's first question per file
     sys.argv[0] = "fmhub"  # for the CLI's usage lines, should a command go there
     from fmhub.__main__ import main as fmhub_main
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import zlib
-from dataclasses import dataclass
+from collections import namedtuple
 
 from fmhub.errors import ManifestError
 
@@ -48,23 +48,23 @@ WINDOW = 64  # bytes the gear hash depends on (a 64-bit hash shifted left once p
 METHODS = ("gear", "lines")
 
 
-@dataclass(frozen=True)
-class Chunking:
-    """A chunking method and its sizes in bytes, as written on a manifest's ``chunking`` line."""
+class Chunking(namedtuple("Chunking", "method min_size avg_size max_size")):
+    """A chunking method and its sizes in bytes, as written on a manifest's ``chunking`` line.
 
-    method: str
-    min_size: int
-    avg_size: int
-    max_size: int
+    A named tuple, not a dataclass: git's filter imports this module for every git command.
+    """
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ManifestError(f"unknown chunking method {self.method!r} (this fmhub knows {', '.join(METHODS)}); upgrade fmhub")
-        if not (WINDOW <= self.min_size < self.avg_size < self.max_size) or self.avg_size & (self.avg_size - 1):
+    __slots__ = ()
+
+    def __new__(cls, method: str, min_size: int, avg_size: int, max_size: int) -> "Chunking":
+        if method not in METHODS:
+            raise ManifestError(f"unknown chunking method {method!r} (this fmhub knows {', '.join(METHODS)}); upgrade fmhub")
+        if not (WINDOW <= min_size < avg_size < max_size) or avg_size & (avg_size - 1):
             raise ManifestError(
-                f"chunking sizes {self.min_size} {self.avg_size} {self.max_size} are invalid "
+                f"chunking sizes {min_size} {avg_size} {max_size} are invalid "
                 f"(want {WINDOW} <= min < avg < max, avg a power of two)"
             )
+        return super().__new__(cls, method, min_size, avg_size, max_size)
 
     def line(self) -> str:
         return f"{self.method} {self.min_size} {self.avg_size} {self.max_size}"

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import threading
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from fmhub.errors import PluginError
 
@@ -67,15 +67,11 @@ BUILTIN_HOOKS: dict[str, frozenset[str]] = {
 # -- finding entry points -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EntryPoint:
-    """One ``fmhub`` entry point: ``name = module[:attr]`` in the distribution at ``dist_path``."""
+class EntryPoint(namedtuple("EntryPoint", "name value dist_path dist", defaults=(None,))):
+    """One ``fmhub`` entry point: ``name = module[:attr]`` in the distribution at ``dist_path`` (``dist``: the
+    importlib.metadata distribution, when one was made). A named tuple: git's filter defines it on every command."""
 
-    name: str
-    value: str
-    dist_path: str
-    dist: Any = field(default=None, compare=False, repr=False)  # the importlib.metadata distribution, when one was made
-
+    __slots__ = ()
     _PATTERN = re.compile(r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$")
 
     @property
@@ -313,14 +309,10 @@ def plugin_manager() -> "pluggy.PluginManager":
     return pm
 
 
-@dataclass(frozen=True)
-class Provided:
+class Provided(namedtuple("Provided", "kind name plugin obj")):
     """One object a plugin provides: its kind, its name, the plugin's name, and the object."""
 
-    kind: str
-    name: str
-    plugin: str
-    obj: Any
+    __slots__ = ()
 
 
 def provided(pm: pluggy.PluginManager | None = None, kinds: Iterable[str] | None = None) -> list[Provided]:

@@ -7,11 +7,10 @@ a plugin returns any object with these attributes, no base class needed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from fmhub.records import (  # noqa: F401  (records the hooks exchange: part of this interface)
-    AccessRequest, CleanContext, Decision, Drop, Edit, LabelContext, Layout, TensorInfo, Verdict,
-)
+from fmhub.records import AccessRequest, Decision, Layout, TensorInfo  # noqa: F401  (part of this interface)
 
 if TYPE_CHECKING:
     from fmhub.serving.config import ServeConfig
@@ -21,6 +20,68 @@ if TYPE_CHECKING:
 
 ReadExact = Callable[[int], bytes]
 """``read_exact(n)`` returns exactly ``n`` bytes or raises `fmhub.errors.CorruptCheckpoint` at end of input."""
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A cleaning step's verdict on one row: leave it out of the output.
+
+    ``reason`` is one line for a reviewer ("4 words < min_words 5"); it is
+    shown in reports, so it must never quote sensitive text. ``detail`` is
+    optional plain JSON data for tools (``{"duplicate_of": 12, "jaccard":
+    0.91}``). ``shown`` is an optional stand-in for the row in reports (a
+    redacted copy), for a step that drops rows because of what they contain.
+    """
+
+    reason: str
+    detail: Mapping[str, Any] | None = None
+    shown: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A cleaning step's verdict on one row: keep it, changed to ``row`` (a new dict; never change rows in place).
+
+    ``reason`` says what changed without quoting what was removed ("redacted
+    2 email"); fmhub records which columns differ.
+    """
+
+    row: Mapping[str, Any]
+    reason: str
+    detail: Mapping[str, Any] | None = None
+
+
+Verdict = Drop | Edit | None
+"""What a step returns per row: ``None`` keeps the row as it is, `Drop` leaves it out, `Edit` replaces it."""
+
+
+@dataclass(frozen=True)
+class CleanContext:
+    """What a cleaning pipeline tells each cleaner it configures.
+
+    ``columns`` are the text columns the step looks at: the step's
+    ``columns:`` option, else the pipeline's, else the dataset's text column.
+    ``base_dir`` is the directory of ``fmhub.yaml``, against which relative
+    paths in options are resolved.
+    """
+
+    columns: tuple[str, ...] = ("text",)
+    base_dir: str = "."
+
+
+@dataclass(frozen=True)
+class LabelContext:
+    """What a labelling pipeline tells each labeler it configures (plain data: it travels to worker processes).
+
+    ``classes`` are the pipeline's class names, in order; ``column`` its text
+    column (a labeler's own ``column:`` option overrides it); ``base_dir`` the
+    directory of ``fmhub.yaml``, against which relative paths in options are
+    resolved.
+    """
+
+    classes: tuple[str, ...]
+    column: str = "text"
+    base_dir: str = "."
 
 
 @runtime_checkable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from fmhub.chunking import Chunking
 from fmhub.errors import ManifestError
@@ -28,44 +28,43 @@ _DTYPE_RE = re.compile(r"[A-Za-z0-9_]+\Z")
 _SHAPE_RE = re.compile(r"\[(\d+(?:,\d+)*)?\]\Z")
 
 
-@dataclass(frozen=True)
-class Delta:
-    """One link of a delta chain: an object that turns the previous bytes into the next with a codec."""
-
-    codec: str
-    oid: str
-    size: int
+# The records below are named tuples, not dataclasses: git's filter defines them on every git command, and a
+# dataclass costs ten times as much to define (all of fmhub's in the filter: ~10 ms, a git-lfs clean's half).
 
 
-@dataclass(frozen=True)
-class Approx:
-    """A tensor stored within a tolerance of the bytes it was added with, not bit for bit (a lossy delta)."""
+class Delta(namedtuple("Delta", "codec oid size")):
+    """One link of a delta chain: an object (``oid``, ``size`` bytes) that turns the previous bytes into the next
+    with a codec."""
 
-    oid: str  # sha256 of the bytes as added; the entry's own oid names the bytes a checkout gives
-    max_error: float  # largest element-wise |stored - added|
-    tolerance: float  # the bound the user set
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor: its name, dtype, shape, and the object holding its payload.
+class Approx(namedtuple("Approx", "oid max_error tolerance")):
+    """A tensor stored within a tolerance of the bytes it was added with, not bit for bit (a lossy delta).
 
-    ``oid`` always names the tensor's full bytes (it is its identity, for diffs
-    and merges). When ``root`` is set the store need not hold that object: the
-    bytes are ``root``'s object with each of ``deltas`` applied in order, and
-    must hash to ``oid``.
+    ``oid`` is the sha256 of the bytes as added (the entry's own oid names the
+    bytes a checkout gives); ``max_error`` the largest element-wise
+    |stored - added|; ``tolerance`` the bound the user set.
     """
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    size: int
-    oid: str  # 64 hex digits, no "sha256:" prefix
-    root: str | None = None
-    deltas: tuple[Delta, ...] = ()
-    approx: Approx | None = None  # only with a chain: its last link is lossy
-    root_codec: str = ""  # "" : the root object holds an earlier version's bytes as they are
-    root_size: int = 0  # the root object's size when it is encoded
+    __slots__ = ()
+
+
+class TensorEntry(namedtuple("TensorEntry", "name dtype shape size oid root deltas approx root_codec root_size",
+                             defaults=(None, (), None, "", 0))):
+    """One tensor: its name, dtype, shape, size, and the object holding its payload.
+
+    ``oid`` (64 hex digits, no ``sha256:``) always names the tensor's full
+    bytes (it is its identity, for diffs and merges). When ``root`` is set the
+    store need not hold that object: the bytes are ``root``'s object with each
+    of ``deltas`` applied in order, and must hash to ``oid``. With
+    ``root_codec`` (version 4) the root object is itself encoded
+    (``root_size`` bytes, decoded by that codec without a base) and ``deltas``
+    may be empty: a tensor stored compressed. ``approx`` (only after a delta)
+    says the last link is lossy.
+    """
+
+    __slots__ = ()
 
     def storage(self) -> list[tuple[str, int]]:
         """The objects that hold this tensor: its own, or its chain's root and deltas."""
@@ -81,7 +80,6 @@ class TensorEntry:
         return self.root_size if self.root_codec else self.size
 
 
-@dataclass
 class Manifest:
     """A checkpoint file as git stores it: its header object and one object per tensor, in file order.
 
@@ -91,14 +89,17 @@ class Manifest:
     fsck) needs no special case. ``sha256`` is then the whole file's sha256.
     """
 
-    format: str
-    size: int
-    header_oid: str | None
-    header_size: int
-    tensors: list[TensorEntry] = field(default_factory=list)
-    metadata: Mapping[str, str] | None = None
-    chunking: Chunking | None = None
-    sha256: str | None = None
+    def __init__(self, format: str, size: int, header_oid: str | None, header_size: int, tensors: list[TensorEntry] | None = None,
+                 metadata: Mapping[str, str] | None = None, chunking: Chunking | None = None, sha256: str | None = None) -> None:
+        self.format, self.size, self.header_oid, self.header_size = format, size, header_oid, header_size
+        self.tensors = tensors if tensors is not None else []
+        self.metadata, self.chunking, self.sha256 = metadata, chunking, sha256
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __repr__(self) -> str:
+        return "Manifest(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
 
     @property
     def is_data(self) -> bool:

@@ -1,36 +1,27 @@
-"""The plain records fmhub and its plugins exchange: a checkpoint's layout, a cleaning verdict, the contexts of
-pipelines, an access request and its decision.
+"""The plain records git's filter exchanges with plugins: a checkpoint's layout, an access request and its decision.
 
-Part of the plugin interface (`fmhub.interfaces` re-exports every one of them,
-beside the Protocols that say what plugins provide). Kept apart from those
-because git's filter builds some of these for every file it cleans, and this
-module needs no more than ``dataclasses`` (``typing`` costs the filter ~9 ms).
+Part of the plugin interface (`fmhub.interfaces` re-exports them, beside the
+Protocols that say what plugins provide). Kept apart, as named tuples, because
+git's filter builds them for every file it cleans: this module needs neither
+``typing`` nor ``dataclasses``, and a named tuple costs a tenth of a dataclass
+to define (the filter's start-up is the point: about git-lfs's whole time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
-if TYPE_CHECKING:
-    from typing import Any, Callable, Mapping
+from collections import namedtuple
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(namedtuple("TensorInfo", "name dtype shape size")):
     """One tensor of a checkpoint file as its header describes it.
 
     ``size`` is the number of payload bytes the tensor occupies in the file.
     """
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    size: int
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(namedtuple("Layout", "header tensors metadata data_size", defaults=(None, 0))):
     """How a checkpoint file splits into a header and tensor payloads.
 
     The file is exactly ``header`` followed by each tensor's payload, in the
@@ -40,76 +31,11 @@ class Layout:
     byte for byte from this description.
     """
 
-    header: bytes
-    tensors: tuple[TensorInfo, ...]
-    metadata: Mapping[str, str] | None = None
-    data_size: int = field(default=0)
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Drop:
-    """A cleaning step's verdict on one row: leave it out of the output.
-
-    ``reason`` is one line for a reviewer ("4 words < min_words 5"); it is
-    shown in reports, so it must never quote sensitive text. ``detail`` is
-    optional plain JSON data for tools (``{"duplicate_of": 12, "jaccard":
-    0.91}``). ``shown`` is an optional stand-in for the row in reports (a
-    redacted copy), for a step that drops rows because of what they contain.
-    """
-
-    reason: str
-    detail: Mapping[str, Any] | None = None
-    shown: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Edit:
-    """A cleaning step's verdict on one row: keep it, changed to ``row`` (a new dict; never change rows in place).
-
-    ``reason`` says what changed without quoting what was removed ("redacted
-    2 email"); fmhub records which columns differ.
-    """
-
-    row: Mapping[str, Any]
-    reason: str
-    detail: Mapping[str, Any] | None = None
-
-
-Verdict = Drop | Edit | None
-"""What a step returns per row: ``None`` keeps the row as it is, `Drop` leaves it out, `Edit` replaces it."""
-
-
-@dataclass(frozen=True)
-class CleanContext:
-    """What a cleaning pipeline tells each cleaner it configures.
-
-    ``columns`` are the text columns the step looks at: the step's
-    ``columns:`` option, else the pipeline's, else the dataset's text column.
-    ``base_dir`` is the directory of ``fmhub.yaml``, against which relative
-    paths in options are resolved.
-    """
-
-    columns: tuple[str, ...] = ("text",)
-    base_dir: str = "."
-
-
-@dataclass(frozen=True)
-class LabelContext:
-    """What a labelling pipeline tells each labeler it configures (plain data: it travels to worker processes).
-
-    ``classes`` are the pipeline's class names, in order; ``column`` its text
-    column (a labeler's own ``column:`` option overrides it); ``base_dir`` the
-    directory of ``fmhub.yaml``, against which relative paths in options are
-    resolved.
-    """
-
-    classes: tuple[str, ...]
-    column: str = "text"
-    base_dir: str = "."
-
-
-@dataclass(frozen=True)
-class AccessRequest:
+class AccessRequest(namedtuple("AccessRequest", "principal action repo path tensor column oid read_file",
+                               defaults=(None, None, None, lambda _path: None))):
     """One access to decide: may ``principal`` do ``action`` (``read``/``write``) on this?
 
     ``principal`` is the user (``FMHUB_USER``, ``git config user.email``, or
@@ -124,18 +50,10 @@ class AccessRequest:
     it, never from the current directory.
     """
 
-    principal: str | None
-    action: str
-    repo: str
-    path: str | None
-    tensor: str | None = None
-    column: str | None = None
-    oid: str | None = None
-    read_file: Callable[[str], "bytes | None"] = field(default=lambda _path: None, compare=False, repr=False)
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(namedtuple("Decision", "allowed reason roles placeholder where policy", defaults=("", (), False, "", ""))):
     """A policy's answer: ``allowed``; for a deny, a one-line ``reason`` safe to show the requester.
 
     ``reason`` must not quote restricted content (tensor values, rows) nor
@@ -144,9 +62,4 @@ class Decision:
     manifest text instead of failing. ``where`` is the rule's ``file:line``.
     """
 
-    allowed: bool
-    reason: str = ""
-    roles: tuple[str, ...] = ()
-    placeholder: bool = False
-    where: str = ""
-    policy: str = ""
+    __slots__ = ()

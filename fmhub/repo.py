@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
+import sys
 
 from fmhub.errors import FmhubError
 
@@ -18,6 +18,8 @@ def git(*args: str, cwd: str | None = None, check: bool = True) -> str:
     if answer is not None:
         rc, out, err = answer
     else:
+        import subprocess  # here, not at the top: git's filter asks git through fmhub.prefetch
+
         try:
             proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
         except FileNotFoundError:
@@ -38,9 +40,9 @@ def _git_dirs(cwd: str | None) -> tuple[str, str]:
     where = os.path.abspath(cwd or os.getcwd())
     if _common_dirs is not None and where in _common_dirs:
         return _common_dirs[where], _index_files[where]
-    proc = subprocess.run(["git", "rev-parse", "--git-common-dir", "--git-path", "index"], cwd=cwd, capture_output=True, text=True)
-    lines = proc.stdout.splitlines()
-    if proc.returncode != 0 or len(lines) < 2:
+    rc, out = _run_git(("rev-parse", "--git-common-dir", "--git-path", "index"), cwd)
+    lines = out.decode("utf-8", "surrogateescape").splitlines()
+    if rc != 0 or len(lines) < 2:
         raise FmhubError("not inside a git repository; run this in one (or `git init` first)")
     common, index = (os.path.abspath(os.path.join(where, line.strip())) for line in lines[:2])
     if _common_dirs is not None:
@@ -77,11 +79,23 @@ def _snapshot(cwd: str | None) -> dict[str, list[str | None]] | None:
         where = next((w for w, d in _common_dirs.items() if d == where), where)
     if where not in _snapshots:
         try:
-            proc = subprocess.run(["git", "config", "--list", "-z"], cwd=where, capture_output=True)
+            rc, out = _run_git(("config", "--list", "-z"), where)
         except OSError:
-            proc = None
-        _snapshots[where] = _parse_list(proc.stdout) if proc is not None and proc.returncode == 0 else None
+            rc, out = 1, b""
+        _snapshots[where] = _parse_list(out) if rc == 0 else None
     return _snapshots[where]
+
+
+def _run_git(args: tuple[str, ...], cwd: str | None) -> tuple[int, bytes]:
+    """(exit status, stdout) of ``git ARGS``: the answer `fmhub.prefetch` already has when git's filter started it."""
+    prefetch = sys.modules.get("fmhub.prefetch")
+    got = prefetch.take(*args, cwd=cwd) if prefetch is not None else None
+    if got is None:
+        import subprocess
+
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True)
+        got = proc.returncode, proc.stdout
+    return got
 
 
 def _parse_list(raw: bytes) -> dict[str, list[str | None]]:
@@ -166,6 +180,8 @@ def config_values(pattern: str, cwd: str | None = None) -> dict[str, str]:
     """The config keys matching ``pattern`` (a regular expression, as ``git config --get-regexp``) and their last values."""
     if _snapshots is not None and (snap := _snapshot(cwd)) is not None:
         return {k: v[-1] or "" for k, v in snap.items() if re.search(pattern, k)}
+    import subprocess
+
     proc = subprocess.run(["git", "config", "-z", "--get-regexp", pattern], cwd=cwd, capture_output=True, text=True)
     out: dict[str, str] = {}
     for item in proc.stdout.split("\0"):
@@ -244,6 +260,8 @@ def staged_blob(path: str, limit: int | None, cwd: str | None = None) -> bytes |
                 return None
         if reader.works:
             return reader.blob(path, limit)
+    import subprocess
+
     try:
         proc = subprocess.Popen(
             ["git", "cat-file", "--batch"], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -281,7 +299,7 @@ class _IndexReader:
         self.cwd = cwd
         self.index = index
         self.works = True  # False: this git has no --batch-command
-        self._proc: subprocess.Popen | None = None
+        self._proc = None  # a running `git cat-file --batch-command` (`fmhub.prefetch.Child`)
         self._seen: tuple[int, int, int] | None = None
 
     def _index_state(self) -> tuple[int, int, int] | None:
@@ -297,8 +315,7 @@ class _IndexReader:
             self.close()
         try:
             if self._proc is None:
-                self._proc = subprocess.Popen(["git", "cat-file", "--batch-command"], cwd=self.cwd, stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                self._proc = _talk_to_git(("cat-file", "--batch-command"), self.cwd)
             self._seen = state
             self._proc.stdin.write(b"contents :" + os.fsencode(path) + b"\n")
             self._proc.stdin.flush()
@@ -326,8 +343,17 @@ class _IndexReader:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+
+def _talk_to_git(args: tuple[str, ...], cwd: str | None):
+    """A running ``git ARGS`` with ``stdin`` and ``stdout`` pipes: the one `fmhub.prefetch` started, if it did."""
+    from fmhub import prefetch
+
+    return prefetch.take_child(*args, cwd=cwd) or prefetch.Child(args, cwd)
 def blob_at(rev: str, path: str, cwd: str | None = None) -> bytes:
     """The blob committed at ``rev:path``, as git stores it (no filters, no textconv)."""
+    import subprocess
+
     proc = subprocess.run(["git", "cat-file", "blob", f"{rev}:{path}"], cwd=cwd, capture_output=True)
     if proc.returncode != 0:
         raise FmhubError(f"{rev}:{path}: {proc.stderr.decode(errors='replace').strip()}")

@@ -21,8 +21,7 @@ import queue
 import struct
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import deque, namedtuple
 
 from fmhub.errors import (
     CorruptObject,
@@ -52,15 +51,13 @@ SMALL_OBJECT = 1 << 20  # objects up to this size (dataset chunks) are fsynced s
 SMALL_WRITERS = 8  # fsync is latency-bound: with several in flight the file system commits them together
 
 
-@dataclass(frozen=True)
-class PackHeader:
-    """The fixed part of a packed file: how to rebuild the object, and where its delta starts."""
+class PackHeader(namedtuple("PackHeader", "codec base size dtype offset")):
+    """The fixed part of a packed file: how to rebuild the object, and where its delta starts.
 
-    codec: str
-    base: str
-    size: int
-    dtype: str
-    offset: int
+    A named tuple, not a dataclass: git's filter imports this module for every git command.
+    """
+
+    __slots__ = ()
 
 
 def pack_header_bytes(codec: str, base: str, size: int, dtype: str) -> bytes:

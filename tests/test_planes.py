@@ -1092,18 +1092,16 @@ def test_root_size_that_lies_is_refused(store, lie):
     data = floats(2048)
     obj = planes.encode_object(data, None, "F32")
     entry = coded_root(store, data, obj)
-    from dataclasses import replace
 
     with refused(CorruptObject, "tensor 'w'", str(len(obj) + lie)):
-        read(store, replace(entry, root_size=len(obj) + lie))
+        read(store, entry._replace(root_size=len(obj) + lie))
 
 
 @pytest.mark.parametrize("codec", ["zstd", "xor-zlib", "sparse"])
 def test_root_codec_that_cannot_decode_a_root_is_refused(store, codec):
-    from dataclasses import replace
 
     data = floats(2048)
-    entry = replace(coded_root(store, data, planes.encode_object(data, None, "F32")), root_codec=codec)
+    entry = coded_root(store, data, planes.encode_object(data, None, "F32"))._replace(root_codec=codec)
     with refused(FmhubError, "tensor 'w'", repr(codec)):
         read(store, entry)
 
