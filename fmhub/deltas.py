@@ -197,10 +197,11 @@ def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry,
     """``entry`` as the next link of ``old``'s chain, or a fresh compressed root when the change shares nothing
     with ``old``; None when ``old``'s chain is full or cannot be read here (the caller stores the tensor whole).
 
-    The frames are coded first (one pass at memory speed); a low-rank probe runs meanwhile on a pool thread, and
-    only when it finds a low-rank change that the frames coded poorly is ``lowrank-fixed`` tried.
+    A float matrix's first frame is probed first (`_low_rank_first_frame`): a change that is low-rank there,
+    and that planes would code poorly there, is tried as ``lowrank-fixed``; everything else, and a low-rank
+    attempt that does not pay, is coded as planes frames (one pass at memory speed).
     """
-    from fmhub.tensorio import Chain, pool, write_planes
+    from fmhub.tensorio import Chain, write_planes
 
     if len(old.deltas) >= max_chain:
         return None
@@ -209,20 +210,18 @@ def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry,
     except FmhubError:
         return None  # the previous version cannot be rebuilt here: this version does not depend on it
     try:
-        probe = pool().submit(_probe, base, data, entry) if _worth_probing(entry) else None
+        probed = _low_rank_first_frame(base, data, entry)
+        if probed is not None:
+            low = _lowrank_delta(store, data, entry, old, *probed)
+            if low is not None:
+                return _link(entry, old, Delta(lowrank_fixed_name(), store.write_bytes(low), len(low)))
         coded = write_planes(store, data, entry.dtype, base)
-        rank = probe.result() if probe is not None else None
     finally:
         base.close()
     if coded is None:
         return None  # the previous version's objects are damaged: store this one without them
     if coded.literal == coded.frames:  # nothing in common with the previous version: a new root, not a link
         return entry._replace(root=coded.commit(), root_codec="planes", root_size=coded.size)
-    if rank is not None and coded.size > LOWRANK_MUST_BEAT * entry.size:
-        low = _lowrank_delta(store, data, entry, old, rank, coded.size)
-        if low is not None:
-            coded.abort()
-            return _link(entry, old, Delta(lowrank_fixed_name(), store.write_bytes(low), len(low)))
     return _link(entry, old, Delta("planes", coded.commit(), coded.size))
 
 
@@ -238,14 +237,24 @@ def _worth_probing(entry: TensorEntry) -> bool:
     return lowrank.worth_probing(entry.dtype, entry.shape, entry.size)
 
 
-def _probe(base, data, entry: TensorEntry) -> int | None:
-    """The rank `fmhub.lowrank.probe_rank` sees in the first frame of the change (its own decode of that frame)."""
-    from fmhub import lowrank
+def _low_rank_first_frame(base, data, entry: TensorEntry) -> tuple[int, int] | None:
+    """(rank, bytes to beat) when the change's first frame is low-rank (`fmhub.lowrank.probe_rank`) and planes
+    code that frame in over `LOWRANK_MUST_BEAT` of it (a sparse update can look low-rank in a few rows: planes
+    already code it small); None otherwise, or for a tensor not worth probing. Costs one frame's decode."""
+    from fmhub import lowrank, planes
 
+    if not lowrank.worth_probing(entry.dtype, entry.shape, entry.size):
+        return None
     first = next(iter(base.jobs()), None)
     if first is None:
         return None
-    return lowrank.probe_rank(first(), data[: lowrank.probe_bytes(entry.dtype, entry.shape)], entry.dtype, entry.shape)
+    before = first()
+    rank = lowrank.probe_rank(before, data[: lowrank.probe_bytes(entry.dtype, entry.shape)], entry.dtype, entry.shape)
+    if rank is None:
+        return None
+    n = min(len(data), planes.FRAME_BYTES)
+    estimate = len(planes.encode_frame(memoryview(data)[:n], before, planes.layout_for(entry.dtype, len(data)))) / n
+    return (rank, int(estimate * entry.size)) if estimate > LOWRANK_MUST_BEAT else None
 
 
 def lowrank_fixed_name() -> str:
