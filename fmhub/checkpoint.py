@@ -15,14 +15,7 @@ import threading
 
 from fmhub import host
 from fmhub.deltas import PLAIN, DeltaPolicy, store_tensor
-from fmhub.errors import (
-    CorruptCheckpoint,
-    CorruptObject,
-    FmhubError,
-    ManifestError,
-    MissingObject,
-    StoreWriteError,
-)
+from fmhub.errors import CorruptCheckpoint, CorruptObject, FmhubError, ManifestError, MissingObject, StoreWriteError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.store import CHUNK, ObjectStore, copy_objects
 

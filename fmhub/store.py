@@ -23,13 +23,7 @@ import threading
 import time
 from collections import deque, namedtuple
 
-from fmhub.errors import (
-    CorruptObject,
-    FmhubError,
-    MissingObject,
-    MissingPackBase,
-    StoreWriteError,
-)
+from fmhub.errors import CorruptObject, FmhubError, MissingObject, MissingPackBase, StoreWriteError
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
