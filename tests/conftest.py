@@ -107,3 +107,18 @@ def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> Non
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
+
+
+def commit_checkpoint(repo: Path, tensors: dict, message: str, path: str = "model.safetensors") -> str:
+    """Save ``tensors`` to ``path`` in ``repo``, add and commit it; the sha256 of the file committed."""
+    save_tensors(repo / path, tensors)
+    git(repo, "add", path)
+    git(repo, "commit", "-qm", message)
+    return sha256_file(repo / path)
+
+
+def committed_manifest(repo: Path, rev: str = "HEAD", path: str = "model.safetensors"):
+    """The manifest git holds for ``path`` at ``rev``."""
+    from fmhub.manifest import Manifest
+
+    return Manifest.from_bytes(git(repo, "show", f"{rev}:{path}").stdout)

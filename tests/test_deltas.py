@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fmhub, git, save_tensors, sha256_file, store_objects
+from conftest import commit_checkpoint as commit, committed_manifest as head_manifest, fmhub, git, save_tensors, sha256_file, store_objects
 
-from fmhub.manifest import Manifest
 from fmhub_plugins.delta_codecs import Sparse, XorZlib
 
 CKPT = "model.safetensors"
@@ -64,17 +63,6 @@ def sparse_step(t: dict, seed: int, fraction: float = 0.01) -> dict:
         idx = torch.randperm(flat.numel(), generator=g)[: int(flat.numel() * fraction)]
         flat[idx] += 0.125
     return out
-
-
-def commit(repo: Path, t: dict, message: str) -> str:
-    save_tensors(repo / CKPT, t)
-    git(repo, "add", CKPT)
-    git(repo, "commit", "-qm", message)
-    return sha256_file(repo / CKPT)
-
-
-def head_manifest(repo: Path, rev: str = "HEAD") -> Manifest:
-    return Manifest.from_bytes(git(repo, "show", f"{rev}:{CKPT}").stdout)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import fmhub, git, save_tensors, sha256_file
+from conftest import commit_checkpoint as commit, committed_manifest as manifest, fmhub, git, sha256_file
 
 from fmhub import planes, tensorio
 from fmhub.errors import CorruptObject, FmhubError
@@ -1147,17 +1147,6 @@ def tensor_raw(t) -> bytes:
     import torch
 
     return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def commit(repo: Path, tensors: dict, message: str) -> str:
-    save_tensors(repo / CKPT, tensors)
-    git(repo, "add", CKPT)
-    git(repo, "commit", "-qm", message)
-    return sha256_file(repo / CKPT)
-
-
-def manifest(repo: Path, rev: str = "HEAD") -> Manifest:
-    return Manifest.from_bytes(git(repo, "show", f"{rev}:{CKPT}").stdout)
 
 
 def object_file(repo: Path, oid: str) -> Path:
