@@ -377,8 +377,6 @@ def smudge(
         out.write(data)
         return
     ensure_objects(manifest, store, path, fetch)
-    from fmhub.tensorio import copy_tensors, needs_rebuild
-
     if manifest.is_data:
         from fmhub.datafile import smudge_data
 
@@ -394,6 +392,8 @@ def smudge(
     if on_start:
         on_start()
     out.write(header)
+    from fmhub.tensorio import copy_tensors, needs_rebuild
+
     try:
         if any(needs_rebuild(t, store) for t in manifest.tensors):
             copy_tensors(store, manifest.tensors, out)  # chains and compressed tensors, decoded on every core

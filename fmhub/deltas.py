@@ -167,7 +167,7 @@ def store_tensor(
     entry = TensorEntry(name, dtype, tuple(shape), len(data), oid)
     if old is not None and _chainable(old, entry, policy):
         if policy.prepared or policy.tolerance > 0 or policy.strict:
-            return store_changed(store, old, data, dtype, policy)
+            return store_changed(store, old, data, dtype, policy, oid)
         linked = _store_link(store, data, entry, old, policy.max_chain)
         if linked is not None:
             return linked
@@ -214,7 +214,7 @@ def _store_link(store: ObjectStore, data: bytes | bytearray, entry: TensorEntry,
         if probed is not None:
             low = _lowrank_delta(store, data, entry, old, *probed)
             if low is not None:
-                return _link(entry, old, Delta(lowrank_fixed_name(), store.write_bytes(low), len(low)))
+                return _link(entry, old, low)
         coded = write_planes(store, data, entry.dtype, base)
     finally:
         base.close()
@@ -229,12 +229,6 @@ def _link(entry: TensorEntry, old: TensorEntry, delta: Delta) -> TensorEntry:
     if old.root is None:
         return entry._replace(root=old.oid, deltas=(delta,))
     return entry._replace(root=old.root, root_codec=old.root_codec, root_size=old.root_size, deltas=old.deltas + (delta,))
-
-
-def _worth_probing(entry: TensorEntry) -> bool:
-    from fmhub import lowrank
-
-    return lowrank.worth_probing(entry.dtype, entry.shape, entry.size)
 
 
 def _low_rank_first_frame(base, data, entry: TensorEntry) -> tuple[int, int] | None:
@@ -257,14 +251,8 @@ def _low_rank_first_frame(base, data, entry: TensorEntry) -> tuple[int, int] | N
     return (rank, int(estimate * entry.size)) if estimate > LOWRANK_MUST_BEAT else None
 
 
-def lowrank_fixed_name() -> str:
-    from fmhub.lowrank_fixed import NAME
-
-    return NAME
-
-
-def _lowrank_delta(store: ObjectStore, data, entry: TensorEntry, old: TensorEntry, rank: int, beat: int) -> bytes | None:
-    """A ``lowrank-fixed`` delta under ``beat`` bytes, made within the time budget, or None."""
+def _lowrank_delta(store: ObjectStore, data, entry: TensorEntry, old: TensorEntry, rank: int, beat: int) -> Delta | None:
+    """A ``lowrank-fixed`` delta under ``beat`` bytes, made within the time budget and stored; None otherwise."""
     from fmhub import lowrank_fixed
     from fmhub.tensorio import read_tensor
 
@@ -275,7 +263,9 @@ def _lowrank_delta(store: ObjectStore, data, entry: TensorEntry, old: TensorEntr
         except FmhubError:
             return None
         delta = lowrank_fixed.encode(whole, data, entry.dtype, entry.shape, rank, deadline)
-    return delta if delta is not None and len(delta) < beat else None
+    if delta is None or len(delta) >= beat:
+        return None
+    return Delta(lowrank_fixed.NAME, store.write_bytes(delta), len(delta))
 
 
 # -- whole-tensor paths: other codecs, tolerances, deltas a caller prepared, `fmhub repack` -------------
@@ -394,14 +384,17 @@ def _is_float_matrix(entry: TensorEntry) -> bool:
     return entry.dtype in ITEMSIZE and len(entry.shape) >= 2 and entry.size > 0
 
 
-def store_changed(store: ObjectStore, old: TensorEntry, new: bytes | bytearray, dtype: str, policy: DeltaPolicy) -> TensorEntry:
+def store_changed(
+    store: ObjectStore, old: TensorEntry, new: bytes | bytearray, dtype: str, policy: DeltaPolicy, oid: str | None = None
+) -> TensorEntry:
     """Store ``new`` (the next version of ``old``, same name, dtype and shape) in memory, for the opt-in modes.
 
     Used when the policy carries prepared deltas, a tolerance or ``strict``: as a
     chain link when a codec makes it small (with a tolerance set, the smallest
-    of the exact and the within-tolerance links); else whole.
+    of the exact and the within-tolerance links); else whole. ``oid``: ``new``'s
+    sha256 when the caller has it already.
     """
-    oid = hashlib.sha256(new).hexdigest()
+    oid = oid or hashlib.sha256(new).hexdigest()
     if oid == old.oid or (old.approx is not None and oid == old.approx.oid):
         return old
     entry = TensorEntry(old.name, dtype, old.shape, old.size, oid)

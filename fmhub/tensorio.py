@@ -250,9 +250,8 @@ class Chain:
             if e.root_codec:
                 raise FmhubError(f"{what} is stored with the delta codec {_unframed(e)!r} after an encoded root, which this fmhub cannot read; "
                                  "upgrade fmhub or install the plugin that provides it")
-            from fmhub.deltas import (
-                tensor_bytes,  # another codec's chain: rebuilt whole by the codecs themselves
-            )
+            # another codec's chain: rebuilt whole by the codecs themselves
+            from fmhub.deltas import tensor_bytes
 
             self.whole = tensor_bytes(store, e, "")
             return
@@ -287,7 +286,7 @@ class Chain:
 
     def close(self) -> None:
         for obj in self.objects:
-            if isinstance(obj, _Object) and not obj.file.closed:
+            if not obj.file.closed:
                 obj.close()
         self.objects = []
 
@@ -488,9 +487,11 @@ def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | No
 
 class SequentialHash:
     """The sha256 of buffers given in order, computed on a thread of its own (hashlib releases the GIL), so that
-    the thread feeding it goes on with other work."""
+    the thread feeding it goes on with other work; a first buffer under ``INLINE`` bytes is hashed in place, as
+    starting a thread costs more than hashing it (most of a model's tensors are small)."""
 
     _END = object()
+    INLINE = 1 << 20
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
@@ -498,14 +499,18 @@ class SequentialHash:
         self._thread: threading.Thread | None = None
 
     def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self._thread is None and view.nbytes < self.INLINE:  # a small tensor's bytes: a thread would cost more
+            self._h.update(view)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="fmhub-hash", daemon=True)
             self._thread.start()
-        self._todo.put(data)
+        self._todo.put(view)
 
     def _run(self) -> None:
-        while (data := self._todo.get()) is not self._END:
-            self._h.update(memoryview(data).cast("B"))
+        while (view := self._todo.get()) is not self._END:
+            self._h.update(view)
 
     def hexdigest(self) -> str:
         self.close()
@@ -541,7 +546,7 @@ def copy_tensors(store: ObjectStore, entries: list[TensorEntry], out, label: str
                 opened.append((i, chain))
                 yield from chain.jobs()
 
-    frames = ordered(jobs())
+    frames, h = ordered(jobs()), None
     try:
         for i, e in enumerate(entries):
             h, got = SequentialHash(), 0
@@ -555,6 +560,8 @@ def copy_tensors(store: ObjectStore, entries: list[TensorEntry], out, label: str
             while opened and opened[0][0] <= i:
                 opened.popleft()[1].close()
     finally:
+        if h is not None:
+            h.close()  # a tensor that failed half way leaves its hash thread waiting
         frames.close()
         for _i, chain in opened:
             chain.close()

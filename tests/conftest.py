@@ -122,3 +122,18 @@ def committed_manifest(repo: Path, rev: str = "HEAD", path: str = "model.safeten
     from fmhub.manifest import Manifest
 
     return Manifest.from_bytes(git(repo, "show", f"{rev}:{path}").stdout)
+
+
+def second_ours_plugin() -> object:
+    """A plugin that provides a merge strategy named ``ours``, as the built-in merge-basic does: a name clash."""
+    from fmhub import hookimpl
+
+    class Dup:
+        @hookimpl
+        def fmhub_merge_strategies(self):
+            class S:
+                name = "ours"
+
+            return [S()]
+
+    return Dup()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FMHUB, git, run, save_tensors
+from conftest import FMHUB, git, run, save_tensors, second_ours_plugin
 
 from fmhub import host
 from fmhub.errors import PluginError
@@ -73,18 +73,8 @@ def test_without_entry_points_nothing_is_loaded():
 
 
 def test_name_clash_between_plugins_is_refused():
-    from fmhub import hookimpl
-
-    class Dup:
-        @hookimpl
-        def fmhub_merge_strategies(self):
-            class S:
-                name = "ours"
-
-            return [S()]
-
     pm = host.new_plugin_manager()
-    pm.register(Dup(), name="dup")
+    pm.register(second_ours_plugin(), name="dup")
     with pytest.raises(PluginError, match="two plugins provide the merge-strategy 'ours'"):
         host.registry("merge-strategy", pm)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FMHUB, git, run
+from conftest import FMHUB, git, run, second_ours_plugin
 
 import fmhub
 from fmhub import host, repo as fmrepo
@@ -419,20 +419,10 @@ def test_lazy_loads_keep_the_eager_order(third_party_modules):
 
 
 def test_a_plugin_registered_by_hand_stays_last(third_party_modules):
-    from fmhub import hookimpl
-
-    class Dup:
-        @hookimpl
-        def fmhub_merge_strategies(self):
-            class S:
-                name = "ours"
-
-            return [S()]
-
     messages = []
     for lazy in (False, True):
         pm = host.new_plugin_manager(lazy=lazy)
-        pm.register(Dup(), name="dup")
+        pm.register(second_ours_plugin(), name="dup")
         with pytest.raises(PluginError, match="two plugins provide the merge-strategy 'ours'") as exc:
             host.registry("merge-strategy", pm)
         messages.append(str(exc.value))
