@@ -219,8 +219,12 @@ class VerifyResult:
         return f"audit log {self.path}: ok, {self.entries} entries{keyed}, head seq {self.head_seq} {self.head_hash}"
 
 
-def _walk(path: str, key: Optional[bytes], result: VerifyResult) -> Iterator[dict]:
+def _walk(path: str, key: Optional[bytes], result: VerifyResult, plain_until: int = 0) -> Iterator[dict]:
     """Yield the entries of a valid chain, in order; at the first break, set ``result.problem`` and stop.
+
+    With a key, every entry must be keyed, except those up to seq
+    ``plain_until`` (a log begun before the key was set): otherwise a forger
+    could replace the whole log by plain entries re-chained from the start.
 
     Messages name the line, the seq and the kind of break, never an entry's
     contents: a forged entry's text is not repeated anywhere.
@@ -262,8 +266,9 @@ def _walk(path: str, key: Optional[bytes], result: VerifyResult) -> Iterator[dic
             if alg:
                 keyed_seen = True
                 result.keyed += 1
-            elif keyed_seen and key is not None:
-                return fail("unkeyed", "an entry without the key after keyed ones (written without the key, or forged)", at)
+            elif key is not None and (keyed_seen or at > plain_until):
+                return fail("unkeyed", "an entry without the key (written without it, or forged); a log begun before the key "
+                            "was set names its last plain entry with --plain-until SEQ", at)
             prev, seq = entry["hash"], at
             result.entries, result.head_seq, result.head_hash = result.entries + 1, seq, prev
             yield entry
@@ -288,7 +293,7 @@ def _shape_error(entry: Any) -> Optional[str]:
     return None
 
 
-def verify(path: str, key: Optional[bytes] = None, anchor: Optional[str] = None) -> VerifyResult:
+def verify(path: str, key: Optional[bytes] = None, anchor: Optional[str] = None, plain_until: int = 0) -> VerifyResult:
     """Walk the whole chain; ``result.problem`` names the first bad line (None: the log is intact).
 
     ``anchor`` (``HASH`` or ``SEQ:HASH``, from `fmhub audit anchor`) must be
@@ -298,7 +303,7 @@ def verify(path: str, key: Optional[bytes] = None, anchor: Optional[str] = None)
     want_seq, want_hash = parse_anchor(anchor) if anchor else (None, None)
     result = VerifyResult(path)
     found = False
-    for entry in _walk(path, key, result):
+    for entry in _walk(path, key, result, plain_until):
         if entry["hash"] == want_hash and want_seq in (None, entry["seq"]):
             found = True
     if result.problem is None and want_hash is not None and not found:

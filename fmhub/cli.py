@@ -927,6 +927,84 @@ def clean_review(
     console.print(f"{path}: {added} new override(s); the next `fmhub clean` respects them", highlight=False, soft_wrap=True)
 
 
+server_app = typer.Typer(help="A git + Git LFS server that enforces the access policy (docs/server.md).")
+app.add_typer(server_app, name="server")
+_ROOT_OPTION = typer.Option(".", "--root", envvar="FMHUB_SERVER_ROOT", help="The directory holding the bare repositories (NAME.git).")
+
+
+@server_app.callback(invoke_without_command=True)
+def server(
+    ctx: typer.Context,
+    root: str = _ROOT_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
+    threads: int = typer.Option(32, "--threads", min=1, help="Requests served at once."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="LFS objects directory (default ROOT/.fmhub/lfs)."),
+    s3_bucket: Optional[str] = typer.Option(None, "--s3-bucket", help="Store LFS objects in this S3 bucket instead (credentials from the AWS environment)."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help="An S3-compatible endpoint URL (MinIO, Ceph, ...)."),
+    s3_prefix: Optional[str] = typer.Option(None, "--s3-prefix", help="Key prefix inside the bucket."),
+    max_object_size: int = typer.Option(64 << 30, "--max-object-size", min=1, help="Largest object accepted, in bytes."),
+    admin_role: str = typer.Option("admin", "--admin-role", help="The policy role whose members administer a repository."),
+) -> None:
+    """Serve every bare repository under --root over git's smart HTTP and the Git LFS API, enforcing each one's policy."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fmhub import audit
+    from fmhub.server.app import ServerConfig
+    from fmhub.server.serve import serve, startup_warnings
+
+    s3 = {"bucket_name": s3_bucket, "path_prefix": s3_prefix, "endpoint": s3_endpoint} if s3_bucket else None
+    config = ServerConfig(os.path.abspath(root), storage, s3, max_object_size, admin_role=admin_role, audit_key=audit.env_key())
+
+    def ready(url: str) -> None:
+        for line in startup_warnings(config.root):
+            err.print(f"[yellow]fmhub server: warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+        err.print(f"fmhub server: serving {config.root} at {url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
+
+    try:
+        serve(config, host, port, threads, ready)
+    except FmhubError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(FmhubError(f"cannot listen on {host}:{port}: {exc.strerror}"))
+
+
+@server_app.command("init")
+def server_init(
+    name: str = typer.Argument(..., help="The repository's name: clients clone http://HOST:PORT/NAME.git."),
+    root: str = _ROOT_OPTION,
+    branch: str = typer.Option("main", "--branch", help="The default (protected) branch."),
+) -> None:
+    """Create the bare repository ROOT/NAME.git with HEAD on --branch."""
+    from fmhub.server.repos import init_repo
+
+    try:
+        path = init_repo(os.path.abspath(root), name, branch)
+    except FmhubError as exc:
+        _fail(exc)
+    console.print(f"created {path} (default branch {branch}); give it tokens with `fmhub server token add USER --repo {name}`",
+                  highlight=False, soft_wrap=True)
+
+
+@server_app.command("token")
+def server_token(
+    user: str = typer.Argument(..., help="The user the token acts as (what the policy's roles name)."),
+    repo: list[str] = typer.Option([], "--repo", help="A repository the token may use (repeatable)."),
+    admin: list[str] = typer.Option([], "--admin", help="A repository the token administers (repeatable)."),
+    root: str = _ROOT_OPTION,
+) -> None:
+    """Make a token: print it once, store only its sha256 in ROOT/.fmhub/tokens.yaml."""
+    from fmhub.server.tokens import add_token
+
+    if not repo and not admin:
+        _fail(FmhubError("name at least one --repo or --admin repository"))
+    try:
+        token = add_token(os.path.abspath(root), user, repo, admin)
+    except FmhubError as exc:
+        _fail(exc)
+    print(token)
+
+
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log of filter runs, pushes, fetches, merges and pipeline runs.")
 app.add_typer(audit_app, name="audit")
 
@@ -951,13 +1029,14 @@ def _audit_broken(res, command: str) -> None:
 def audit_verify(
     anchor: Optional[str] = typer.Option(None, "--anchor", help="HASH or SEQ:HASH from `fmhub audit anchor` (or the ref it was saved to): the log must still hold it."),
     path: Optional[str] = typer.Option(None, "--path", help="A log file to verify (default: this repository's)."),
+    plain_until: int = typer.Option(0, "--plain-until", min=0, help="With FMHUB_AUDIT_KEY: the seq of the last entry written before the key was set (plain entries after it fail)."),
 ) -> None:
     """Walk the whole chain; name the first entry that was edited, inserted, removed, reordered or cut (exit 1)."""
     from fmhub import audit
 
     try:
         log = _audit_path(path)
-        res = audit.verify(log, audit.env_key(), audit.resolve_anchor(anchor) if anchor else None)
+        res = audit.verify(log, audit.env_key(), audit.resolve_anchor(anchor) if anchor else None, plain_until)
     except FmhubError as exc:
         _fail(exc)
     if not res.ok:

@@ -180,6 +180,23 @@ class Policy:
                 return tuple(rule.roles)
         return ()
 
+    def reads_everything(self, principal: Optional[str]) -> bool:
+        """Whether ``principal`` may read every path, tensor and column (a repository-wide reader).
+
+        The first rule that could apply to one of the principal's reads
+        decides: an allow over everything (no paths, tensors, columns, rows)
+        says yes, any deny that could match says no; with none, the default.
+        """
+        roles = self.roles_of(principal)
+        for rule in self.model.rules:
+            if "read" not in rule.actions or (rule.roles is not None and not roles.intersection(rule.roles)):
+                continue
+            if rule.effect == "deny":
+                return False
+            if rule.paths is None and rule.tensors is None and rule.columns is None and rule.rows is None:
+                return True
+        return self.model.default == "allow"
+
     def row_filter(self, principal: Optional[str], path: Optional[str]) -> Optional[Callable[[dict], bool]]:
         """Which rows of ``path`` may ``principal`` read: a predicate (True: readable), None when no row rule could deny one.
 

@@ -418,3 +418,27 @@ def test_query_shows_nothing_past_a_break(tmp_path):
     proc = fmhub(tmp_path, "audit", "log", "--path", str(path), "--json", check=False)
     assert proc.returncode == 1 and FORGED not in proc.stdout.decode() + proc.stderr.decode()
     assert "line 4 (seq 4): edited" in proc.stderr.decode()
+
+
+def test_a_key_refuses_a_log_wholly_rewritten_as_plain_entries(tmp_path):
+    """Attack D: with FMHUB_AUDIT_KEY set, a forger replaces every entry by plain ones, re-chained from the first."""
+    key = b"s3cret"
+    path = tmp_path / "audit.log"
+    lines = small_log(path, 4, key)
+    forged, prev = [], audit.ZERO
+    for line in lines:
+        forged.append(rehash(forge(line, who=FORGED), prev))
+        prev = json.loads(forged[-1])["hash"]
+    write_lines(path, forged)
+    assert audit.verify(str(path)).ok  # without the key nothing can tell
+    p = audit.verify(str(path), key).problem
+    assert (p.line, p.kind) == (1, "unkeyed")
+    # a log begun before the key was set: its plain prefix passes when named, a plain entry after it does not
+    path.unlink()
+    small_log(path, 2)
+    log = audit.AuditLog(str(path), key)
+    log.append("clean", "x", "ok")
+    assert audit.verify(str(path), key).problem.kind == "unkeyed"
+    assert audit.verify(str(path), key, plain_until=2).ok
+    audit.AuditLog(str(path)).append("clean", "y", "ok")
+    assert audit.verify(str(path), key, plain_until=2).problem.kind == "unkeyed"

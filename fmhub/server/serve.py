@@ -1,0 +1,47 @@
+"""``fmhub server``: waitress serving `fmhub.server.app.ServerApp` to concurrent clients."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from fmhub.errors import FmhubError
+from fmhub.server import repos
+from fmhub.server.app import ServerApp, ServerConfig
+
+
+def startup_warnings(root: str) -> list[str]:
+    """One line per repository whose protected branch is missing while other branches exist (nothing there is readable)."""
+    from dulwich.repo import Repo
+
+    out = []
+    for name in repos.list_repos(root):
+        repo = Repo(os.path.join(root, name + ".git"))
+        try:
+            refs = repo.get_refs()
+            missing = [r for r in repos.protected_branches(repo) if r not in refs]
+            branches = sorted(r.decode() for r in refs if r.startswith(b"refs/heads/"))
+        finally:
+            repo.close()
+        if missing and branches:
+            out.append(f"{name}.git: protected branch {missing[0].decode()} does not exist (branches: {', '.join(branches)}); "
+                       f"only admins can read or push until it does: `git -C {root}/{name}.git symbolic-ref HEAD refs/heads/BRANCH` "
+                       "or `git config fmhub.protect BRANCH` there")
+    return out
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 32,
+          ready: Optional[Callable[[str], None]] = None) -> None:
+    """Serve until interrupted. ``ready(url)`` is called once the socket listens."""
+    import waitress
+
+    if not os.path.isdir(config.root):
+        raise FmhubError(f"{config.root}: no such directory (make it with `fmhub server init NAME --root {config.root}`)")
+    app = ServerApp(config)
+    server = waitress.create_server(app, host=host, port=port, threads=threads, ident="fmhub",
+                                    max_request_body_size=config.max_object_size + (1 << 20),
+                                    channel_timeout=300, clear_untrusted_proxy_headers=True)
+    url = f"http://{host}:{server.effective_port}"
+    if ready:
+        ready(url)
+    server.run()
