@@ -125,6 +125,11 @@ def test_a_reader_of_public_cannot_get_secret_objects_by_any_route(tmp_path):
             a, _ = clone(tmp_path, url, repo, admin, ADMIN, f"admin-{repo}")
             for path in ("public/p.safetensors", "secret/s.safetensors", ".fmhub/policy.yaml"):
                 assert sha256_file(a / path) == sha256_file(work / path), (repo, path)
+    # restarted, the server says why nothing of `plain` is readable, and how to fix it
+    with running_server(root) as (_url, log):
+        warning = "".join(log)
+        assert "plain.git: protected branch refs/heads/master does not exist (branches: refs/heads/main)" in warning
+        assert "symbolic-ref HEAD refs/heads/BRANCH" in warning
 
 
 def test_reader_clone_gets_public_and_is_refused_secret(tmp_path):
@@ -181,3 +186,28 @@ def test_malformed_batches_get_400_with_a_json_message(tmp_path, body):
         status, answer, headers = lfs_request(url, "/models.git/info/lfs/objects/batch", reader, body)
         assert status == 400 and isinstance(answer.get("message"), str) and "Traceback" not in "".join(log)
         assert headers["Content-Type"].startswith("application/vnd.git-lfs+json")
+
+
+def test_server_commands_answer_bad_input_in_one_line(tmp_path):
+    root = tmp_path / "srv"
+    for args, msg in [(("init", "../evil"), "is not a repository name"), (("init", "x.git"), "is not a repository name"),
+                      (("token", "bob@example.com"), "name at least one --repo or --admin")]:
+        proc = fmhub(tmp_path, "server", *args, "--root", str(root), check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    fmhub(tmp_path, "server", "init", "models", "--root", str(root))
+    again = fmhub(tmp_path, "server", "init", "models", "--root", str(root), check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr.decode()
+    (root / ".fmhub").mkdir(exist_ok=True)
+    (root / ".fmhub" / "tokens.yaml").write_text('tokens:\n  plain-token: {user: bob@example.com, repos: [models]}\n')
+    refused = fmhub(tmp_path, "server", "token", "eve@example.com", "--repo", "models", "--root", str(root), check=False)
+    assert refused.returncode == 1 and "tokens are stored as their sha256" in refused.stderr.decode()
+    missing = fmhub(tmp_path, "server", "--root", str(tmp_path / "nowhere"), "--port", "0", check=False)
+    assert missing.returncode == 1 and "no such directory" in missing.stderr.decode()
+
+
+def test_tokens_file_holds_only_digests(tmp_path):
+    root, admin, reader = init_root(tmp_path)
+    text = (root / ".fmhub" / "tokens.yaml").read_text()
+    assert admin not in text and reader not in text and text.count("sha256:") == 2
+    assert (root / ".fmhub" / "tokens.yaml").stat().st_mode & 0o077 == 0

@@ -1,9 +1,9 @@
 """What a bare repository's refs name: objects at protected branches (with path and tensor), objects anywhere, policies.
 
 An `IndexState` is one snapshot of the refs; `RepoIndex.state()` rebuilds it
-when the refs move. Manifests are parsed once per blob (they never change),
-trees walked once per (tree, prefix), so a rebuild after a push costs the
-new history, not all of it again.
+when the refs move, walking the history of every ref with each (tree,
+prefix) visited once per rebuild. Manifests are parsed once per blob ever
+(they never change), so a rebuild costs a walk of trees, not re-parsing.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ it was and reaches the pusher as ``! [remote rejected] REF (MESSAGE)``.
 
 * Admins may push anything, except a policy that does not parse onto a
   protected branch.
-* Protected branches: creating or deleting one, or changing its
-  ``.fmhub/policy.yaml``, needs an admin.
+* Protected branches: creating or deleting one, rewriting its history (a
+  non-fast-forward push), or changing its ``.fmhub/policy.yaml``, needs an admin.
 * Every branch: when the primary branch's policy cannot be read (no such
   branch, a broken policy) only admins may push (fail closed). Otherwise
   each new commit's changes (paths that differ from every parent) are
@@ -66,12 +66,22 @@ def _refusal(guard: RepoGuard, principal: Principal, repo, ref: bytes, old: byte
         return f"{problem}, so only an admin may push"
     if protected and old == ZERO:
         return f"only an admin may create the protected branch {name}"
+    if protected and not _fast_forward(repo, old, new):
+        return f"only an admin may rewrite the history of the protected branch {name} (a non-fast-forward push)"
     reader = state.reader(ref if ref in state.tips else state.primary)
     for commit in _new_commits(repo, new, state):
         reason = _check_commit(guard, principal, repo, state, commit, reader, has_object)
         if reason:
             return f"{reason} (commit {commit.id.decode()[:12]})"
     return None
+
+
+def _fast_forward(repo, old: bytes, new: bytes) -> bool:
+    from dulwich.graph import can_fast_forward
+
+    store = repo.object_store
+    old_c, new_c = _commit_of(store, old), _commit_of(store, new)
+    return old_c is not None and new_c is not None and can_fast_forward(repo, old_c, new_c)
 
 
 def _policy_change(repo, name: str, old: bytes, new: bytes, admin: bool) -> Optional[str]:

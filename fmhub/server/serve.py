@@ -33,8 +33,11 @@ def startup_warnings(root: str) -> list[str]:
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 32,
           ready: Optional[Callable[[str], None]] = None) -> None:
     """Serve until interrupted. ``ready(url)`` is called once the socket listens."""
-    import waitress
-
+    try:
+        import giftless  # noqa: F401
+        import waitress
+    except ImportError as exc:
+        raise FmhubError(f"fmhub server needs {exc.name}: pip install 'fmhub[server]'") from None
     if not os.path.isdir(config.root):
         raise FmhubError(f"{config.root}: no such directory (make it with `fmhub server init NAME --root {config.root}`)")
     app = ServerApp(config)
