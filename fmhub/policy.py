@@ -27,6 +27,7 @@ problems raise `PolicyError` naming ``file:line``; callers fail closed on it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -275,3 +276,18 @@ def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
             if m.startswith("@") and m[1:] not in model.roles:
                 raise PolicyError(f"{at_line(path, lines.get(('roles', role)))}: roles.{role}: unknown role {m!r}")
     return Policy(model, path, lines)
+
+
+@functools.lru_cache(maxsize=64)
+def parse_policy_bytes(data: bytes, path: str = POLICY_FILE) -> Union[Policy, PolicyError]:
+    """The policy in a file's bytes, or the `PolicyError` saying why not (returned, not raised: callers fail closed).
+
+    Cached by content: the filter process, the CLI and the server ask for the
+    same few policy files many times.
+    """
+    try:
+        return parse_policy(data.decode("utf-8"), path)
+    except UnicodeDecodeError:
+        return PolicyError(f"{path}: not UTF-8 text")
+    except PolicyError as exc:
+        return exc

@@ -9,9 +9,6 @@ reason naming ``file:line``; without a policy file it has no opinion.
 
 from __future__ import annotations
 
-import hashlib
-import threading
-
 from fmhub import hookimpl
 from fmhub.records import AccessRequest, Decision
 
@@ -27,28 +24,10 @@ POLICY_FILE = ".fmhub/policy.yaml"
 class RolePolicy:
     name = "roles"
 
-    def __init__(self) -> None:
-        self._parsed: dict[bytes, Policy | PolicyError] = {}
-        self._lock = threading.Lock()
-
     def _policy(self, data: bytes) -> Policy | PolicyError:
-        from fmhub.policy import PolicyError, parse_policy
+        from fmhub.policy import parse_policy_bytes
 
-        key = hashlib.sha256(data).digest()
-        with self._lock:
-            hit = self._parsed.get(key)
-        if hit is None:
-            try:
-                hit = parse_policy(data.decode("utf-8"), POLICY_FILE)
-            except UnicodeDecodeError:
-                hit = PolicyError(f"{POLICY_FILE}: not UTF-8 text")
-            except PolicyError as exc:
-                hit = exc
-            with self._lock:
-                if len(self._parsed) > 64:
-                    self._parsed.clear()
-                self._parsed[key] = hit
-        return hit
+        return parse_policy_bytes(data, POLICY_FILE)
 
     def check(self, request: AccessRequest) -> Decision | None:
         data = request.read_file(POLICY_FILE)

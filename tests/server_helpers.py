@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-from conftest import FMHUB, fmhub, git, run
+from conftest import FMHUB, fmhub, git, run, save_tensors
 
 ADMIN, READER = "admin@example.com", "reader@example.com"
 POLICY = """\
@@ -118,3 +118,22 @@ def batch(url: str, repo: str, token: Optional[str], oids: list[tuple[str, int]]
 def audit_entries(root: Path, repo: str) -> list[dict]:
     log = root / f"{repo}.git" / "fmhub" / "audit.log"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def work_tree(tmp_path: Path, checkpoints: dict, policy: Optional[str] = None, user: str = ADMIN) -> Path:
+    """A repository with fmhub installed, ``*.safetensors`` tracked, ``checkpoints`` (path -> tensors) and the policy, committed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    git(work, "config", "user.email", user)
+    fmhub(work, "install")
+    fmhub(work, "track", "*.safetensors")
+    if policy is not None:
+        (work / ".fmhub").mkdir()
+        (work / ".fmhub" / "policy.yaml").write_text(policy)
+    for path, tensors in checkpoints.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(work / path, tensors)
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "checkpoints")
+    return work

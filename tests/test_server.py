@@ -11,28 +11,16 @@ import pytest
 import torch
 
 from conftest import committed_manifest, fmhub, git, save_tensors, sha256_file
-from server_helpers import ADMIN, POLICY, READER, audit_entries, batch, clone, init_root, lfs_request, running_server, use_token
+from server_helpers import ADMIN, POLICY, READER, audit_entries, batch, clone, init_root, lfs_request, running_server, use_token, work_tree
 
 RANDOM_OID = hashlib.sha256(b"nothing stored under this").hexdigest()
 
 
 def admin_work_tree(tmp_path: Path, url: str, admin: str) -> Path:
     """The admin's repository: fmhub installed, the policy, a public and a secret checkpoint, pushed to both repositories."""
-    work = tmp_path / "work"
-    work.mkdir()
-    git(work, "init", "-q", "-b", "main")
-    git(work, "config", "user.email", ADMIN)
-    fmhub(work, "install")
-    fmhub(work, "track", "*.safetensors")
-    (work / ".fmhub").mkdir()
-    (work / ".fmhub" / "policy.yaml").write_text(POLICY)
-    for d in ("public", "secret"):
-        (work / d).mkdir()
     torch.manual_seed(0)
-    save_tensors(work / "public" / "p.safetensors", {"w": torch.randn(64, 64), "b": torch.randn(64)})
-    save_tensors(work / "secret" / "s.safetensors", {"w": torch.randn(64, 64) * 7})
-    git(work, "add", "-A")
-    git(work, "commit", "-qm", "policy and checkpoints")
+    work = work_tree(tmp_path, {"public/p.safetensors": {"w": torch.randn(64, 64), "b": torch.randn(64)},
+                                "secret/s.safetensors": {"w": torch.randn(64, 64) * 7}}, POLICY)
     use_token(work, url, admin, ADMIN)
     for repo in ("models", "plain"):
         git(work, "remote", "add", repo, f"{url}/{repo}.git")

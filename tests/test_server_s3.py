@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import committed_manifest, fmhub, git, save_tensors, sha256_file
-from server_helpers import ADMIN, clone, init_root, running_server, use_token
+from conftest import committed_manifest, git, sha256_file
+from server_helpers import ADMIN, clone, init_root, running_server, use_token, work_tree
 
 pytest.importorskip("boto3")
 MOTO = shutil.which("moto_server")
@@ -54,15 +54,7 @@ def test_objects_live_in_the_bucket_and_clone_back_byte_identical(tmp_path, s3_e
     s3.create_bucket(Bucket="weights")
     root, admin, _reader = init_root(tmp_path)
     with running_server(root, "--s3-bucket", "weights", "--s3-endpoint", s3_endpoint, "--s3-prefix", "lfs", env=dict(os.environ)) as (url, _log):
-        work = tmp_path / "work"
-        work.mkdir()
-        git(work, "init", "-q", "-b", "main")
-        git(work, "config", "user.email", ADMIN)
-        fmhub(work, "install")
-        fmhub(work, "track", "*.safetensors")
-        save_tensors(work / "m.safetensors", {"w": torch.randn(128, 64), "b": torch.randn(64)})
-        git(work, "add", "-A")
-        git(work, "commit", "-qm", "a checkpoint")
+        work = work_tree(tmp_path, {"m.safetensors": {"w": torch.randn(128, 64), "b": torch.randn(64)}})
         use_token(work, url, admin, ADMIN)
         git(work, "remote", "add", "origin", f"{url}/models.git")
         git(work, "push", "-q", "origin", "main")

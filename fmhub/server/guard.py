@@ -20,10 +20,8 @@ its size.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import threading
 from typing import Iterable, Optional
 
 from fmhub.audit import AuditLog
@@ -41,32 +39,16 @@ class RepoGuard:
         self.index = RepoIndex(path)
         self.uploads = Uploads(path)
         self.log = AuditLog(os.path.join(path, "fmhub", "audit.log"), audit_key)
-        self._policies: dict[bytes, object] = {}
-        self._lock = threading.Lock()
 
     # -- the policy --------------------------------------------------------------------
 
     def policy(self, state: IndexState, ref: Optional[bytes] = None):
         """The parsed policy at ``ref`` (default: the primary branch): a Policy, a PolicyError, or None (no policy file)."""
-        from fmhub.policy import PolicyError, parse_policy
+        from fmhub.policy import parse_policy_bytes
 
         ref = ref or state.primary
         data = state.reader(ref)(POLICY_PATH) if ref in state.tips else None
-        if data is None:
-            return None
-        key = hashlib.sha256(data).digest()
-        with self._lock:
-            hit = self._policies.get(key)
-        if hit is None:
-            try:
-                hit = parse_policy(data.decode("utf-8"), POLICY_PATH)
-            except UnicodeDecodeError:
-                hit = PolicyError(f"{POLICY_PATH}: not UTF-8 text")
-            except PolicyError as exc:
-                hit = exc
-            with self._lock:
-                self._policies[key] = hit
-        return hit
+        return None if data is None else parse_policy_bytes(data, POLICY_PATH)
 
     def policy_problem(self, state: IndexState) -> Optional[str]:
         """Why the primary branch's policy cannot govern (fail closed), or None."""
