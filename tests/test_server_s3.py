@@ -17,7 +17,7 @@ from server_helpers import ADMIN, clone, init_root, running_server, use_token, w
 
 pytest.importorskip("boto3")
 MOTO = shutil.which("moto_server")
-pytestmark = pytest.mark.skipif(MOTO is None, reason="moto_server is not installed (pip install 'moto[server]')")
+pytestmark = pytest.mark.skipif(MOTO is None, reason="moto_server is not installed (pip install 'moto[s3]' flask-cors)")
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
