@@ -9,7 +9,10 @@ What the rest of fmhub calls where bytes flow:
 * `check_columns` (``fmhub clean``/``fmhub label``, before any row is read);
 * `pipeline_rows` (``fmhub clean``/``fmhub label``): a `RowGate` withholding
   the rows ``rows:`` rules keep from the user, as batches are read;
-* `check` (anything else; `fmhub.lfs_policy` on the server side).
+* `check` (anything else);
+* `decide` (the combined decision, nothing recorded): `fmhub.server.guard`
+  and `fmhub.server.receive` on the server side, which keep each
+  repository's own audit log.
 
 Every deny, and every allow of a request some policy governs, is recorded in
 the audit log (``what: access``). Messages say what was denied, by which rule

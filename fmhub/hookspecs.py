@@ -299,10 +299,12 @@ def fmhub_access_policies() -> list[AccessPolicy]:
     fmhub asks every policy, through `fmhub.access`, at each place bytes flow:
     **smudge** (one request for the file, one per tensor of a checkpoint;
     a denied file is not materialized), **``fmhub clean``/``label``** (one
-    request per column a pipeline reads, before any row is read) and the
-    **LFS server** middleware `fmhub.lfs_policy` (one request per object of a
-    batch download and per direct object GET, with the path and tensor the
-    object belongs to, so enforcement does not rely on the client).
+    request per column a pipeline reads, before any row is read) and
+    **``fmhub server``**: `fmhub.server.guard` asks one request per object of
+    a batch download, direct GET or verify, for each path (and tensor) of a
+    protected branch that names the object, and `fmhub.server.receive` one
+    ``write`` request per changed path and tensor of each pushed commit, so
+    enforcement does not rely on the client.
 
     ``check(request)`` gets a `fmhub.interfaces.AccessRequest` and returns a
     `fmhub.interfaces.Decision` or ``None`` (no opinion). Any deny wins; a

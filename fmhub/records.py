@@ -45,9 +45,10 @@ class AccessRequest(namedtuple("AccessRequest", "principal action repo path tens
     column of a dataset; both ``None`` means the whole file (every tensor and
     column in it). ``oid`` is the object asked for, when there is one (server
     downloads). ``read_file(path)`` returns a file of the repository at the
-    revision that governs (the work tree locally, the default branch on a
-    server) as bytes, or ``None``: policies read their configuration through
-    it, never from the current directory.
+    revision that governs (the work tree locally; on ``fmhub server`` the tip
+    of the protected branch that names the object, `fmhub.server.guard`) as
+    bytes, or ``None``: policies read their configuration through it, never
+    from the current directory.
     """
 
     __slots__ = ()

@@ -222,18 +222,12 @@ class _Handler(LFSRequestHandler):
 
 
 class _Server(LFSServer):
-    def __init__(self, address: tuple[str, int], store: LFSStore, policy_gate: Any = None) -> None:
+    def __init__(self, address: tuple[str, int], store: LFSStore) -> None:
         self.log: list[Request] = []
         self.lock = threading.Lock()
         self.faults = _Faults()
-        self.policy_gate = policy_gate  # a fmhub.lfs_policy.PolicyGate: access policies enforced server-side
         super().__init__(address, store)
-        if policy_gate is None:
-            self.RequestHandlerClass = _Handler
-        else:
-            from fmhub.lfs_policy import policy_handler
-
-            self.RequestHandlerClass = policy_handler(_Handler)
+        self.RequestHandlerClass = _Handler
 
 
 class FaultSwitches:
@@ -298,11 +292,11 @@ class LFSTestServer(FaultSwitches):
 
 
 @contextlib.contextmanager
-def running_lfs_server(store_dir: Path | str | None = None, policy_gate: Any = None) -> Iterator[LFSTestServer]:
-    """Start a test LFS server on 127.0.0.1 in a thread (behind ``policy_gate`` if given); stop it (and remove a temp store) on exit."""
+def running_lfs_server(store_dir: Path | str | None = None) -> Iterator[LFSTestServer]:
+    """Start a test LFS server on 127.0.0.1 in a thread; stop it (and remove a temp store) on exit."""
     own = store_dir is None
     root = Path(tempfile.mkdtemp(prefix="lfs-server-") if own else store_dir)
-    server = _Server(("127.0.0.1", 0), LFSStore.create(str(root)), policy_gate)
+    server = _Server(("127.0.0.1", 0), LFSStore.create(str(root)))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="lfs-test-server")
     thread.start()
     try:

@@ -1,4 +1,4 @@
-"""Access policies end to end: real git, the smudge filter, `fmhub clean`, and a real LFS server behind `fmhub.lfs_policy`.
+"""Access policies end to end: real git, the smudge filter, `fmhub clean` and `fmhub label` (the server side: tests/test_server*.py).
 
 Who is who: alice@example.com holds role ``ml-core``; bob@example.com holds
 none; a user git knows nothing about holds none either. The policy lives in
@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import fmhub, git, save_tensors, sha256_file
-from lfs_server import running_lfs_server
 
 from fmhub.interfaces import AccessRequest
-from fmhub.lfs_policy import PolicyGate, Tokens, repo_of, token_of
 from fmhub.manifest import Manifest
 from fmhub.policy import PolicyError, parse_policy
 
@@ -353,185 +349,8 @@ def test_rule_semantics():
     assert strict.decide("a", "read", "x")[0].effect == "allow" and strict.decide("b", "read", "x")[0].effect == "deny"
 
 
-# -- (iii) the LFS server enforces the policy itself ------------------------------------------------------
+# -- (iii) the server: tests/test_server.py and tests/test_server_attacks.py (fmhub server) --------------------------
 
 
-TOKENS = {"alice-token": {"user": ALICE, "repos": ["test"]}, "bob-token": {"user": BOB, "repos": ["test"]},
-          "other-token": {"user": ALICE, "repos": ["other"]}}
-
-
-@pytest.fixture
-def served(guarded, tmp_path, monkeypatch):
-    """``guarded`` pushed (by alice) to a bare repo whose LFS server is behind a PolicyGate; yields (server, bare)."""
-    bare = tmp_path / "remote.git"
-    git(tmp_path, "init", "-q", "--bare", str(bare))
-    git(bare, "config", "fmhub.audit", "true")
-    gate = PolicyGate({"test": str(bare)}, Tokens.from_mapping(TOKENS))
-    with running_lfs_server(tmp_path / "lfs-store", policy_gate=gate) as server:
-        git(guarded, "remote", "add", "origin", bare.as_uri())
-        git(guarded, "config", "lfs.url", server.url)
-        git(guarded, "config", "lfs.transfer.maxretries", "1")
-        monkeypatch.setenv("FMHUB_LFS_AUTHORIZATION", "Bearer alice-token")
-        git(guarded, "push", "-q", "origin", "main")
-        monkeypatch.delenv("FMHUB_LFS_AUTHORIZATION")
-        yield server, bare
-
-
-def batch(server, token: str | None, oids: list[tuple[str, int]], url: str | None = None):
-    body = json.dumps({"operation": "download", "transfers": ["basic"], "objects": [{"oid": o, "size": s} for o, s in oids]}).encode()
-    req = urllib.request.Request((url or server.url) + "/objects/batch", data=body, method="POST",
-                                 headers={"Content-Type": "application/vnd.git-lfs+json", "Accept": "application/vnd.git-lfs+json"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
-def get(url: str, token: str) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def test_server_denies_restricted_objects_per_object(served, guarded):
-    server, bare = served
-    secret = Manifest.from_bytes(git(guarded, "show", "HEAD:secret/w.safetensors").stdout)
-    open_ = Manifest.from_bytes(git(guarded, "show", "HEAD:public/open.safetensors").stdout)
-    secret_oids, open_oids = dict(secret.oids()), dict(open_.oids())
-    status, answer = batch(server, "bob-token", [*secret_oids.items(), *open_oids.items()])
-    assert status == 200
-    by_oid = {o["oid"]: o for o in answer["objects"]}
-    for oid in secret_oids:
-        assert by_oid[oid]["error"]["code"] == 403 and "actions" not in by_oid[oid]
-        msg = by_oid[oid]["error"]["message"]
-        assert "'ml-core'" in msg and ALICE not in msg and "secret/" not in msg
-    for oid in open_oids:
-        assert "download" in by_oid[oid]["actions"]
-    # a direct GET of a denied object is refused too; alice gets it
-    oid = next(iter(secret_oids))
-    assert get(f"{server.base_url}/objects/{oid}", "bob-token")[0] == 403
-    status, data = get(f"{server.base_url}/objects/{oid}", "alice-token")
-    assert status == 200 and len(data) == secret_oids[oid]
-    status, answer = batch(server, "alice-token", list(secret_oids.items()))
-    assert all("download" in o["actions"] for o in answer["objects"])
-    # the placeholder tensor is restricted on the server too (the server never sends placeholders)
-    pub = Manifest.from_bytes(git(guarded, "show", "HEAD:public/model.safetensors").stdout)
-    lm = next(t.oid for t in pub.tensors if t.name == "lm_head.weight")
-    _, answer = batch(server, "bob-token", [(lm, 256)])
-    assert answer["objects"][0]["error"]["code"] == 403
-    # recorded in the server repo's audit log
-    log = [json.loads(line) for line in (bare / "fmhub" / "audit.log").read_text().splitlines()]
-    assert any(e["what"] == "access" and e["decision"] == "deny" and e["details"]["user"] == BOB for e in log)
-
-
-def upload(server, token: str, oids: list[tuple[str, int]]):
-    body = json.dumps({"operation": "upload", "transfers": ["basic"], "objects": [{"oid": o, "size": s} for o, s in oids]}).encode()
-    req = urllib.request.Request(server.url + "/objects/batch", data=body, method="POST", headers={
-        "Content-Type": "application/vnd.git-lfs+json", "Accept": "application/vnd.git-lfs+json", "Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return {o["oid"]: o for o in json.loads(resp.read())["objects"]}
-
-
-def test_server_checks_write_rules_on_upload_per_object(served, guarded, monkeypatch):
-    server, bare = served
-    secret = dict(Manifest.from_bytes(git(guarded, "show", "HEAD:secret/w.safetensors").stdout).oids())
-    head = secret  # lm_head's bytes are also public/model's lm_head (bob may write there): one denied place is enough
-    new = ("ab" * 32, 7)  # an object no manifest names yet: its path is unknown to the server
-    # indexed under a tensor bob may not write (secret/* lm_head.*): 403 for it alone; a new object: decided by the repo (allowed)
-    answer = upload(server, "bob-token", [*head.items(), new])
-    lm_head = [o for o in head if answer[o].get("error")]
-    assert lm_head and all(answer[o]["error"]["code"] == 403 and "actions" not in answer[o] for o in lm_head)
-    assert "error" not in answer[new[0]]
-    assert all("error" not in o for o in upload(server, "alice-token", [*head.items(), new]).values())
-    # a policy that denies writing every path to non-members: bob's token is read-only, per object
-    policy = guarded / ".fmhub/policy.yaml"
-    policy.write_text(policy.read_text() + "  - deny: [write]\n    paths: [\"**\"]\n")
-    monkeypatch.setenv("FMHUB_USER", ALICE)  # the clean filter checks alice's write rules on commit
-    git(guarded, "add", ".fmhub/policy.yaml")
-    git(guarded, "commit", "-qm", "read-only for non-members")
-    monkeypatch.setenv("FMHUB_LFS_AUTHORIZATION", "Bearer alice-token")
-    git(guarded, "push", "-q", "origin", "main")
-    answer = upload(server, "bob-token", [new, *secret.items()])
-    assert all(o["error"]["code"] == 403 and "may not write" in o["error"]["message"] for o in answer.values())
-    assert SECRET_ROW not in json.dumps(answer)
-    assert all("error" not in o and "actions" in o for o in upload(server, "alice-token", [new]).values())
-    put = urllib.request.Request(f"{server.url}/objects/{new[0]}", data=b"x" * 7, method="PUT", headers={"Authorization": "Bearer bob-token"})
-    with pytest.raises(urllib.error.HTTPError) as info:  # skipping the batch API: the same check
-        urllib.request.urlopen(put, timeout=10)
-    assert info.value.code == 403 and b"may not write object" in info.value.read()
-
-
-def test_server_refuses_bad_tokens_whole(served, guarded):
-    server, _bare = served
-    oids = list(Manifest.from_bytes(git(guarded, "show", "HEAD:public/open.safetensors").stdout).oids())
-    status, answer = batch(server, "other-token", oids)
-    assert status == 403 and "repository 'test'" in answer["message"]
-    assert batch(server, "nope", oids)[0] == 401
-    assert batch(server, None, oids)[0] == 401
-    assert get(f"{server.base_url}/objects/{oids[0][0]}", "nope")[0] == 401
-
-
-def test_clone_with_unprivileged_token_cannot_download_even_if_client_lies(served, tmp_path, monkeypatch):
-    server, bare = served
-    fmhub(tmp_path, "install", "--global")
-    monkeypatch.setenv("FMHUB_USER", ALICE)  # the client claims to be alice: local checks pass
-    monkeypatch.setenv("FMHUB_LFS_AUTHORIZATION", "Bearer bob-token")  # but the server knows bob's token
-    dest = tmp_path / "bob-clone"
-    proc = git(tmp_path, "clone", "-q", "-c", f"lfs.url={server.url}", "-c", "lfs.transfer.maxretries=1", bare.as_uri(), str(dest), check=False)
-    err = proc.stderr.decode()
-    assert proc.returncode != 0
-    assert "access denied: bob@example.com may not read object" in err and "'ml-core'" in err and ALICE not in err
-    for path in ("secret/w.safetensors", "public/model.safetensors"):
-        f = dest / path
-        assert not f.exists() or f.stat().st_size == 0
-    # alice's token: everything, exact bytes
-    monkeypatch.setenv("FMHUB_LFS_AUTHORIZATION", "Bearer alice-token")
-    dest = tmp_path / "alice-clone"
-    git(tmp_path, "clone", "-q", "-c", f"lfs.url={server.url}", bare.as_uri(), str(dest))
-    assert sha256_file(dest / "secret/w.safetensors") == sha256_file(tmp_path / "repo" / "secret/w.safetensors")
-
-
-def test_token_for_another_repo_cannot_reach_its_objects_through_a_shared_store(served, guarded, tmp_path):
-    server, bare = served
-    empty = tmp_path / "other.git"
-    git(tmp_path, "init", "-q", "--bare", str(empty))
-    gate = server._server.policy_gate
-    gate.repos = {**gate.repos, "other": str(empty)}  # one LFS store for two repositories
-    oid = next(iter(dict(Manifest.from_bytes(git(guarded, "show", "HEAD:secret/w.safetensors").stdout).oids())))
-    status, answer = batch(server, "other-token", [(oid, 1)], url=server.base_url + "/other.git/info/lfs")
-    assert status == 200 and answer["objects"][0]["error"]["code"] == 403
-    assert get(f"{server.base_url}/objects/{oid}", "other-token")[0] == 403
-
-
-def test_server_fails_closed_on_a_broken_policy(tmp_path):
-    bare = tmp_path / "b.git"
-    work = tmp_path / "w"
-    git(tmp_path, "init", "-q", "--bare", str(bare))
-    git(tmp_path, "init", "-q", str(work))
-    (work / ".fmhub").mkdir()
-    (work / ".fmhub/policy.yaml").write_text("rules: [\n")
-    git(work, "add", ".")
-    git(work, "commit", "-qm", "broken")
-    git(work, "push", "-q", bare.as_uri(), "HEAD:main")
-    gate = PolicyGate({"b": str(bare)}, Tokens.from_mapping({"t": {"user": ALICE, "repos": ["b"]}}), record=False)
-    reason = gate.check_object(gate.authenticate("Bearer t"), ["b"], "a" * 64)
-    assert reason is not None and ".fmhub/policy.yaml:2: not valid YAML" in reason
-
-
-def test_helpers():
-    import base64
-
-    assert token_of("Bearer abc") == "abc" and token_of(None) is None and token_of("Digest x") is None
-    assert token_of("Basic " + base64.b64encode(b"bob:tok").decode()) == "tok"
-    assert repo_of("/models.git/info/lfs/objects/batch") == "models" and repo_of("/objects/" + "a" * 64) is None
-    import hashlib
-
-    hashed = Tokens.from_mapping({"sha256:" + hashlib.sha256(b"tok").hexdigest(): {"user": BOB, "repos": ["r"]}})
-    assert hashed.lookup("tok").user == BOB and hashed.lookup("tok2") is None
+def test_an_access_request_reads_no_file_by_default():
     assert AccessRequest(BOB, "read", "r", "p").read_file("x") is None

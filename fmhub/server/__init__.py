@@ -8,6 +8,7 @@ Layers, lowest first; each module imports only those above it in this list:
 * `index`     which objects the manifests at each ref name, and the policy at each protected ref;
 * `guard`     the decisions: may this user read this object, is this user an admin; audited;
 * `receive`   the checks a push must pass before its refs move;
+* `packguard` the sizes a pushed pack declares, checked before dulwich inflates them;
 * `lfs`       the Git LFS API: giftless with fmhub's identity and verified storage;
 * `git_http`  git's smart HTTP protocol: dulwich's WSGI application with the push checks;
 * `app`       the WSGI application that authenticates and routes every request;

@@ -44,6 +44,7 @@ class ServerConfig:
     s3: Optional[dict] = None
     max_object_size: int = 64 * GIB
     max_git_request: int = 1 * GIB
+    max_git_object: int = 100 << 20  # the largest git object (or delta result) a push may hold
     admin_role: str = ADMIN_ROLE
     audit_key: Optional[bytes] = None
     tokens_file: Optional[str] = None
@@ -152,9 +153,10 @@ class ServerApp:
         def check(ref: bytes, old: bytes, new: bytes) -> Optional[str]:
             return check_update(guard, principal, ref, old, new, lambda oid: self.storage.stored(guard.name, oid))
 
-        from fmhub.server.git_http import git_app
+        from fmhub.server.git_http import MAX_NEGOTIATION_REQUEST, git_app
 
-        app = git_app(f"/{guard.name}.git", guard.path, check, self.config.max_git_request)
+        limit = self.config.max_git_request if rest == "/git-receive-pack" else min(self.config.max_git_request, MAX_NEGOTIATION_REQUEST)
+        app = git_app(f"/{guard.name}.git", guard.path, check, limit, self.config.max_git_object)
         return app(environ, start_response)
 
     # -- Git LFS ----------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class ServerApp:
     def _lfs(self, environ: dict, start_response: Callable, guard: RepoGuard, principal: Principal, method: str, rest: str):
         environ["fmhub.identity"] = identity_class()(principal, guard, environ)
         environ["PATH_INFO"] = f"/_/{guard.name}.git{rest}"
+        # git-lfs sends no query; giftless would copy ?disposition= into a download's headers, and a CR/LF there made werkzeug fail (500)
+        environ["QUERY_STRING"] = ""
         if rest == "/info/lfs/objects/batch" and method == "POST":
             status, body = handle_batch(environ, self.lfs_app, guard, principal, self.config.max_object_size)
             start_response(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(body)))])

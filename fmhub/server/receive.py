@@ -8,14 +8,17 @@ it was and reaches the pusher as ``! [remote rejected] REF (MESSAGE)``.
   protected branch.
 * Protected branches: creating or deleting one, rewriting its history (a
   non-fast-forward push), or changing its ``.fmhub/policy.yaml``, needs an admin.
+* Every ref must point at an object the repository has.
 * Every branch: when the primary branch's policy cannot be read (no such
   branch, a broken policy) only admins may push (fail closed). Otherwise
   each new commit's changes (paths that differ from every parent) are
   checked against the governing policy's ``write`` rules, tensor by tensor
-  for checkpoints; each object a changed manifest newly names must be on
-  the server, and its pusher must have uploaded it or be allowed to read
-  it, so a hand-written manifest cannot borrow objects its writer could
-  not read.
+  for checkpoints; each object a changed manifest newly names must be one
+  its pusher uploaded or may read, and be on the server (asked in that
+  order, so a refusal does not tell whether it is stored), so a
+  hand-written manifest cannot borrow objects its writer could not read.
+  On a protected branch "new" means every commit the push brings onto it,
+  also those another ref (someone else's branch, a tag) already holds.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def _refusal(guard: RepoGuard, principal: Principal, repo, ref: bytes, old: byte
     name = ref.decode("utf-8", "replace")
     if not ref.startswith((b"refs/heads/", b"refs/tags/")) and not admin:
         return f"only an admin may push {name} (outside refs/heads and refs/tags)"
+    if new != ZERO and new not in repo.object_store:
+        # dulwich would write the ref anyway, and a ref to a missing object breaks `git fsck`, `gc` and `for-each-ref` there
+        return f"{name} would point at {new.decode()}, an object neither in the repository nor in this push"
     if new == ZERO:
         return f"only an admin may delete the protected branch {name}" if protected and not admin else None
     if protected:
@@ -69,7 +75,11 @@ def _refusal(guard: RepoGuard, principal: Principal, repo, ref: bytes, old: byte
     if protected and not _fast_forward(repo, old, new):
         return f"only an admin may rewrite the history of the protected branch {name} (a non-fast-forward push)"
     reader = state.reader(ref if ref in state.tips else state.primary)
-    for commit in _new_commits(repo, new, state):
+    # a protected branch decides reads: every commit the push brings onto it is checked against this pusher, also those
+    # another ref already holds (checked then against *their* pusher), or a reader could fast-forward it onto a branch
+    # that names secret objects at paths they may read; elsewhere, the commits new to the repository
+    commits = _brought(repo, old, new) if protected else _new_commits(repo, new, state)
+    for commit in commits:
         reason = _check_commit(guard, principal, repo, state, commit, reader, has_object)
         if reason:
             return f"{reason} (commit {commit.id.decode()[:12]})"
@@ -100,6 +110,12 @@ def _policy_change(repo, name: str, old: bytes, new: bytes, admin: bool) -> Opti
         except (PolicyError, UnicodeDecodeError) as exc:
             return f"the new {POLICY_PATH} is broken, and a broken policy locks everyone out: {exc}"
     return None
+
+
+def _brought(repo, old: bytes, new: bytes) -> Iterator:
+    """Commits reachable from ``new`` and not from ``old`` (both commits: a fast-forward of a protected branch)."""
+    store = repo.object_store
+    return (w.commit for w in repo.get_walker(include=[_commit_of(store, new)], exclude=[_commit_of(store, old)]))
 
 
 def _new_commits(repo, new: bytes, state: IndexState) -> Iterator:
@@ -142,10 +158,11 @@ def _check_commit(guard: RepoGuard, principal: Principal, repo, state: IndexStat
             if not d.allowed:
                 return access.denial_message(AccessRequest(principal.user, "write", guard.name, path, tensor=tensor), d)
         for oid in sorted({o for o, _t in after} - {o for o, _t in before}):
+            # may they read it first: the answer must not depend on whether it is stored (no existence oracle)
+            if guard.read_denial(principal, oid, state)[0] is not None:
+                return f"{path} names object {oid}, which {principal.user} neither uploaded nor may read (push its LFS objects first)"
             if not has_object(oid):
                 return f"{path} names object {oid}, which is not on the server: push its LFS objects first"
-            if guard.read_denial(principal, oid, state)[0] is not None:
-                return f"{path} names object {oid}, which {principal.user} neither uploaded nor may read"
     return None
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 from fmhub.errors import FmhubError
 from fmhub.server import repos
 from fmhub.server.app import ServerApp, ServerConfig
+from fmhub.server.lfs import MAX_BATCH_BYTES
 
 
 def startup_warnings(root: str) -> list[str]:
@@ -41,8 +42,10 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, threa
     if not os.path.isdir(config.root):
         raise FmhubError(f"{config.root}: no such directory (make it with `fmhub server init NAME --root {config.root}`)")
     app = ServerApp(config)
+    # the largest body any route takes: an object, a git push (its pack), a batch request (a small --max-object-size cut both)
+    largest = max(config.max_object_size, config.max_git_request, MAX_BATCH_BYTES)
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="fmhub",
-                                    max_request_body_size=config.max_object_size + (1 << 20),
+                                    max_request_body_size=largest + (1 << 20),
                                     channel_timeout=300, clear_untrusted_proxy_headers=True)
     url = f"http://{host}:{server.effective_port}"
     if ready:
