@@ -46,8 +46,30 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, threa
     largest = max(config.max_object_size, config.max_git_request, MAX_BATCH_BYTES)
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="fmhub",
                                     max_request_body_size=largest + (1 << 20),
-                                    channel_timeout=300, clear_untrusted_proxy_headers=True)
+                                    channel_timeout=300, clear_untrusted_proxy_headers=True,
+                                    # clients fetch several objects at once each: 16 clones can hold over 100 connections
+                                    # (waitress's default limit); poll() rather than select(), which stops at fd 1024
+                                    connection_limit=1000, asyncore_use_poll=True)
     url = f"http://{host}:{server.effective_port}"
     if ready:
         ready(url)
     server.run()
+
+
+def _larger_sends(waitress) -> None:
+    """Let waitress hand the kernel up to 1 MiB per send() (it asks for the socket's initial SO_SNDBUF, 16 KiB on Linux).
+
+    Its one I/O thread streams every download in chunks of that size, so at
+    16 KiB a GiB costs ~65 000 Python-level send loops; the kernel autotunes
+    the buffer far above that on a busy connection and takes what fits.
+    Setting SO_SNDBUF instead would switch that autotuning off.
+    """
+    from waitress.channel import HTTPChannel
+    from waitress.server import TcpWSGIServer
+
+    class Channel(HTTPChannel):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.sendbuf_len = max(self.sendbuf_len, 1 << 20)
+
+    TcpWSGIServer.channel_class = Channel
