@@ -57,11 +57,12 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, threa
 
 
 def _larger_sends(waitress) -> None:
-    """Let waitress hand the kernel up to 1 MiB per send() (it asks for the socket's initial SO_SNDBUF, 16 KiB on Linux).
+    """Let waitress hand the kernel up to 256 KiB per send() (it asks for the socket's initial SO_SNDBUF, 16 KiB on Linux).
 
     Its one I/O thread streams every download in chunks of that size, so at
     16 KiB a GiB costs ~65 000 Python-level send loops; the kernel autotunes
-    the buffer far above that on a busy connection and takes what fits.
+    the buffer above that on a busy connection and takes what fits. Not
+    more: what a send does not take is read from the file again next time.
     Setting SO_SNDBUF instead would switch that autotuning off.
     """
     from waitress.channel import HTTPChannel
@@ -70,6 +71,6 @@ def _larger_sends(waitress) -> None:
     class Channel(HTTPChannel):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.sendbuf_len = max(self.sendbuf_len, 1 << 20)
+            self.sendbuf_len = max(self.sendbuf_len, 256 << 10)
 
     TcpWSGIServer.channel_class = Channel
