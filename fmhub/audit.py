@@ -100,8 +100,14 @@ class AuditLog:
         self.key = key
 
     def append(self, what: str, target: str, decision: str, details: Optional[Mapping[str, Any]] = None,
-               who: Optional[str] = None) -> dict:
-        """Append one entry and return it; raises OSError when the log cannot be written."""
+               who: Optional[str] = None, sync: bool = True) -> dict:
+        """Append one entry and return it; raises OSError when the log cannot be written.
+
+        ``sync=False`` leaves the entry in the page cache (a crash of the
+        process loses nothing; one of the machine may lose it) for hot paths
+        that must not wait for the disk under the lock; the next synced
+        append makes it durable with everything before it.
+        """
         import fcntl
 
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -124,7 +130,8 @@ class AuditLog:
             data = b"".join(canonical(e) + b"\n" for e in out)
             while data:
                 data = data[os.write(fd, data):]
-            getattr(os, "fdatasync", os.fsync)(fd)
+            if sync:
+                getattr(os, "fdatasync", os.fsync)(fd)
         finally:
             os.close(fd)
         return entry

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from fmhub.server import repos
 from fmhub.server.guard import ADMIN_ROLE, RepoGuard
@@ -157,7 +157,9 @@ class ServerApp:
 
         limit = self.config.max_git_request if rest == "/git-receive-pack" else min(self.config.max_git_request, MAX_NEGOTIATION_REQUEST)
         app = git_app(f"/{guard.name}.git", guard.path, check, limit, self.config.max_git_object)
-        return app(environ, start_response)
+        if rest != "/git-receive-pack":
+            return app(environ, start_response)
+        return _then(app(environ, start_response), guard.index.invalidate)
 
     # -- Git LFS ----------------------------------------------------------------------------------
 
@@ -179,6 +181,17 @@ class ServerApp:
                 raise BadRequest("an object id is 64 lowercase hex digits (its sha256)")
             return self.lfs_app(environ, start_response)
         raise HTTPError("404 Not Found", "not found (this server serves the Git LFS batch API and basic transfers; no locking API)")
+
+
+def _then(body: Iterable[bytes], done: Callable[[], None]) -> Iterator[bytes]:
+    """``body``, then ``done()``: dulwich moves a push's refs while its response is iterated."""
+    try:
+        yield from body
+    finally:
+        close = getattr(body, "close", None)
+        if close:
+            close()
+        done()
 
 
 def _check_verify(environ: dict) -> None:

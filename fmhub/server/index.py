@@ -9,6 +9,7 @@ prefix) visited once per rebuild. Manifests are parsed once per blob ever
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -43,11 +44,25 @@ class RepoIndex:
         self._state: Optional[IndexState] = None
         self._manifests: dict[bytes, list[tuple[str, Optional[str]]]] = {}  # blob -> [(oid, tensor)]
         self._files: dict[tuple[bytes, str], Optional[bytes]] = {}
+        self._checked = float("-inf")
 
-    def state(self) -> IndexState:
+    def invalidate(self) -> None:
+        with self._lock:
+            self._checked = float("-inf")
+
+    def state(self, max_age: float = 1.0) -> IndexState:
+        """The refs' snapshot, checked against the repository at most ``max_age`` seconds ago.
+
+        Pushes through the server call `invalidate` once their refs moved, so
+        the age only delays seeing refs changed behind the server's back (git
+        run on the server's disk); push checks ask with ``max_age=0``.
+        """
         from dulwich.repo import Repo
 
         with self._lock:
+            if self._state is not None and time.monotonic() - self._checked < max_age:
+                return self._state
+            self._checked = time.monotonic()
             repo = Repo(self.repo_path)
             try:
                 refs = dict(repo.get_refs())

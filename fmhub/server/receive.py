@@ -50,7 +50,7 @@ def check_update(guard: RepoGuard, principal: Principal, ref: bytes, old: bytes,
 
 
 def _refusal(guard: RepoGuard, principal: Principal, repo, ref: bytes, old: bytes, new: bytes, has_object: HasObject) -> Optional[str]:
-    state = guard.index.state()
+    state = guard.index.state(max_age=0)
     protected = ref in state.protected
     admin = guard.is_admin(principal, state)
     name = ref.decode("utf-8", "replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional
 
@@ -42,6 +43,9 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, threa
     if not os.path.isdir(config.root):
         raise FmhubError(f"{config.root}: no such directory (make it with `fmhub server init NAME --root {config.root}`)")
     app = ServerApp(config)
+    _larger_sends(waitress)
+    # 16 clients fetching at once queue requests for a moment: waitress warns of each, which floods the log
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     # the largest body any route takes: an object, a git push (its pack), a batch request (a small --max-object-size cut both)
     largest = max(config.max_object_size, config.max_git_request, MAX_BATCH_BYTES)
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="fmhub",
