@@ -36,6 +36,15 @@ def git_env(tmp_path_factory, monkeypatch):
     return home
 
 
+def isolate_git(mp: pytest.MonkeyPatch, home: Path) -> None:
+    """What `git_env` does, for fixtures wider than a test (module scope): a private HOME, git config and identity."""
+    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n")
+    for k, v in {"HOME": str(home), "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"), "GIT_CONFIG_NOSYSTEM": "1",
+                 "GIT_AUTHOR_NAME": "fmhub tests", "GIT_AUTHOR_EMAIL": "tests@fmhub.invalid",
+                 "GIT_COMMITTER_NAME": "fmhub tests", "GIT_COMMITTER_EMAIL": "tests@fmhub.invalid"}.items():
+        mp.setenv(k, v)
+
+
 def run(cmd: list[str], cwd: Path | str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, **kw)
     if check and proc.returncode != 0:

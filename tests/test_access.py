@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fmhub, git, save_tensors, sha256_file
+from conftest import fmhub, git, isolate_git, save_tensors, sha256_file
 
 from fmhub.interfaces import AccessRequest
 from fmhub.manifest import Manifest
@@ -68,12 +68,8 @@ def add_file(repo: Path, path: str, data: bytes | None = None, ts: dict | None =
 def template(tmp_path_factory) -> Path:
     """Built once per module (git and fmhub runs cost seconds), with conftest's isolated git environment."""
     home = tmp_path_factory.mktemp("home")
-    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n")
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"HOME": str(home), "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"), "GIT_CONFIG_NOSYSTEM": "1",
-                     "GIT_AUTHOR_NAME": "fmhub tests", "GIT_AUTHOR_EMAIL": "tests@fmhub.invalid",
-                     "GIT_COMMITTER_NAME": "fmhub tests", "GIT_COMMITTER_EMAIL": "tests@fmhub.invalid"}.items():
-            mp.setenv(k, v)
+        isolate_git(mp, home)
         mp.setenv("FMHUB_USER", ALICE)  # who may write secret/
         repo = tmp_path_factory.mktemp("template") / "repo"
         repo.mkdir()

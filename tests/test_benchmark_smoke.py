@@ -247,3 +247,20 @@ def test_scale_benchmark_acceptance_small(tmp_path):
     assert checks["identical"]["value"] == {"fmhub": True, "git-lfs": True}
     assert (proc.returncode == 0) == all(c["pass"] for c in checks.values())
     assert "### Acceptance" in proc.stdout and ("PASS" in proc.stdout or "FAIL" in proc.stdout)
+
+
+def test_server_benchmark_small(tmp_path):
+    """server_bench.py clones through both servers, checks every clone, and reports the ratio it is for."""
+    out = tmp_path / "server.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "server_bench.py"), "--size-mb", "8", "--clients", "3", "--repeat", "1",
+         "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["rounds"] and all(r["verified"] for r in data["rounds"])
+    assert {r["server"] for r in data["rounds"]} == {"test", "fmhub"}
+    for mode, summary in data["summary"].items():
+        assert summary["ratio_fmhub_over_test"][0] > 0, mode
+    assert "fmhub server / test server" in proc.stdout

@@ -35,6 +35,7 @@ def git_app(repo_url: str, repo_path: str, check: Callable[[bytes, bytes, bytes]
             max_object: int = MAX_GIT_OBJECT):
     """A WSGI app serving ``repo_path`` at ``repo_url`` (``/NAME.git``); ``check(ref, old, new)`` vets each ref update."""
     from dulwich.errors import NotGitRepository
+    from dulwich.file import FileLocked
     from dulwich.repo import Repo
     from dulwich.server import Backend, ReceivePackHandler, UploadPackHandler
     from dulwich.web import GunzipFilter, HTTPGitApplication, LimitedInputFilter
@@ -63,7 +64,10 @@ def git_app(repo_url: str, repo_path: str, check: Callable[[bytes, bytes, bytes]
 
             def checked(method):
                 def call(name, *args, **kwargs):
-                    done = method(name, *args, **kwargs)
+                    try:
+                        done = method(name, *args, **kwargs)
+                    except FileLocked:  # another push holds the ref's lock right now: it moves under this one
+                        done = False
                     if not done:
                         moved.add(name)
                     return done
@@ -71,6 +75,7 @@ def git_app(repo_url: str, repo_path: str, check: Callable[[bytes, bytes, bytes]
 
             container.set_if_equals = checked(container.set_if_equals)  # this request's own Repo: nobody else sees it
             container.remove_if_equals = checked(container.remove_if_equals)
+            self.repo.object_store.add_thin_pack = _same_pack_once(self.repo.object_store.add_thin_pack)
             # every byte dulwich reads from here on is the pack: let the guard see it first (this request's own proto)
             guard, read, recv = PackSizeGuard(max_object), self.proto.read, getattr(self.proto, "recv", None)
             self.proto.read = lambda size: guard.feed(read(size))
@@ -84,6 +89,32 @@ def git_app(repo_url: str, repo_path: str, check: Callable[[bytes, bytes, bytes]
     app = HTTPGitApplication(OneRepo(), dumb=False, handlers=handlers)
     # limit the bytes read after gunzip as well as before, so a small gzip bomb cannot grow without bound
     return _bad_requests_get_400(LimitedInputFilter(GunzipFilter(LimitedInputFilter(app, max_request)), max_request))
+
+
+def _same_pack_once(add_thin_pack):
+    """dulwich's ``add_thin_pack``, for two pushes that send the very same pack at once (the same commits, to two refs).
+
+    Both name it by its checksum, so the second finds the first's lock on the
+    pack's index: that pack, with every object this one holds, is being
+    stored; wait for it rather than fail. A ref whose objects are then still
+    missing is refused by the push checks.
+    """
+    import os
+    import time
+
+    from dulwich.file import FileLocked
+
+    def add(*args, **kwargs):
+        try:
+            return add_thin_pack(*args, **kwargs)
+        except FileLocked as exc:
+            lock = exc.lockfilename
+            deadline = time.monotonic() + 60
+            while os.path.exists(lock) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return None
+
+    return add
 
 
 def _bad_requests_get_400(app):
