@@ -199,3 +199,44 @@ def test_tokens_file_holds_only_digests(tmp_path):
     text = (root / ".fmhub" / "tokens.yaml").read_text()
     assert admin not in text and reader not in text and text.count("sha256:") == 2
     assert (root / ".fmhub" / "tokens.yaml").stat().st_mode & 0o077 == 0
+
+
+def lfs_pointer_repo(tmp_path: Path, url: str, token: str, user: str, objects: dict[str, tuple[str, int]], name: str) -> Path:
+    """A repository of plain git-lfs pointer files (path -> (oid, size)) whose remote is the server's ``models``."""
+    r = tmp_path / name
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    git(r, "lfs", "install", "--local")
+    use_token(r, url, token, user)
+    git(r, "remote", "add", "origin", f"{url}/models.git")
+    files = {".gitattributes": "*.bin filter=lfs diff=lfs merge=lfs -text\n"}
+    files.update({path: f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n" for path, (oid, size) in objects.items()})
+    for path, text in files.items():
+        (r / "p.txt").write_text(text)
+        blob = git(r, "hash-object", "-w", "--no-filters", "p.txt").stdout.decode().strip()
+        git(r, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}")
+    git(r, "commit", "-qm", "pointers")
+    return r
+
+
+def test_the_git_lfs_client_gets_what_its_user_may_read_and_nothing_else(tmp_path):
+    """The official git-lfs client, pointed at the server by nothing but the remote URL and a credential helper."""
+    if shutil.which("git-lfs") is None:
+        pytest.skip("git-lfs is not installed")
+    root, admin, reader = init_root(tmp_path)
+    with running_server(root) as (url, _log):
+        work = admin_work_tree(tmp_path, url, admin)
+        public = committed_manifest(work, "HEAD", "public/p.safetensors").oids()[-1]
+        secret = secret_oids(work)[-1]
+        objects = {"public.bin": public, "secret.bin": secret}
+        for token, user, gets in [(reader, READER, {"public.bin"}), (admin, ADMIN, {"public.bin", "secret.bin"})]:
+            r = lfs_pointer_repo(tmp_path, url, token, user, objects, f"lfs-{user.partition('@')[0]}")
+            fetched = git(r, "lfs", "fetch", "origin", "main", check=False)
+            assert (fetched.returncode == 0) == (gets == set(objects)), fetched.stderr
+            for path, (oid, _size) in objects.items():
+                stored = r / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+                assert stored.exists() == (path in gets), (user, path, fetched.stderr)
+                if stored.exists():
+                    assert sha256_file(stored) == oid
+        denied = [e for e in audit_entries(root, "models") if e["who"] == READER and e["decision"] == "deny"]
+        assert any(secret[0] in e["details"].get("objects", [e["target"]]) for e in denied)
