@@ -20,12 +20,13 @@ import logging
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from fmhub.server import repos
 from fmhub.server.guard import ADMIN_ROLE, RepoGuard
-from fmhub.server.lfs import JSON_TYPE, OID_RE, BadRequest, handle_batch, identity_class, make_lfs_app, make_storage, read_body
+from fmhub.server.packguard import MAX_GIT_OBJECT
+from fmhub.server.lfs import JSON_TYPE, OID_RE, BadRequest, check_verify, handle_batch, identity_class, make_lfs_app, make_storage
 from fmhub.server.receive import check_update
 from fmhub.server.tokens import TOKENS_FILE, Principal, Tokens, token_of
 
@@ -44,11 +45,10 @@ class ServerConfig:
     s3: Optional[dict] = None
     max_object_size: int = 64 * GIB
     max_git_request: int = 1 * GIB
-    max_git_object: int = 100 << 20  # the largest git object (or delta result) a push may hold
+    max_git_object: int = MAX_GIT_OBJECT  # the largest git object (or delta result) a push may hold
     admin_role: str = ADMIN_ROLE
     audit_key: Optional[bytes] = None
     tokens_file: Optional[str] = None
-    extra: dict = field(default_factory=dict)
 
 
 class HTTPError(Exception):
@@ -164,7 +164,7 @@ class ServerApp:
     # -- Git LFS ----------------------------------------------------------------------------------
 
     def _lfs(self, environ: dict, start_response: Callable, guard: RepoGuard, principal: Principal, method: str, rest: str):
-        environ["fmhub.identity"] = identity_class()(principal, guard, environ)
+        environ["fmhub.identity"] = identity_class()(principal, guard)
         environ["PATH_INFO"] = f"/_/{guard.name}.git{rest}"
         # git-lfs sends no query; giftless would copy ?disposition= into a download's headers, and a CR/LF there made werkzeug fail (500)
         environ["QUERY_STRING"] = ""
@@ -173,7 +173,7 @@ class ServerApp:
             start_response(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(body)))])
             return [body]
         if rest == "/info/lfs/objects/storage/verify" and method == "POST":
-            _check_verify(environ)
+            check_verify(environ)
             return self.lfs_app(environ, start_response)
         m = _STORAGE_PATH.match(rest)
         if m and method in ("GET", "PUT"):
@@ -192,22 +192,6 @@ def _then(body: Iterable[bytes], done: Callable[[], None]) -> Iterator[bytes]:
         if close:
             close()
         done()
-
-
-def _check_verify(environ: dict) -> None:
-    """A verify body is {"oid": HEX64, "size": N}; 400 otherwise (and the body is put back for giftless)."""
-    import io
-
-    body = read_body(environ, 1 << 16)
-    try:
-        req = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the verify request is not JSON") from None
-    if not isinstance(req, dict) or not isinstance(req.get("oid"), str) or not OID_RE.match(req["oid"]):
-        raise BadRequest('the verify request needs "oid": 64 lowercase hex digits')
-    if not isinstance(req.get("size"), int) or isinstance(req["size"], bool) or req["size"] < 0:
-        raise BadRequest('the verify request needs "size": a whole number of bytes')
-    environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"})
 
 
 def _error(start_response: Callable, status: str, message: str, lfs: bool, headers: Iterable[tuple[str, str]] = ()) -> list[bytes]:

@@ -76,16 +76,18 @@ class RepoIndex:
 
     def _build(self, repo, refs: dict, protected: list[bytes]) -> IndexState:
         store = repo.object_store
-        tips = {ref: sha for ref in protected if (sha := _commit_of(store, refs.get(ref))) is not None}
+        tips = {ref: sha for ref in protected if (sha := commit_of(store, refs.get(ref))) is not None}
         state = IndexState(refs, protected, tips)
         for ref, tip in tips.items():
             for path, blob in _paths(repo, [tip]):
                 for oid, tensor in self._manifest(store, blob, path):
                     state.owners.setdefault(oid, set()).add((ref, path, tensor))
-        others = [c for sha in set(refs.values()) if (c := _commit_of(store, sha)) is not None]
-        for path, blob in _paths(repo, others):
+        # what protected history names is in owners already: walk only the commits no protected branch reaches
+        state.named.update(state.owners)
+        others = [c for sha in set(refs.values()) if (c := commit_of(store, sha)) is not None]
+        for path, blob in _paths(repo, others, exclude=list(tips.values())):
             state.named.update(oid for oid, _t in self._manifest(store, blob, path))
-        files = {(ref, POLICY_PATH): _file_at(store, tip, POLICY_PATH) for ref, tip in tips.items()}
+        files = {(ref, POLICY_PATH): file_at(store, tip, POLICY_PATH) for ref, tip in tips.items()}
         state.reader = lambda ref: (lambda path: files[(ref, path)] if (ref, path) in files else self._read(tips.get(ref), path))
         return state
 
@@ -97,7 +99,7 @@ class RepoIndex:
         if key not in self._files:
             repo = Repo(self.repo_path)
             try:
-                self._files[key] = _file_at(repo.object_store, commit, path)
+                self._files[key] = file_at(repo.object_store, commit, path)
             finally:
                 repo.close()
         return self._files[key]
@@ -135,7 +137,7 @@ def manifest_oids(store, blob: bytes, path: str) -> list[tuple[str, Optional[str
     return list(out.items())
 
 
-def _commit_of(store, sha: Optional[bytes]) -> Optional[bytes]:
+def commit_of(store, sha: Optional[bytes]) -> Optional[bytes]:
     from dulwich.objects import Commit, Tag
 
     try:
@@ -147,8 +149,8 @@ def _commit_of(store, sha: Optional[bytes]) -> Optional[bytes]:
     return obj.id if isinstance(obj, Commit) else None
 
 
-def _paths(repo, heads: Iterable[bytes]) -> set[tuple[str, bytes]]:
-    """(path, blob) of every regular file in every commit reachable from ``heads``."""
+def _paths(repo, heads: Iterable[bytes], exclude: Iterable[bytes] = ()) -> set[tuple[str, bytes]]:
+    """(path, blob) of every regular file in every commit reachable from ``heads`` and not from ``exclude``."""
     from dulwich.objects import Tree
 
     store, out, seen = repo.object_store, set(), set()
@@ -169,12 +171,12 @@ def _paths(repo, heads: Iterable[bytes]) -> set[tuple[str, bytes]]:
 
     heads = list(heads)
     if heads:
-        for w in repo.get_walker(include=heads):
+        for w in repo.get_walker(include=heads, exclude=list(exclude)):
             walk(w.commit.tree, "")
     return out
 
 
-def _file_at(store, commit: Optional[bytes], path: str) -> Optional[bytes]:
+def file_at(store, commit: Optional[bytes], path: str) -> Optional[bytes]:
     """The bytes of ``path`` in ``commit``'s tree; None when absent (or no commit)."""
     from dulwich.objects import Blob, Tree
 

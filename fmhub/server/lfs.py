@@ -51,9 +51,9 @@ def identity_class():
     from giftless.exc import Forbidden
 
     class FmhubIdentity(Identity):
-        def __init__(self, principal: Principal, guard: RepoGuard, environ: dict) -> None:
+        def __init__(self, principal: Principal, guard: RepoGuard) -> None:
             super().__init__(name=principal.user, id=principal.user, email=principal.user)
-            self.principal, self.guard, self.environ = principal, guard, environ
+            self.principal, self.guard = principal, guard
 
         def is_authorized(self, organization: str, repo: str, permission, oid: Optional[str] = None) -> bool:
             if organization != ORG or repo != self.guard.name:
@@ -233,17 +233,33 @@ def parse_batch(body: bytes) -> dict:
     if not isinstance(objects, list) or not 0 < len(objects) <= MAX_BATCH_OBJECTS:
         raise BadRequest(f'"objects" is a list of 1 to {MAX_BATCH_OBJECTS} objects')
     for i, obj in enumerate(objects):
-        if not isinstance(obj, dict) or not isinstance(obj.get("oid"), str) or not OID_RE.match(obj["oid"]):
-            raise BadRequest(f'objects[{i}] needs "oid": 64 lowercase hex digits')
-        size = obj.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise BadRequest(f'objects[{i}] needs "size": a whole number of bytes')
+        check_object(obj, f"objects[{i}]")
     transfers = req.get("transfers", ["basic"])
     if not isinstance(transfers, list) or not all(isinstance(t, str) for t in transfers):
         raise BadRequest('"transfers" is a list of names')
     if req.get("hash_algo", "sha256") != "sha256":
         raise BadRequest('this server stores objects by sha256 ("hash_algo": "sha256")')
     return req
+
+
+def check_object(obj: Any, what: str) -> None:
+    """``{"oid": HEX64, "size": N}`` (more keys allowed), else `BadRequest` saying what ``what`` needs."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("oid"), str) or not OID_RE.match(obj["oid"]):
+        raise BadRequest(f'{what} needs "oid": 64 lowercase hex digits')
+    size = obj.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BadRequest(f'{what} needs "size": a whole number of bytes')
+
+
+def check_verify(environ: dict) -> None:
+    """A verify body is {"oid": HEX64, "size": N}; 400 otherwise (and the body is put back for giftless)."""
+    body = read_body(environ, 1 << 16)
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the verify request is not JSON") from None
+    check_object(req, "the verify request")
+    environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"})
 
 
 def handle_batch(environ: dict, lfs_app, guard: RepoGuard, principal: Principal, max_size: int) -> tuple[str, bytes]:

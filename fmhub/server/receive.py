@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 from fmhub.records import AccessRequest
 from fmhub.server.guard import RepoGuard
-from fmhub.server.index import POLICY_PATH, IndexState, _commit_of, _file_at, manifest_oids
+from fmhub.server.index import POLICY_PATH, IndexState, commit_of, file_at, manifest_oids
 from fmhub.server.tokens import Principal
 
 ZERO = b"0" * 40
@@ -90,41 +90,39 @@ def _fast_forward(repo, old: bytes, new: bytes) -> bool:
     from dulwich.graph import can_fast_forward
 
     store = repo.object_store
-    old_c, new_c = _commit_of(store, old), _commit_of(store, new)
+    old_c, new_c = commit_of(store, old), commit_of(store, new)
     return old_c is not None and new_c is not None and can_fast_forward(repo, old_c, new_c)
 
 
 def _policy_change(repo, name: str, old: bytes, new: bytes, admin: bool) -> Optional[str]:
-    from fmhub.policy import PolicyError, parse_policy
+    from fmhub.policy import parse_policy_bytes
 
     store = repo.object_store
-    before = _file_at(store, _commit_of(store, old), POLICY_PATH) if old != ZERO else None
-    after = _file_at(store, _commit_of(store, new), POLICY_PATH)
+    before = file_at(store, commit_of(store, old), POLICY_PATH) if old != ZERO else None
+    after = file_at(store, commit_of(store, new), POLICY_PATH)
     if before == after:
         return None
     if not admin:
         return f"only an admin may change {POLICY_PATH} on the protected branch {name}"
-    if after is not None:
-        try:
-            parse_policy(after.decode("utf-8"), POLICY_PATH)
-        except (PolicyError, UnicodeDecodeError) as exc:
-            return f"the new {POLICY_PATH} is broken, and a broken policy locks everyone out: {exc}"
+    parsed = parse_policy_bytes(after, POLICY_PATH) if after is not None else None
+    if isinstance(parsed, Exception):
+        return f"the new {POLICY_PATH} is broken, and a broken policy locks everyone out: {parsed}"
     return None
 
 
 def _brought(repo, old: bytes, new: bytes) -> Iterator:
     """Commits reachable from ``new`` and not from ``old`` (both commits: a fast-forward of a protected branch)."""
     store = repo.object_store
-    return (w.commit for w in repo.get_walker(include=[_commit_of(store, new)], exclude=[_commit_of(store, old)]))
+    return (w.commit for w in repo.get_walker(include=[commit_of(store, new)], exclude=[commit_of(store, old)]))
 
 
 def _new_commits(repo, new: bytes, state: IndexState) -> Iterator:
     """Commits reachable from ``new`` that no ref of the repository reaches yet (the ones this push brings)."""
     store = repo.object_store
-    tip = _commit_of(store, new)
+    tip = commit_of(store, new)
     if tip is None:
         return iter(())
-    known = [c for sha in set(state.refs.values()) if (c := _commit_of(store, sha)) is not None]
+    known = [c for sha in set(state.refs.values()) if (c := commit_of(store, sha)) is not None]
     return (w.commit for w in repo.get_walker(include=[tip], exclude=known))
 
 
