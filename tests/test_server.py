@@ -240,3 +240,21 @@ def test_the_git_lfs_client_gets_what_its_user_may_read_and_nothing_else(tmp_pat
                     assert sha256_file(stored) == oid
         denied = [e for e in audit_entries(root, "models") if e["who"] == READER and e["decision"] == "deny"]
         assert any(secret[0] in e["details"].get("objects", [e["target"]]) for e in denied)
+
+
+def test_storage_on_another_filesystem_takes_uploads(tmp_path):
+    """--storage on another disk: an upload is staged beside the objects, so its rename into place stays on one filesystem."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to store on")
+    store = shm / f"fmhub-test-{tmp_path.name}-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]}"
+    root, admin, _reader = init_root(tmp_path)
+    try:
+        with running_server(root, "--storage", str(store)) as (url, _log):
+            data = b"weights on another disk" * 100
+            oid = hashlib.sha256(data).hexdigest()
+            status, _answer, _ = lfs_request(url, f"/_/models.git/info/lfs/objects/storage/{oid}", admin, data, "PUT")
+            assert status == 200
+            assert (store / "_" / "models" / oid).read_bytes() == data
+    finally:
+        shutil.rmtree(store, ignore_errors=True)

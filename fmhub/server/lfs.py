@@ -185,15 +185,15 @@ def make_storage(root: str, storage_dir: Optional[str], s3: Optional[dict], max_
     """Local storage under ``storage_dir`` (default ``ROOT/.fmhub/lfs``), or giftless's S3 storage when ``s3`` is given."""
     import giftless.transfer  # noqa: F401  (first: giftless's modules import each other in this order only)
 
-    staging = os.path.join(root, ".fmhub", "tmp")
     if s3:
         from giftless.storage.amazon_s3 import AmazonS3Storage
 
-        return VerifiedStorage(AmazonS3Storage(**s3), staging, max_size)
+        return VerifiedStorage(AmazonS3Storage(**s3), os.path.join(root, ".fmhub", "tmp"), max_size)
     from giftless.storage.local_storage import LocalStorage
 
     path = os.path.abspath(storage_dir or os.path.join(root, ".fmhub", "lfs"))
-    return VerifiedStorage(LocalStorage(path=path), staging, max_size, local_root=path)
+    # staged beside the objects: a rename into place cannot cross filesystems (--storage on another disk)
+    return VerifiedStorage(LocalStorage(path=path), os.path.join(path, ".tmp"), max_size, local_root=path)
 
 
 def make_lfs_app(storage: VerifiedStorage):
