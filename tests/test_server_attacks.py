@@ -326,7 +326,7 @@ def test_the_reader_cannot_download_even_when_the_client_claims_to_be_the_admin(
 
 def test_forged_and_oversized_uploads_store_nothing(world):
     store = world.root / ".fmhub" / "lfs" / "_" / "models"
-    staging = world.root / ".fmhub" / "tmp"
+    staging = world.root / ".fmhub" / "lfs" / ".tmp"  # uploads are staged beside the objects
     pub = next(iter(world.public))
     before = sha256_file(store / pub)
     # other bytes under an existing object's oid, and under a new oid: 422, nothing stored, nothing replaced
