@@ -13,7 +13,7 @@ from fmhub_filters.pktio import Hangup, PktLine, PktLineError, PktReader, PktWri
 
 from fmhub import audit, checkpoint
 from fmhub.errors import FmhubError
-from fmhub.manifest import MAX_MANIFEST_BYTES
+from fmhub.manifest import MAGIC, MAX_MANIFEST_BYTES
 from fmhub.repo import open_store, staged_blob
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
@@ -129,7 +129,7 @@ class FilterServer:
             return self._fail(path, str(exc), "clean", exc)
         except Exception as exc:  # a bug must fail this file, not wedge git's protocol
             reader.drain()
-            return self._fail(path, f"{path}: internal error while cleaning: {exc!r}; please report it", "clean", exc)
+            return self._fail(path, _unexpected(path, "cleaning", exc), "clean", exc)
         self._send_list(b"status=success")
         PktWriter(self.proto, self._out).write(result)
         self.proto.write_pkt_line(None)
@@ -138,7 +138,13 @@ class FilterServer:
             self._record("clean", path, "ok", audit.manifest_facts(result))
 
     def _smudge(self, reader: PktReader, path: str) -> None:
-        data = reader.read_all()
+        head = _read_upto(reader, len(MAGIC))
+        if head != MAGIC:  # not a manifest (a file committed before it was tracked): passed through, streamed
+            return self._pass_through(reader, path, head)
+        data = head + _read_upto(reader, MAX_MANIFEST_BYTES + 1 - len(head))
+        if len(data) > MAX_MANIFEST_BYTES:  # refused before it is parsed, or held any longer
+            reader.drain()
+            return self._fail(path, f"{path}: a manifest over the limit of {MAX_MANIFEST_BYTES} bytes; the commit is corrupt or hostile", "smudge")
         started = False
 
         def start() -> None:
@@ -149,7 +155,7 @@ class FilterServer:
         try:
             checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start, fetch=self._fetch_missing)
         except Exception as exc:
-            msg = str(exc) if isinstance(exc, FmhubError) else f"{path}: internal error while smudging: {exc!r}; please report it"
+            msg = str(exc) if isinstance(exc, FmhubError) else _unexpected(path, "smudging", exc)
             if not started:
                 return self._fail(path, msg, "smudge", exc)
             # content is half sent: close it, then overrule the status as the protocol allows
@@ -160,6 +166,32 @@ class FilterServer:
         self.proto.write_pkt_line(None)
         self._send_list()
         self._record("smudge", path, "ok", audit.manifest_facts(data))
+
+
+    def _pass_through(self, reader: PktReader, path: str, head: bytes) -> None:
+        self._send_list(b"status=success")
+        out = PktWriter(self.proto, self._out)
+        out.write(head)
+        while chunk := reader.read(1 << 20):
+            out.write(chunk)
+        self.proto.write_pkt_line(None)
+        self._send_list()
+        self._record("smudge", path, "ok", {"format": "raw", "size": out.written})
+
+
+def _read_upto(reader: PktReader, n: int) -> bytes:
+    """Up to ``n`` bytes of the section (fewer only at its end)."""
+    parts, got = [], 0
+    while got < n and (chunk := reader.read(n - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _unexpected(path: str, doing: str, exc: BaseException) -> str:
+    """One line for an error no check anticipated: what failed and where, never a traceback."""
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{path}: {doing} failed unexpectedly ({type(exc).__name__}{': ' + detail if detail else ''}); the file was left as it was"
 
 
 def _widen_pipes(*streams: BinaryIO) -> None:

@@ -88,12 +88,23 @@ def sniff_format(head: bytes) -> CheckpointFormat | None:
     return None
 
 
+def diagnose(head: bytes) -> str:
+    """Why no format claims a file starting with ``head``: a format's own reason (its header over a limit), or ''."""
+    for fmt in checkpoint_formats():
+        why = getattr(fmt, "diagnose", lambda _head: None)(head)
+        if why:
+            return why
+    return ""
+
+
 def file_layout(f: BinaryIO, label: str) -> tuple[CheckpointFormat, Layout]:
     """The format and layout of the checkpoint file ``f`` (read from its start); CorruptCheckpoint if it is not one."""
     f.seek(0)
-    fmt = sniff_format(f.read(SNIFF_BYTES))
+    head = f.read(SNIFF_BYTES)
+    fmt = sniff_format(head)
     if fmt is None:
-        raise CorruptCheckpoint(f"{label}: not a checkpoint fmhub can read")
+        why = diagnose(head)
+        raise CorruptCheckpoint(f"{label}: {why}; the file is corrupt" if why else f"{label}: not a checkpoint fmhub can read")
     f.seek(0)
     return fmt, fmt.read_layout(_exact_reader(f, label, "truncated inside the header; the file is incomplete"), label)
 
@@ -131,6 +142,9 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
             result = clean_data(inp.read, data_fmt, store, path, previous).to_bytes()
             _check_write(path, ())
             return result
+        why = diagnose(head)
+        if why:
+            raise CorruptCheckpoint(f"{path}: {why}; the file is corrupt or not a checkpoint")
         names = ", ".join(f.name for f in checkpoint_formats())
         data_names = ", ".join(f"{f.name} ({' '.join('*' + e for e in f.extensions)})" for f in data_formats())
         raise CorruptCheckpoint(
@@ -341,6 +355,37 @@ def ensure_objects(manifest: Manifest, store: ObjectStore, path: str, fetch: Fet
     check_objects(manifest, store, path)
 
 
+MAX_HEADER_OBJECT = 128 << 20  # over any format's header limit (safetensors: 100 MB): read whole into memory
+
+
+def _stored_size(store: ObjectStore, oid: str) -> int | None:
+    try:
+        return store.size_of(oid)
+    except KeyError:  # only in an alternate store: its size is checked as it is read
+        return None
+
+
+def check_sizes(manifest: Manifest, store: ObjectStore, path: str) -> None:
+    """Refuse a manifest whose objects do not have the sizes it declares, before a byte is read or written.
+
+    The objects hash to their names, but nothing ties a manifest's sizes to them:
+    a hostile origin can pair a true object with a size (or a shape) that lies,
+    and the file written would then disagree with its own header.
+    """
+    if manifest.header_oid is not None and not manifest.header_size <= MAX_HEADER_OBJECT:
+        raise ManifestError(f"{path}: a header of {manifest.header_size} bytes is over the limit of {MAX_HEADER_OBJECT}; the manifest is corrupt")
+    wanted = [("<header>", manifest.header_oid, manifest.header_size)] if manifest.header_oid is not None else []
+    for t in manifest.tensors:
+        whole = t.root is None or _stored_size(store, t.oid) is not None
+        wanted += [(t.name, t.oid, t.size)] if whole else [(t.name, oid, size) for oid, size in t.storage()]
+    for name, oid, size in wanted:
+        actual = _stored_size(store, oid)
+        if actual is not None and actual != size:
+            what = "its header" if name == "<header>" else f"tensor {name!r}"
+            raise CorruptObject(f"{path}: {what}: object sha256:{oid} is corrupt or the manifest lies: it holds {actual} bytes, "
+                                f"the manifest declares {size}; run `fmhub fsck`")
+
+
 def check_header(manifest: Manifest, header: bytes, path: str) -> None:
     """Refuse a manifest whose tensor list disagrees with its own header object."""
     layout = format_named(manifest.format).read_layout(_exact_reader(io.BytesIO(header), path), path)
@@ -377,13 +422,14 @@ def smudge(
         out.write(data)
         return
     ensure_objects(manifest, store, path, fetch)
+    check_sizes(manifest, store, path)
     if manifest.is_data:
         from fmhub.datafile import smudge_data
 
         try:
             return smudge_data(manifest, store, out, path, on_start)
         except FmhubError as exc:
-            raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
+            raise _with_advice(exc, path) from None
     try:
         header = store.read_bytes(manifest.header_oid)
     except FmhubError as exc:
@@ -400,7 +446,13 @@ def smudge(
         else:
             copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
     except FmhubError as exc:
-        raise type(exc)(f"{path}: {exc}; run `fmhub fsck`") from None
+        raise _with_advice(exc, path) from None
+
+
+def _with_advice(exc: FmhubError, path: str) -> FmhubError:
+    """``exc`` naming the file, and pointing at `fmhub fsck` once (the store's own messages may already)."""
+    message = str(exc) if str(exc).startswith(f"{path}: ") else f"{path}: {exc}"
+    return type(exc)(message if "fmhub fsck" in message else f"{message}; run `fmhub fsck`")
 
 
 def _exact_reader(f: BinaryIO, path: str, what: str = "header object is truncated") -> Callable[[int], bytes]:

@@ -71,10 +71,13 @@ class Chunking(namedtuple("Chunking", "method min_size avg_size max_size")):
 
     @classmethod
     def parse(cls, text: str) -> "Chunking":
+        from fmhub.units import parse_uint
+
         words = text.split(" ")
-        if len(words) != 4 or not all(w.isdigit() for w in words[1:]):
-            raise ManifestError(f"malformed chunking {text!r} (want 'METHOD MIN AVG MAX')")
-        return cls(words[0], int(words[1]), int(words[2]), int(words[3]))
+        sizes = [parse_uint(w) for w in words[1:]]
+        if len(words) != 4 or None in sizes:
+            raise ManifestError(f"malformed chunking {text[:100]!r} (want 'METHOD MIN AVG MAX')")
+        return cls(words[0], *sizes)
 
 
 # 16 KiB / 64 KiB / 256 KiB: small enough that a few edited rows cost a few

@@ -33,7 +33,7 @@ from types import MappingProxyType
 
 from fmhub import host
 from fmhub.errors import CorruptObject, FmhubError, MissingObject
-from fmhub.manifest import Approx, Delta, TensorEntry
+from fmhub.manifest import MAX_CHAIN, Approx, Delta, TensorEntry
 from fmhub.store import ObjectStore
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
@@ -124,8 +124,8 @@ def _chain_length(text: str) -> int:
         value = int(text) if text.strip() else DEFAULT_MAX_CHAIN
     except ValueError:
         raise FmhubError(f"git config fmhub.deltachain is {text!r}; it should be a whole number") from None
-    if value < 1:
-        raise FmhubError("git config fmhub.deltachain must be at least 1")
+    if not 1 <= value <= MAX_CHAIN:
+        raise FmhubError(f"git config fmhub.deltachain must be between 1 and {MAX_CHAIN} (what readers accept)")
     return value
 
 
@@ -297,9 +297,13 @@ def encode_best(
     return best
 
 
-def read_object(store: ObjectStore, oid: str, what: str) -> bytes:
-    """`ObjectStore.read_bytes` (hash verified), with MissingObject / CorruptObject naming ``what``."""
+def read_object(store: ObjectStore, oid: str, what: str, size: int | None = None) -> bytes:
+    """`ObjectStore.read_bytes` (hash verified), with MissingObject / CorruptObject naming ``what``; with ``size``,
+    CorruptObject before reading when the object does not hold that many bytes (never a read the manifest did not
+    declare)."""
     try:
+        if size is not None and store.ensure(oid) and store.size_of(oid) != size:
+            raise CorruptObject(f"{what}: object sha256:{oid} holds {store.size_of(oid)} bytes, not the {size} its manifest declares")
         return store.read_bytes(oid)
     except KeyError:
         raise MissingObject(f"{what}: object sha256:{oid} is not in the store {store.path}") from None
@@ -315,22 +319,24 @@ def tensor_bytes(store: ObjectStore, entry: TensorEntry, label: str = "") -> byt
     """
     where = f"{label}tensor {entry.name!r}"
     if entry.root is None or store.ensure(entry.oid):
-        return bytearray(read_object(store, entry.oid, where))
+        return bytearray(read_object(store, entry.oid, where, entry.size))
     if entry.root_codec:
         from fmhub.tensorio import read_tensor
 
         return read_tensor(store, entry, label)  # frame-coded: tensorio reads it, or says why it cannot
-    data = read_object(store, entry.root, f"{where} (root of its delta chain)")
+    data = read_object(store, entry.root, f"{where} (root of its delta chain)", entry.size)
     available = codecs()
     for i, d in enumerate(entry.deltas, start=1):
         codec = available.get(d.codec)
         if codec is None:
             raise FmhubError(f"{where} is stored with the delta codec {d.codec!r}, which no installed plugin provides; install it")
-        delta = read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})")
+        delta = read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})", d.size)
         try:
             data = codec.decode(data, delta, entry.dtype)
         except Exception as exc:  # a damaged delta can break a codec in any way (struct.error, IndexError, ...)
             raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) does not decode ({exc}); run `fmhub fsck`") from None
+        if len(data) != entry.size:  # a plugin's codec that grows the tensor: stop before the next link doubles it
+            raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) decodes to {len(data)} bytes, not {entry.size}; run `fmhub fsck`")
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.oid:
         raise CorruptObject(f"{where}: its delta chain does not rebuild sha256:{entry.oid}; run `fmhub fsck`")
     return data if isinstance(data, bytearray) else bytearray(data)

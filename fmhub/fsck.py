@@ -76,8 +76,33 @@ def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
         missing = missing_objects(m, store)
         if missing:
             report.problems.append(f"{path} at {rev}: {len(missing)} object(s) missing: {', '.join(missing[:5])}")
-        report.problems += _size_problems(m, store, f"{path} at {rev}")
+        sizes = _size_problems(m, store, f"{path} at {rev}")
+        report.problems += sizes
+        if not missing and not sizes:
+            report.problems += _rebuild_problems(m, store, f"{path} at {rev}")
     return report
+
+
+def _rebuild_problems(m: Manifest, store: ObjectStore, where: str) -> list[str]:
+    """What checkout would refuse in objects that each hash right: a header that disagrees with its manifest, a
+    delta chain that does not decode to its tensor (the chain is rebuilt and hashed, as checkout would)."""
+    from fmhub.checkpoint import check_header
+    from fmhub.tensorio import stream_tensor
+
+    out = []
+    try:
+        if m.header_oid is not None:
+            check_header(m, store.read_bytes(m.header_oid), where)
+    except FmhubError as exc:
+        out.append(str(exc))
+    for t in m.tensors:
+        if t.root is not None and not store.has(t.oid):
+            try:
+                for _ in stream_tensor(store, t):
+                    pass
+            except FmhubError as exc:
+                out.append(f"{where}: {exc}")
+    return out
 
 
 def _size_problems(m: Manifest, store: ObjectStore, where: str) -> list[str]:

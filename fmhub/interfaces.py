@@ -95,7 +95,12 @@ class CheckpointFormat(Protocol):
     name: str
 
     def sniff(self, head: bytes) -> bool:
-        """Say whether a file starting with ``head`` (at most 16 bytes, fewer for tiny files) is in this format."""
+        """Say whether a file starting with ``head`` (at most 16 bytes, fewer for tiny files) is in this format.
+
+        A format may also define ``diagnose(head) -> str | None`` (optional, not part of the protocol's check):
+        for a file no format claims, why one that looks like this format's is refused (a header over the
+        format's limit, say), so the user reads the limit instead of "not a checkpoint".
+        """
 
     def read_layout(self, read_exact: ReadExact, path: str) -> Layout:
         """Read the header from the start of the file through ``read_exact`` and return its layout.

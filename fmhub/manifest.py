@@ -6,8 +6,10 @@ import json
 import re
 from collections import namedtuple
 
+from fmhub import boundedjson
 from fmhub.chunking import Chunking
 from fmhub.errors import ManifestError
+from fmhub.units import parse_uint
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
@@ -22,10 +24,12 @@ CODED_VERSION = 4  # written when some tensor's root is an encoded object (``fro
 READS = (1, 2, 3, 4)
 CHUNK_DTYPE = "U8"  # a data file's chunks appear in `Manifest.tensors` as 1-D byte tensors named "chunk N"
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_CHAIN = 64  # delta links per tensor a reader follows (each one is a decode of the whole tensor's frames)
 
 _OID_RE = re.compile(r"sha256:([0-9a-f]{64})\Z")
 _DTYPE_RE = re.compile(r"[A-Za-z0-9_]+\Z")
-_SHAPE_RE = re.compile(r"\[(\d+(?:,\d+)*)?\]\Z")
+_SHAPE_RE = re.compile(r"\[([0-9,]*)\]\Z")  # each dimension is then read with parse_uint
+MAX_DIMS = 64  # no framework has tensors of more dimensions (numpy: 64)
 
 
 # The records below are named tuples, not dataclasses: git's filter defines them on every git command, and a
@@ -159,6 +163,8 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, path: str = "<manifest>") -> "Manifest":
+        if len(data) > MAX_MANIFEST_BYTES:  # before any parsing: a manifest's cost is linear in its size
+            raise ManifestError(f"{path}: a manifest of {len(data)} bytes is over the limit of {MAX_MANIFEST_BYTES} bytes")
         if not is_manifest(data):
             raise ManifestError(f"{path}: not an fmhub manifest (it should start with 'fmhub manifest {VERSION}')")
         try:
@@ -191,13 +197,10 @@ class Manifest:
         for key in ("format", "size", "header"):
             if key not in fields:
                 raise ManifestError(f"{path}: manifest lacks its '{key}' line")
-        try:
-            size = int(fields["size"])
-            h_oid, h_size = fields["header"].split(" ")
-            header_size = int(h_size)
-            metadata = json.loads(fields["metadata"]) if "metadata" in fields else None
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{path}: malformed manifest field ({exc})") from None
+        size = _uint(fields["size"], path, "file size")
+        h_oid, _, h_size = fields["header"].partition(" ")
+        header_size = _uint(h_size, path, "header size")
+        metadata = _parse_metadata(fields["metadata"], path) if "metadata" in fields else None
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise ManifestError(f"{path}: a tensor is listed twice in the manifest")
@@ -215,9 +218,9 @@ def _parse_data(lines: list[str], path: str) -> Manifest:
         key, _, rest = line.partition(" ")
         if key == "chunk":
             size_s, _, oid_s = rest.partition(" ")
-            if not size_s.isdigit() or int(size_s) == 0:
+            size = parse_uint(size_s)
+            if not size:
                 raise ManifestError(f"{path}:{lineno}: want 'chunk SIZE sha256:OID' with SIZE > 0")
-            size = int(size_s)
             chunks.append(TensorEntry(f"chunk {len(chunks)}", CHUNK_DTYPE, (size,), size, _parse_oid(oid_s, path)))
         elif key in ("format", "size", "chunking", "sha256"):
             if key in fields:
@@ -228,9 +231,7 @@ def _parse_data(lines: list[str], path: str) -> Manifest:
     for key in ("format", "size", "chunking", "sha256"):
         if key not in fields:
             raise ManifestError(f"{path}: data-file manifest lacks its '{key}' line")
-    if not fields["size"].isdigit():
-        raise ManifestError(f"{path}: malformed size {fields['size']!r}")
-    size = int(fields["size"])
+    size = _uint(fields["size"], path, "file size")
     try:
         chunking = Chunking.parse(fields["chunking"])
     except ManifestError as exc:
@@ -248,14 +249,43 @@ def is_manifest(data: bytes) -> bool:
 def _parse_oid(text: str, path: str) -> str:
     m = _OID_RE.match(text)
     if not m:
-        raise ManifestError(f"{path}: bad object id {text!r} (want sha256:<64 hex digits>)")
+        raise ManifestError(f"{path}: bad object id {text[:80]!r} (want sha256:<64 hex digits>)")
     return m.group(1)
 
 
-def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> TensorEntry:
+def _uint(text: str, path: str, what: str) -> int:
+    value = parse_uint(text)
+    if value is None:
+        raise ManifestError(f"{path}: malformed {what} {text[:40]!r} (want a whole number below 2**63, ASCII digits)")
+    return value
+
+
+def _parse_metadata(text: str, path: str) -> dict[str, str]:
     try:
+        metadata = boundedjson.loads(text, max_depth=1)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: malformed metadata line ({exc})") from None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ManifestError(f"{path}: the metadata line must map strings to strings")
+    return metadata
+
+
+def _parse_shape(text: str, path: str, lineno: int) -> tuple[int, ...] | None:
+    m = _SHAPE_RE.match(text)
+    if not m:
+        return None
+    dims = [parse_uint(d) for d in m.group(1).split(",")] if m.group(1) else []
+    if None in dims or len(dims) > MAX_DIMS:
+        raise ManifestError(f"{path}:{lineno}: malformed shape {text[:80]!r} (at most {MAX_DIMS} whole numbers)")
+    return tuple(dims)
+
+
+def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> TensorEntry:
+    try:  # a string only: json cannot recurse into one, so no depth bound is needed
+        if not rest.startswith('"'):
+            raise ValueError
         name, end = json.JSONDecoder().raw_decode(rest)
-    except json.JSONDecodeError:
+    except ValueError:
         raise ManifestError(f"{path}:{lineno}: tensor name must be a JSON string") from None
     parts = rest[end:].split(" ")
     chain = version in (DELTA_VERSION, CODED_VERSION) and len(parts) > 5 and parts[5] == "from"
@@ -272,11 +302,10 @@ def _parse_tensor(rest: str, path: str, lineno: int, version: int = VERSION) -> 
     if approx is not None and not deltas:
         raise ManifestError(f"{path}:{lineno}: 'approx' is only allowed after a delta")
     _, dtype, shape_s, size_s, oid_s = parts[:5]
-    shape_m = _SHAPE_RE.match(shape_s)
-    if not _DTYPE_RE.match(dtype) or not shape_m or not size_s.isdigit():
-        raise ManifestError(f"{path}:{lineno}: malformed tensor line for {name!r}")
-    shape = tuple(int(d) for d in shape_m.group(1).split(",")) if shape_m.group(1) else ()
-    return TensorEntry(name, dtype, shape, int(size_s), _parse_oid(oid_s, path), root, deltas, approx, root_codec, root_size)
+    shape, size = _parse_shape(shape_s, path, lineno), parse_uint(size_s)
+    if not _DTYPE_RE.match(dtype) or shape is None or size is None:
+        raise ManifestError(f"{path}:{lineno}: malformed tensor line for {name[:100]!r}")
+    return TensorEntry(name, dtype, shape, size, _parse_oid(oid_s, path), root, deltas, approx, root_codec, root_size)
 
 
 def _parse_approx(words: list[str], path: str, lineno: int) -> Approx:
@@ -307,17 +336,20 @@ def _parse_chain(words: list[str], path: str, lineno: int, version: int) -> tupl
         raise ManifestError(f"{path}:{lineno}: want 'from ROOT delta CODEC sha256:OID SIZE ...' after the tensor's oid")
     coded = version == CODED_VERSION and not words[1].startswith("sha256:")
     if coded:
-        if len(words) < 4 or not _CODEC_RE.match(words[1]) or not words[3].isdigit():
+        if len(words) < 4 or not _CODEC_RE.match(words[1]) or parse_uint(words[3]) is None:
             raise ManifestError(f"{path}:{lineno}: want 'from CODEC sha256:OID SIZE' for an encoded root")
-        root_codec, root, root_size, rest = words[1], _parse_oid(words[2], path), int(words[3]), words[4:]
+        root_codec, root, root_size, rest = words[1], _parse_oid(words[2], path), parse_uint(words[3]), words[4:]
     else:
         root_codec, root, root_size, rest = "", _parse_oid(words[1], path), 0, words[2:]
     if len(rest) % 4 or (not coded and not rest):
         raise ManifestError(f"{path}:{lineno}: want 'from sha256:ROOT delta CODEC sha256:OID SIZE ...' after the tensor's oid")
+    if len(rest) > 4 * MAX_CHAIN:
+        raise ManifestError(f"{path}:{lineno}: a delta chain of {len(rest) // 4} links is over the limit of {MAX_CHAIN}")
     deltas = []
     for i in range(0, len(rest), 4):
         key, codec, oid_s, size_s = rest[i : i + 4]
-        if key != "delta" or not _CODEC_RE.match(codec) or not size_s.isdigit():
-            raise ManifestError(f"{path}:{lineno}: malformed delta {' '.join(rest[i : i + 4])!r}")
-        deltas.append(Delta(codec, _parse_oid(oid_s, path), int(size_s)))
+        size = parse_uint(size_s)
+        if key != "delta" or not _CODEC_RE.match(codec) or size is None:
+            raise ManifestError(f"{path}:{lineno}: malformed delta {' '.join(rest[i : i + 4])[:200]!r}")
+        deltas.append(Delta(codec, _parse_oid(oid_s, path), size))
     return root, root_codec, root_size, tuple(deltas)

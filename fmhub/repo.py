@@ -125,7 +125,7 @@ def _as_bool(value: str | None) -> str | None:
     low = value.strip().lower()
     if low in _TRUE or low in _FALSE:
         return "true" if low in _TRUE else "false"
-    m = re.fullmatch(r"([-+]?\d+)([kmg]?)", low)
+    m = re.fullmatch(r"([-+]?[0-9]{1,40})([kmg]?)", low)  # ASCII: `\d` takes "٣"
     return None if m is None else ("true" if int(m.group(1)) != 0 else "false")
 
 

@@ -112,7 +112,7 @@ def _blobs_in_trees(revs: Sequence[str], paths: Sequence[str], cwd: str | None) 
         for entry in out.split("\0"):
             meta, _, path = entry.partition("\t")
             fields = meta.split()
-            if len(fields) == 4 and fields[1] == "blob" and fields[3].isdigit():
+            if len(fields) == 4 and fields[1] == "blob" and fields[3].isascii() and fields[3].isdigit():
                 if len(MAGIC) <= int(fields[3]) <= MAX_MANIFEST_BYTES:
                     blobs.setdefault(fields[2], path)
     return list(blobs.items())
@@ -248,7 +248,7 @@ def objects_in_index(paths: Sequence[str] = (), cwd: str | None = None) -> list[
     blobs = []
     for line in check.stdout.splitlines():
         sha, _, size = line.partition(" ")
-        if size.isdigit() and len(MAGIC) <= int(size) <= MAX_MANIFEST_BYTES:
+        if size.isascii() and size.isdigit() and len(MAGIC) <= int(size) <= MAX_MANIFEST_BYTES:
             blobs.append((sha, shas[sha]))
     return [(n.oid, n.size) for n in _needed(read_blobs(blobs, top)).values()]
 

@@ -73,7 +73,10 @@ class XorZlib:
         if delta[:4] != b"FXZ1":
             raise ValueError("not an xor-zlib delta")
         inflater = zlib.decompressobj()
-        x = inflater.decompress(delta[4:], max(len(base), 1))  # never more than the tensor (0 would mean no limit)
+        try:
+            x = inflater.decompress(delta[4:], max(len(base), 1))  # never more than the tensor (0 would mean no limit)
+        except zlib.error as exc:
+            raise ValueError(f"an xor-zlib delta that does not inflate ({exc})") from None
         if len(x) != len(base) or inflater.unconsumed_tail or not inflater.eof:
             raise ValueError("an xor-zlib delta that does not inflate to the tensor's size")
         x = np.frombuffer(x, np.uint8)

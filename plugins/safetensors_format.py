@@ -11,7 +11,7 @@ import json
 import math
 import struct
 
-from fmhub import hookimpl
+from fmhub import boundedjson, hookimpl
 from fmhub.errors import CorruptCheckpoint
 from fmhub.records import Layout, TensorInfo
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_DEPTH = 3  # {name: {"shape": [..]}}: deeper is never a safetensors header
 
 # bits per element; dtypes not listed here are stored without a size check
 DTYPE_BITS = {
@@ -43,15 +44,22 @@ class SafetensorsFormat:
         (n,) = struct.unpack("<Q", head[:8])
         return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
 
+    def diagnose(self, head: bytes) -> str | None:
+        """Why a file that begins like a safetensors file is not read as one (its header is over the limit)."""
+        if len(head) < 9 or head[8:9] != b"{":
+            return None
+        (n,) = struct.unpack("<Q", head[:8])
+        return f"its safetensors header length {n} is over the limit of {MAX_HEADER} bytes" if n > MAX_HEADER else None
+
     def read_layout(self, read_exact: ReadExact, path: str) -> Layout:
         prefix = read_exact(8)
         (n,) = struct.unpack("<Q", prefix)
         if n > MAX_HEADER:
             raise CorruptCheckpoint(f"{path}: header length {n} is over the safetensors limit; the file is corrupt or not safetensors")
         raw = read_exact(n)
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, ValueError) as exc:
+        try:  # bounded: a header is untrusted input (a nested one would otherwise exhaust the recursion limit)
+            header = boundedjson.loads(raw, max_depth=MAX_DEPTH, object_pairs_hook=_no_duplicates)
+        except ValueError as exc:
             raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from None
         if not isinstance(header, dict):
             raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object; the file is corrupt")

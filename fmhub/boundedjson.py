@@ -1,0 +1,102 @@
+"""JSON from untrusted sources, parsed within bounds: nesting depth, integer digits, non-finite numbers.
+
+Python's `json` recurses once per nesting level (a line of 100,000 ``[`` raises
+RecursionError, which is not a ValueError and escaped every ``except`` that
+expected one) and parses integers of any length (thousands of digits cost
+quadratic time; more than 4,300 raise a ValueError whose text names an
+interpreter setting). `loads` checks the depth first, with one regular
+expression pass over the text, and refuses integers longer than
+`MAX_INT_DIGITS` and the non-standard ``NaN``/``Infinity`` as the parse goes,
+so every way a document can be bad ends in one `ValueError` whose message is
+a single line for the user.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+MAX_DEPTH = 64  # no document fmhub reads nests deeper than a handful of levels
+MAX_INT_DIGITS = 40  # 2^128 has 39 digits: room for any size, count or seed fmhub takes
+
+# a string, or an unterminated one to the end of the text (so no quote is ever scanned twice)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+
+
+class JSONLimitError(ValueError):
+    """A JSON document that is malformed or exceeds a bound; the message is one line for the user."""
+
+
+def depth(text: str, limit: int = MAX_DEPTH) -> int:
+    """The nesting of arrays and objects in ``text`` (brackets in strings don't count), or ``limit + 1`` if deeper.
+
+    Peels innermost pairs with one regular-expression pass per level, so the
+    cost is linear in the text for any document within the limit, with no
+    Python loop over characters.
+    """
+    if text.count("[") + text.count("{") <= 1:
+        return text.count("[") + text.count("{")
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for level in range(limit + 1):
+        peeled = _INNERMOST.sub("", brackets)
+        if peeled == brackets:  # nothing left to peel: what remains never closes (json will say so), but
+            # openers that never close still nest, and json recurses into them before it finds out
+            return level + brackets.count("[") + brackets.count("{")
+        brackets = peeled
+    return limit + 1
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise JSONLimitError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise JSONLimitError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise JSONLimitError(f"{name} is not a JSON number")
+
+
+def loads(data: str | bytes, max_depth: int = MAX_DEPTH, object_pairs_hook=None) -> object:
+    """Parse ``data`` as strict JSON within the bounds above; JSONLimitError (a ValueError) with a one-line reason.
+
+    ``object_pairs_hook`` is `json.loads`'s; a ValueError it raises is reported like any other.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JSONLimitError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if depth(data, max_depth) > max_depth:
+        raise JSONLimitError(f"nested deeper than {max_depth} levels")
+    try:
+        return json.loads(data, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=object_pairs_hook)
+    except JSONLimitError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise JSONLimitError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # the hook's refusals; RecursionError: belt and braces
+        raise JSONLimitError(str(exc).splitlines()[0] if str(exc) else f"not valid JSON ({type(exc).__name__})") from None
+
+
+def raw_decode(text: str, max_depth: int = MAX_DEPTH) -> tuple[object, int]:
+    """`json.JSONDecoder.raw_decode` within the same bounds: (value, index where it ends)."""
+    if depth(text, max_depth) > max_depth:
+        raise JSONLimitError(f"nested deeper than {max_depth} levels")
+    decoder = json.JSONDecoder(parse_int=_int, parse_float=_float, parse_constant=_constant)
+    try:
+        return decoder.raw_decode(text)
+    except JSONLimitError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise JSONLimitError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise JSONLimitError(f"not valid JSON ({type(exc).__name__})") from None
