@@ -28,7 +28,9 @@ import re
 import tempfile
 from typing import Any, Callable, Iterable, Optional
 
+from fmhub import boundedjson
 from fmhub.server.guard import RepoGuard
+from fmhub.units import parse_uint
 from fmhub.server.tokens import Principal
 
 ORG = "_"  # giftless routes /<organization>/<repo>.git/info/lfs/...; fmhub's URLs are /<repo>.git/info/lfs/...
@@ -120,7 +122,7 @@ class VerifiedStorage:
         if not OID_RE.match(oid):
             raise InvalidPayload("an object id is 64 lowercase hex digits (its sha256)")
         declared = _environ().get("CONTENT_LENGTH")
-        if declared and declared.isdigit() and int(declared) > self.max_size:
+        if (parse_uint(declared or "") or 0) > self.max_size:  # not a number: _receive still stops at the limit
             raise RequestEntityTooLarge(f"objects on this server are at most {self.max_size} bytes")
         fd, tmp = tempfile.mkstemp(dir=self.staging, prefix="upload-", suffix=".tmp")
         try:
@@ -222,7 +224,7 @@ def _transfer_factory(storage: VerifiedStorage, **_giftless_defaults):
 def parse_batch(body: bytes) -> dict:
     """The batch request, checked; `BadRequest` naming what is wrong."""
     try:
-        req = json.loads(body)
+        req = boundedjson.loads(body)  # json.loads: a body of 1,000 "[" raised RecursionError, a 500
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the batch request is not JSON") from None
     if not isinstance(req, dict):
@@ -255,7 +257,7 @@ def check_verify(environ: dict) -> None:
     """A verify body is {"oid": HEX64, "size": N}; 400 otherwise (and the body is put back for giftless)."""
     body = read_body(environ, 1 << 16)
     try:
-        req = json.loads(body)
+        req = boundedjson.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the verify request is not JSON") from None
     check_object(req, "the verify request")
@@ -327,9 +329,9 @@ def call_wsgi(app, environ: dict) -> tuple[str, bytes]:
 
 def read_body(environ: dict, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes (`BadRequest` beyond, or when the length is not a number)."""
-    length = environ.get("CONTENT_LENGTH") or "0"
-    if not length.isdigit():
+    length = parse_uint(environ.get("CONTENT_LENGTH") or "0")
+    if length is None:
         raise BadRequest("Content-Length is not a number")
-    if int(length) > limit:
+    if length > limit:
         raise BadRequest(f"the request body is larger than {limit} bytes")
-    return environ["wsgi.input"].read(int(length))
+    return environ["wsgi.input"].read(length)

@@ -7,6 +7,7 @@ options on top (`from_options`). Backends take what applies to them.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -45,7 +46,7 @@ class ServeConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_tokens_default: int = 16
     cache_dir: str | None = None  # cold tier; default <git dir>/fmhub/serve-cache or a temp dir
-    admin_token: str | None = None  # required by the admin API (hot swap) when set
+    admin_token: str | None = None  # the admin API's bearer token; the local backend makes one up when none is given
     base_name: str = "base"  # the ``model`` that means "no adapter"
     backend_options: dict[str, Any] = field(default_factory=dict)  # anything backend-specific
 
@@ -89,4 +90,24 @@ def from_options(options: dict[str, Any], cwd: str | None = None) -> tuple[Serve
     unknown = sorted(set(opts) - set(ServeConfig.keys()))
     if unknown:
         raise FmhubError(f"unknown serving option(s): {', '.join(unknown)}")
-    return ServeConfig(base, specs, **opts).check(), backend
+    config = ServeConfig(base, specs, **opts).check()
+    if backend == "local":
+        check_exposure(config.host, config.admin_token)  # before the model loads, not after
+    return config, backend
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches: 127.0.0.0/8, ::1, localhost."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or "" (every interface): assume other machines reach it
+
+
+def check_exposure(host: str, admin_token: str | None) -> None:
+    """Refuse to listen beyond this machine with a made-up admin token: a token printed to a log is no secret there."""
+    if not admin_token and not is_loopback(host):
+        raise FmhubError(f"--host {host or '(every interface)'} is reachable from other machines: give the admin API a token "
+                         "of your own (--admin-token or FMHUB_ADMIN_TOKEN), or listen on 127.0.0.1")
