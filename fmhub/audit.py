@@ -27,6 +27,7 @@ import sys
 import time
 from collections import namedtuple
 
+from fmhub import boundedjson
 from fmhub.errors import FmhubError, MergeConflict
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
@@ -45,6 +46,12 @@ KEY_ENV = "FMHUB_AUDIT_KEY"
 USER_ENV = "FMHUB_USER"
 REF = "refs/fmhub/audit"  # where `fmhub audit anchor --save` keeps the anchor
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+# Longest line read, in bytes without its newline. Entries are a few hundred bytes; a longer line is
+# unreadable (verify names it) and is never read whole: a multi-GB line without a newline costs one buffer.
+MAX_LINE = 1 << 20
+MAX_TEXT = 4096  # who, what, target and decision are cut to this many characters (a path is at most 4096 bytes)
+_CHUNK = 1 << 16  # read back from the end of the log in steps of at most this
 
 _FIELDS = {"v": int, "seq": int, "time": str, "who": str, "what": str, "target": str,
            "decision": str, "details": dict, "prev": str, "hash": str}
@@ -85,8 +92,29 @@ def _now() -> str:
 
 
 def _plain(details: Optional[Mapping[str, Any]]) -> dict:
-    """Details as the JSON values they will read back as (tuples -> lists, other objects -> str), so the hash survives a round trip."""
-    return json.loads(json.dumps(dict(details or {}), default=str, ensure_ascii=False))
+    """Details as the JSON values they will read back as, so the hash survives a round trip.
+
+    Tuples become lists and other objects str; NaN and infinities their names (the reader
+    refuses them as numbers); a lone surrogate (a path that is not UTF-8) ``?`` (UTF-8 cannot hold it).
+    """
+    text = json.dumps(dict(details or {}), default=str, ensure_ascii=False)
+    return json.loads(text.encode("utf-8", "replace"), parse_constant=str)
+
+
+def _text(value: object) -> str:
+    """A string field as the log holds it: UTF-8 encodable, at most `MAX_TEXT` characters."""
+    return str(value)[:MAX_TEXT].encode("utf-8", "replace").decode("utf-8")
+
+
+def _readable(line: bytes) -> bool:
+    """Whether `verify` can read ``line`` back (within `MAX_LINE` and `boundedjson`'s bounds)."""
+    if len(line) > MAX_LINE:
+        return False
+    try:
+        boundedjson.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 # -- appending ----------------------------------------------------------------------
@@ -116,7 +144,7 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
             size = os.fstat(fd).st_size
             last, torn = _tail(fd, size)
-            seq, prev = _link(last)
+            seq, prev = _link(fd, last)
             out = []
             if torn:
                 # a writer died mid-line (or someone cut the file): drop the fragment, and say so in the chain
@@ -138,49 +166,74 @@ class AuditLog:
 
     def _entry(self, seq: int, prev: str, what: str, target: str, decision: str,
                details: Optional[Mapping[str, Any]], who: Optional[str]) -> dict:
-        entry = {"v": VERSION, "seq": seq, "time": _now(), "who": who if who is not None else identity(),
-                 "what": str(what), "target": str(target), "decision": str(decision),
+        entry = {"v": VERSION, "seq": seq, "time": _now(), "who": _text(who if who is not None else identity()),
+                 "what": _text(what), "target": _text(target), "decision": _text(decision),
                  "details": _plain(details), "prev": prev}
         if self.key is not None:
             entry["alg"] = KEYED
         entry["hash"] = entry_hash(entry, self.key)
+        line = canonical(entry)
+        if not _readable(line):
+            # never write a line the reader refuses (too long, too deep, a huge integer): keep the entry, not its details
+            entry["details"] = {"omitted": "the details exceed the audit log's bounds", "bytes": len(line)}
+            entry["hash"] = entry_hash(entry, self.key)
         return entry
 
 
-def _tail(fd: int, size: int) -> tuple[Optional[bytes], int]:
-    """(the last complete line without its newline, or None; bytes after it that no newline ends), read from the end."""
-    window = 4096
-    while True:
-        start = max(0, size - window)
-        buf = os.pread(fd, size - start, start)
-        end = buf.rfind(b"\n")
-        if end == -1 and start > 0:
-            window *= 4
-            continue
-        torn = len(buf) - end - 1
-        if end == -1:
-            return None, torn
-        begin = buf.rfind(b"\n", 0, end)
-        if begin == -1 and start > 0:
-            window *= 4
-            continue
-        return buf[begin + 1:end], torn
+def _tail(fd: int, size: int) -> tuple[Optional[tuple[int, int]], int]:
+    """((start, end) of the last complete line without its newline, or None; bytes after it that no newline ends).
+
+    Read back from the end in bounded steps: a line of any length costs one buffer of memory.
+    """
+    end = _after_newline(fd, size)  # where the torn fragment, if any, begins
+    if end == 0:
+        return None, size
+    return (_after_newline(fd, end - 1), end - 1), size - end
 
 
-def _link(last: Optional[bytes]) -> tuple[int, str]:
-    """(seq, hash) of the entry the next one chains to."""
+def _after_newline(fd: int, end: int) -> int:
+    """The offset just past the last newline before ``end`` (0 when there is none)."""
+    window, pos = 4096, end
+    while pos > 0:
+        start = max(0, pos - window)
+        i = os.pread(fd, pos - start, start).rfind(b"\n")
+        if i != -1:
+            return start + i + 1
+        pos, window = start, min(window * 4, _CHUNK)
+    return 0
+
+
+def _link(fd: int, last: Optional[tuple[int, int]]) -> tuple[int, str]:
+    """(seq, hash) of the entry the next one chains to; never raises on what the line holds.
+
+    A last line that is not a readable entry (malformed, over `MAX_LINE`, nested too deep)
+    is chained to by the sha256 of its bytes, with seq 0: `verify` still fails at that
+    line, and recording goes on rather than stopping every later write.
+    """
     if last is None:
         return 0, ZERO
-    try:
-        entry = json.loads(last)
-        seq, h = entry["seq"], entry["hash"]
-        if isinstance(seq, int) and isinstance(h, str) and _HEX64.match(h):
-            return seq, h
-    except (ValueError, TypeError, KeyError):
-        pass
-    # The tail is damaged (verify will name it): chain to its bytes anyway, so recording goes on.
-    _warn_once("the last entry of the audit log is damaged; run `fmhub audit verify`")
-    return 0, hashlib.sha256(last).hexdigest()
+    start, end = last
+    if end - start <= MAX_LINE:
+        try:
+            entry = boundedjson.loads(os.pread(fd, end - start, start))
+            seq, h = entry["seq"], entry["hash"]
+            if type(seq) is int and 0 <= seq < 1 << 63 and isinstance(h, str) and _HEX64.match(h):
+                return seq, h
+        except (ValueError, TypeError, KeyError):  # JSONLimitError is a ValueError; a list or str entry a TypeError
+            pass
+    _warn_once("the last entry of the audit log is unreadable; run `fmhub audit verify`", "damaged")
+    return 0, _sha256_range(fd, start, end)
+
+
+def _sha256_range(fd: int, start: int, end: int) -> str:
+    h = hashlib.sha256()
+    while start < end:
+        chunk = os.pread(fd, min(_CHUNK, end - start), start)
+        if not chunk:
+            break
+        h.update(chunk)
+        start += len(chunk)
+    return h.hexdigest()
 
 
 # -- reading and verifying ---------------------------------------------------------
@@ -244,17 +297,13 @@ def _walk(path: str, key: Optional[bytes], result: VerifyResult, plain_until: in
     except OSError as exc:
         raise AuditError(f"audit log {path}: cannot read it ({exc.strerror})") from None
     with f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f, path), 1):
             def fail(kind: str, detail: str, at: Optional[int] = None) -> None:
                 result.problem = Problem(lineno, at, kind, detail)
 
-            if not raw.endswith(b"\n"):
-                return fail("truncated", "the last line is incomplete (a write cut short, or the file was cut)")
-            body = raw[:-1]
-            try:
-                entry = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                return fail("malformed", "not a JSON line")
+            entry, kind, why = _read_line(raw)
+            if kind is not None:
+                return fail(kind, why)
             bad = _shape_error(entry)
             if bad:
                 at = entry.get("seq") if isinstance(entry, dict) and isinstance(entry.get("seq"), int) else None
@@ -263,7 +312,7 @@ def _walk(path: str, key: Optional[bytes], result: VerifyResult, plain_until: in
             alg = entry.get("alg")
             if alg is not None and key is None:
                 return fail("key needed", f"the entry is keyed ({KEYED}); set {KEY_ENV} to verify it", at)
-            if canonical(entry) != body or entry_hash(entry, key if alg else None) != entry["hash"]:
+            if not _is_canonical(entry, raw[:-1]) or entry_hash(entry, key if alg else None) != entry["hash"]:
                 hint = " (or the key is wrong)" if alg else ""
                 return fail("edited", f"the entry does not match its hash{hint}", at)
             if entry["prev"] != prev:
@@ -281,6 +330,40 @@ def _walk(path: str, key: Optional[bytes], result: VerifyResult, plain_until: in
             yield entry
 
 
+def _lines(f: Any, path: str) -> Iterator[bytes]:
+    """The file's lines; one longer than `MAX_LINE` comes back cut there, without its newline, and ends the walk."""
+    while True:
+        try:
+            raw = f.readline(MAX_LINE + 2)  # the line, its newline, and one byte more to tell "too long" from "cut"
+        except OSError as exc:
+            raise AuditError(f"audit log {path}: cannot read it ({exc.strerror})") from None
+        if not raw:
+            return
+        yield raw
+        if not raw.endswith(b"\n"):
+            return
+
+
+def _read_line(raw: bytes) -> tuple[Any, Optional[str], str]:
+    """(the JSON value of one line, None, ""), or (None, the kind of break, why): never the line's contents."""
+    complete = raw.endswith(b"\n")
+    if len(raw) - complete > MAX_LINE:
+        return None, "malformed", f"a line longer than {MAX_LINE} bytes (not an entry fmhub writes)"
+    if not complete:
+        return None, "truncated", "the last line is incomplete (a write cut short, or the file was cut)"
+    try:
+        return boundedjson.loads(raw[:-1]), None, ""
+    except ValueError as exc:  # boundedjson.JSONLimitError: deep nesting, huge integers, NaN, not UTF-8
+        return None, "malformed", f"not a JSON line ({exc})"
+
+
+def _is_canonical(entry: Mapping[str, Any], body: bytes) -> bool:
+    try:
+        return canonical(entry) == body
+    except UnicodeEncodeError:  # a lone surrogate escape (\udXXX) in a string: never written by fmhub
+        return False
+
+
 def _shape_error(entry: Any) -> Optional[str]:
     if not isinstance(entry, dict):
         return "not a JSON object"
@@ -289,8 +372,9 @@ def _shape_error(entry: Any) -> Optional[str]:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             return f"field {name!r} is missing or not a {typ.__name__}"
     extra = set(entry) - set(_FIELDS) - {"alg"}
-    if extra:
-        return f"unknown field(s) {', '.join(sorted(map(repr, extra)))}"
+    if extra:  # names, not values, and only a few, cut short: a forged key can be any length
+        names = sorted(repr(k[:40]) for k in extra)
+        return f"unknown field(s) {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
     if entry["v"] != VERSION:
         return f"version {entry['v']} (this fmhub reads version {VERSION})"
     if entry.get("alg", KEYED) != KEYED:
@@ -323,14 +407,16 @@ def parse_anchor(text: str) -> tuple[Optional[int], str]:
     """``HASH`` or ``SEQ:HASH`` -> (seq or None, hash)."""
     seq_s, _, h = text.strip().rpartition(":")
     h = h.lower()
-    if not _HEX64.match(h) or (seq_s and not seq_s.isdigit()):
+    # ASCII digits only: str.isdigit() also takes '²', which int() then refuses with a traceback
+    if not _HEX64.match(h) or (seq_s and not _SEQ.fullmatch(seq_s)):
         raise AuditError("an anchor is 64 hex digits, or SEQ:HASH, as `fmhub audit anchor` prints it")
     return (int(seq_s) if seq_s else None), h
 
 
 # -- querying ---------------------------------------------------------------------
 
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])\Z")
+_SEQ = re.compile(r"[0-9]{1,19}")
+_AGE = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*([smhdw])\Z")  # ASCII digits (\d also takes '٣'); 12 digits: any age a log holds
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -340,7 +426,10 @@ def parse_time(text: str, now: Optional[datetime] = None) -> datetime:
 
     m = _AGE.match(text.strip().lower())
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:  # an age reaching before the year 1
+            raise AuditError(f"{text!r} is further back than a time can be: give a smaller age or a date") from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -430,7 +519,7 @@ class _Settings(namedtuple("_Settings", "path enabled who")):
 
 
 _settings_cache: dict[str, Optional[_Settings]] = {}
-_warned = False
+_warned: set[str] = set()  # kinds of warning already given: one of each per process
 
 
 def _false(value: str) -> bool:
@@ -488,10 +577,10 @@ def log_path(cwd: Optional[str] = None) -> str:
     return settings.path
 
 
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
+def _warn_once(message: str, kind: str = "write") -> None:
+    """Warn on stderr once per process for each ``kind`` (a damaged tail does not hide a later failure to write)."""
+    if kind not in _warned:
+        _warned.add(kind)
         with contextlib.suppress(Exception):
             sys.stderr.write(f"fmhub: warning: {message}\n")
             sys.stderr.flush()
@@ -561,6 +650,18 @@ def operation(what: str, target: str, details: Optional[Mapping[str, Any]] = Non
     record(what, target, "ok", facts, cwd)
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: control characters (escape sequences) and bidi overrides as ``\\xNN``/``\\uNNNN``.
+
+    Entries name paths from other people's repositories and identities from anyone's git
+    config; shown raw, a name could move the cursor, recolour or hide other entries.
+    """
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def redact_url(url: str) -> str:
     """A URL without user name and password: credentials never go into the log."""
     from urllib.parse import urlsplit, urlunsplit
@@ -601,7 +702,7 @@ def manifest_facts(data: bytes) -> dict:
         key, _, value = line.decode("utf-8", "replace").partition(" ")
         if key == "format":
             facts["format"] = value
-        elif key == "size" and value.isdigit():
+        elif key == "size" and _SEQ.fullmatch(value):  # ASCII digits: '²'.isdigit() is True, int('²') raises
             facts["size"] = int(value)
         elif key == "sha256":
             facts["sha256"] = value

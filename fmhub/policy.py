@@ -22,23 +22,37 @@ any), the tensor one of ``tensors`` (absent: any; present: only requests
 naming a tensor) and the column one of ``columns`` (likewise). Rules with
 ``rows: {column, values}`` govern single rows only (`Policy.row_filter`). Parsing
 problems raise `PolicyError` naming ``file:line``; callers fail closed on it.
+
+A policy comes from whoever can commit to the repository, so it is read within
+bounds (`MAX_POLICY_BYTES`, `MAX_POLICY_DEPTH`, `MAX_POLICY_NODES`,
+`MAX_VALUE_CHARS`, integers of at most 40 digits, no YAML aliases), checked on
+the parser's event stream before any object is built: a "billion laughs" of
+aliases, ``[[[[…`` nested 100,000 deep or a 100,000-digit integer is one
+`PolicyError`, never a traceback, an exhausted memory or a stalled check.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fmhub.boundedjson import MAX_INT_DIGITS
 from fmhub.errors import FmhubError
 from fmhub.spec import at_line, validate_yaml
 
 POLICY_FILE = ".fmhub/policy.yaml"
 POLICY_VERSION = 1
 ACTIONS = ("read", "write")
+
+MAX_POLICY_BYTES = 256 << 10  # 9,000 members fit in 190 KiB; the pure-Python parser reads this much in ~0.3 s
+MAX_POLICY_DEPTH = 16  # the deepest a valid policy goes is 5 (rules, a rule, rows, values, a value)
+MAX_POLICY_NODES = 10_000  # keys, values and items: every request walks the rules, so they must stay few
+MAX_VALUE_CHARS = 4096  # a path, glob, email or row value
 
 Action = Literal["read", "write"]
 
@@ -94,7 +108,7 @@ class LicencePolicy(_Strict):
 
 
 class PolicyModel(_Strict):
-    version: int = POLICY_VERSION
+    version: int = Field(POLICY_VERSION, strict=True, ge=1)  # an integer as written: not "1", not true
     licences: Optional[LicencePolicy] = None
     default: Literal["allow", "deny"] = "allow"
     roles: dict[str, list[str]] = Field(default_factory=dict)
@@ -130,19 +144,39 @@ class Policy:
         """The roles ``principal`` holds (directly, by a glob like ``*@example.com``, or through ``@role``); none when unknown."""
         if not principal:
             return frozenset()
-        held: set[str] = set()
-        changed = True
-        while changed:
-            changed = False
-            for role, members in self.model.roles.items():
-                if role in held:
-                    continue
-                for m in members:
-                    if (m.startswith("@") and m[1:] in held) or (not m.startswith("@") and fnmatch.fnmatchcase(principal, m)):
-                        held.add(role)
-                        changed = True
-                        break
+        memo = self._roles_memo
+        held = memo.get(principal)
+        if held is None:
+            if len(memo) >= 1024:  # a server sees many users: keep the memo small
+                memo.clear()
+            held = memo[principal] = self._roles(principal)
+        return held
+
+    def _roles(self, principal: str) -> frozenset[str]:
+        held = {role for role, members in self.model.roles.items()
+                if any(not m.startswith("@") and fnmatch.fnmatchcase(principal, m) for m in members)}
+        todo = list(held)
+        while todo:  # once per role held: a long chain of @roles costs its length, not its square
+            for outer in self._included_by.get(todo.pop(), ()):
+                if outer not in held:
+                    held.add(outer)
+                    todo.append(outer)
         return frozenset(held)
+
+    @functools.cached_property
+    def _roles_memo(self) -> dict[str, frozenset[str]]:
+        """principal -> roles: every tensor of a checkout asks again, and each ask globs every member."""
+        return {}
+
+    @functools.cached_property
+    def _included_by(self) -> dict[str, list[str]]:
+        """role -> the roles listing it as ``@role`` (whoever holds it holds them)."""
+        out: dict[str, list[str]] = {}
+        for role, members in self.model.roles.items():
+            for m in members:
+                if m.startswith("@"):
+                    out.setdefault(m[1:], []).append(role)
+        return out
 
     def _matches(self, rule: Rule, roles: frozenset[str], action: str, path: Optional[str], tensor: Optional[str],
                  column: Optional[str]) -> bool:
@@ -264,8 +298,104 @@ def _hashable(value: Any) -> Any:
     return (type(value).__name__, value) if isinstance(value, (str, int, float, bool, type(None))) else ("other", repr(value))
 
 
+def _yaml_error(path: str, exc: Exception) -> PolicyError:
+    mark = getattr(exc, "problem_mark", None)
+    reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "syntax error"
+    return PolicyError(f"{at_line(path, mark.line + 1 if mark else None)}: not valid YAML: {reason}")
+
+
+def _check_bounds(text: str, path: str) -> None:
+    """Refuse what would make building the policy costly, from the parser's events (no tree is built).
+
+    The YAML parser keeps its nesting on a list, not the stack, so even
+    ``[[[[…`` 100,000 deep costs one pass here; composing it would recurse.
+    """
+    import yaml
+
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{path}: {len(text)} characters, more than a policy may hold ({MAX_POLICY_BYTES} bytes)")
+    scalars = yaml.SafeLoader("")  # resolves and builds one scalar at a time
+    keys: list[Optional[bool]] = []  # per open collection: a mapping's "next node is a key", None for a sequence
+    nodes = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if not isinstance(event, (yaml.NodeEvent, yaml.CollectionEndEvent)):
+                continue
+            where = at_line(path, event.start_mark.line + 1)
+            if isinstance(event, yaml.CollectionEndEvent):
+                keys.pop()
+                continue
+            nodes += 1
+            _check_node(event, where, keys, nodes, scalars)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    finally:
+        scalars.dispose()
+
+
+def _check_node(event: Any, where: str, keys: list[Optional[bool]], nodes: int, scalars: Any) -> None:
+    import yaml
+
+    if isinstance(event, yaml.AliasEvent):  # a few lines of aliases can stand for billions of nodes
+        raise PolicyError(f"{where}: YAML aliases (*name) are not allowed in a policy; write the value out")
+    if nodes > MAX_POLICY_NODES:
+        raise PolicyError(f"{where}: more than {MAX_POLICY_NODES} keys and values; a policy is a short list of roles and rules")
+    is_key = bool(keys and keys[-1])
+    if keys and keys[-1] is not None:
+        keys[-1] = not keys[-1]
+    if isinstance(event, yaml.CollectionStartEvent):
+        if is_key:
+            raise PolicyError(f"{where}: a key must be a plain value, not a list or mapping")
+        if len(keys) >= MAX_POLICY_DEPTH:
+            raise PolicyError(f"{where}: nested deeper than {MAX_POLICY_DEPTH} levels; a policy goes 5 deep")
+        keys.append(True if isinstance(event, yaml.MappingStartEvent) else None)
+        return
+    _check_scalar(event, where, scalars)
+
+
+def _check_scalar(event: Any, where: str, scalars: Any) -> None:
+    """A value as the loader will build it: short, an integer of at most 40 digits, a finite number, a real date."""
+    import math
+
+    import yaml
+
+    if len(event.value) > MAX_VALUE_CHARS:
+        raise PolicyError(f"{where}: a value of {len(event.value)} characters (at most {MAX_VALUE_CHARS})")
+    tag = event.tag if event.tag not in (None, "!") else scalars.resolve(yaml.ScalarNode, event.value, event.implicit)
+    if tag == "tag:yaml.org,2002:merge":  # `<<:` copies another mapping in: an alias by another name
+        raise PolicyError(f"{where}: YAML merge keys (<<) are not allowed in a policy; write the keys out")
+    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+    try:
+        value = scalars.construct_object(node)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # an unknown tag, 2024-13-45, bad base64
+        reason = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        name = tag.replace("tag:yaml.org,2002:", "!!")[:40]
+        raise PolicyError(f"{where}: not a valid {name} value ({reason[:200]})") from None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** MAX_INT_DIGITS:
+        raise PolicyError(f"{where}: an integer of more than {MAX_INT_DIGITS} digits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(f"{where}: {event.value[:20]} is not a finite number")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
-    """Parse and validate policy text; `PolicyError` naming ``file:line`` on any problem."""
+    """Parse and validate policy text; `PolicyError` naming ``file:line`` on any problem, within the bounds above.
+
+    The message is one line: a key or value quoted in it has its control characters escaped, and it is cut at 1,000 characters.
+    """
+    try:
+        return _parse_policy(text, path)
+    except PolicyError as exc:
+        message = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(exc))
+        raise PolicyError(message[:1000] + ("…" if len(message) > 1000 else "")) from None
+    except Exception as exc:  # fail closed, in one line, on anything the checks above did not foresee
+        raise PolicyError(f"{path}: cannot be read as a policy ({type(exc).__name__})") from None
+
+
+def _parse_policy(text: str, path: str) -> Policy:
+    _check_bounds(text, path)
     model, lines = validate_yaml(text, path, PolicyModel, PolicyError, "a policy is a mapping (version, default, roles, rules)")
     for i, rule in enumerate(model.rules):
         for role in rule.roles or []:
@@ -278,16 +408,22 @@ def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
     return Policy(model, path, lines)
 
 
-@functools.lru_cache(maxsize=64)
 def parse_policy_bytes(data: bytes, path: str = POLICY_FILE) -> Union[Policy, PolicyError]:
     """The policy in a file's bytes, or the `PolicyError` saying why not (returned, not raised: callers fail closed).
 
     Cached by content: the filter process, the CLI and the server ask for the
-    same few policy files many times.
+    same few policy files many times (an oversized file is refused before it is kept).
     """
+    if len(data) > MAX_POLICY_BYTES:
+        return PolicyError(f"{path}: {len(data)} bytes, more than a policy may hold ({MAX_POLICY_BYTES})")
+    return _parse_policy_bytes(bytes(data), path)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_policy_bytes(data: bytes, path: str) -> Union[Policy, PolicyError]:
     try:
         return parse_policy(data.decode("utf-8"), path)
-    except UnicodeDecodeError:
-        return PolicyError(f"{path}: not UTF-8 text")
+    except UnicodeDecodeError as exc:
+        return PolicyError(f"{path}: not UTF-8 text (byte {exc.start})")
     except PolicyError as exc:
         return exc
