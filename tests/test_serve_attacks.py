@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import fmhub, isolate_git
+from conftest import fmhub, isolate_git, socket_closed_within
 from fmhub.errors import FmhubError
 from fmhub.serving import http as serve_http
 from fmhub.serving.backends import backend
@@ -491,3 +491,84 @@ def test_fuzz_lfs_batch(fmhub_server, doc):
     assert status < 500, (status, answer[:300])
     if status == 200:
         assert all(o.get("error", {}).get("code", 0) < 500 for o in json.loads(answer)["objects"]), answer[:300]
+
+
+# -- slow clients --------------------------------------------------------------------------------
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+
+
+def test_slowloris_keeps_no_thread_and_an_honest_client_gets_an_answer_at_once(models, monkeypatch):
+    """84 connections sending a header byte a second held every thread for ever (the timeout was per recv) and the accept
+    loop then waited for a thread: /health never answered. Now a head has HEADER_TIMEOUT in all, and when no thread is
+    free the accept loop answers 503 itself."""
+    monkeypatch.setattr(serve_http, "HEADER_TIMEOUT", 2.0)
+    monkeypatch.setattr(serve_http, "BUSY_TIMEOUT", 0.5)
+    srv = _serve(models, "slowloris", backend_options={"max_connections": 4})
+    stop, socks = threading.Event(), []
+
+    def drip() -> None:
+        while not stop.wait(0.2):
+            for s in socks:
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    pass
+
+    try:
+        for _ in range(100):
+            s = socket.create_connection(_address(srv.url), timeout=10)
+            s.sendall(b"GET /health HTTP/1.1\r\nX-a: ")
+            socks.append(s)
+        threading.Thread(target=drip, daemon=True).start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, headers, answer = request(srv.url, "GET", "/health")
+        assert time.monotonic() - started < 3 and status in (200, 503), status
+        if status == 503:
+            assert headers.get("retry-after") == "1" and openai_error(status, answer)["type"] == "server_error"
+        # each dribbler is cut off at its deadline, though it keeps sending; then the server is all the honest client's
+        assert all(socket_closed_within(s, 5) for s in socks)
+        assert request(srv.url, "GET", "/health")[0] == 200
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+def test_a_body_that_trickles_in_is_408_at_its_deadline(server, monkeypatch):
+    monkeypatch.setattr(serve_http, "BODY_TIMEOUT", 1.0)
+    body = json.dumps({"model": "a0", "prompt": PROMPT, "max_tokens": 1}).encode()
+    with socket.create_connection(_address(server.url), timeout=30) as sock:
+        sock.sendall(_head(str(len(body))))
+        started = time.monotonic()
+        for byte in body[:20]:  # a byte every 0.2 s: each recv is quick, the body never done
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - started > 1.5:
+                break
+        resp = http.client.HTTPResponse(sock, method="POST")
+        resp.begin()
+        assert resp.status == 408 and resp.getheader("connection") == "close"
+        openai_error(resp.status, resp.read())
+    assert time.monotonic() - started < 5
+
+
+def test_a_response_waits_for_its_reader_send_timeout_seconds_in_all(monkeypatch):
+    """A slow reader of an SSE stream held its thread as long as each send moved within the timeout; blocked time now adds up."""
+    monkeypatch.setattr(serve_http, "SEND_TIMEOUT", 0.5)
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        out = serve_http._Output(a)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            for _ in range(10_000):  # b never reads
+                out.write(b"data: " + b"x" * 200 + b"\n\n")
+        assert time.monotonic() - started < 2 and out.left <= 0

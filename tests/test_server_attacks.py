@@ -22,6 +22,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import struct
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Optional
 import pytest
 import torch
 
-from conftest import committed_manifest, fmhub, git, isolate_git, run, sha256_file
+from conftest import committed_manifest, fmhub, git, isolate_git, run, sha256_file, socket_closed_within
 from server_helpers import ADMIN, POLICY, READER, audit_entries, batch, clone, running_server, use_token, work_tree
 
 from fmhub.server.repos import init_repo
@@ -366,7 +367,9 @@ def test_batch_and_verify_bounds_and_no_existence_oracle(world):
     assert raw(world, "POST", "/models.git/info/lfs/objects/batch", world.reader, body(10_001))[0] == 400
     status, data, _ = raw(world, "POST", "/models.git/info/lfs/objects/batch", world.reader, body(10_000))
     assert status == 200 and codes(json.loads(data)) == [403] * 10_000
-    assert raw(world, "POST", "/models.git/info/lfs/objects/batch", world.reader, b"{" + b" " * (4 << 20) + b"}")[0] == 400
+    # over 4 MiB: refused by its Content-Length before it is read (fmhub.server.gate)
+    status, data, _ = raw(world, "POST", "/models.git/info/lfs/objects/batch", world.reader, b"{" + b" " * (4 << 20) + b"}")
+    assert status == 413 and json.loads(data)["message"] == f"request bodies to this URL are at most {4 << 20} bytes"
     # verify: an object the reader may not read answers 403 whatever the size and whether or not it is stored;
     # one they may read tells the truth (422 for a wrong size)
     verify = "/models.git/info/lfs/objects/storage/verify"
@@ -681,3 +684,93 @@ def test_token_parsing_and_digest_lookup():
     tokens = Tokens({digest("tok"): Principal("bob@example.com", frozenset({"r"}))})
     assert tokens.lookup("tok").user == "bob@example.com" and tokens.lookup("tok2") is None
     assert tokens.lookup(digest("tok")) is None and tokens.lookup("") is None
+
+
+# -- hostile connections: bodies refused before they are read, slowloris ------------------------------
+
+
+def _spooled(pid: int) -> int:
+    """Bytes in the deleted files the server holds open: waitress spools a body it reads to an unlinked temp file."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("(deleted)"):
+                total += os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        except OSError:
+            pass
+    return total
+
+
+
+
+@pytest.mark.parametrize("method, path, who, want", [
+    ("POST", "/models.git/info/lfs/objects/batch", None, 401),
+    ("PUT", f"/_/models.git/info/lfs/objects/storage/{RANDOM_OID}", None, 401),
+    ("POST", "/models.git/git-receive-pack", None, 401),
+    ("POST", "/other.git/info/lfs/objects/batch", "reader", 404),  # a repository the token does not reach
+    ("POST", "/models.git/info/lfs/objects/batch", "reader", 413),  # over 4 MiB
+    ("POST", "/models.git/info/lfs/objects/storage/verify", "reader", 413),  # over 64 KiB
+    ("PUT", f"/_/models.git/info/lfs/objects/storage/{RANDOM_OID}", "reader", 413),  # over --max-object-size
+])
+def test_a_body_is_refused_before_it_is_read(world, method, path, who, want):
+    """waitress read a whole body (to a temp file, up to --max-object-size + 1 MiB) before the app could say 401, for up to
+    1000 connections at once: now the token and the route's limit are checked once the headers are in, the answer comes
+    at once (no 100 Continue asks for the body), and what the client sends anyway is read and dropped, not spooled."""
+    pid = _server_pid(world.root)
+    before = _spooled(pid)
+    host, port = world.url.removeprefix("http://").rsplit(":", 1)
+    head = [f"{method} {path} HTTP/1.1", "Host: x", f"Content-Length: {60 << 30}", "Expect: 100-continue",
+            *([f"Authorization: Bearer {getattr(world, who)}"] if who else [])]
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        answer = sock.makefile("rb")
+        assert answer.readline().split()[1] == str(want).encode()
+        headers = http.client.parse_headers(answer)
+        body = answer.read(int(headers["Content-Length"]))
+        assert time.monotonic() - started < 5 and headers["Connection"] == "close"
+        message = json.loads(body)["message"] if "/info/lfs/" in path else body.decode()
+        assert message and "\n" not in message.rstrip("\n") and "Traceback" not in message
+        try:
+            for _ in range(8):
+                sock.sendall(bytes(1 << 20))
+        except OSError:  # the server stops draining after 2 s or 16 MiB
+            pass
+        time.sleep(0.2)
+    assert _spooled(pid) == before
+
+
+def test_slowloris_cannot_keep_an_honest_client_out(world):
+    """1010 half-sent requests took every one of waitress's 1000 connections for channel_timeout (300 s): an honest
+    client got no answer. Now a head has --header-timeout seconds in all, and at the connection limit the connection
+    that has waited longest for its head is closed to make room."""
+    with running_server(world.root, "--max-connections", "40", "--header-timeout", "2") as (url, _log):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        stop, socks = threading.Event(), []
+
+        def drip() -> None:
+            while not stop.wait(0.3):
+                for s in list(socks):
+                    try:
+                        s.sendall(b"a")
+                    except OSError:
+                        pass
+
+        threading.Thread(target=drip, daemon=True).start()
+        try:
+            for _ in range(100):
+                s = socket.create_connection((host, int(port)), timeout=10)
+                s.sendall(b"GET /models.git/info/refs HTTP/1.1\r\nX-a: ")
+                socks.append(s)
+            time.sleep(0.5)
+            for _ in range(3):
+                started = time.monotonic()
+                conn = http.client.HTTPConnection(f"{host}:{port}", timeout=10)
+                conn.request("GET", "/models.git/info/refs?service=git-upload-pack", headers={"Authorization": f"Bearer {world.reader}"})
+                assert conn.getresponse().status == 200 and time.monotonic() - started < 3
+                conn.close()
+            assert all(socket_closed_within(s, 6) for s in socks)  # evicted, or closed at the header deadline though still sending
+        finally:
+            stop.set()
+            for s in socks:
+                s.close()

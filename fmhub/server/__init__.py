@@ -12,5 +12,6 @@ Layers, lowest first; each module imports only those above it in this list:
 * `lfs`       the Git LFS API: giftless with fmhub's identity and verified storage;
 * `git_http`  git's smart HTTP protocol: dulwich's WSGI application with the push checks;
 * `app`       the WSGI application that authenticates and routes every request;
-* `serve`     waitress serving it (``fmhub server``).
+* `gate`      waitress's connections: bodies admitted before they are read, deadlines, eviction at the limit;
+* `serve`     waitress serving it (``fmhub server``), with the limits `gate` enforces.
 """

@@ -11,6 +11,11 @@ URLs (what ``git clone http://HOST:PORT/NAME.git`` and git-lfs derive by themsel
 Every request needs a token of the repository (401 otherwise); a
 repository that does not exist and one the token does not reach get the
 same 404. Anything else gets a one-line error: JSON for LFS URLs, text for git.
+
+A request with a body is first admitted by `ServerApp.admit` as soon as its
+headers are in (`fmhub.server.gate`): without a token, or over its route's
+body limit, its body is never read and the app answers the refusal that
+gate puts in ``environ["fmhub.refused"]``, after the same checks as always.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 from fmhub.server import repos
 from fmhub.server.guard import ADMIN_ROLE, RepoGuard
 from fmhub.server.packguard import MAX_GIT_OBJECT
-from fmhub.server.lfs import JSON_TYPE, OID_RE, BadRequest, check_verify, handle_batch, identity_class, make_lfs_app, make_storage
+from fmhub.server.git_http import MAX_NEGOTIATION_REQUEST
+from fmhub.server.lfs import (JSON_TYPE, MAX_BATCH_BYTES, MAX_VERIFY_BYTES, OID_RE, BadRequest, check_verify, handle_batch,
+                              identity_class, make_lfs_app, make_storage)
 from fmhub.server.receive import check_update
 from fmhub.server.tokens import TOKENS_FILE, Principal, Tokens, token_of
 
@@ -36,6 +43,7 @@ _GIT_ROUTES = {("GET", "/info/refs"), ("POST", "/git-upload-pack"), ("POST", "/g
 _STORAGE_PATH = re.compile(r"/info/lfs/objects/storage/(?P<oid>[^/]+)\Z")
 _SERVICES = {"git-upload-pack", "git-receive-pack"}
 GIB = 1 << 30
+SMALL_BODY = 1 << 16  # a route that takes no body may still be sent this much (git-lfs's locks/verify gets its 404 after it)
 
 
 @dataclass
@@ -93,6 +101,9 @@ class ServerApp:
         name = m["name"]
         principal = self._authenticate(environ, name, lfs)
         guard = self._guard(name, principal)
+        refused = environ.get("fmhub.refused")
+        if refused is not None:  # decided before the body was read: over the route's limit (or the tokens changed since)
+            raise refused
         if lfs:
             return self._lfs(environ, start_response, guard, principal, method, m["rest"])
         return self._git(environ, start_response, guard, principal, method, m["rest"])
@@ -105,8 +116,7 @@ class ServerApp:
             guard = self._guard_if_exists(name)
             if guard is not None:
                 guard.record("", name, "deny", {"action": "authenticate", "reason": "missing or unknown token"})
-            headers = [("WWW-Authenticate", 'Basic realm="fmhub"')] + ([("LFS-Authenticate", 'Basic realm="fmhub"')] if lfs else [])
-            raise HTTPError("401 Unauthorized", "credentials needed: send a token of this server (HTTP Basic password or Bearer)", headers)
+            raise _unauthorized(lfs)
         return principal
 
     def tokens(self) -> Tokens:
@@ -134,8 +144,44 @@ class ServerApp:
         if guard is not None and not principal.may_use(name):
             guard.record(principal.user, name, "deny", {"action": "open", "reason": "token for another repository"})
         if guard is None or not principal.may_use(name):
-            raise HTTPError("404 Not Found", f"repository {name}.git not found (or this token does not reach it)")
+            raise _not_found(name)
         return guard
+
+    # -- before the body: on waitress's I/O thread, so it decides and writes nothing (no audit) ---------------
+
+    def admit(self, method: str, path: str, headers: Mapping[str, str]) -> tuple[Optional[HTTPError], int]:
+        """(the refusal a request gets before its body is read, or None; the most body bytes its route takes).
+
+        ``headers`` are waitress's (``AUTHORIZATION``). The app makes the same
+        checks again when it answers, and audits them.
+        """
+        m = _URL.match(path)
+        lfs = m is not None and m["rest"].startswith("/info/lfs/")
+        if m is None or (m["lfsprefix"] and not lfs):
+            return HTTPError("404 Not Found", "not found"), 0
+        principal = self.tokens().lookup(token_of(headers.get("AUTHORIZATION")))
+        if principal is None:
+            return _unauthorized(lfs), 0
+        if not principal.may_use(m["name"]) or repos.repo_path(self.root, m["name"]) is None:
+            return _not_found(m["name"]), 0
+        return None, self.body_limit(method, m["rest"])
+
+    def body_limit(self, method: str, rest: str) -> int:
+        """The most body bytes a route takes: objects up to --max-object-size, pushes up to max_git_request, JSON a little."""
+        storage = _STORAGE_PATH.match(rest)
+        if method == "PUT" and storage and OID_RE.match(storage["oid"]):
+            return self.config.max_object_size
+        if method != "POST":
+            return SMALL_BODY
+        return {"/info/lfs/objects/batch": MAX_BATCH_BYTES, "/info/lfs/objects/storage/verify": MAX_VERIFY_BYTES,
+                "/git-receive-pack": self.config.max_git_request,
+                "/git-upload-pack": min(self.config.max_git_request, MAX_NEGOTIATION_REQUEST)}.get(rest, SMALL_BODY)
+
+    def too_large(self, path: str, limit: int) -> HTTPError:
+        m = _URL.match(path)
+        storage = m is not None and _STORAGE_PATH.match(m["rest"]) is not None
+        what = "objects on this server are" if storage else "request bodies to this URL are"
+        return HTTPError("413 Payload Too Large", f"{what} at most {limit} bytes")
 
     # -- git ------------------------------------------------------------------------------------
 
@@ -153,7 +199,7 @@ class ServerApp:
         def check(ref: bytes, old: bytes, new: bytes) -> Optional[str]:
             return check_update(guard, principal, ref, old, new, lambda oid: self.storage.stored(guard.name, oid))
 
-        from fmhub.server.git_http import MAX_NEGOTIATION_REQUEST, git_app
+        from fmhub.server.git_http import git_app
 
         limit = self.config.max_git_request if rest == "/git-receive-pack" else min(self.config.max_git_request, MAX_NEGOTIATION_REQUEST)
         app = git_app(f"/{guard.name}.git", guard.path, check, limit, self.config.max_git_object)
@@ -192,6 +238,15 @@ def _then(body: Iterable[bytes], done: Callable[[], None]) -> Iterator[bytes]:
         if close:
             close()
         done()
+
+
+def _unauthorized(lfs: bool) -> HTTPError:
+    headers = [("WWW-Authenticate", 'Basic realm="fmhub"')] + ([("LFS-Authenticate", 'Basic realm="fmhub"')] if lfs else [])
+    return HTTPError("401 Unauthorized", "credentials needed: send a token of this server (HTTP Basic password or Bearer)", headers)
+
+
+def _not_found(name: str) -> HTTPError:
+    return HTTPError("404 Not Found", f"repository {name}.git not found (or this token does not reach it)")
 
 
 def _error(start_response: Callable, status: str, message: str, lfs: bool, headers: Iterable[tuple[str, str]] = ()) -> list[bytes]:

@@ -37,6 +37,7 @@ ORG = "_"  # giftless routes /<organization>/<repo>.git/info/lfs/...; fmhub's UR
 OID_RE = re.compile(r"[0-9a-f]{64}\Z")
 MAX_BATCH_BYTES = 4 << 20
 MAX_BATCH_OBJECTS = 10_000
+MAX_VERIFY_BYTES = 1 << 16
 JSON_TYPE = "application/vnd.git-lfs+json"
 
 
@@ -255,7 +256,7 @@ def check_object(obj: Any, what: str) -> None:
 
 def check_verify(environ: dict) -> None:
     """A verify body is {"oid": HEX64, "size": N}; 400 otherwise (and the body is put back for giftless)."""
-    body = read_body(environ, 1 << 16)
+    body = read_body(environ, MAX_VERIFY_BYTES)
     try:
         req = boundedjson.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -12,25 +12,33 @@ made up at start (`HttpServer.generated_token`, which ``fmhub serve`` prints).
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
 with a status that says what happened: 400 malformed request or over-long
 prompt, 401 admin token, 404 unknown adapter, 409 adapter for another base,
-411 no Content-Length, 413 body too large, 503 busy (with ``Retry-After``),
+408 a body too slow, 411 no Content-Length, 413 body too large, 503 busy (with ``Retry-After``),
 507 an adapter larger than a cache tier. A client that hangs up has its
 request cancelled at the next decode step; everyone else keeps being served.
 
 Hostile input is bounded before it costs anything: bodies by Content-Length
-(read with a timeout, parsed by `fmhub.boundedjson`), numbers by range,
-connections by `MAX_CONNECTIONS` threads plus `SPARE_THREADS` that only answer
-503, with a listen backlog of `BACKLOG` so a burst waits rather than being reset.
+(parsed by `fmhub.boundedjson`), numbers by range, connections by
+`MAX_CONNECTIONS` threads plus `SPARE_THREADS` that only answer 503, with a
+listen backlog of `BACKLOG` so a burst waits rather than being reset, and an
+accept loop that answers 503 itself when every thread is taken. Time is
+bounded per phase, across all its recvs or sends: a request's head
+(`HEADER_TIMEOUT`), its body (`BODY_TIMEOUT` plus its size at `BODY_RATE`), a
+keep-alive's wait for the next request (`IDLE_TIMEOUT`), and a response's
+wait for its reader (`SEND_TIMEOUT`), so a client dribbling bytes holds a
+thread for seconds, not for ever.
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import os
 import queue
 import re
 import secrets
 import select
+import selectors
 import socket
 import sys
 import threading
@@ -50,9 +58,16 @@ POLL = 0.25  # seconds between checks that the client is still there
 BACKLOG = 256  # connections the kernel holds while every thread is busy; socketserver's 5 reset bursts of clients
 MAX_CONNECTIONS = 64  # connections served at once, one thread each (backend option max_connections)
 SPARE_THREADS = 16  # threads that only answer 503 while every serving thread is busy; beyond them, the backlog waits
-IDLE_TIMEOUT = 30.0  # seconds a connection may send nothing: an idle keep-alive, slow headers, a body that stalls
-BUSY_TIMEOUT = 2.0  # seconds a 503 answer waits for the request it refuses
+# Deadlines hold across every recv and send of a phase: a per-call timeout let a client sending one byte a second keep
+# its thread forever. Module attributes, read when used, so tests can shorten them.
+HEADER_TIMEOUT = 10.0  # seconds for a request line and headers, in all: from the accept, or from a keep-alive's first byte
+IDLE_TIMEOUT = 10.0  # seconds a keep-alive connection may wait for its next request
+BODY_TIMEOUT = 10.0  # seconds a body may take, at least; plus its declared size at BODY_RATE
+BODY_RATE = 64 << 10  # bytes per second a body is read at, at the slowest
+SEND_TIMEOUT = 30.0  # seconds a response may wait, in all, for the client to read it (a slow SSE reader frees its thread)
+BUSY_TIMEOUT = 2.0  # seconds a 503 answer waits for the request it refuses, in all
 LINGER_BYTES = 1 << 20  # unread body drained after an early answer, so closing does not reset it away
+MAX_LINGERING = 1024  # turned-away connections drained at once by the accept loop's closer; beyond, closed at once
 MAX_WAITING = 1024  # generations queued in the engine; more are answered 503
 RETRY_AFTER_S = 1
 MAX_MODEL_NAME = 256
@@ -66,6 +81,50 @@ _COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
 class _Gone(Exception):
     """The client hung up."""
+
+
+class _Input(io.RawIOBase):
+    """A connection's bytes in: each recv waits only for what is left of the current phase's ``deadline``."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client is sending too slowly")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _Output(io.BufferedIOBase):
+    """A connection's bytes out: a response may wait ``left`` seconds in all for the client to take them.
+
+    A per-send timeout let a client that reads a byte now and then hold its
+    thread for as long as a stream lasts; blocked time adds up here instead.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.left = SEND_TIMEOUT
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.left <= 0:
+            raise TimeoutError("the client stopped reading the response")
+        started = time.monotonic()
+        self.sock.settimeout(self.left)
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.left -= time.monotonic() - started
+        return len(data)
 
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any = None, check=None, what: str = "") -> Any:
@@ -261,11 +320,43 @@ class _Decoder:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fmhub"
-    timeout = IDLE_TIMEOUT  # on the socket: a client that stops sending loses its thread, not the server's
     api: Api  # set on the subclass the server makes
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep stderr quiet; /metrics counts requests
         pass
+
+    # -- deadlines ----------------------------------------------------------------------
+    def _head_time(self) -> float:
+        return HEADER_TIMEOUT
+
+    def _send_time(self) -> float:
+        return SEND_TIMEOUT
+
+    def setup(self) -> None:
+        """The connection's files, held to deadlines across recvs and sends (the first head's counts from the accept)."""
+        self.connection = self.request
+        self._in = _Input(self.connection, self._head_time())
+        self.rfile = io.BufferedReader(self._in)
+        self.wfile = _Output(self.connection)
+        self._served = False
+
+    def handle_one_request(self) -> None:
+        """A keep-alive waits IDLE_TIMEOUT for its next request's first byte; the head then has HEADER_TIMEOUT in all."""
+        if self._served and not self._next_request():
+            self.close_connection = True
+            return
+        self._served = True
+        self.wfile.left = self._send_time()
+        super().handle_one_request()
+
+    def _next_request(self) -> bool:
+        self._in.deadline = time.monotonic() + IDLE_TIMEOUT
+        try:
+            started = bool(self.rfile.peek(1))
+        except OSError:  # a timeout included: an idle keep-alive ends without an answer
+            return False
+        self._in.deadline = time.monotonic() + self._head_time()
+        return started
 
     # -- plumbing -----------------------------------------------------------------------
     def _begin(self) -> None:
@@ -331,12 +422,17 @@ class Handler(BaseHTTPRequestHandler):
         return length
 
     def _read(self, length: int) -> bytes:
-        """Exactly ``length`` bytes of body, or a 400 when the client stops (hangs up, or sends nothing for IDLE_TIMEOUT)."""
+        """Exactly ``length`` bytes of body; 400 when the client stops short, 408 when it is too slow (BODY_TIMEOUT plus
+        the length at BODY_RATE, in all)."""
+        self._in.deadline = time.monotonic() + BODY_TIMEOUT + length / BODY_RATE
         parts, got = [], 0
         while got < length:
             try:
                 part = self.rfile.read1(min(length - got, 1 << 16))
-            except OSError:  # a timeout or a reset: the body is as short either way
+            except TimeoutError:
+                self.close_connection = True
+                raise ServeError(408, f"the request body came too slowly: {got} of its {length} bytes in time") from None
+            except OSError:  # a reset: the body is as short as if the client had hung up
                 part = b""
             if not part:
                 self.close_connection = True
@@ -404,7 +500,7 @@ class Handler(BaseHTTPRequestHandler):
             serve(self.path.split("?", 1)[0])
         except ServeError as err:
             self._error(err)
-        except (ConnectionError, TimeoutError, _Gone):  # the client hung up, reset, or stopped reading for IDLE_TIMEOUT
+        except (ConnectionError, TimeoutError, _Gone):  # the client hung up, reset, or stopped reading (SEND_TIMEOUT)
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - the last line of defence; the message names the bug
             self._internal(exc)
@@ -600,7 +696,11 @@ def _linger(sock: socket.socket) -> None:
 class _Busy(Handler):
     """Every serving thread is busy: answer whatever was asked with 503 and Retry-After, reading the request first."""
 
-    timeout = BUSY_TIMEOUT
+    def _head_time(self) -> float:
+        return BUSY_TIMEOUT
+
+    def _send_time(self) -> float:
+        return BUSY_TIMEOUT
 
     def _route(self, serve: Callable[[str], None]) -> None:
         self._begin()
@@ -611,12 +711,85 @@ class _Busy(Handler):
             pass
 
 
+class _Closer:
+    """Closes connections the accept loop answered itself, without resetting the answer away.
+
+    Each is half-closed already; what its client still sends is read and
+    dropped until it hangs up, for BUSY_TIMEOUT at most, by one thread
+    watching them all. Beyond `MAX_LINGERING` at once, one is closed at once.
+    """
+
+    def __init__(self) -> None:
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self._selector = selectors.DefaultSelector()
+        self._thread = threading.Thread(target=self._run, name="fmhub-http-closer", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket) -> None:
+        if len(self._selector.get_map()) + self._incoming.qsize() >= MAX_LINGERING:
+            sock.close()
+        else:
+            self._incoming.put((sock, time.monotonic() + BUSY_TIMEOUT))
+
+    def stop(self) -> None:
+        self._incoming.put((None, 0.0))
+
+    def _run(self) -> None:
+        while self._take(block=not self._selector.get_map()):
+            for key, _ in self._selector.select(timeout=0.1):
+                self._drain(key.fileobj)
+            now = time.monotonic()
+            for key in list(self._selector.get_map().values()):
+                if key.data <= now:
+                    self._close(key.fileobj)
+        for key in list(self._selector.get_map().values()):
+            self._close(key.fileobj)
+
+    def _take(self, block: bool) -> bool:
+        """Watch what the accept loop handed over (waiting for it when nothing is watched); False once told to stop."""
+        try:
+            while True:
+                sock, deadline = self._incoming.get(block=block)
+                block = False
+                if sock is None:
+                    return False
+                sock.setblocking(False)
+                self._selector.register(sock, selectors.EVENT_READ, deadline)
+        except queue.Empty:
+            return True
+
+    def _drain(self, sock: Any) -> None:
+        try:
+            if sock.recv(1 << 16):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close(sock)
+
+    def _close(self, sock: Any) -> None:
+        self._selector.unregister(sock)
+        sock.close()
+
+
+def _busy_answer() -> bytes:
+    """The whole 503 the accept loop sends when no thread is free, in OpenAI's shape."""
+    body = json.dumps({"error": {"message": "the server is busy: every connection is taken; retry shortly", "type": "server_error",
+                                 "param": None, "code": None}}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nServer: fmhub\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
 class _Server(ThreadingHTTPServer):
-    """A threading HTTP server with a deep backlog and a bounded number of threads.
+    """A threading HTTP server with a deep backlog and a bounded number of threads, whose accept loop never waits.
 
     ``max_connections`` threads serve; when all are busy, up to
-    `SPARE_THREADS` more answer 503; when those are busy too, the accept loop
-    waits and new connections queue in the kernel's backlog. Nothing is reset.
+    `SPARE_THREADS` more read the request and answer 503; when those are busy
+    too, the accept loop answers 503 itself (one non-blocking send, then
+    `_Closer`). Every thread is held to deadlines, so a slow client costs
+    one for seconds, and nothing is reset.
     """
 
     request_queue_size = BACKLOG
@@ -628,13 +801,32 @@ class _Server(ThreadingHTTPServer):
         self.serving = threading.BoundedSemaphore(max_connections)
         self.spare = threading.BoundedSemaphore(SPARE_THREADS)
         super().__init__(address, handler)
+        self.closer = _Closer()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self.serving.acquire(blocking=False):
             self._spawn(self.process_request_thread, self.serving, request, client_address)
-        else:
-            self.spare.acquire()  # each spare thread is done within BUSY_TIMEOUT or so
+        elif self.spare.acquire(blocking=False):
             self._spawn(self._refuse, self.spare, request, client_address)
+        else:
+            self._turn_away(request)
+
+    def _turn_away(self, sock: socket.socket) -> None:
+        """No thread is free: 503 at once, from here; a fresh socket's send buffer takes the few hundred bytes whole."""
+        self.busy_handler.api.engine.metrics.inc("fmhub_http_errors_total", "Requests answered with an error, by status.",
+                                                 status="503")
+        try:
+            sock.setblocking(False)
+            sock.send(_busy_answer())
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self.closer.add(sock)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.closer.stop()
 
     def _spawn(self, target: Callable, slot: threading.BoundedSemaphore, request: Any, client_address: Any) -> None:
         def run() -> None:
