@@ -16,6 +16,10 @@ from __future__ import annotations
 import json
 import re
 
+TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
 MAX_DEPTH = 64  # no document fmhub reads nests deeper than a handful of levels
 MAX_INT_DIGITS = 40  # 2^128 has 39 digits: room for any size, count or seed fmhub takes
 
@@ -48,10 +52,14 @@ def depth(text: str, limit: int = MAX_DEPTH) -> int:
     return limit + 1
 
 
-def _int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise JSONLimitError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+def _int(text: str, max_digits: int = MAX_INT_DIGITS) -> int:
+    if len(text.lstrip("-")) > max_digits:
+        raise JSONLimitError(f"an integer of {len(text.lstrip('-'))} digits (at most {max_digits})")
     return int(text)
+
+
+def _parse_int(max_digits: int) -> Callable[[str], int]:
+    return _int if max_digits == MAX_INT_DIGITS else lambda text: _int(text, max_digits)
 
 
 def _float(text: str) -> float:
@@ -65,20 +73,38 @@ def _constant(name: str) -> float:
     raise JSONLimitError(f"{name} is not a JSON number")
 
 
-def loads(data: str | bytes, max_depth: int = MAX_DEPTH, object_pairs_hook=None) -> object:
+def _too_deep(text: str, max_depth: int) -> bool:
+    # a document with no more openers than the limit cannot nest past it: most skip the regex passes
+    return text.count("[") + text.count("{") > max_depth and depth(text, max_depth) > max_depth
+
+
+def loads(
+    data: str | bytes,
+    max_depth: int = MAX_DEPTH,
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+    *,
+    allow_nan: bool = False,
+    max_int_digits: int = MAX_INT_DIGITS,
+) -> object:
     """Parse ``data`` as strict JSON within the bounds above; JSONLimitError (a ValueError) with a one-line reason.
 
     ``object_pairs_hook`` is `json.loads`'s; a ValueError it raises is reported like any other.
+    ``allow_nan``: accept ``NaN``/``Infinity`` and out-of-range floats (as infinities), as `json.loads` does;
+    for data written by others (Python's `json.dumps` writes ``NaN``), never for documents fmhub itself reads
+    as instructions. ``max_int_digits``: the longest integer accepted (the cost of `int` grows with its square).
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JSONLimitError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if depth(data, max_depth) > max_depth:
+    if _too_deep(data, max_depth):
         raise JSONLimitError(f"nested deeper than {max_depth} levels")
     try:
-        return json.loads(data, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=object_pairs_hook)
+        return json.loads(
+            data, parse_int=_parse_int(max_int_digits), parse_float=float if allow_nan else _float,
+            parse_constant=float if allow_nan else _constant, object_pairs_hook=object_pairs_hook,
+        )
     except JSONLimitError:
         raise
     except json.JSONDecodeError as exc:
@@ -89,7 +115,7 @@ def loads(data: str | bytes, max_depth: int = MAX_DEPTH, object_pairs_hook=None)
 
 def raw_decode(text: str, max_depth: int = MAX_DEPTH) -> tuple[object, int]:
     """`json.JSONDecoder.raw_decode` within the same bounds: (value, index where it ends)."""
-    if depth(text, max_depth) > max_depth:
+    if _too_deep(text, max_depth):
         raise JSONLimitError(f"nested deeper than {max_depth} levels")
     decoder = json.JSONDecoder(parse_int=_int, parse_float=_float, parse_constant=_constant)
     try:

@@ -24,9 +24,14 @@ import struct
 from fmhub.floats import ITEMSIZE, round_bits, to_float64
 from fmhub.sparse_index import decode_patch, encode_patch
 
+TYPE_CHECKING = False  # typing is for annotations only: importing it costs start-up time
+if TYPE_CHECKING:
+    from typing import Iterator
+
 MAX_RANK = 64
 MAX_TENSOR_BYTES = 256 << 20  # encoding holds the tensor in float64 a few times over
 ROW_BLOCK = 1 << 16  # elements per decode block: bounded temporaries whatever the tensor's size
+TILE_FACTORS = 1 << 20  # elements of a block's float64 copies of its factor slices (8 MiB), whatever the row width
 REFINE_ITERATIONS = 16
 EXACT_SVD_ELEMENTS = 1 << 18  # smaller matrices get an exact SVD, bigger ones a seeded randomized one
 _HEAD = struct.Struct("<4sBIII")  # magic, factor precision (4 or 8 bytes), rows, columns, rank
@@ -38,19 +43,58 @@ def _np():
     return np
 
 
-def rebuild_bits(base64, p, f, dtype: str, k: int):
-    """The rounded low-rank rebuild of every element, by the element-wise order the spec fixes."""
+def tiles(e0: int, count: int, k: int, limit: int = ROW_BLOCK) -> Iterator[tuple[int, int, int, int]]:
+    """Rectangles ``(i0, i1, c0, c1)`` of an m × k matrix that cover elements [e0, e0 + count) in row-major order.
+
+    Each holds at most ``limit`` elements (or one row's width when that is below
+    it) and is contiguous in row-major order: whole rows, or part of one row. So
+    work on a run of elements is bounded by the run, never by the row width.
+    """
+    e, end = e0, e0 + count
+    while e < end:
+        i, c = divmod(e, k)
+        if c == 0 and end - e >= k and k <= limit:
+            rows = min((end - e) // k, limit // k)
+            yield i, i + rows, 0, k
+            e += rows * k
+        else:
+            c1 = min(k, c + limit, c + end - e)
+            yield i, i + 1, c, c1
+            e += c1 - c
+
+
+def tile_limit(k: int, r: int, elements: int) -> int:
+    """The ``limit`` of `tiles` for a rank-``r`` product: at most ``elements`` per tile, and a tile's slices of both
+    factors (rows × r and r × width) within `TILE_FACTORS`, so they can be converted to float64 a tile at a time."""
+    if k * r > TILE_FACTORS:  # a row is too wide for its factor slice: tiles are parts of one row
+        return max(1, min(elements, TILE_FACTORS // r))
+    return min(elements, max(1, TILE_FACTORS // r) * k)  # whole rows, at most TILE_FACTORS // r of them
+
+
+def rebuild_run(base64, p, f, dtype: str, e0: int):
+    """The rounded low-rank rebuild of elements [e0, e0 + base64.size), by the element-wise order the spec fixes.
+
+    Each element is ``base + p[i, 0]·f[0, j] + … + p[i, r-1]·f[r-1, j]`` summed in
+    that order, whatever tile it falls in, so a run gives the same bits as the
+    whole tensor."""
     np = _np()
-    m, r = p.shape
-    out = np.empty(m * k, dtype=f"<u{ITEMSIZE[dtype]}")
-    rows = max(1, ROW_BLOCK // max(k, 1))
-    for i in range(0, m, rows):
-        j = min(m, i + rows)
-        acc = base64[i * k : j * k].reshape(j - i, k).copy()
-        for t in range(r):
-            acc += np.multiply.outer(p[i:j, t], f[t])
-        out[i * k : j * k] = round_bits(acc.ravel(), dtype)
+    k = f.shape[1]
+    out = np.empty(base64.size, dtype=f"<u{ITEMSIZE[dtype]}")
+    pos = 0
+    for i0, i1, c0, c1 in tiles(e0, base64.size, k, tile_limit(k, p.shape[1], ROW_BLOCK)):
+        n = (i1 - i0) * (c1 - c0)
+        acc = base64[pos : pos + n].reshape(i1 - i0, c1 - c0).copy()
+        pt, ft = p[i0:i1].astype(np.float64), f[:, c0:c1].astype(np.float64)  # exact; contiguous, so the loop is fast
+        for t in range(p.shape[1]):
+            acc += np.multiply.outer(pt[:, t], ft[t])
+        out[pos : pos + n] = round_bits(acc.ravel(), dtype)
+        pos += n
     return out
+
+
+def rebuild_bits(base64, p, f, dtype: str, k: int):
+    """The rounded low-rank rebuild of every element of the m × k matrix, by the element-wise order the spec fixes."""
+    return rebuild_run(base64, p, f, dtype, 0)
 
 
 def _factors(d, rmax: int):
@@ -244,8 +288,9 @@ class RangeDecoder:
     """A ``lowrank`` delta parsed once and applied to any run of a tensor's elements (a frame at a time).
 
     Gives the same bits as `LowRank.decode`: each element's arithmetic does not
-    depend on its neighbours, so rebuilding whole rows around the run and
-    cutting it out is exact. ValueError when the delta does not fit the tensor.
+    depend on its neighbours, so only the run's own elements are rebuilt (memory
+    and time bounded by the run, not by the row width). ValueError when the
+    delta does not fit the tensor.
     """
 
     def __init__(self, delta: bytes, dtype: str, shape: tuple[int, ...]) -> None:
@@ -255,9 +300,10 @@ class RangeDecoder:
         at = _HEAD.size
         if len(delta) < at + (m + k) * r * precision:
             raise ValueError("its factors are truncated")
-        self.p = np.frombuffer(delta, f"<f{precision}", m * r, at).reshape(m, r).astype(np.float64)
+        # kept as stored (views of the delta), converted a tile at a time: no float64 copy of the whole factors
+        self.p = np.frombuffer(delta, f"<f{precision}", m * r, at).reshape(m, r)
         at += m * r * precision
-        self.f = np.frombuffer(delta, f"<f{precision}", r * k, at).reshape(r, k).astype(np.float64)
+        self.f = np.frombuffer(delta, f"<f{precision}", r * k, at).reshape(r, k)
         at += r * k * precision
         idx, patch_item, values, end = decode_patch(delta, at, m * k)
         if end != len(delta) or patch_item != item:
@@ -271,12 +317,11 @@ class RangeDecoder:
     def apply(self, base, at: int, nbytes: int):
         """Elements ``[at/item, (at+nbytes)/item)`` of the new version, from the same elements of ``base``."""
         np = _np()
-        e0, count, k = at // self.item, nbytes // self.item, self.k
-        i0, i1 = e0 // k, -(-(e0 + count) // k)
-        rows = np.zeros((i1 - i0) * k, np.float64)
-        off = e0 - i0 * k
-        rows[off : off + count] = to_float64(base, self.dtype)
-        out = rebuild_bits(rows, self.p[i0:i1], self.f, self.dtype, k)[off : off + count]
+        e0, count = at // self.item, nbytes // self.item
+        base64 = to_float64(base, self.dtype)
+        if base64.size != count or e0 + count > self.p.shape[0] * self.k:
+            raise ValueError(f"elements [{e0}, {e0 + count}) do not fit the tensor or the {base64.size} given")
+        out = rebuild_run(base64, self.p, self.f, self.dtype, e0)
         lo, hi = np.searchsorted(self.idx, [e0, e0 + count])
         out[self.idx[lo:hi] - e0] = self.values[lo:hi]
         return out

@@ -30,6 +30,7 @@ import time
 
 from fmhub import planes
 from fmhub.floats import ITEMSIZE, round_bits, to_float64
+from fmhub.lowrank import tile_limit, tiles
 
 NAME = "lowrank-fixed"
 MAGIC = b"FLQ1"
@@ -38,6 +39,7 @@ FACTOR_BITS = 20  # |a|, |b| <= 2**20: products up to 2**40, sums of 64 below 2*
 MAX_RANK = 64
 E_RANGE = (-1000, 900)  # keeps (A·B)·2**E a normal float64, away from under- and overflow
 OVERSAMPLE = 6  # extra columns of the randomized range finder
+TILE = 1 << 18  # elements predicted at once: a few float64 temporaries of 2 MiB per frame in flight
 
 
 def _np():
@@ -51,26 +53,30 @@ class OutOfTime(Exception):
 
 
 def predict(base, a, b, e: int, dtype: str):
-    """The predicted bits of the rows ``a`` covers: ``round(base + (a @ b) * 2**e)``; ``base`` holds exactly those rows."""
+    """The predicted bits of the elements ``a @ b`` covers: ``round(base + (a @ b) * 2**e)``; ``base`` holds exactly those."""
     np = _np()
-    update = (a @ b).ravel()  # exact: integers below 2**47
+    update = (a.astype(np.float64, copy=False) @ b.astype(np.float64, copy=False)).ravel()  # exact: integers below 2**47
     return round_bits(to_float64(base, dtype) + np.ldexp(update, e), dtype)
 
 
-def _rows(e0: int, count: int, k: int) -> tuple[int, int, int]:
-    """The whole rows [i0, i1) that hold elements [e0, e0 + count), and e0's offset in them."""
-    i0 = e0 // k
-    return i0, -(-(e0 + count) // k), e0 - i0 * k
-
-
 def _predict_run(base, a, b, e: int, dtype: str, item: int, at: int, nbytes: int):
-    """The prediction of elements [at/item, (at+nbytes)/item) from the same elements of ``base``."""
+    """The prediction of elements [at/item, (at+nbytes)/item) from the same elements of ``base``.
+
+    Only the run's own elements are computed, a bounded tile at a time (`fmhub.lowrank.tiles`): the product is exact
+    and the rest element-wise, so a tile gives the same bits as the whole matrix, in memory and time bounded by the
+    run rather than by the row width."""
     np = _np()
-    k = b.shape[1]
-    i0, i1, off = _rows(at // item, nbytes // item, k)
-    rows = np.zeros((i1 - i0) * k, f"<u{item}")
-    rows[off : off + nbytes // item] = np.frombuffer(memoryview(base).cast("B"), f"<u{item}")
-    return predict(rows, a[i0:i1], b, e, dtype)[off : off + nbytes // item]
+    e0, count = at // item, nbytes // item
+    src = memoryview(base).cast("B")
+    if len(src) != count * item or e0 + count > a.shape[0] * b.shape[1]:
+        raise ValueError(f"elements [{e0}, {e0 + count}) do not fit the tensor or the {len(src)} bytes given")
+    out = np.empty(count, f"<u{item}")
+    pos = 0
+    for i0, i1, c0, c1 in tiles(e0, count, b.shape[1], tile_limit(b.shape[1], b.shape[0], TILE)):
+        n = (i1 - i0) * (c1 - c0)
+        out[pos : pos + n] = predict(src[pos * item : (pos + n) * item], a[i0:i1], b[:, c0:c1], e, dtype)
+        pos += n
+    return out
 
 
 class Decoder:
@@ -91,9 +97,10 @@ class Decoder:
             raise ValueError("its factors are truncated")
         a = np.frombuffer(delta, "<i4", m * r, at).reshape(m, r)
         b = np.frombuffer(delta, "<i4", r * k, at + 4 * m * r).reshape(r, k)
-        if np.abs(a).max() > 1 << FACTOR_BITS or np.abs(b).max() > 1 << FACTOR_BITS:
+        lo, hi = min(int(a.min(initial=0)), int(b.min(initial=0))), max(int(a.max(initial=0)), int(b.max(initial=0)))
+        if max(hi, -lo) > 1 << FACTOR_BITS:  # min and max, not np.abs: no copy of the factors
             raise ValueError(f"its factors exceed 2**{FACTOR_BITS}, so their product would not be exact")
-        self.a, self.b, self.e, self.dtype, self.item = a.astype(np.float64), b.astype(np.float64), e, dtype, item
+        self.a, self.b, self.e, self.dtype, self.item = a, b, e, dtype, item  # int32 views: converted a tile at a time
         self.layout = planes.layout_for(dtype, m * k * item)
         self.records = _records(delta, at + 4 * r * (m + k), self.layout)
 
@@ -103,10 +110,7 @@ class Decoder:
             raise ValueError("lowrank-fixed deltas are applied a whole frame at a time")
         guess = _predict_run(base, self.a, self.b, self.e, self.dtype, self.item, at, nbytes)
         kind, payload = self.records[at // planes.FRAME_BYTES]
-        try:
-            return planes.decode_frame(kind, payload, guess, self.layout, nbytes)
-        except planes.PlanesError as exc:
-            raise ValueError(f"its frame at byte {at}: {exc}") from None
+        return planes.decode_frame(kind, payload, guess, self.layout, nbytes)  # PlanesError is a ValueError
 
 
 def _records(delta: memoryview, at: int, layout: planes.Layout) -> list[tuple[int, memoryview]]:
@@ -149,7 +153,10 @@ class LowRankFixed:
         dec = Decoder(delta, dtype, (m, k))
         out = bytearray(len(base))
         for at, n in dec.layout.frames():
-            out[at : at + n] = memoryview(dec.apply(memoryview(base)[at : at + n], at, n)).cast("B")
+            try:
+                out[at : at + n] = memoryview(dec.apply(memoryview(base)[at : at + n], at, n)).cast("B")
+            except ValueError as exc:
+                raise ValueError(f"its frame at byte {at}: {exc}") from None
         return out
 
 

@@ -214,7 +214,17 @@ class _LowRankLink(_Object):
             raise CorruptObject(f"{self.what} is corrupt: {exc}") from None
 
     def frame_job(self, at: int, n: int, pos: int) -> tuple[Callable[[object | None], Frame], int]:
-        return (lambda base: self.decoder.apply(base, at, n)), pos
+        """The job applying the delta to frame [at, at + n); a frame that does not decode is a CorruptObject, not a
+        traceback (the codecs raise ValueError, PlanesError included, for whatever their bytes do not allow)."""
+        decoder, what = self.decoder, self.what
+
+        def job(base: object | None) -> Frame:
+            try:
+                return decoder.apply(base, at, n)
+            except ValueError as exc:
+                raise CorruptObject(f"{what} is corrupt: frame at byte {at}: {exc}") from None
+
+        return job, pos
 
     def finish(self, pos: int) -> None:
         pass
@@ -309,13 +319,24 @@ def _chained(steps: list[Callable[[object | None], Frame]]) -> Callable[[], Fram
 
 
 def read_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
-    """A tensor's full bytes, rebuilt and checked against its oid (CorruptObject / MissingObject naming it)."""
-    out = bytearray(entry.size)
-    view = memoryview(out)
-    for at, data in stream_tensor(store, entry, label):
+    """A tensor's full bytes, rebuilt and checked against its oid (CorruptObject / MissingObject naming it).
+
+    The buffer is allocated once the chain's objects are open and their sizes checked (`Chain`), so a manifest
+    that lies about a size is refused before its size is allocated.
+    """
+    frames = stream_tensor(store, entry, label)
+    out = view = None
+    for at, data in frames:
+        if out is None:
+            try:
+                out = bytearray(entry.size)
+            except (MemoryError, OverflowError):
+                frames.close()
+                raise FmhubError(f"{label}tensor {entry.name!r}: {entry.size} bytes do not fit in memory") from None
+            view = memoryview(out)
         chunk = memoryview(data).cast("B")
         view[at : at + len(chunk)] = chunk
-    return out
+    return out if out is not None else bytearray()
 
 
 def stream_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> Iterator[tuple[int, Frame]]:

@@ -15,10 +15,10 @@ rows, so the git filter process never loads it.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-from fmhub import hookimpl
+from fmhub import boundedjson, hookimpl
 from fmhub.chunking import DEFAULT_GEAR, DEFAULT_LINES
 from fmhub.errors import FmhubError, UnreadableRows
 
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from fmhub.interfaces import Row
 
 PARQUET_BATCH_ROWS = 8192  # rows decoded at a time: memory stays at a batch whatever the file size
+MAX_LINE_BYTES = 64 << 20  # a longer jsonl line is an unreadable row, skipped without being held whole
+SKIP_BYTES = 1 << 20  # read at a time while skipping a long line
+LONG_LINE_SHOWN = 1024  # bytes of a long line kept to show
+ROW_MAX_DEPTH = 128  # real rows nest a few levels; json's recursion (and RecursionError) starts near 1,000
+ROW_MAX_INT_DIGITS = 1000  # wider than any real id or count; int() of n digits costs n^2
 
 
 class JsonlFormat:
@@ -37,16 +42,45 @@ class JsonlFormat:
         return False  # any text could be jsonl: the file name decides
 
     def rows(self, f: BinaryIO, path: str) -> Iterator[Row]:
-        """Non-blank lines as parsed JSON, numbered by line; a bad line comes with its error and the diff goes on."""
-        for lineno, line in enumerate(f, start=1):
+        """Non-blank lines as parsed JSON, numbered by line; a bad line comes with its error and the diff goes on.
+
+        The file comes from a remote, so every line is parsed within bounds (`boundedjson`: nesting, integer
+        digits) and none is read whole past `MAX_LINE_BYTES`: a bad row is reported, never a traceback.
+        """
+        for lineno, (line, length, digest) in enumerate(_lines(f), start=1):
+            if digest is not None:
+                yield lineno, _long_text(line, length, digest), f"a line of {length:,} bytes (at most {MAX_LINE_BYTES:,})"
+                continue
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line), None
-            except json.JSONDecodeError as exc:
-                yield lineno, _text(line), f"not valid JSON ({exc.msg} at column {exc.colno})"
-            except UnicodeDecodeError as exc:
-                yield lineno, _text(line), f"not UTF-8 ({exc.reason} at byte {exc.start})"
+                yield lineno, _parse_row(line), None
+            except boundedjson.JSONLimitError as exc:
+                yield lineno, _text(line), str(exc).replace(" at line 1 column ", " at column ")  # the row's own line
+
+
+def _parse_row(line: bytes) -> object:
+    # NaN/Infinity are accepted: Python's json.dumps writes them, and rows are data, not instructions
+    return boundedjson.loads(line.rstrip(b"\r\n"), max_depth=ROW_MAX_DEPTH, allow_nan=True, max_int_digits=ROW_MAX_INT_DIGITS)
+
+
+def _lines(f: BinaryIO) -> Iterator[tuple[bytes, int, str | None]]:
+    """(line, its length, None), or for a line over `MAX_LINE_BYTES` (its first bytes, its length, its sha256).
+
+    A long line is hashed as it is skipped, a buffer at a time, so two different long lines still differ in a diff.
+    """
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line, len(line), None
+            continue
+        h, length, head = hashlib.sha256(line), len(line), line[:LONG_LINE_SHOWN]
+        del line
+        while (rest := f.readline(SKIP_BYTES)) and not rest.endswith(b"\n"):
+            h.update(rest)
+            length += len(rest)
+        h.update(rest)
+        length += len(rest)
+        yield head, length, h.hexdigest()
 
 
 class ParquetFormat:
@@ -80,6 +114,11 @@ class ParquetFormat:
 
 def _text(line: bytes) -> str:
     return line.rstrip(b"\r\n").decode("utf-8", "replace")
+
+
+def _long_text(head: bytes, length: int, digest: str) -> str:
+    # the hash stands for the whole line: diffs compare bad rows by this text
+    return f"{_text(head)}… ({length:,} bytes, sha256:{digest})"
 
 
 def _one_line(exc: BaseException) -> str:
