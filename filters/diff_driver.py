@@ -28,23 +28,28 @@ import os
 import sys
 from typing import Sequence, TextIO
 
-from fmhub.errors import FmhubError
+from fmhub.errors import FmhubError, one_line
 from fmhub.manifest import Manifest, is_manifest
 
 _NULL_HEXES = {"", ".", "0" * 40, "0" * 64}
 
 
+GIT_DIFF = "git diff"  # the reader, in the audit log's records of read decisions
+
+
 def _side(filename: str, hexid: str, path: str, blobs, store_opener):
-    """One side as a CheckpointView (empty when the file does not exist on that side)."""
+    """One side as a CheckpointView (empty when the file does not exist on that side); tensors the read policy
+    denies the user are withheld (`fmhub.views.guard`: git runs the driver at the top of the work tree)."""
     from fmhub.diff import CheckpointView
+    from fmhub.views import guard
 
     if filename == "/dev/null" or (hexid == "." and not os.path.exists(filename)):
         return CheckpointView.empty(path)
     if hexid not in _NULL_HEXES:
         data = blobs().get(hexid)
         if data is not None and is_manifest(data):
-            return CheckpointView.from_manifest(Manifest.from_bytes(data, path), store_opener(), path)
-    return CheckpointView.from_file(filename, path, store_opener())
+            return guard(CheckpointView.from_manifest(Manifest.from_bytes(data, path), store_opener(), path), path, via=GIT_DIFF)
+    return guard(CheckpointView.from_file(filename, path, store_opener()), path, via=GIT_DIFF)
 
 
 _ABSENT = "absent"
@@ -68,7 +73,9 @@ def _data_side(filename: str, hexid: str, path: str, blobs, store_opener):
     side = side_from_file(filename, path, store_opener)
     if side is not None and manifest is not None:
         side.sha256, side.chunk_oids = manifest.sha256, tuple(t.oid for t in manifest.tensors)
-    return side
+    from fmhub.diff import guard_data
+
+    return guard_data(side, path, via=GIT_DIFF)
 
 
 def _diff_data(path: str, new_path: str, old, new, out: TextIO) -> None:
@@ -122,8 +129,8 @@ def run(args: Sequence[str], out: TextIO = sys.stdout, stderr: TextIO = sys.stde
         diff(args, out)
     except (FmhubError, OSError) as exc:
         path = args[0] if args else "?"
-        out.write(f"diff --fmhub a/{path} b/{path}\n! fmhub could not diff this file: {exc}\n")
-        stderr.write(f"fmhub: {exc}\n")
+        out.write(f"diff --fmhub a/{path} b/{path}\n! fmhub could not diff this file: {one_line(str(exc))}\n")
+        stderr.write(f"fmhub: {one_line(str(exc))}\n")
     out.flush()
     return 0
 
@@ -145,6 +152,15 @@ def textconv(filename: str, out: TextIO = sys.stdout) -> int:
         data = side_from_file(filename, filename, store)
         if data is not None:
             from fmhub.data_diff import textconv_lines
+            from fmhub.diff import textconv_withheld, withhold_rows
+
+            note = textconv_withheld("rows")
+            if note is not None:  # the file or its manifest alike (the manifest's sha256 is the file's): git shares it
+                from dataclasses import replace
+
+                from fmhub.store import file_sha256
+
+                data = withhold_rows(replace(data, sha256=data.sha256 or file_sha256(filename)), note)
 
             for line in textconv_lines(data):
                 out.write(line + "\n")
@@ -153,7 +169,7 @@ def textconv(filename: str, out: TextIO = sys.stdout) -> int:
         for line in lines(filename, store):
             out.write(line + "\n")
     except FmhubError as exc:
-        sys.stderr.write(f"fmhub: {exc}\n")
+        sys.stderr.write(f"fmhub: {one_line(str(exc))}\n")
         return 1
     out.flush()
     return 0

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from fmhub import audit, tensors
 from fmhub.checkpoint import format_named
-from fmhub.errors import FmhubError, MergeConflict
+from fmhub.errors import FmhubError, MergeConflict, one_line
 from fmhub.interfaces import TensorInfo
 from fmhub.manifest import Manifest, TensorEntry, is_manifest
 from fmhub.merge import MergePlan, load_plan_file, merge_tensor, strategy_named
@@ -67,7 +67,7 @@ def merge_manifests(
             if key is not None:
                 merged.append(o_t[name] if _key(o_t.get(name)) == key else t_t[name])
             continue
-        resolved = _resolve(name, b_t.get(name), o_t.get(name), t_t.get(name), store, plan, fisher, problems)
+        resolved = _resolve(name, b_t.get(name), o_t.get(name), t_t.get(name), store, plan, fisher, problems, path)
         if resolved is not None:
             merged.append(resolved)
     ok, metadata = _three_way(
@@ -76,13 +76,14 @@ def merge_manifests(
     if not ok:
         problems.append("__metadata__: changed differently on both sides")
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  and {len(problems) - 20} more" if len(problems) > 20 else "")
+        # one conflict per line: each escaped, so a tensor name holding a newline cannot forge a line of its own
+        shown = "\n  ".join(map(one_line, problems[:20])) + (f"\n  and {len(problems) - 20} more" if len(problems) > 20 else "")
         how = (
             "set a merge strategy (`fmhub-merge=NAME` in .gitattributes, rules in .fmhub/merge.yaml, or "
             "`git config fmhub.merge.strategy NAME`; `fmhub plugins` lists them), or keep one side with "
             "`git checkout --ours/--theirs` and `git add`"
         )
-        raise MergeConflict(f"{path}: {len(problems)} tensor(s) could not be merged:\n  {shown}\n{how}", conflicts=len(problems))
+        raise MergeConflict(f"{one_line(path)}: {len(problems)} tensor(s) could not be merged:\n  {shown}\n{how}", conflicts=len(problems))
     for side in (ours, theirs):
         if merged == side.tensors and metadata == side.metadata:
             return side  # reuse that side's header object: byte-identical to it
@@ -105,14 +106,24 @@ def _merge_data(base: Manifest | None, ours: Manifest, theirs: Manifest, path: s
     return ours if sha == ours.sha256 else theirs
 
 
-def _resolve(name, base, ours, theirs, store: ObjectStore, plan: MergePlan | None, fisher, problems: list[str]) -> TensorEntry | None:
-    """Merge one tensor changed on both sides; None (with the reason in ``problems``) when it cannot be."""
+def _resolve(name, base, ours, theirs, store: ObjectStore, plan: MergePlan | None, fisher, problems: list[str],
+             path: str = "<file>") -> TensorEntry | None:
+    """Merge one tensor changed on both sides; None (with the reason in ``problems``) when it cannot be.
+
+    A strategy reads the tensor's values, so checkout's read rule applies first: a tensor the user may not
+    read is a conflict (its values are neither read nor mixed into a new object)."""
     sname, options = plan.for_tensor(name) if plan is not None else (None, {})
     if sname is None:
         problems.append(f"{name}: changed differently on both sides")
         return None
     if ours is None or theirs is None:
         problems.append(f"{name}: deleted on one side, changed on the other")
+        return None
+    from fmhub.access import read_denials
+
+    denied = read_denials(path, [name], via="git merge").get(name)
+    if denied is not None:
+        problems.append(f"{name}: {denied}")
         return None
     sides = [entry_ref(ours, store, "ours"), entry_ref(theirs, store, "theirs")]
     base_ref = entry_ref(base, store, "base") if base is not None else None
@@ -182,7 +193,7 @@ def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr:
         finally:
             store.close()
     except FmhubError as exc:
-        stderr.write(f"fmhub: merge conflict: {exc}\n" if isinstance(exc, MergeConflict) else f"fmhub: {exc}\n")
+        stderr.write(f"fmhub: merge conflict: {exc}\n" if isinstance(exc, MergeConflict) else f"fmhub: {one_line(str(exc))}\n")
         audit.record("merge", pathname, "conflict" if isinstance(exc, MergeConflict) else "error", {**facts, **audit.failure(exc)})
         return 1
     merged = result.to_bytes()

@@ -12,7 +12,7 @@ import sys
 from fmhub_filters.pktio import Hangup, PktLine, PktLineError, PktReader, PktWriter
 
 from fmhub import audit, checkpoint
-from fmhub.errors import FmhubError
+from fmhub.errors import FmhubError, one_line, unexpected
 from fmhub.manifest import MAGIC, MAX_MANIFEST_BYTES
 from fmhub.repo import open_store, staged_blob
 
@@ -110,7 +110,7 @@ class FilterServer:
             self._fail(path, f"unsupported filter command {command!r}")
 
     def _fail(self, path: str, message: str, what: str = "filter", exc: BaseException | None = None) -> None:
-        self.stderr.write(f"fmhub: {message}\n")
+        self.stderr.write(f"fmhub: {one_line(message)}\n")
         self.stderr.flush()
         self._send_list(b"status=error")
         self._record(what, path, "error", audit.failure(exc) if exc is not None else {"message": message})
@@ -129,7 +129,7 @@ class FilterServer:
             return self._fail(path, str(exc), "clean", exc)
         except Exception as exc:  # a bug must fail this file, not wedge git's protocol
             reader.drain()
-            return self._fail(path, _unexpected(path, "cleaning", exc), "clean", exc)
+            return self._fail(path, unexpected(f"{path}: cleaning", exc), "clean", exc)
         self._send_list(b"status=success")
         PktWriter(self.proto, self._out).write(result)
         self.proto.write_pkt_line(None)
@@ -155,7 +155,7 @@ class FilterServer:
         try:
             checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start, fetch=self._fetch_missing)
         except Exception as exc:
-            msg = str(exc) if isinstance(exc, FmhubError) else _unexpected(path, "smudging", exc)
+            msg = str(exc) if isinstance(exc, FmhubError) else unexpected(f"{path}: smudging", exc)
             if not started:
                 return self._fail(path, msg, "smudge", exc)
             # content is half sent: close it, then overrule the status as the protocol allows
@@ -186,12 +186,6 @@ def _read_upto(reader: PktReader, n: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
-
-
-def _unexpected(path: str, doing: str, exc: BaseException) -> str:
-    """One line for an error no check anticipated: what failed and where, never a traceback."""
-    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"{path}: {doing} failed unexpectedly ({type(exc).__name__}{': ' + detail if detail else ''}); the file was left as it was"
 
 
 def _widen_pipes(*streams: BinaryIO) -> None:

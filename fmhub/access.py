@@ -6,6 +6,15 @@ What the rest of fmhub calls where bytes flow:
   the file, then each tensor of a checkpoint; raises `AccessDenied`, or
   returns True when the deciding rules ask for a placeholder (the manifest
   text is written instead of the file);
+* `read_denials` / `require_readable` (every other local reader of stored bytes:
+  ``fmhub diff``, ``git diff``, ``fmhub extract`` and any ``REV:PATH`` read,
+  the merge driver, ``fmhub hub push``, ``fmhub data-at``, ``fmhub serve``/
+  ``fmhub eval`` materializing ``PATH@REV``): the same rule as smudge, tensor
+  by tensor, with no placeholder to give instead;
+* `check_unnamed` (an input with no path: ``fmhub filter-smudge`` or
+  ``fmhub filter-clean`` without one): refused wherever a policy governs;
+* `governs` (git's textconv, whose output git caches for every user of a
+  clone): no statistics wherever a policy governs, for anyone;
 * `check_columns` (``fmhub clean``/``fmhub label``, before any row is read);
 * `pipeline_rows` (``fmhub clean``/``fmhub label``): a `RowGate` withholding
   the rows ``rows:`` rules keep from the user, as batches are read;
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 
 from fmhub.errors import FmhubError
 from fmhub.records import AccessRequest, Decision
@@ -38,6 +48,7 @@ if TYPE_CHECKING:
 
 
 USER_ENV = "FMHUB_USER"
+MAX_READ = 16 << 20  # the most `work_tree_reader` reads of one file (a policy is far smaller; fmhub.policy bounds it again)
 
 
 class AccessDenied(FmhubError):
@@ -80,13 +91,21 @@ def work_tree_reader(root: str) -> Callable[[str], Optional[bytes]]:
     """``read_file`` for a local repository: the work tree's file, else the index's (a sparse or half-done checkout)."""
 
     def read(path: str) -> Optional[bytes]:
-        try:
-            with open(os.path.join(root, path), "rb") as f:
-                return f.read()
+        # a policy that exists but cannot be read must fail closed: the NUL makes any parser refuse it
+        try:  # O_NONBLOCK: a FIFO planted under the policy's name must not hang git's filter
+            fd = os.open(os.path.join(root, path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return _index_blob(root, path)
         except OSError:
-            return b"\0unreadable"  # a policy that exists but cannot be read must fail closed
+            return b"\0unreadable"
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device (/dev/zero) or FIFO: no end, or no data
+                    return b"\0unreadable: not a regular file"
+                data = f.read(MAX_READ + 1)  # never a whole multi-GB file into memory
+        except OSError:
+            return b"\0unreadable"
+        return data if len(data) <= MAX_READ else b"\0unreadable: larger than MAX_READ"
 
     return read
 
@@ -97,8 +116,8 @@ def _index_blob(root: str, path: str) -> Optional[bytes]:
         staged_blob,  # in git's filter process, through the `git cat-file` it already runs
     )
 
-    try:
-        return staged_blob(path, None, cwd=root)
+    try:  # a staged policy too big to read must deny (the NUL fails any parser), not read as "no policy"
+        return staged_blob(path, MAX_READ, cwd=root, too_big=b"\0unreadable: larger than MAX_READ")
     except (FmhubError, OSError):  # no git, or no such directory
         return None
 
@@ -206,6 +225,85 @@ def check_smudge(path: str, tensors: Iterable[str] = (), root: Optional[str] = N
     if governed_allow is not None and not placeholder:
         record(*governed_allow, cwd=root)  # one allow per file, not one per tensor
     return placeholder
+
+
+def read_denials(path: str, tensors: Iterable[str] = (), root: Optional[str] = None, via: str = "") -> dict[str, AccessDenied]:
+    """Checkout's read rule for a local reader of ``path``'s stored bytes (`fmhub diff`, `git diff`, ``REV:PATH``).
+
+    Returns tensor name -> `AccessDenied` for each one the user may not read;
+    empty when every one may be read. The file is asked first, as smudge asks:
+    a denied file denies ``""`` (the file itself) and every tensor. A
+    placeholder deny withholds like any other: a reader has no manifest text
+    to hand over instead. Each deny is recorded as smudge records it (details:
+    ``via``, the reader), and one allow per governed file. ``root``: any
+    directory of the work tree.
+    """
+    if not policies():
+        return {}
+    root, who, reader = _local(_repo_root(os.path.abspath(root or ".")))  # from a subdirectory too
+    details = {"via": via} if via else None
+    names = list(tensors)
+    file_req = AccessRequest(who, "read", root, path, read_file=reader)
+    denied, allow = _read_decision(file_req, details, root)
+    if denied is not None:
+        return dict.fromkeys(["", *names], denied)
+    out: dict[str, AccessDenied] = {}
+    for name in names:
+        denied, tensor_allow = _read_decision(AccessRequest(who, "read", root, path, tensor=name, read_file=reader), details, root)
+        if denied is not None:
+            out[name] = denied
+        allow = allow or tensor_allow
+    if allow is not None and not out:
+        record(*allow, details, cwd=root)  # one allow per file, not one per tensor
+    return out
+
+
+def _read_decision(req: AccessRequest, details: Optional[dict], root: str) -> tuple[Optional[AccessDenied], Optional[tuple]]:
+    """(the recorded denial, None) or (None, the governed allow to record, if any) for one request."""
+    d, governed = decide(req)
+    if not d.allowed:
+        record(req, d, details, cwd=root)
+        return AccessDenied(denial_message(req, d), d), None
+    return None, ((req, d) if governed else None)
+
+
+def require_readable(
+    path: str, tensors: Iterable[str] = (), root: Optional[str] = None, via: str = "", outcome: str = "nothing was read"
+) -> None:
+    """`read_denials` for a reader that needs every one of them: raises the first denial, ``; outcome`` appended."""
+    denied = read_denials(path, tensors, root, via)
+    if denied:
+        first = next(iter(denied.values()))
+        raise AccessDenied(f"{first}; {outcome}", first.decision)
+
+
+def check_unnamed(what: str, root: Optional[str] = None, via: str = "", action: str = "read") -> None:
+    """Refuse ``what``, an input that names no path (`fmhub filter-smudge` or, ``action="write"``, `fmhub
+    filter-clean` without one), whenever a policy governs the repository: the rules that apply depend on the
+    path (fail closed)."""
+    if not policies():
+        return
+    root, who, reader = _local(_repo_root(os.path.abspath(root or ".")))
+    req = AccessRequest(who, action, root, None, read_file=reader)
+    d, governed = decide(req)
+    if d.allowed and not governed:
+        return
+    if d.allowed:  # an allow for "no path" says nothing of the rules over the path it really has
+        d = Decision(False, "the access policy decides by path, and this input names none", d.roles, False, "", d.policy)
+    record(req, d, {"via": via} if via else None, cwd=root)
+    raise AccessDenied(denial_message(req, d, what), d)
+
+
+def governs(root: Optional[str] = None) -> bool:
+    """Does an access policy govern the repository around ``root`` (an opinion on a read naming no path)?
+
+    Nothing is recorded: this asks whether to show per-user facts at all
+    (git's textconv, whose output git caches for every user of the clone).
+    """
+    if not policies():
+        return False
+    root, who, reader = _local(_repo_root(os.path.abspath(root or ".")))
+    return decide(AccessRequest(who, "read", root, None, read_file=reader))[1]
 
 
 def check_columns(path: str, columns: Sequence[str], where: str, root: Optional[str] = None) -> None:

@@ -23,7 +23,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from fmhub import lora
+from fmhub import boundedjson, lora
 from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError, MergeConflict
 from fmhub.manifest import Manifest, is_manifest
@@ -126,7 +126,7 @@ def _info(path: str, ref: BaseRef, config: dict, modules) -> AdapterInfo:
 
 def read_sidecar(data: bytes, where: str) -> BaseRef:
     try:
-        doc = json.loads(data)
+        doc = boundedjson.loads(data)  # a clone's sidecar: nesting or a huge number is a ValueError, not a traceback
         if doc.get("version") != SIDECAR_VERSION:
             raise FmhubError(f"{where}: version {doc.get('version')!r} is not one this fmhub reads ({SIDECAR_VERSION}); upgrade fmhub")
         b = doc["base"]
@@ -154,9 +154,11 @@ def list_adapters(rev: str = "HEAD", cwd: str | None = None) -> list[AdapterInfo
         ref = read_sidecar(data, where)
         adir = os.path.dirname(side)
         try:
-            cfg = json.loads(_read(f"{adir}/{lora.CONFIG}" if adir else lora.CONFIG, sha, top))
-        except ValueError as exc:
+            cfg = boundedjson.loads(_read(f"{adir}/{lora.CONFIG}" if adir else lora.CONFIG, sha, top))
+        except (ValueError, OSError) as exc:
             raise FmhubError(f"{where}: its {lora.CONFIG} is not JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise FmhubError(f"{where}: its {lora.CONFIG} is not a JSON object")
         now = base_files(ref.path, sha, top) if sha is not None else _staged_base(ref.path, top)
         changed = sorted(p for p in set(now) | set(ref.files) if now.get(p) != ref.files.get(p))
         info = _info(adir, ref, cfg, cfg.get("target_modules") or [])
@@ -319,9 +321,14 @@ class AdapterChange:
     modules: list[ModuleChange]
 
 
-def _update_norm(parts: list[tuple[float, object, object]]) -> float:
-    """‖Σ cᵢ·Bᵢ@Aᵢ‖_F from the factors, without forming the m × k matrix: ‖P Q‖² = Σ (PᵀP) ∘ (Q Qᵀ)."""
+def _update_norm(parts: list[tuple[float, object, object]]) -> float | None:
+    """‖Σ cᵢ·Bᵢ@Aᵢ‖_F from the factors, without forming the m × k matrix: ‖P Q‖² = Σ (PᵀP) ∘ (Q Qᵀ).
+
+    None when the access policy withholds a factor's values (`fmhub.views.guard`): no number derived from them."""
     import torch
+
+    if any(getattr(f, "denied", None) is not None for _, b, a in parts for f in (b, a)):
+        return None
 
     p = torch.cat([c * b.load().to(torch.float64) for c, b, _ in parts], 1)
     q = torch.cat([a.load().to(torch.float64) for _, _, a in parts], 0)
@@ -380,7 +387,7 @@ def _adapter_at(adir: str, view, sha: str | None, top: str) -> tuple[lora.Adapte
         return None, None
     cfg_path = f"{adir}/{lora.CONFIG}" if adir else lora.CONFIG
     try:
-        config = json.loads(_read(cfg_path, sha, top))
+        config = boundedjson.loads(_read(cfg_path, sha, top))
     except (OSError, FmhubError, ValueError):
         return None, None  # not an adapter directory on this side: the tensor diff covers it
     side_path = f"{adir}/{SIDECAR}" if adir else SIDECAR

@@ -495,18 +495,54 @@ def save_anchor(result: VerifyResult, cwd: Optional[str] = None) -> str:
     return REF
 
 
+# a ref or object name (HEAD, refs/fmhub/audit, an oid, refs/fmhub/audit@{1}): never an option such as
+# `--batch-all-objects`, never REV:PATH or a range, nothing a terminal would act on when it is quoted back
+_REV = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+/@{}~^-]{0,254}\Z")
+MAX_ANCHOR_BLOB = 4096  # a saved anchor is ~150 bytes: a bigger blob is not one, and is not read
+
+
 def resolve_anchor(text: str, cwd: Optional[str] = None) -> str:
     """``HASH``, ``SEQ:HASH``, or a git ref/object holding a saved anchor (``refs/fmhub/audit``) -> ``SEQ:HASH``."""
     with contextlib.suppress(AuditError):
         parse_anchor(text)
         return text.strip()
+    name = text.strip()
+    blob = _anchor_blob(name, cwd) if _REV.match(name) and ".." not in name else None
+    fields = dict(line.split(" ", 1) for line in (blob or b"").decode("utf-8", "replace").splitlines() if " " in line)
+    anchor = f"{fields.get('seq')}:{fields.get('hash')}"
+    try:
+        parse_anchor(anchor)
+    except AuditError:
+        raise AuditError(f"--anchor {printable(text[:200])}: not an anchor: give HASH or SEQ:HASH (`fmhub audit anchor`) "
+                         f"or a ref it was saved to ({REF})") from None
+    return anchor
+
+
+def _anchor_blob(name: str, cwd: Optional[str]) -> Optional[bytes]:
+    """The blob ``name`` resolves to when it is one of at most `MAX_ANCHOR_BLOB` bytes; None otherwise (nothing more is read).
+
+    Through ``git cat-file --batch``: the name goes in on stdin, so it is never
+    taken as an option, and the size comes before the contents.
+    """
     import subprocess
 
-    proc = subprocess.run(["git", "cat-file", "blob", text], cwd=cwd, capture_output=True, text=True)
-    fields = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-    if proc.returncode != 0 or "seq" not in fields or "hash" not in fields:
-        raise AuditError(f"--anchor {text}: not an anchor: give HASH or SEQ:HASH (`fmhub audit anchor`) or a ref it was saved to ({REF})")
-    return f"{fields['seq']}:{fields['hash']}"
+    try:
+        proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+    except OSError:  # no git, or no such directory
+        return None
+    try:
+        proc.stdin.write(name.encode() + b"\n")
+        proc.stdin.close()
+        head = proc.stdout.readline(200).split()  # `<oid> blob <size>`, or `<name> missing`
+        if len(head) != 3 or head[1] != b"blob" or not head[2].isdigit() or int(head[2]) > MAX_ANCHOR_BLOB:
+            return None
+        return proc.stdout.read(int(head[2]))
+    except OSError:  # git quit early (not a repository)
+        return None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # -- the repository's log ----------------------------------------------------------

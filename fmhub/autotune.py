@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from fmhub import datasets_io, lineage
 from fmhub.errors import FmhubError
+from fmhub.rows import parse_row, row_problem
 from fmhub.fisher import load_model, sequence_log_likelihood
 from fmhub.sparse_update import _schedule as batch_schedule  # the one seeded batch order fmhub trains with
 from fmhub.store import file_sha256
@@ -163,9 +164,9 @@ def _read_rows(path: str, task: Task) -> list[_Row]:
         where = f"{path}:{n}"
         if jsonl:
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{where}: not valid JSON ({exc.msg})") from None
+                obj = parse_row(line)
+            except ValueError as exc:  # nesting or a huge number too: one line, not a RecursionError
+                raise TaskError(f"{where}: {row_problem(exc)}") from None
             if not isinstance(obj, dict):
                 raise TaskError(f"{where}: each line must be a JSON object with columns {', '.join(task.columns())}")
         else:

@@ -397,9 +397,12 @@ def check_header(manifest: Manifest, header: bytes, path: str) -> None:
 
 def smudge(
     data: bytes, store: ObjectStore, out: BinaryIO, path: str, on_start: Callable[[], None] | None = None,
-    fetch: Fetcher | None = None,
-) -> None:
+    fetch: Fetcher | None = None, root: str | None = None,
+) -> bool:
     """Write the original file for a manifest to ``out``; anything that is not a manifest is written as is.
+
+    The access policy of the work tree at ``root`` (default: the current directory, where git runs filters)
+    decides what may be read; True when it asked for a placeholder (the manifest text was written).
 
     Every check that can fail before output starts (parsing, missing objects,
     header agreement) is done first; ``on_start`` is called just before the
@@ -412,22 +415,23 @@ def smudge(
         if on_start:
             on_start()
         out.write(data)
-        return
+        return False
     manifest = Manifest.from_bytes(data, path)
     from fmhub.access import check_smudge
 
-    if check_smudge(path, () if manifest.is_data else [t.name for t in manifest.tensors]):
+    if check_smudge(path, () if manifest.is_data else [t.name for t in manifest.tensors], root=root):
         if on_start:  # the policy asks for a placeholder: the manifest text, no weights, nothing fetched
             on_start()
         out.write(data)
-        return
+        return True
     ensure_objects(manifest, store, path, fetch)
     check_sizes(manifest, store, path)
     if manifest.is_data:
         from fmhub.datafile import smudge_data
 
         try:
-            return smudge_data(manifest, store, out, path, on_start)
+            smudge_data(manifest, store, out, path, on_start)
+            return False
         except FmhubError as exc:
             raise _with_advice(exc, path) from None
     try:
@@ -447,6 +451,7 @@ def smudge(
             copy_objects(store, [t.oid for t in manifest.tensors], out, labels=[f"tensor {t.name!r}" for t in manifest.tensors])
     except FmhubError as exc:
         raise _with_advice(exc, path) from None
+    return False
 
 
 def _with_advice(exc: FmhubError, path: str) -> FmhubError:

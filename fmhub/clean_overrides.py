@@ -27,7 +27,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from fmhub import boundedjson
 from fmhub.atomic import atomic_write
+from fmhub.boundedyaml import YamlLimits, load_file
 from fmhub.errors import FmhubError
 
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -35,6 +37,11 @@ _HASH = re.compile(r"[0-9a-f]{16}")
 
 class OverridesError(FmhubError):
     """An overrides file that cannot be read, or a review that names rows it cannot find."""
+
+
+# a review's decisions: `- {row: HASH, reason: ...}` under keep/drop, 3 deep; 5 nodes an entry, 400,000 entries
+OVERRIDES_LIMITS = YamlLimits(max_bytes=32 << 20, max_depth=8, max_nodes=2_000_000, max_value_chars=64 << 10,
+                              finite=False, what="an overrides file")
 
 
 def row_hash(row: Mapping[str, Any]) -> str:
@@ -68,13 +75,12 @@ class Overrides:
 
 def load_overrides(path: str) -> Overrides:
     """Read and check an overrides file; `OverridesError` naming the entry on any problem."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+    try:  # a committed review may come from a clone: read and loaded within bounds, each problem one line
+        data = load_file(path, OVERRIDES_LIMITS, OverridesError)
     except FileNotFoundError:
         raise OverridesError(f"overrides file {path} not found; write one with `fmhub clean review REPORT.json --keep ...`") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise OverridesError(f"cannot read overrides file {path}: {exc}") from None
+    except OSError as exc:
+        raise OverridesError(f"cannot read overrides file {path}: {exc.strerror or type(exc).__name__}") from None
     data = data or {}
     if not isinstance(data, dict) or set(data) - {"keep", "drop"}:
         raise OverridesError(f"{path}: an overrides file is a mapping with 'keep' and/or 'drop' lists")
@@ -181,9 +187,9 @@ def _write(path: str, entries: Mapping[str, Mapping[tuple[str, Any], str]]) -> N
 
 
 def _read_report(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
+    try:  # rows quoted in a report nest as deep as the data does (`plugins.data_formats` allows 128); NaN is kept
+        with open(path, "rb") as f:
+            report = boundedjson.loads(f.read(), max_depth=128, allow_nan=True, max_int_digits=1000)
     except FileNotFoundError:
         raise OverridesError(f"report {path} not found; run `fmhub clean --report {path}` first") from None
     except (OSError, ValueError) as exc:

@@ -17,13 +17,18 @@ from rich.table import Table
 
 from fmhub.errors import FmhubError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Engineer foundation models like software, in plain git.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Engineer foundation models like software, in plain git.")
 console = Console()
 err = Console(stderr=True)
 
 
 def _fail(exc: FmhubError) -> None:
-    err.print(f"[red]fmhub:[/red] {exc}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    from fmhub.errors import one_line
+
+    err.print(f"[red]fmhub:[/red] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)  # a path is not markup
     raise typer.Exit(1)
 
 
@@ -295,7 +300,9 @@ def diff(
     style = {"added": "green", "removed": "red", "dtype": "yellow", "shape": "yellow", "changed": "cyan"}
     opt = lambda x: "" if x is None else df._g(x)  # noqa: E731
     for c in rows:
-        if c.status in ("added", "removed", "shape"):
+        if c.withheld:  # the access policy withholds its values: the note says so, no number
+            nums = ["", "", "", ""]
+        elif c.status in ("added", "removed", "shape"):
             norm = {"added": opt(c.new_norm), "removed": opt(c.old_norm), "shape": f"{opt(c.old_norm)}→{opt(c.new_norm)}"}
             nums = [f"‖W‖ {norm[c.status]}", "", "", ""]
         else:
@@ -345,9 +352,9 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print what was done per tensor as JSON."),
 ) -> None:
     """Merge N models (and a base) tensor by tensor into one, outside a git merge; also PEFT LoRA adapters."""
-    import yaml
-
     from fmhub import merge as mg
+    from fmhub.boundedyaml import safe_load
+    from fmhub.spec import SPEC_LIMITS
 
     try:
         if len(inputs) == 1 and inputs[0].endswith((".yaml", ".yml")):
@@ -364,7 +371,7 @@ def merge(
                 key, eq, value = item.partition("=")
                 if not eq:
                     raise FmhubError(f"--option {item!r}: write KEY=VALUE")
-                opts[key.strip()] = yaml.safe_load(value)
+                opts[key.strip()] = safe_load(value, f"--option {key.strip()}", SPEC_LIMITS, FmhubError)  # `a=[` is one line
             data["options"] = opts
         recipe = mg.Recipe.from_dict(data, where)
         if weight:
@@ -433,8 +440,12 @@ def fsck(rev: str = typer.Option("HEAD", help="Check that every checkpoint commi
     except FmhubError as exc:
         _fail(exc)
     console.print(f"{report.objects} objects checked, {report.stale_temp} stale temp files removed")
-    for line in report.problems:
-        err.print(f"[red]problem:[/red] {line}", highlight=False)
+    from rich.markup import escape
+
+    from fmhub.errors import one_line
+
+    for line in report.problems:  # one line each, whatever the paths in them hold
+        err.print(f"[red]problem:[/red] {escape(one_line(line))}", highlight=False, soft_wrap=True)
     if report.problems:
         raise typer.Exit(1)
     console.print("store is consistent")
@@ -945,13 +956,16 @@ def server(
     s3_prefix: Optional[str] = typer.Option(None, "--s3-prefix", help="Key prefix inside the bucket."),
     max_object_size: int = typer.Option(64 << 30, "--max-object-size", min=1, help="Largest object accepted, in bytes."),
     admin_role: str = typer.Option("admin", "--admin-role", help="The policy role whose members administer a repository."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.5, help="Seconds a request's line and headers may take, in all."),
+    idle_timeout: int = typer.Option(60, "--idle-timeout", min=1, help="Seconds a keep-alive connection may sit idle."),
+    max_connections: int = typer.Option(1000, "--max-connections", min=8, help="Connections open at once."),
 ) -> None:
     """Serve every bare repository under --root over git's smart HTTP and the Git LFS API, enforcing each one's policy."""
     if ctx.invoked_subcommand is not None:
         return
     from fmhub import audit
     from fmhub.server.app import ServerConfig
-    from fmhub.server.serve import serve, startup_warnings
+    from fmhub.server.serve import Limits, serve, startup_warnings
 
     s3 = {"bucket_name": s3_bucket, "path_prefix": s3_prefix, "endpoint": s3_endpoint} if s3_bucket else None
     config = ServerConfig(os.path.abspath(root), storage, s3, max_object_size, admin_role=admin_role, audit_key=audit.env_key())
@@ -962,7 +976,7 @@ def server(
         err.print(f"fmhub server: serving {config.root} at {url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
 
     try:
-        serve(config, host, port, threads, ready)
+        serve(config, host, port, threads, ready, Limits(header_timeout, idle_timeout, max_connections=max_connections))
     except FmhubError as exc:
         _fail(exc)
     except OSError as exc:
@@ -1017,12 +1031,14 @@ def _audit_path(path: Optional[str]) -> str:
 
 def _audit_broken(res, command: str) -> None:
     """Say where the chain breaks (line, seq, kind: never the entry), and record that it was found."""
+    from rich.markup import escape
+
     from fmhub import audit
 
     p = res.problem
     if p.kind != "key needed":  # not tampering; and an unkeyed entry after keyed ones would itself fail later checks
         audit.record("audit", command, "deny", {"line": p.line, "seq": p.seq, "kind": p.kind})
-    err.print(f"[red]fmhub:[/red] {res}", highlight=False, soft_wrap=True)
+    err.print(f"[red]fmhub:[/red] {escape(str(res))}", highlight=False, soft_wrap=True)  # a path or field name is not markup
 
 
 @audit_app.command("verify")
@@ -1076,11 +1092,15 @@ def audit_log(
         table = Table("seq", "time (UTC)", "who", "what", "target", "decision", "details")
         table.columns[4].overflow = "fold"  # a path cut short with … could name another file
         colour = {"deny": "red", "error": "red", "conflict": "yellow"}
+
+        def show(text: str) -> str:  # neither markup nor terminal escapes: entries name other people's paths
+            return escape(audit.printable(text))
+
         for e in entries:
             details = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}" for k, v in e["details"].items())
-            table.add_row(str(e["seq"]), e["time"][:19].replace("T", " "), escape(e["who"]), escape(e["what"]), escape(e["target"]),
-                          f"[{colour[e['decision']]}]{escape(e['decision'])}[/]" if e["decision"] in colour else escape(e["decision"]),
-                          escape(details[:120] + ("…" if len(details) > 120 else "")))
+            table.add_row(str(e["seq"]), show(e["time"][:19].replace("T", " ")), show(e["who"]), show(e["what"]), show(e["target"]),
+                          f"[{colour[e['decision']]}]{show(e['decision'])}[/]" if e["decision"] in colour else show(e["decision"]),
+                          show(details[:120] + ("…" if len(details) > 120 else "")))
         console.print(table)
     if not res.ok:
         _audit_broken(res, "log")
@@ -1354,7 +1374,7 @@ def serve(
     max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="Largest adapter rank served (64)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens (default: the model's)."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Default: .git/fmhub/serve-cache."),
-    admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="FMHUB_ADMIN_TOKEN", help="Required by the admin API (fmhub deploy)."),
+    admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="FMHUB_ADMIN_TOKEN", help="The admin API's bearer token (fmhub deploy); default: a random one, printed at start. Required with a --host other machines reach."),
     export_only: Optional[str] = typer.Option(None, "--export-only", help="vllm: write the model, adapters and launch script to DIR, start nothing."),
     spec_file: Optional[str] = typer.Option(None, "--spec", help="The fmhub.yaml whose serve: section gives the defaults."),
 ) -> None:
@@ -1395,6 +1415,10 @@ def serve(
         _fail(exc)
     console.print(f"serving {config.base.label} with {len(config.adapters)} adapter(s) at {handle.url} (Ctrl-C stops)",
                   highlight=False, soft_wrap=True)
+    generated = getattr(handle, "generated_token", None)  # the local backend's admin API always wants a token
+    if generated:
+        console.print(f"admin token for this run (fmhub deploy --token, or FMHUB_ADMIN_TOKEN): {generated}",
+                      highlight=False, soft_wrap=True)
     handle.wait()
 
 
@@ -1628,4 +1652,13 @@ def rebase_cmd(
 
 def main() -> None:
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")
-    app()
+    try:
+        app()
+    except Exception as exc:  # what no command anticipated: one line, never a traceback (FMHUB_DEBUG=1 shows it)
+        if os.environ.get("FMHUB_DEBUG"):
+            raise
+        from fmhub.errors import one_line, unexpected
+
+        message = one_line(str(exc)) if isinstance(exc, FmhubError) else one_line(unexpected(f"fmhub {' '.join(sys.argv[1:2])}".strip(), exc))
+        sys.stderr.write(f"fmhub: {message}\n")
+        sys.exit(1)

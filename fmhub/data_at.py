@@ -22,12 +22,17 @@ if TYPE_CHECKING:
 
 
 def materialize(path: str, rev: str = "HEAD", cwd: str | None = None) -> str:
-    """The local path of ``path``'s bytes at ``rev`` (a cache file under the git dir; the work tree is untouched)."""
+    """The local path of ``path``'s bytes at ``rev`` (a cache file under the git dir; the work tree is untouched).
+
+    Checkout's read rule applies before the cache is looked at (another user may have filled it), and a
+    placeholder is refused rather than cached in place of the bytes.
+    """
     from fmhub import checkpoint, repo
     from fmhub.sync import LazyFetcher
 
     top = repo.toplevel(cwd)
     blob_id = repo.git("rev-parse", f"{rev}:{path}", cwd=top).strip()
+    _check_readable(blob_id, path, top)
     cache = os.path.join(repo.common_dir(top), "fmhub", "data-cache")
     out = os.path.join(cache, f"{blob_id}{os.path.splitext(path)[1]}")
     if os.path.exists(out):
@@ -40,6 +45,21 @@ def materialize(path: str, rev: str = "HEAD", cwd: str | None = None) -> str:
     finally:
         store.close()
     return out
+
+
+def _check_readable(blob_id: str, path: str, top: str) -> None:
+    """Checkout's read rule for a manifest (a file committed without fmhub's filter is git's to give)."""
+    from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
+    from fmhub.repo import git
+
+    if int(git("cat-file", "-s", blob_id, cwd=top)) > MAX_MANIFEST_BYTES:
+        return
+    data = _blob(blob_id, top)
+    if is_manifest(data):
+        from fmhub.access import require_readable
+
+        m = Manifest.from_bytes(data, path)
+        require_readable(path, [] if m.is_data else [t.name for t in m.tensors], top, via="data-at", outcome="it was not read")
 
 
 def _blob(blob_id: str, cwd: str) -> bytes:

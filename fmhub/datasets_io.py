@@ -24,12 +24,12 @@ free of data-dependent branches (which ``torch.func.vmap`` cannot trace).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from fmhub.errors import FmhubError
+from fmhub.rows import parse_row, row_problem
 
 if TYPE_CHECKING:
     import torch
@@ -92,9 +92,9 @@ def _read_file(path: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            obj = parse_row(line)
+        except ValueError as exc:  # nesting or a huge number too: one line, not a RecursionError
+            raise DataError(f"{path}:{n}: {row_problem(exc)}") from None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             out.append(obj["text"])
         elif isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):

@@ -14,7 +14,11 @@ tensors are matched by name whatever shard holds them.
 * norms are sums of squares in float64; Δ counts only the elements whose bits
   differ, so an unchanged NaN or Inf does not poison ‖Δ‖ (a changed one does);
 * a dtype change with the same shape compares values (both sides decoded to
-  float64); a shape change reports the norms of both sides.
+  float64); a shape change reports the norms of both sides;
+* a stored tensor the access policy denies the user (checkout's rule,
+  `fmhub.views.guard`) is listed by what the manifests say (its status by
+  oid, dtype, shape) with a note naming the rule, and no number derived from
+  its values (``withheld``); a denied dataset's rows are not read.
 
 Decoding needs numpy only (not torch): BF16 and every 8-bit float format are
 decoded by bit shifting or a 256-entry table, F4 (E2M1, two per byte, low
@@ -39,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from fmhub.errors import CorruptCheckpoint, FmhubError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.store import ObjectStore, file_sha256
-from fmhub.views import CheckpointView, TensorRef
+from fmhub.views import CheckpointView, TensorRef, guard
 
 CHUNK_ELEMS = 1 << 22  # elements per side read and decoded at a time
 READ_CHUNK = 1 << 20  # bytes per read when only hashing / comparing
@@ -258,6 +262,7 @@ class TensorChange:
     nbytes: int = 0
     path: str | None = None
     note: str | None = None
+    withheld: bool = False  # the access policy denies the user its values: no number derived from them
 
 
 class _Acc:
@@ -285,6 +290,8 @@ def diff_tensor(o: TensorRef, n: TensorRef, chunk_elems: int = CHUNK_ELEMS) -> T
     ch = TensorChange(
         n.name, "changed", o.dtype, n.dtype, o.shape, n.shape, numel=n.numel, nbytes=n.size, path=n.path or o.path
     )
+    if o.denied is not None or n.denied is not None:
+        return _withheld(ch, o, n)
     if o.shape != n.shape:
         ch.status = "shape"
         ch.old_norm = _guard(ch, lambda: _norm(o, chunk_elems))
@@ -313,6 +320,33 @@ def diff_tensor(o: TensorRef, n: TensorRef, chunk_elems: int = CHUNK_ELEMS) -> T
     return ch
 
 
+def withheld_note(why: Exception, what: str = "values") -> str:
+    """The note of a tensor (or dataset) whose ``what`` the access policy withholds: the rule, never a value."""
+    d = getattr(why, "decision", None)
+    return f"{what} withheld by the access policy" + (f" ({d.where})" if d is not None and d.where else "")
+
+
+def _withheld(ch: TensorChange, o: TensorRef | None, n: TensorRef | None) -> TensorChange:
+    """A tensor the user may not read (checkout would deny it): what the manifests say, by oid; no number from its values."""
+    ch.withheld, ch.note = True, withheld_note((n if n is not None and n.denied is not None else o).denied)
+    if o is None or n is None:
+        return ch
+    if o.shape != n.shape or o.dtype != n.dtype:
+        ch.status = "shape" if o.shape != n.shape else "dtype"
+    elif o.oid is not None and n.oid is not None:
+        ch.status = "unchanged" if o.oid == n.oid else "changed"
+    else:  # a work-tree side (no oid, the user's own bytes): its hash against the stored side's oid
+        known, other = (o, n) if o.oid is not None else (n, o)
+        try:
+            same = other.denied is None and _sha256(other) == known.oid
+        except (FmhubError, OSError):
+            same = False
+        ch.status = "unchanged" if same else "changed"
+    if ch.status == "unchanged":
+        ch.withheld, ch.note = False, None  # nothing to show, nothing withheld
+    return ch
+
+
 def _sha256(ref: TensorRef) -> str:
     h = hashlib.sha256()
     with _Reader(ref) as r:
@@ -335,12 +369,16 @@ def _guard(ch: TensorChange, fn: Callable[[], Any]) -> Any:
 
 def _added(n: TensorRef, chunk_elems: int) -> TensorChange:
     ch = TensorChange(n.name, "added", None, n.dtype, None, n.shape, numel=n.numel, nbytes=n.size, path=n.path)
+    if n.denied is not None:
+        return _withheld(ch, None, n)
     ch.new_norm = _guard(ch, lambda: _norm(n, chunk_elems))
     return ch
 
 
 def _removed(o: TensorRef, chunk_elems: int) -> TensorChange:
     ch = TensorChange(o.name, "removed", o.dtype, None, o.shape, None, numel=o.numel, nbytes=o.size, path=o.path)
+    if o.denied is not None:
+        return _withheld(ch, o, None)
     ch.old_norm = _guard(ch, lambda: _norm(o, chunk_elems))
     return ch
 
@@ -512,6 +550,8 @@ def _frac(ch: TensorChange) -> str:
 
 def stats_text(ch: TensorChange) -> str:
     """The numbers part of one line of `format_text`."""
+    if ch.withheld:
+        return f"({ch.note})"
     if ch.status == "added":
         parts = [f"norm={_g(ch.new_norm)}"]
     elif ch.status == "removed":
@@ -642,9 +682,13 @@ def _summary_lines(fmt: str, size: int, count: int, metadata: Mapping[str, str] 
 
 def textconv(filename: str, store_opener: Callable[[], ObjectStore] | None = None, chunk_elems: int = CHUNK_ELEMS) -> Iterator[str]:
     """Lines describing a checkpoint file (or a manifest, read through the store): one per tensor,
-    ``tensor NAME DTYPE [SHAPE] sha256:<12 hex> norm=.. mean=.. std=..``, streaming the file."""
+    ``tensor NAME DTYPE [SHAPE] sha256:<12 hex> norm=.. mean=.. std=..``, streaming the file.
+
+    Where an access policy governs, no statistic, for anyone (`textconv_withheld`).
+    """
     from fmhub.checkpoint import SNIFF_BYTES, file_layout, sniff_format
 
+    withheld = textconv_withheld()
     with open(filename, "rb") as f:
         head = f.read(SNIFF_BYTES)
         if not head:
@@ -652,10 +696,10 @@ def textconv(filename: str, store_opener: Callable[[], ObjectStore] | None = Non
         if is_manifest(head):
             m = Manifest.from_bytes(head + f.read(MAX_MANIFEST_BYTES), filename)
             yield from _summary_lines(m.format, m.size, len(m.tensors), m.metadata)
-            store = store_opener() if store_opener else None
+            store = store_opener() if store_opener and not withheld else None
             view = CheckpointView.from_manifest(m, store, filename) if store is not None else None
             for t in m.tensors:
-                stats = "norm=? mean=? std=?"
+                stats = withheld or "norm=? mean=? std=?"
                 if view is not None:
                     mom = _Moments()
                     c = codec(t.dtype)
@@ -679,7 +723,7 @@ def textconv(filename: str, store_opener: Callable[[], ObjectStore] | None = Non
         for t in layout.tensors:
             c = codec(t.dtype)
             h = hashlib.sha256()
-            mom = _Moments() if c.decodable else None
+            mom = _Moments() if c.decodable and not withheld else None
 
             def read(n: int) -> bytes:
                 data = f.read(n)
@@ -688,7 +732,22 @@ def textconv(filename: str, store_opener: Callable[[], ObjectStore] | None = Non
                 return data
 
             _stream(read, t.size, c, chunk_elems, h, mom)
-            yield _tensor_line(t.name, t.dtype, t.shape, h.hexdigest(), mom.stats() if mom else "")
+            yield _tensor_line(t.name, t.dtype, t.shape, h.hexdigest(), withheld or (mom.stats() if mom else ""))
+
+
+def textconv_withheld(what: str = "values") -> str | None:
+    """What git's textconv shows instead of every statistic (``what``: values, rows) where an access policy
+    governs the repository, for every user alike; None where none does.
+
+    git caches textconv output per blob for every user of the clone (``diff.fmhub.cachetextconv``, which
+    makes ``git log -p`` cheap: each side is otherwise smudged and read in full on every run), and it gives
+    no path to decide by. So the output must not depend on who made it: only what the manifest says
+    (names, dtypes, shapes, hashes), the same from the checkpoint a permitted user gets and from the
+    placeholder another gets. `fmhub diff` and ``git diff`` show each user what they may read.
+    """
+    from fmhub.access import governs
+
+    return f"({what} withheld by the access policy for every user: git caches this output; see `fmhub diff`)" if governs() else None
 
 
 def _stream(read: Callable[[int], bytes], size: int, c: Codec, chunk_elems: int, h, mom: _Moments | None) -> None:
@@ -785,6 +844,35 @@ def _zsplit(text: str) -> list[str]:
     return [p for p in text.split("\0") if p]
 
 
+DIFF_VIA = "fmhub diff"  # the reader, in the audit log's records of read decisions
+
+
+def guard_data(side: Any, path: str, root: str | None = None, via: str = DIFF_VIA) -> Any:
+    """A dataset side (`fmhub.datafile.DataSide`) read from the store, its rows withheld when the read policy
+    denies the user the file (checkout would); a file on disk (no chunk oids) is the user's already."""
+    if side is None or not getattr(side, "chunk_oids", ()):
+        return side
+    from fmhub.access import read_denials
+
+    denied = read_denials(path, (), root, via)
+    return withhold_rows(side, denied[""]) if denied else side
+
+
+def withhold_rows(side: Any, why: Exception | str) -> Any:
+    """``side`` whose rows cannot be read: diffs and textconv then show sizes and hashes, and the note why
+    (``why``: the denial, or the note itself)."""
+    from dataclasses import replace
+
+    from fmhub.errors import UnreadableRows
+
+    note = why if isinstance(why, str) else withheld_note(why, "rows")
+
+    def refuse():
+        raise UnreadableRows(note)
+
+    return replace(side, opener=refuse)
+
+
 @dataclass
 class Side:
     """The fmhub-tracked files of one side of `fmhub diff`: checkpoints as views, datasets as `DataSide`, by path."""
@@ -818,9 +906,9 @@ def side_at_rev(rev: str, pathspecs: list[str], top: str, store: ObjectStore, bl
             if m.is_data:
                 from fmhub.datafile import DataSide
 
-                datasets[path] = DataSide.from_manifest(m, store, path)
+                datasets[path] = guard_data(DataSide.from_manifest(m, store, path), path, top)
             else:
-                files[path] = CheckpointView.from_manifest(m, store, path)
+                files[path] = guard(CheckpointView.from_manifest(m, store, path), path, top, DIFF_VIA)
     return Side(rev, files, datasets)
 
 
@@ -847,15 +935,15 @@ def side_in_worktree(pathspecs: list[str], top: str, store: ObjectStore, blobs: 
             if data is not None and is_manifest(data):
                 m = Manifest.from_bytes(data, path)
                 if m.is_data:
-                    datasets[path] = DataSide.from_manifest(m, store, path)
+                    datasets[path] = guard_data(DataSide.from_manifest(m, store, path), path, top)
                 else:
-                    files[path] = CheckpointView.from_manifest(m, store, path)
+                    files[path] = guard(CheckpointView.from_manifest(m, store, path), path, top, DIFF_VIA)
                 continue
         side = side_from_file(full, path, lambda: store)
         if side is not None:
-            datasets[path] = side
+            datasets[path] = guard_data(side, path, top)  # a file still holding a manifest is read from the store
         else:
-            files[path] = CheckpointView.from_file(full, path, store)
+            files[path] = guard(CheckpointView.from_file(full, path, store), path, top, DIFF_VIA)
     return Side("work tree", files, datasets)
 
 

@@ -81,3 +81,26 @@ class ServeError(FmhubError):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.param = status, kind, param
+
+
+_UNPRINTABLE = None
+
+
+def one_line(message: str) -> str:
+    """``message`` as one printable line: newlines, other control characters and bidi overrides escaped.
+
+    Messages quote paths, tensor names and fields from repositories and servers: a path holding a newline could
+    otherwise print a second line that looks like fmhub's own (``fmhub: … verified``), or drive the terminal.
+    """
+    global _UNPRINTABLE
+    if _UNPRINTABLE is None:  # compiled on first use: git's filter imports this module on every git command
+        import re
+
+        _UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
+
+
+def unexpected(doing: str, exc: BaseException) -> str:
+    """One line for an error no check anticipated: what failed and why, never a traceback (FMHUB_DEBUG=1 shows it)."""
+    detail = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{doing} failed unexpectedly ({type(exc).__name__}{': ' + detail if detail else ''}); set FMHUB_DEBUG=1 to see where"

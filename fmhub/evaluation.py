@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from fmhub import lineage
+from fmhub import boundedjson, lineage
 from fmhub.atomic import atomic_write
 from fmhub.autotune import Task, TaskError, _Row, _read_rows, _split
 from fmhub.errors import FmhubError
@@ -36,6 +36,7 @@ from fmhub.spec import EvalSpec, LoadedSpec, SliceSpec, pipeline
 
 VERSION = 1
 PREDICTIONS = "predictions.jsonl"
+MAX_PREDICTION_LINE = 16 << 20  # a row's key, score and prediction: far less, unless the file is hostile
 REPORT = "report.json"
 COMPARE_THRESHOLD = 0.02  # metric units: smaller changes between versions are "same"
 
@@ -61,10 +62,12 @@ def local_dir(given: str, cwd: str, kind: str = "model") -> Resolved:
     """A directory for ``PATH`` or ``PATH@REV``: the path itself, or the directory as committed, materialized once.
 
     Materialized copies live in the git dir under ``fmhub/eval-models/<tree id>``,
-    so evaluating the same version again reads nothing from the store.
+    so evaluating the same version again reads nothing from the store. The read
+    policy is checked every time, a copy reused included: another user of the
+    clone may have materialized it.
     """
     from fmhub.repo import common_dir
-    from fmhub.serving.sources import materialize, parse_source
+    from fmhub.serving.sources import materialized, parse_source
 
     src = parse_source(given, cwd)
     if src.rev is None:
@@ -72,9 +75,7 @@ def local_dir(given: str, cwd: str, kind: str = "model") -> Resolved:
         if not os.path.isfile(os.path.join(src.path, marker)):
             raise EvalError(f"{given}: not a {kind} directory (no {marker})")
         return Resolved(given, src.path)
-    dest = os.path.join(common_dir(src.repo), "fmhub", "eval-models", src.version)
-    if not os.path.isdir(dest):
-        materialize(src, dest)
+    dest = materialized(src, os.path.join(common_dir(src.repo), "fmhub", "eval-models", src.version))
     return Resolved(given, dest, src.rev, src.path)
 
 
@@ -276,11 +277,13 @@ def load_predictions(source: str, output_dir: str, root: str) -> list[dict]:
             raise EvalError(f"no predictions at {source}:{rel} ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); "
                             "commit the eval's output, or give a predictions file") from None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # a committed eval may come from a clone: bytes, each line bounded and parsed within bounds
+        for n, line in enumerate(iter(lambda: f.readline(MAX_PREDICTION_LINE + 1), b""), 1):
             if line.strip():
                 try:
-                    rec = json.loads(line)
+                    if len(line) > MAX_PREDICTION_LINE:
+                        raise ValueError("a line too long")
+                    rec = boundedjson.loads(line, allow_nan=True)  # a NaN score is one fmhub wrote
                     rec["key"], rec["score"]  # noqa: B018 (the two fields a comparison needs)
                 except (ValueError, KeyError, TypeError):
                     raise EvalError(f"{source}:{n}: not a predictions record (fmhub eval writes them)") from None

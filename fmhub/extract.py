@@ -5,6 +5,11 @@ reads only the selected tensors' objects (downloading only those when the
 store lacks them) and writes a valid safetensors file holding just them, with
 the checkpoint's ``__metadata__``; ``safetensors.safe_open`` and torch load it
 like any other. The work tree is not touched.
+
+From ``REV:PATH`` it is a checkout of those tensors, so checkout's read rule
+applies (`fmhub.views.guard`): a selected tensor the access policy denies the
+user refuses the whole extraction, naming the tensor and the rule; nothing is
+fetched or written. Select the tensors you may read instead.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ def select(view: CheckpointView, patterns: Sequence[str]) -> list[TensorRef]:
     return chosen
 
 
+def check_readable(chosen: Sequence[TensorRef]) -> None:
+    """Refuse (one line, the first withheld tensor and its rule) before anything is fetched or written."""
+    from fmhub.access import AccessDenied
+
+    why = next((t.denied for t in chosen if t.denied is not None), None)
+    if why is not None:
+        raise AccessDenied(f"{why}; nothing was extracted", getattr(why, "decision", None))
+
+
 def extract(
     view: CheckpointView,
     patterns: Sequence[str],
@@ -49,6 +63,7 @@ def extract(
     from fmhub.checkpoint import format_named
 
     chosen = select(view, patterns)
+    check_readable(chosen)
     if before_read is not None:
         before_read(chosen)
     header = format_named("safetensors").build_header([TensorInfo(t.name, t.dtype, t.shape, t.size) for t in chosen], view.metadata)

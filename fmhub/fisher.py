@@ -44,13 +44,12 @@ Checkpoint tensors that are buffers, not parameters, get zeros. The header's
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-from fmhub import datasets_io
+from fmhub import boundedjson, datasets_io
 from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError
 from fmhub.views import CheckpointView, open_view
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
 Reduction = Literal["sum", "mean"]
 Method = Literal["auto", "vmap", "loop"]
 FISHER_FORMAT = "1"
+MAX_INDEX_BYTES = 64 << 20  # a model.safetensors.index.json names every tensor once: a few MiB for the largest models
 
 
 class FisherMismatch(FmhubError):
@@ -108,11 +108,33 @@ def model_files(model_dir: str) -> list[str]:
     """The safetensors files holding a ``save_pretrained`` model's weights ([] when none is there)."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map") or {}
-        return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+        return [os.path.join(model_dir, name) for name in _shards(index)]
     single = os.path.join(model_dir, "model.safetensors")
     return [single] if os.path.isfile(single) else []
+
+
+def _shards(index: str) -> list[str]:
+    """The shard files a sharded checkpoint's index names: plain names beside it; one error line for anything else.
+
+    The index comes with the model, from a clone: it is read within a size and
+    nesting bound, and a name such as ``../../x`` or ``/dev/zero`` is refused,
+    never opened.
+    """
+    try:
+        with open(index, "rb") as f:
+            data = f.read(MAX_INDEX_BYTES + 1)
+        if len(data) > MAX_INDEX_BYTES:
+            raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
+        doc = boundedjson.loads(data)
+    except (OSError, ValueError) as exc:
+        raise FmhubError(f"{index}: not a sharded checkpoint's index ({exc})") from None
+    weight_map = (doc.get("weight_map") if isinstance(doc, dict) else None) or {}
+    if not isinstance(weight_map, dict):
+        raise FmhubError(f"{index}: weight_map is not a mapping of tensor names to files")
+    for name in weight_map.values():
+        if not isinstance(name, str) or name in ("", ".", "..") or name != os.path.basename(name) or "\\" in name:
+            raise FmhubError(f"{index}: weight_map names {str(name)[:100]!r}, not a file beside the index")
+    return sorted(set(weight_map.values()))
 
 
 def load_model(model_dir: str, attn_implementation: str | None = None) -> Any:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from typing import Callable, Sequence
 
 
+NO_PATH = "<stdin>"  # filter-clean / filter-smudge called without a path (git always gives one: %f)
+
+
 def run(argv: Sequence[str]) -> int | None:
     """Run a git-invoked command and return its exit status; None when ``argv`` is not one."""
     if not argv or argv[0] not in COMMANDS:
@@ -35,10 +38,19 @@ def run(argv: Sequence[str]) -> int | None:
     except BrokenPipeError:  # the reader went away (a pager closed): quietly, as click does
         sys.stdout = None
         return 1
+    except Exception as exc:  # one line for git to show, never a traceback (FMHUB_DEBUG=1 shows it)
+        if os.environ.get("FMHUB_DEBUG"):
+            raise
+        from fmhub.errors import FmhubError, unexpected
+
+        _say_error(str(exc) if isinstance(exc, FmhubError) else unexpected(argv[0], exc))
+        return 1
 
 
 def _say_error(message: str) -> None:
-    sys.stderr.write(f"fmhub: {message}\n")
+    from fmhub.errors import one_line
+
+    sys.stderr.write(f"fmhub: {one_line(message)}\n")
     sys.stderr.flush()
 
 
@@ -57,8 +69,12 @@ def filter_process() -> int:
     os._exit(status)
 
 
-def filter_clean(path: str = "<stdin>") -> int:
-    """Checkpoint on stdin -> manifest on stdout, storing its tensors (git's one-shot clean filter)."""
+def filter_clean(path: str = NO_PATH) -> int:
+    """Checkpoint on stdin -> manifest on stdout, storing its tensors (git's one-shot clean filter).
+
+    Without a path no write rule can be matched, so it is refused wherever a policy governs (fail closed),
+    before anything is read or stored.
+    """
     from fmhub import checkpoint
     from fmhub.deltas import policy_from_git
     from fmhub.errors import FmhubError
@@ -66,6 +82,10 @@ def filter_clean(path: str = "<stdin>") -> int:
     from fmhub.repo import open_store, staged_blob
 
     try:
+        if path == NO_PATH:
+            from fmhub.access import check_unnamed
+
+            check_unnamed("a file given without its path (run `fmhub filter-clean PATH`)", via="filter-clean", action="write")
         store = open_store()
         try:
             previous = checkpoint.staged_manifest(path, staged_blob(path, MAX_MANIFEST_BYTES))  # deltas, as the filter process
@@ -80,20 +100,35 @@ def filter_clean(path: str = "<stdin>") -> int:
     return 0
 
 
-def filter_smudge(path: str = "<stdin>") -> int:
-    """Manifest on stdin -> the original checkpoint on stdout (git's one-shot smudge filter)."""
+def filter_smudge(path: str = NO_PATH) -> int:
+    """Manifest on stdin -> the original checkpoint on stdout (git's one-shot smudge filter).
+
+    Without a path no read rule can be matched, so a manifest is refused wherever a policy governs (fail closed).
+    """
     from fmhub import checkpoint
     from fmhub.errors import FmhubError
     from fmhub.repo import open_store
 
     try:
+        data = sys.stdin.buffer.read()
+        if path == NO_PATH:
+            _check_unnamed(data)
         store = open_store()
-        checkpoint.smudge(sys.stdin.buffer.read(), store, sys.stdout.buffer, path, fetch=lazy_fetcher(store))
+        checkpoint.smudge(data, store, sys.stdout.buffer, path, fetch=lazy_fetcher(store))
     except FmhubError as exc:
         _say_error(str(exc))
         return 1
     sys.stdout.buffer.flush()
     return 0
+
+
+def _check_unnamed(data: bytes) -> None:
+    from fmhub.manifest import is_manifest
+
+    if is_manifest(data):
+        from fmhub.access import check_unnamed
+
+        check_unnamed("a manifest given without its path (run `fmhub filter-smudge PATH`)", via="filter-smudge")
 
 
 def lazy_fetcher(store) -> Callable[[list[tuple[str, int]]], None]:

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from fmhub import boundedjson
 from fmhub.errors import CorruptDownload, FmhubError, MissingObject, RemoteAuthError, RemoteUnavailable, TransferError
 from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.repo import git, open_store, toplevel
@@ -47,6 +48,7 @@ HUB_README = ".fmhub/README.md"
 OBJECTS_ATTRIBUTES = f"{OBJECTS_DIR}/** filter=lfs diff=lfs merge=lfs -text"
 RAW_IN_MEMORY = 64 << 20  # a plain file bigger than this is uploaded from a temp file, not from memory
 DOWNLOAD_WORKERS = 8
+MAX_HUB_TEXT = 16 << 20  # .gitattributes or .fmhub/hub.json read from a Hub repo: real ones take KiB
 
 _README_TEXT = """\
 # Stored by fmhub
@@ -253,6 +255,16 @@ def _gitattributes(hub_text: str | None, local_text: str | None) -> str:
 # -- push -----------------------------------------------------------------------------
 
 
+def _check_readable(files: list, top: str) -> None:
+    """A push copies every object out of the store: checkout's read rule applies to each file (one line, nothing pushed)."""
+    from fmhub.access import require_readable
+
+    for f in files:
+        if f.manifest is not None:
+            names = [] if f.manifest.is_data else [t.name for t in f.manifest.tensors]
+            require_readable(f.path, names, top, via="fmhub hub push", outcome="nothing was pushed")
+
+
 def push(
     repo_id: str,
     rev: str = "HEAD",
@@ -269,6 +281,7 @@ def push(
 
     top = toplevel(cwd)
     commit_sha, files = revision_files(rev, top)
+    _check_readable(files, top)
     api = _api(endpoint, token)
     where = endpoint_of(api)
     store = open_store(top)
@@ -356,7 +369,7 @@ def _objects_on_hub(api, repo_id: str, revision: str | None) -> set[str]:
 
 
 def _read_text(api, repo_id: str, path: str, revision: str | None) -> str | None:
-    """A small file of the Hub repo at ``revision``, or None when it has none."""
+    """A small file of the Hub repo at ``revision``, or None when it has none; one over `MAX_HUB_TEXT` is refused."""
     from huggingface_hub import errors as hf
 
     with tempfile.TemporaryDirectory(prefix="fmhub-hub-") as d:
@@ -364,16 +377,27 @@ def _read_text(api, repo_id: str, path: str, revision: str | None) -> str | None
             local = api.hf_hub_download(repo_id, path, revision=revision, local_dir=d)
         except hf.EntryNotFoundError:
             return None
-        with open(local, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        with open(local, "rb") as f:
+            data = f.read(MAX_HUB_TEXT + 1)  # the Hub repo is not ours: never read a file of it whole
+    if len(data) > MAX_HUB_TEXT:
+        raise TransferError(f"{path} in {repo_id} is over {MAX_HUB_TEXT >> 20} MiB, far more than it ever holds; "
+                            "nothing was pushed: fix or delete it on the Hub, then push again")
+    return data.decode("utf-8", "replace")
 
 
 def _read_json(api, repo_id: str, path: str, revision: str | None) -> dict | None:
+    """``.fmhub/hub.json`` as a dict whose ``files`` (when present) is a list of paths, else None."""
     text = _read_text(api, repo_id, path, revision)
     try:
-        return json.loads(text) if text else None
+        record = boundedjson.loads(text) if text else None  # json.loads: deep nesting raised RecursionError
     except ValueError:
         return None  # someone edited it by hand: treat as absent, the push rewrites it
+    if not isinstance(record, dict):
+        return None
+    files = record.get("files")
+    if not (isinstance(files, list) and all(isinstance(p, str) for p in files)):
+        record.pop("files", None)  # then no file is deleted as "gone"; the push rewrites the record
+    return record
 
 
 def _object_file(store, oid: str, tmpdir: str) -> str:
@@ -441,8 +465,8 @@ def clone(
                 install.track(["*.safetensors"], cwd=directory)
             needed: dict[str, int] = {}
             for rel in checkpoints:
-                with open(os.path.join(directory, rel), "rb") as f:
-                    needed.update(dict(Manifest.from_bytes(f.read(), rel).oids()))
+                with open(os.path.join(directory, rel), "rb") as f:  # bounded: from_bytes refuses one over the limit
+                    needed.update(dict(Manifest.from_bytes(f.read(MAX_MANIFEST_BYTES + 1), rel).oids()))
             got, nbytes = (0, 0)
             if checkout:
                 got, nbytes = download_objects(api, repo_id, sha, needed, directory)

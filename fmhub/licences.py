@@ -44,14 +44,24 @@ def family(licence: Optional[str]) -> str:
 
 
 def policy_settings(root: str) -> dict[str, Any]:
-    """The ``licences:`` section of .fmhub/policy.yaml (empty without one); a broken policy raises, so callers fail closed."""
-    from fmhub.policy import POLICY_FILE, parse_policy
+    """The ``licences:`` section of .fmhub/policy.yaml (empty without one); a broken policy raises, so callers fail closed.
+
+    The policy comes with the repository: it is read within the policy's own
+    size (a link to /dev/zero or a FIFO is refused, not read), and a file that
+    is there but cannot be read, is not UTF-8 or does not parse is one
+    `PolicyError` line, never a traceback and never "no policy".
+    """
+    from fmhub.boundedyaml import read_text
+    from fmhub.policy import MAX_POLICY_BYTES, POLICY_FILE, PolicyError, parse_policy
 
     path = os.path.join(root, POLICY_FILE)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # lexists: a dangling link is a policy that cannot be read, not a missing one
         return {}
-    with open(path, encoding="utf-8") as f:
-        model = parse_policy(f.read(), path).model
+    try:
+        text = read_text(path, MAX_POLICY_BYTES, PolicyError, "a policy")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); the licence policy it holds is enforced, so fix it") from None
+    model = parse_policy(text, path).model
     return model.licences.model_dump() if model.licences is not None else {}
 
 

@@ -19,11 +19,13 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from fmhub import boundedjson
 from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError
 
 VERSION = 1
 SUFFIX = ".lineage.json"
+MAX_RECORD_BYTES = 16 << 20  # a record names its inputs: a few KiB; a clone's could be a link to /dev/zero
 EXCLUDED = os.path.join(".fmhub", "excluded-sources")
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 MODEL_STEPS = ("finetune", "merge", "sparsify", "adapter")
@@ -115,14 +117,18 @@ def read(path: str, rev: Optional[str] = None, cwd: str = ".") -> Optional[dict[
         full = side if os.path.isabs(side) else os.path.join(root, side)
         if not os.path.exists(full):
             return None
-        with open(full, encoding="utf-8") as f:
-            text = f.read()
+        from fmhub.boundedyaml import read_text
+
+        try:
+            text = read_text(full, MAX_RECORD_BYTES, LineageError, "a lineage record")
+        except OSError as exc:
+            raise LineageError(f"{side}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     else:
         text = _git(["show", f"{rev}:{side}"], root)  # type: ignore[assignment]
         if text is None:
             return None
-    try:
-        rec = json.loads(text)
+    try:  # a clone's record: NaN (a diverged run's score) is kept, nesting or a huge number is one ValueError
+        rec = boundedjson.loads(text, allow_nan=True)
     except ValueError as exc:
         raise LineageError(f"{side}{'@' + rev if rev else ''}: not valid JSON ({exc}); restore it from git") from None
     if not isinstance(rec, dict) or rec.get("v") != VERSION:

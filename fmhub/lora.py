@@ -32,12 +32,13 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fmhub import tensors
+from fmhub import boundedjson, tensors
 from fmhub.errors import FmhubError, MergeConflict
 from fmhub.views import CheckpointView, TensorRef, from_path
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # peft writes a few hundred bytes; a clone's could be a link to /dev/zero
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.weight)?$")
 
@@ -70,22 +71,39 @@ class Adapter:
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     for key, value in patterns.items():  # peft: the key matches a suffix of the module path
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as exc:
+            raise FmhubError(f"alpha_pattern {key[:100]!r} is not a regular expression ({exc})") from None
     return default
 
 
 def load_adapter(path: str) -> Adapter:
     try:
-        with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
-            config = json.load(f)
+        with open(os.path.join(path, CONFIG), "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # a config is a few hundred bytes: never a whole multi-GB file
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        config = boundedjson.loads(data)  # nesting or a huge number is a ValueError, not a traceback
     except (OSError, ValueError) as exc:
         raise FmhubError(f"{path}: cannot read {CONFIG}: {exc}") from None
     return adapter_from(path, config, from_path(os.path.join(path, WEIGHTS)))
 
 
+def _check_config(path: str, config: Any) -> None:
+    """The fields a merge computes with, as peft writes them: a clone's config is one error line, not a TypeError."""
+    if not isinstance(config, dict):
+        raise FmhubError(f"{path}: {CONFIG} is not a JSON object")
+    patterns = config.get("alpha_pattern") or {}
+    alphas = [config.get("lora_alpha", 1), *(patterns.values() if isinstance(patterns, dict) else [None])]
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
+        raise FmhubError(f"{path}: {CONFIG}: lora_alpha and alpha_pattern's values must be numbers")
+
+
 def adapter_from(path: str, config: dict, view: CheckpointView) -> Adapter:
     """An adapter from its parsed config and a view of its weights (a file, or a committed version)."""
+    _check_config(path, config)
     if config.get("peft_type", "LORA") != "LORA":
         raise FmhubError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters can be merged")
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases")):

@@ -103,17 +103,16 @@ class MergePlan:
 
 
 def load_plan_file(path: str) -> dict[str, Any]:
-    import yaml
+    """A merge recipe (YAML), read within a spec's bounds: it may be committed in someone else's repository."""
+    from fmhub.boundedyaml import load_file
+    from fmhub.spec import SPEC_LIMITS
 
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        data = load_file(path, SPEC_LIMITS, FmhubError) or {}
     except FileNotFoundError:
         raise FmhubError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise FmhubError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except OSError as exc:
+        raise FmhubError(f"{path}: cannot read the recipe ({exc.strerror or type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise FmhubError(f"{path}: a recipe is a YAML mapping (base, models, strategy, options, tensors, output)")
     return data

@@ -26,24 +26,25 @@ problems raise `PolicyError` naming ``file:line``; callers fail closed on it.
 A policy comes from whoever can commit to the repository, so it is read within
 bounds (`MAX_POLICY_BYTES`, `MAX_POLICY_DEPTH`, `MAX_POLICY_NODES`,
 `MAX_VALUE_CHARS`, integers of at most 40 digits, no YAML aliases), checked on
-the parser's event stream before any object is built: a "billion laughs" of
-aliases, ``[[[[…`` nested 100,000 deep or a 100,000-digit integer is one
-`PolicyError`, never a traceback, an exhausted memory or a stalled check.
+the parser's event stream before any object is built (`POLICY_LIMITS`, walked by
+`fmhub.boundedyaml.check_bounds`, the walk every YAML file fmhub reads gets):
+a "billion laughs" of aliases, ``[[[[…`` nested 100,000 deep or a
+100,000-digit integer is one `PolicyError`, never a traceback, an exhausted
+memory or a stalled check.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fmhub.boundedjson import MAX_INT_DIGITS
+from fmhub.boundedyaml import YamlLimits, at_line, one_line
 from fmhub.errors import FmhubError
-from fmhub.spec import at_line, validate_yaml
+from fmhub.spec import validate_yaml
 
 POLICY_FILE = ".fmhub/policy.yaml"
 POLICY_VERSION = 1
@@ -53,6 +54,17 @@ MAX_POLICY_BYTES = 256 << 10  # 9,000 members fit in 190 KiB; the pure-Python pa
 MAX_POLICY_DEPTH = 16  # the deepest a valid policy goes is 5 (rules, a rule, rows, values, a value)
 MAX_POLICY_NODES = 10_000  # keys, values and items: every request walks the rules, so they must stay few
 MAX_VALUE_CHARS = 4096  # a path, glob, email or row value
+POLICY_LIMITS = YamlLimits(
+    max_bytes=MAX_POLICY_BYTES,
+    max_depth=MAX_POLICY_DEPTH,
+    max_nodes=MAX_POLICY_NODES,
+    max_value_chars=MAX_VALUE_CHARS,
+    aliases=False,  # tighter than a spec's: a policy has no use for them, and every check reads it
+    finite=True,  # `rows: values:` compare by equality: NaN never matches, so a deny on it would deny nothing
+    what="a policy",
+    nodes_hint="; a policy is a short list of roles and rules",
+    depth_hint="; a policy goes 5 deep",
+)
 
 Action = Literal["read", "write"]
 
@@ -298,88 +310,6 @@ def _hashable(value: Any) -> Any:
     return (type(value).__name__, value) if isinstance(value, (str, int, float, bool, type(None))) else ("other", repr(value))
 
 
-def _yaml_error(path: str, exc: Exception) -> PolicyError:
-    mark = getattr(exc, "problem_mark", None)
-    reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "syntax error"
-    return PolicyError(f"{at_line(path, mark.line + 1 if mark else None)}: not valid YAML: {reason}")
-
-
-def _check_bounds(text: str, path: str) -> None:
-    """Refuse what would make building the policy costly, from the parser's events (no tree is built).
-
-    The YAML parser keeps its nesting on a list, not the stack, so even
-    ``[[[[…`` 100,000 deep costs one pass here; composing it would recurse.
-    """
-    import yaml
-
-    if len(text) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{path}: {len(text)} characters, more than a policy may hold ({MAX_POLICY_BYTES} bytes)")
-    scalars = yaml.SafeLoader("")  # resolves and builds one scalar at a time
-    keys: list[Optional[bool]] = []  # per open collection: a mapping's "next node is a key", None for a sequence
-    nodes = 0
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if not isinstance(event, (yaml.NodeEvent, yaml.CollectionEndEvent)):
-                continue
-            where = at_line(path, event.start_mark.line + 1)
-            if isinstance(event, yaml.CollectionEndEvent):
-                keys.pop()
-                continue
-            nodes += 1
-            _check_node(event, where, keys, nodes, scalars)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(path, exc) from None
-    finally:
-        scalars.dispose()
-
-
-def _check_node(event: Any, where: str, keys: list[Optional[bool]], nodes: int, scalars: Any) -> None:
-    import yaml
-
-    if isinstance(event, yaml.AliasEvent):  # a few lines of aliases can stand for billions of nodes
-        raise PolicyError(f"{where}: YAML aliases (*name) are not allowed in a policy; write the value out")
-    if nodes > MAX_POLICY_NODES:
-        raise PolicyError(f"{where}: more than {MAX_POLICY_NODES} keys and values; a policy is a short list of roles and rules")
-    is_key = bool(keys and keys[-1])
-    if keys and keys[-1] is not None:
-        keys[-1] = not keys[-1]
-    if isinstance(event, yaml.CollectionStartEvent):
-        if is_key:
-            raise PolicyError(f"{where}: a key must be a plain value, not a list or mapping")
-        if len(keys) >= MAX_POLICY_DEPTH:
-            raise PolicyError(f"{where}: nested deeper than {MAX_POLICY_DEPTH} levels; a policy goes 5 deep")
-        keys.append(True if isinstance(event, yaml.MappingStartEvent) else None)
-        return
-    _check_scalar(event, where, scalars)
-
-
-def _check_scalar(event: Any, where: str, scalars: Any) -> None:
-    """A value as the loader will build it: short, an integer of at most 40 digits, a finite number, a real date."""
-    import math
-
-    import yaml
-
-    if len(event.value) > MAX_VALUE_CHARS:
-        raise PolicyError(f"{where}: a value of {len(event.value)} characters (at most {MAX_VALUE_CHARS})")
-    tag = event.tag if event.tag not in (None, "!") else scalars.resolve(yaml.ScalarNode, event.value, event.implicit)
-    if tag == "tag:yaml.org,2002:merge":  # `<<:` copies another mapping in: an alias by another name
-        raise PolicyError(f"{where}: YAML merge keys (<<) are not allowed in a policy; write the keys out")
-    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-    try:
-        value = scalars.construct_object(node)
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # an unknown tag, 2024-13-45, bad base64
-        reason = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        name = tag.replace("tag:yaml.org,2002:", "!!")[:40]
-        raise PolicyError(f"{where}: not a valid {name} value ({reason[:200]})") from None
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** MAX_INT_DIGITS:
-        raise PolicyError(f"{where}: an integer of more than {MAX_INT_DIGITS} digits")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PolicyError(f"{where}: {event.value[:20]} is not a finite number")
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
     """Parse and validate policy text; `PolicyError` naming ``file:line`` on any problem, within the bounds above.
 
@@ -388,15 +318,14 @@ def parse_policy(text: str, path: str = POLICY_FILE) -> Policy:
     try:
         return _parse_policy(text, path)
     except PolicyError as exc:
-        message = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(exc))
-        raise PolicyError(message[:1000] + ("…" if len(message) > 1000 else "")) from None
+        raise PolicyError(one_line(str(exc))) from None
     except Exception as exc:  # fail closed, in one line, on anything the checks above did not foresee
         raise PolicyError(f"{path}: cannot be read as a policy ({type(exc).__name__})") from None
 
 
 def _parse_policy(text: str, path: str) -> Policy:
-    _check_bounds(text, path)
-    model, lines = validate_yaml(text, path, PolicyModel, PolicyError, "a policy is a mapping (version, default, roles, rules)")
+    model, lines = validate_yaml(text, path, PolicyModel, PolicyError, "a policy is a mapping (version, default, roles, rules)",
+                                 POLICY_LIMITS)
     for i, rule in enumerate(model.rules):
         for role in rule.roles or []:
             if role not in model.roles:

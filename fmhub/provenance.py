@@ -59,13 +59,12 @@ order (atomics) can change the last bits.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from fmhub import autotune, datasets_io, lineage
+from fmhub import autotune, boundedjson, datasets_io, lineage
 from fmhub.autotune import Task
 from fmhub.errors import FmhubError
 from fmhub.fisher import load_model, sequence_log_likelihood
@@ -145,8 +144,8 @@ def _eval_sha256(path: str, rev: Optional[str], root: str) -> Optional[str]:
     if rev is not None:
         return None  # a committed record: its eval file is not in the work tree to compare with
     try:
-        with open(os.path.join(root, path, autotune.TRAIN_FILE), encoding="utf-8") as f:
-            rec = json.load(f)
+        with open(os.path.join(root, path, autotune.TRAIN_FILE), "rb") as f:  # a clone's record: bounded
+            rec = boundedjson.loads(f.read(lineage.MAX_RECORD_BYTES + 1), allow_nan=True)  # cut: not JSON, so None
         data, held = rec["data"]["sha256"], rec["eval"].get("sha256")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fmhub import lineage
+from fmhub import boundedjson, lineage
 from fmhub.errors import FmhubError, MergeConflict
 
 
@@ -58,8 +58,8 @@ def _trained_lr(adapter_dir: str) -> float:
     from fmhub.autotune import TRAIN_FILE
 
     try:
-        with open(os.path.join(adapter_dir, TRAIN_FILE), encoding="utf-8") as f:
-            return float(json.load(f)["lr"])
+        with open(os.path.join(adapter_dir, TRAIN_FILE), "rb") as f:  # a clone's record: bounded, cut is not JSON
+            return float(boundedjson.loads(f.read(lineage.MAX_RECORD_BYTES + 1), allow_nan=True)["lr"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1e-3
 

@@ -244,11 +244,13 @@ def open_store(cwd: str | None = None, create: bool = True) -> ObjectStore:
     return ObjectStore.create(path, alternates) if create else ObjectStore(path, alternates)
 
 
-def staged_blob(path: str, limit: int | None, cwd: str | None = None) -> bytes | None:
+def staged_blob(path: str, limit: int | None, cwd: str | None = None, too_big: bytes | None = None) -> bytes | None:
     """What git's index holds for ``path`` (honouring ``GIT_INDEX_FILE``), if it is a blob of at most ``limit`` bytes.
 
-    None when the path is not staged, is conflicted, or is bigger: a raw
-    checkpoint committed before tracking is not read just to be thrown away.
+    None when the path is not staged or is conflicted; ``too_big`` (default
+    None) when it is bigger: a raw checkpoint committed before tracking is not
+    read just to be thrown away, and a caller that must tell "too big" from
+    "not there" (an access policy: the first fails closed) passes a marker.
     """
     if _common_dirs is not None:  # git's filter process: one `git cat-file` for every file of the command
         where = os.path.abspath(cwd or os.getcwd())
@@ -259,7 +261,7 @@ def staged_blob(path: str, limit: int | None, cwd: str | None = None) -> bytes |
             except FmhubError:  # not a repository: nothing is staged
                 return None
         if reader.works:
-            return reader.blob(path, limit)
+            return reader.blob(path, limit, too_big)
     import subprocess
 
     try:
@@ -272,8 +274,10 @@ def staged_blob(path: str, limit: int | None, cwd: str | None = None) -> bytes |
         proc.stdin.write(b":" + os.fsencode(path) + b"\n")
         proc.stdin.close()
         size = _blob_size(proc.stdout.readline())
-        if size is None or (limit is not None and size > limit):
+        if size is None:
             return None
+        if limit is not None and size > limit:
+            return too_big
         data = proc.stdout.read(size)
         return data if len(data) == size else None
     finally:
@@ -309,7 +313,7 @@ class _IndexReader:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def blob(self, path: str, limit: int | None) -> bytes | None:
+    def blob(self, path: str, limit: int | None, too_big: bytes | None = None) -> bytes | None:
         state = self._index_state()
         if self._proc is not None and state != self._seen:
             self.close()
@@ -325,13 +329,13 @@ class _IndexReader:
         if not head:
             self.close()
             self.works = False
-            return staged_blob(path, limit, self.cwd)
+            return staged_blob(path, limit, self.cwd, too_big)
         size = _blob_size(head)
         if size is None:
             return None
         if limit is not None and size > limit:
             self.close()  # stop it rather than read a big blob just to throw it away
-            return None
+            return too_big
         data = self._proc.stdout.read(size + 1)  # the contents, then a newline
         if len(data) != size + 1:
             self.close()

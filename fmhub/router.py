@@ -58,11 +58,13 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from fmhub import boundedjson
 from fmhub.errors import FmhubError
 
 FORMAT = "fmhub-router"
 VERSION = 1
 MAX_CHARS = 20_000  # a long prompt's head says what it is about; bounds the work per request
+MAX_FILE_BYTES = 256 << 20  # a saved router: a weight per vocabulary entry and class, ~10 bytes each
 DECIMALS = 6
 _WORD = re.compile(r"\w+")
 
@@ -253,9 +255,12 @@ class Router:
     @classmethod
     def load(cls, path: str) -> "Router":
         """Read a file written by `save`."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+        try:  # a committed router may come from a clone: bounded in size, nesting and numbers
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise ValueError(f"larger than {MAX_FILE_BYTES >> 20} MiB")
+            doc = boundedjson.loads(data, allow_nan=True)  # as json.load read it: a weight may be NaN
         except OSError as exc:
             raise RouterError(f"cannot read router {path}: {exc.strerror or exc}") from None
         except ValueError as exc:

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from fmhub import boundedjson
 from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError
 
@@ -34,6 +35,25 @@ FORMATS = (".jsonl", ".parquet")
 
 class DataError(FmhubError):
     """A data asset that cannot be read or written (unknown format, unreadable file, schema mismatch)."""
+
+
+# data rows come with clones: parsed within bounds, as `plugins.data_formats` parses them for diffs
+ROW_MAX_DEPTH = 128  # real rows nest a few levels; json's recursion (RecursionError, a traceback) starts near 1,000
+ROW_MAX_INT_DIGITS = 1000  # wider than any real id or count; int() of n digits costs n^2
+
+
+def parse_row(line: str | bytes) -> Any:
+    """One JSON line of a dataset within the bounds above; NaN is kept (Python's json.dumps writes it).
+
+    Raises `boundedjson.JSONLimitError` (a ValueError) with a one-line reason: `row_problem` words it.
+    """
+    return boundedjson.loads(line, max_depth=ROW_MAX_DEPTH, allow_nan=True, max_int_digits=ROW_MAX_INT_DIGITS)
+
+
+def row_problem(exc: ValueError) -> str:
+    """``not valid JSON (why)`` for `parse_row`'s error, whichever bound or syntax rule the line broke."""
+    text = str(exc)
+    return text if text.startswith("not valid JSON") else f"not valid JSON ({text})"
 
 
 @dataclass
@@ -97,9 +117,9 @@ def _jsonl_batches(path: str, batch_size: int, columns: Sequence[str] | None) ->
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
-            except (UnicodeDecodeError, ValueError) as exc:
-                batch.errors.append((pos, f"line {pos + 1} is not valid JSON ({exc})"))
+                row = parse_row(raw)
+            except ValueError as exc:
+                batch.errors.append((pos, f"line {pos + 1} is {row_problem(exc)}"))
                 continue
             if not isinstance(row, dict):
                 batch.errors.append((pos, f"line {pos + 1} is a JSON {type(row).__name__}, not an object"))

@@ -41,10 +41,25 @@ from typing import Annotated, Any, Mapping, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fmhub.boundedyaml import YamlLimits, at_line, check_bounds, one_line, read_text, yaml_error
 from fmhub.errors import FmhubError
 
 SPEC_FILE = "fmhub.yaml"
 SPEC_VERSION = 1
+
+# fmhub.yaml comes with every clone: bounded as any hostile file (fmhub.boundedyaml), but roomy for real specs.
+# The spec `fmhub init --example` writes (fmhub/example.py) is 1.6 KiB, 165 nodes, 7 levels deep: these leave room
+# for hundreds of datasets and pipelines, and a long prompt (deploy.prompt) or `where:` fits in a value.
+SPEC_LIMITS = YamlLimits(
+    max_bytes=1 << 20,
+    max_depth=32,
+    max_nodes=100_000,
+    max_value_chars=64 << 10,
+    aliases=True,  # `&defaults` / `*defaults` keep working; each alias counts as every node it stands for
+    finite=False,  # `.inf` is a number a gate or a budget may mean
+    what="a spec",
+    nodes_hint=" (an alias counts as everything it stands for)",
+)
 
 Loc = tuple  # a path into the document: keys and list indices
 
@@ -414,10 +429,6 @@ def format_loc(loc: Loc) -> str:
     return out
 
 
-def at_line(path: str, line: int | None) -> str:
-    return f"{path}:{line}" if line else path
-
-
 def _construct(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
     """A YAML node to plain Python, recording the line where each key and list item starts."""
     lines.setdefault(loc, node.start_mark.line + 1)
@@ -441,19 +452,30 @@ def _scalar(node: yaml.Node) -> Any:
     return yaml.SafeLoader("").construct_object(node, deep=True)
 
 
-def validate_yaml(text: str, path: str, model: type[BaseModel], error: type[FmhubError], shape: str) -> tuple[Any, dict[Loc, int]]:
-    """YAML text validated by a pydantic ``model``; ``error`` naming ``path:LINE: key.path`` on any problem.
+def validate_yaml(text: str, path: str, model: type[BaseModel], error: type[FmhubError], shape: str,
+                  limits: YamlLimits = SPEC_LIMITS) -> tuple[Any, dict[Loc, int]]:
+    """YAML text validated by a pydantic ``model``; one ``error`` line naming ``path:LINE: key.path`` on any problem.
 
-    Shared by every YAML file fmhub reads (``fmhub.yaml``, ``.fmhub/policy.yaml``).
-    ``shape`` says what the top level must be, for the error when it is not a mapping.
+    Shared by every YAML file fmhub reads (``fmhub.yaml``, ``.fmhub/policy.yaml``),
+    each from a repository that may be hostile: the text is first checked within
+    ``limits`` (`fmhub.boundedyaml.check_bounds`), so no alias bomb, deep nesting,
+    bad date, unknown tag or list key gets past as a traceback. ``shape`` says
+    what the top level must be, for the error when it is not a mapping.
     Returns the model instance and the line of each key, for later errors.
     """
     try:
+        return _validate_yaml(text, path, model, error, shape, limits)
+    except error as exc:  # keys and values are quoted as written: escape their control characters
+        raise error(one_line(str(exc))) from None
+
+
+def _validate_yaml(text: str, path: str, model: type[BaseModel], error: type[FmhubError], shape: str,
+                   limits: YamlLimits) -> tuple[Any, dict[Loc, int]]:
+    check_bounds(text, path, limits, error)
+    try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = at_line(path, mark.line + 1 if mark else None)
-        raise error(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or 'syntax error'}") from None
+    except yaml.YAMLError as exc:  # what the events cannot show: an undefined or duplicate anchor
+        raise yaml_error(path, exc, error) from None
     lines: dict[Loc, int] = {}
     try:
         data = _construct(node, (), lines) if node is not None else {}
@@ -464,18 +486,22 @@ def validate_yaml(text: str, path: str, model: type[BaseModel], error: type[Fmhu
     try:
         return model.model_validate(data), lines
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            # pydantic appends the validator's name for union members; keep the document path only
-            while loc and loc not in lines and len(loc) > 1:
-                loc = loc[:-1]
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (a typo?)"
-            where = at_line(path, lines.get(tuple(err["loc"])) or lines.get(loc))
-            problems.append(f"{where}: {format_loc(tuple(err['loc'])) or 'top level'}: {msg}")
-        raise error("; ".join(problems)) from None
+        raise error(_problems(exc, path, lines)) from None
+
+
+def _problems(exc: ValidationError, path: str, lines: dict[Loc, int]) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # pydantic appends the validator's name for union members; keep the document path only
+        while loc and loc not in lines and len(loc) > 1:
+            loc = loc[:-1]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (a typo?)"
+        where = at_line(path, lines.get(tuple(err["loc"])) or lines.get(loc))
+        problems.append(f"{where}: {format_loc(tuple(err['loc'])) or 'top level'}: {msg}")
+    return "; ".join(problems)
 
 
 def parse_spec(text: str, path: str = SPEC_FILE) -> LoadedSpec:
@@ -495,14 +521,14 @@ def load_spec(path: str | None = None) -> LoadedSpec:
     """Read ``fmhub.yaml`` (default: at the top of the current git work tree, else the current directory)."""
     if path is None:
         path = os.path.join(_top(), SPEC_FILE)
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path  # as errors name it
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(shown, SPEC_LIMITS.max_bytes, SpecError, "a spec")  # a clone's fmhub.yaml may be a link to /dev/zero
     except FileNotFoundError:
         raise SpecError(f"{path} not found; write one (see README: Data pipelines) or pass --spec") from None
     except OSError as exc:
         raise SpecError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return parse_spec(text, os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path)
+    return parse_spec(text, shown)
 
 
 def _top() -> str:

@@ -12,7 +12,8 @@ Sources:
   through the store,
 * several shard files combined (`CheckpointView.combine`; names must be unique
   across shards, which is what lets a tensor move between shards),
-* ``REV:PATH`` in the current git repository (a file or a directory of shards),
+* ``REV:PATH`` in the current git repository (a file or a directory of shards;
+  tensors the access policy denies the user are withheld, `guard`),
 * tensors computed on demand (a LoRA update applied to a base weight, a
   Fisher diagonal from a plugin): a ``reader`` instead of an ``opener``.
 """
@@ -47,6 +48,7 @@ class TensorRef:
     opener: Opener | None = field(default=None, repr=False, compare=False)
     reader: Callable[[], bytes | bytearray] | None = field(default=None, repr=False, compare=False)
     storage: tuple[tuple[str, int], ...] = field(default=(), repr=False, compare=False)  # store objects it needs, if from a store
+    denied: Exception | None = field(default=None, repr=False, compare=False)  # why the access policy withholds its bytes (`guard`)
 
     @property
     def numel(self) -> int:
@@ -65,7 +67,7 @@ class TensorRef:
         f, offset = self.open()
         with f:
             f.seek(offset)
-            data = bytearray(self.size)
+            data = _allocate(self.size, f"{self.path}: tensor {self.name!r}")
             got = 0
             while got < self.size:
                 n = f.readinto(memoryview(data)[got:])
@@ -93,6 +95,14 @@ class TensorRef:
 
         return TensorRef(self.name, self.dtype, (stop - start,), (stop - start) * item, None, self.path, sliced)
 
+    def withheld(self, why: Exception) -> "TensorRef":
+        """This tensor with its bytes withheld: name, dtype, shape and oid stay, any read raises ``why``."""
+
+        def refuse():
+            raise why.with_traceback(None)
+
+        return TensorRef(self.name, self.dtype, self.shape, self.size, self.oid, self.path, refuse, refuse, (), why)
+
     def computed(self, reader: Callable[[], bytes | bytearray], path: str | None = None, dtype: str | None = None) -> "TensorRef":
         """A tensor of this name and shape whose bytes come from ``reader`` (no oid)."""
         dtype = dtype or self.dtype
@@ -100,18 +110,32 @@ class TensorRef:
         return TensorRef(self.name, dtype, self.shape, size, None, path or self.path, None, reader)
 
 
+def _allocate(size: int, what: str) -> bytearray:
+    """A buffer for a whole tensor; a one-line error when it cannot be had (a size no machine holds)."""
+    try:
+        return bytearray(size)
+    except (MemoryError, OverflowError):
+        raise FmhubError(f"{what}: {size} bytes do not fit in memory") from None
+
+
 def entry_ref(entry: TensorEntry, store: ObjectStore, path: str | None) -> TensorRef:
     """A manifest entry whose bytes come from the store."""
 
     def opener() -> tuple[BinaryIO, int]:
+        where = f"{path}: " if path else ""
         try:
-            return store.open_object(entry.oid, buffering=0), 0
+            f = store.open_object(entry.oid, buffering=0)
         except KeyError:
-            where = f"{path}: " if path else ""
             raise MissingObject(
                 f"{where}tensor {entry.name!r}: object sha256:{entry.oid} is not in the store {store.path}; "
                 "fetch it (`fmhub fsck` lists what is missing)"
             ) from None
+        actual = os.fstat(f.fileno()).st_size
+        if actual != entry.size:  # before a reader allocates the size the manifest declares
+            f.close()
+            raise CorruptObject(f"{where}tensor {entry.name!r}: object sha256:{entry.oid} holds {actual} bytes, "
+                                f"the manifest declares {entry.size}; run `fmhub fsck`")
+        return f, 0
 
     from fmhub.tensorio import TensorFile, needs_rebuild, read_tensor
 
@@ -147,6 +171,16 @@ class CheckpointView:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, store: ObjectStore, path: str | None = None) -> "CheckpointView":
+        """The tensors a manifest lists, read from ``store``; a manifest that disagrees with its own header object
+        (when the store has it: diffs also work on manifests whose objects were never fetched) is refused, as
+        checkout refuses it, so no reader writes or computes with a dtype or shape the file does not have."""
+        if manifest.header_oid is not None and store.ensure(manifest.header_oid):
+            from fmhub.checkpoint import MAX_HEADER_OBJECT, check_header
+
+            label = path or "<manifest>"
+            if manifest.header_size > MAX_HEADER_OBJECT or store.size_of(manifest.header_oid) != manifest.header_size:
+                raise CorruptObject(f"{label}: its header object does not have the size the manifest declares; run `fmhub fsck`")
+            check_header(manifest, store.read_bytes(manifest.header_oid), label)
         refs = {t.name: entry_ref(t, store, path) for t in manifest.tensors}
         return cls(refs, dict(manifest.metadata) if manifest.metadata is not None else None, path)
 
@@ -197,6 +231,24 @@ class CheckpointView:
         return out
 
 
+def guard(view: CheckpointView, path: str, root: str | None = None, via: str = "") -> CheckpointView:
+    """``view`` of ``path`` with the stored tensors the read policy denies the user withheld (`fmhub.access.read_denials`).
+
+    What the manifest says stays (anyone with the repository has it); reading
+    a withheld tensor raises its `fmhub.access.AccessDenied`. Tensors read from
+    a file on disk (no oid) are the user's already: checkout's rule governs
+    what comes out of the store.
+    """
+    from fmhub.access import read_denials
+
+    stored = [t.name for t in view if t.oid is not None]
+    denied = read_denials(path, stored, root, via) if stored else {}
+    if not denied:
+        return view
+    refs = {n: (t.withheld(denied[n]) if n in denied else t) for n, t in view.tensors.items()}
+    return CheckpointView(refs, view.metadata, view.path)
+
+
 def checkpoint_files(directory: str) -> list[str]:
     return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
 
@@ -215,7 +267,10 @@ def from_path(path: str) -> CheckpointView:
 
 
 def from_revision(rev: str, path: str, store: ObjectStore, cwd: str | None = None) -> CheckpointView:
-    """``REV:PATH`` in the repository: one stored file, or the stored ``*.safetensors`` under a directory."""
+    """``REV:PATH`` in the repository: one stored file, or the stored ``*.safetensors`` under a directory.
+
+    Tensors the read policy denies the user are withheld (`guard`), as checkout would deny them.
+    """
     from fmhub.repo import blob_at, git
 
     path = path.strip("/")
@@ -228,7 +283,8 @@ def from_revision(rev: str, path: str, store: ObjectStore, cwd: str | None = Non
         data = blob_at(rev, p, cwd)
         if not is_manifest(data):
             raise FmhubError(f"{rev}:{p}: is not stored by fmhub (committed before `fmhub track`?), so it cannot be read tensor by tensor")
-        views.append(CheckpointView.from_manifest(Manifest.from_bytes(data, f"{rev}:{p}"), store, f"{rev}:{p}"))
+        view = CheckpointView.from_manifest(Manifest.from_bytes(data, f"{rev}:{p}"), store, f"{rev}:{p}")
+        views.append(guard(view, p, cwd, via=f"{rev}:{p}"))  # every REV:PATH reader: checkout's read rule
     return CheckpointView.combine(views, f"{rev}:{path}")
 
 

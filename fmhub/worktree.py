@@ -10,7 +10,7 @@ import subprocess
 from fmhub import checkpoint
 from fmhub.atomic import atomic_write
 from fmhub.errors import CorruptCheckpoint, FmhubError
-from fmhub.manifest import Manifest, TensorEntry, is_manifest
+from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.repo import blob_at, git, open_store, toplevel
 
 
@@ -24,7 +24,7 @@ def describe(path: str, rev: str | None = None) -> Manifest:
     with open(path, "rb") as f:
         head = f.read(checkpoint.SNIFF_BYTES)
         if is_manifest(head):
-            return Manifest.from_bytes(head + f.read(), path)
+            return Manifest.from_bytes(head + f.read(MAX_MANIFEST_BYTES), path)
         try:
             fmt, layout = checkpoint.file_layout(f, path)
         except CorruptCheckpoint as exc:
@@ -49,7 +49,13 @@ def tracked_files(cwd: str | None = None) -> list[str]:
 
 
 def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[str]:
-    """Replace work-tree files that hold a manifest with the checkpoint it describes; returns those paths."""
+    """Replace work-tree files that hold a manifest with the checkpoint it describes; returns those paths.
+
+    Checkout's read rule applies, from the policy at the top of *this* work
+    tree (``cwd``'s: a new clone's own, `fmhub hub clone`), not the current
+    directory's: a denied file raises `fmhub.access.AccessDenied`; a
+    placeholder keeps its manifest text, as checkout would write it.
+    """
     top = toplevel(cwd)
     candidates = paths if paths is not None else tracked_files(top)
     store = open_store(top)
@@ -61,10 +67,12 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
             data = f.read(len(b"fmhub manifest "))
             if not is_manifest(data):
                 continue
-            data += f.read()
+            data += f.read(MAX_MANIFEST_BYTES)  # more is refused by from_bytes, unread
+        with atomic_write(full) as out:  # the policy at ``top`` decides, as checkout in that tree would
+            placeholder = checkpoint.smudge(data, store, out, _relative(full, top), root=top)
+        if placeholder:
+            continue  # the manifest text is what checkout writes, and it was there already
         blob_ids[rel] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        with atomic_write(full) as out:
-            checkpoint.smudge(data, store, out, rel)
         done.append(rel)
     if done:
         # git trusts a changed file size over content, so it would call these files modified;
@@ -74,6 +82,15 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
         if same:
             git("update-index", "-q", "--", *same, cwd=top)
     return done
+
+
+def _relative(full: str, top: str) -> str:
+    """``full``'s path in the repository at ``top``, as policy rules match it (a path outside it is refused)."""
+    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(full))), os.path.basename(full))
+    rel = os.path.relpath(real, os.path.realpath(top)).replace(os.sep, "/")
+    if rel.startswith("../"):
+        raise FmhubError(f"{full}: is outside the repository at {top}")
+    return rel
 
 
 

@@ -146,3 +146,33 @@ def second_ours_plugin() -> object:
             return [S()]
 
     return Dup()
+
+
+# a YAML document of a few lines whose aliases stand for 9**9 strings: what a bounded loader must refuse
+BILLION_LAUGHS = """\
+version: 1
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def socket_closed_within(sock, within: float) -> bool:
+    """Whether the server has closed ``sock`` (after an answer or without one) within ``within`` seconds."""
+    import socket
+
+    sock.settimeout(within)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except socket.timeout:
+        return False
+    except ConnectionError:  # reset: it kept sending after the server closed
+        pass
+    return True

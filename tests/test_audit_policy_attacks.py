@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import fmhub, git, isolate_git, save_tensors
+from conftest import BILLION_LAUGHS, fmhub, git, isolate_git, save_tensors
 
 from fmhub import audit
 from fmhub.access import MAX_READ, work_tree_reader
@@ -276,18 +276,6 @@ def test_fuzz_any_lines_in_the_log(lines, newline_at_end):
 
 # -- policies: bounded, one line naming the file, and a deny ------------------------------------------
 
-BILLION_LAUGHS = """\
-version: 1
-a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
-i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
-"""
 
 HOSTILE_POLICIES = {
     "billion laughs": (BILLION_LAUGHS, ".fmhub/policy.yaml:3: YAML aliases"),

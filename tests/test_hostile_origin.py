@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -234,17 +235,8 @@ def test_a_true_origin_still_clones(tmp_path, lfs_server):
 def test_objects_already_in_the_store_are_checked_against_the_manifest_before_writing(attack, bombs, repo):
     """The same lies when the objects are local (fetched earlier under an honest manifest, or an alternate store):
     the download's size check never ran, so smudge's own must refuse before the first byte."""
-    from fmhub.store import ObjectStore
-
     text, objects, _ = bombs[attack]
-    store = ObjectStore.create(str(repo / ".git" / "lfs"))
-    for data in objects:
-        store.write_bytes(data)
-    store.flush()
-    blob = subprocess.run(["git", "hash-object", "-w", "--no-filters", "--stdin"], cwd=repo, input=text,
-                          capture_output=True, check=True).stdout.decode().strip()
-    git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{CKPT}")
-    git(repo, "commit", "-qm", "hostile")
+    commit_hostile(repo, text, objects)
 
     proc = git(repo, "checkout", "--", CKPT, check=False)
     lines = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.startswith("fmhub:")]
@@ -253,3 +245,87 @@ def test_objects_already_in_the_store_are_checked_against_the_manifest_before_wr
     assert not (repo / CKPT).exists()
     report = fmhub(repo, "fsck", check=False)
     assert report.returncode != 0 and b"the manifest declares" in report.stdout + report.stderr
+
+
+def commit_hostile(repo: Path, text: bytes, objects: list[bytes], path: str = CKPT, message: str = "hostile") -> None:
+    """Objects into the repository's own store, ``text`` committed at ``path`` as it is (no filter)."""
+    from fmhub.store import ObjectStore
+
+    store = ObjectStore.create(str(repo / ".git" / "lfs"))
+    for data in objects:
+        store.write_bytes(data)
+    store.flush()
+    blob = subprocess.run(["git", "hash-object", "-w", "--no-filters", "--stdin"], cwd=repo, input=text,
+                          capture_output=True, check=True).stdout.decode().strip()
+    git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}")
+    git(repo, "commit", "-qm", message)
+
+
+def one_fmhub_line(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.decode(errors="replace")
+    lines = [line for line in err.splitlines() if line.startswith("fmhub:")]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("attack", ["lying size", "shape 2^40 over 16 bytes"])
+def test_extract_checks_sizes_before_allocating(attack, bombs, repo, tmp_path):
+    text, objects, _ = bombs[attack]
+    commit_hostile(repo, text, objects)
+    out = tmp_path / "out.safetensors"
+    line = one_fmhub_line(fmhub(repo, "extract", f"HEAD:{CKPT}", "-t", "a", "-o", str(out), check=False))
+    assert "the manifest declares" in line
+    assert not out.exists()
+
+
+def test_extract_refuses_a_manifest_that_contradicts_its_header(repo, tmp_path):
+    """The header object says F32 [4]; the manifest says F64 [2] over the same 16 bytes: checkout refuses, and so
+    must every reader (extract used to write a file of two float64s)."""
+    h = st_header([("a", "F32", [4], 16)])
+    commit_hostile(repo, manifest(h, [f'"a" F64 [2] 16 sha256:{sha(PAYLOAD)}']), [h, PAYLOAD])
+    out = tmp_path / "out.safetensors"
+    line = one_fmhub_line(fmhub(repo, "extract", f"HEAD:{CKPT}", "-t", "a", "-o", str(out), check=False))
+    assert "does not match its header object" in line
+    assert not out.exists()
+
+
+def test_merge_of_a_side_whose_sizes_lie_is_a_conflict_not_a_crash(repo):
+    import torch
+    from conftest import commit_checkpoint
+
+    commit_checkpoint(repo, {"a": torch.arange(4, dtype=torch.float32)}, "base")
+    git(repo, "config", "fmhub.merge.strategy", "linear")
+    home = git(repo, "branch", "--show-current").stdout.decode().strip()
+    git(repo, "checkout", "-qb", "theirs")
+    n = 1 << 40
+    h = st_header([("a", "F32", [n // 4], n)])
+    commit_hostile(repo, manifest(h, [f'"a" F32 [{n // 4}] {n} sha256:{sha(PAYLOAD)}']), [h, PAYLOAD], message="theirs")
+    git(repo, "checkout", "-qf", home)  # the work tree still holds the base file, not the lie
+    commit_checkpoint(repo, {"a": torch.arange(4, dtype=torch.float32) + 1}, "ours")
+    proc = git(repo, "merge", "-q", "theirs", check=False)
+    err = proc.stderr.decode(errors="replace") + proc.stdout.decode(errors="replace")
+    assert proc.returncode != 0 and "Traceback" not in err and "MemoryError" not in err, err
+
+
+def test_a_newline_in_a_path_cannot_forge_a_line(repo):
+    """Paths and names come from whoever pushed: printed escaped, one line per error, in every command."""
+    evil = "evil\nfmhub: model.safetensors: verified, 0 problems\nx.safetensors"
+    h = st_header([("a", "F32", [8], 32)])
+    commit_hostile(repo, manifest(h, [f'"a" F32 [8] 32 sha256:{sha(PAYLOAD)}']), [h, PAYLOAD], path=evil)
+    proc = subprocess.run([sys.executable, "-m", "fmhub", "filter-smudge", evil], cwd=repo, capture_output=True,
+                          input=git(repo, "cat-file", "blob", f"HEAD:{evil}").stdout)
+    line = one_fmhub_line(proc)
+    assert "evil\\nfmhub: model.safetensors: verified" in line
+    report = fmhub(repo, "fsck", check=False)
+    out = (report.stdout + report.stderr).decode(errors="replace")
+    assert not any(line.startswith("fmhub: model.safetensors: verified") for line in out.splitlines()), out
+
+
+def test_an_unanticipated_error_is_one_line_and_debug_shows_the_traceback(repo):
+    crash = ("import sys, fmhub.fsck as f; f.fsck = lambda *a, **k: 1 / 0; sys.argv = ['fmhub', 'fsck']; "
+             "from fmhub.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", crash], cwd=repo, capture_output=True)
+    line = one_fmhub_line(proc)
+    assert "ZeroDivisionError" in line and "FMHUB_DEBUG=1" in line
+    proc = subprocess.run([sys.executable, "-c", crash], cwd=repo, capture_output=True, env={**os.environ, "FMHUB_DEBUG": "1"})
+    assert b"Traceback" in proc.stderr

@@ -29,7 +29,7 @@ from typing import Callable
 
 from fmhub.errors import FmhubError, ServeError
 from fmhub.serving.multilora import Factors
-from fmhub.serving.sources import AdapterSpec, Source, dir_bytes, materialize
+from fmhub.serving.sources import AdapterSpec, Source, check_readable, dir_bytes, materialize
 from fmhub.units import human_bytes
 
 MiB = 1 << 20
@@ -84,6 +84,7 @@ class DiskTier:
         """A directory holding ``source`` (materialized now if needed) and whether it was already there."""
         if source.rev is None:
             return source.path, True
+        check_readable(source)  # on a hit too: a directory from an earlier run may be another user's
         with self._lock:
             item = self._dirs.get(version)
             if item is not None:

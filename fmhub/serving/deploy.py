@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_ANSWER = 16 << 20  # a deploy's answer lists adapter names; the URL may come from a clone's fmhub.yaml
 
 @dataclass
 class DeployReport:
@@ -34,6 +35,7 @@ def push(url: str, adapters: list, token: str | None = None, replace: bool = Tru
     import urllib.error
     import urllib.request
 
+    from fmhub import boundedjson
     from fmhub.errors import FmhubError
 
     body = json.dumps({"replace": replace, "adapters": [{"name": a.name, "source": a.source.to_json()} for a in adapters]})
@@ -41,13 +43,19 @@ def push(url: str, adapters: list, token: str | None = None, replace: bool = Tru
                                  headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            doc = json.loads(resp.read())
+            answer = resp.read(MAX_ANSWER + 1)
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read())["error"]["message"]
+            message = str(boundedjson.loads(exc.read(64 << 10))["error"]["message"])[:500]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
         raise FmhubError(f"{url}: the server refused the deploy ({exc.code}): {message}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise FmhubError(f"{url}: cannot reach the server ({getattr(exc, 'reason', exc)}); is `fmhub serve` running there?") from None
+    try:
+        doc = boundedjson.loads(answer) if len(answer) <= MAX_ANSWER else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise FmhubError(f"{url}: the server's answer to the deploy is not an fmhub server's (a JSON object within {MAX_ANSWER >> 20} MiB)")
     return DeployReport(url, doc.get("added", []), doc.get("updated", []), doc.get("removed", []), doc.get("unchanged", []))

@@ -37,7 +37,7 @@ from fmhub.atomic import atomic_write
 from fmhub.errors import FmhubError
 from fmhub.serving.config import ServeConfig
 from fmhub.adapters import SIDECAR
-from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source, check_recorded_base, materialize
+from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source, check_readable, check_recorded_base, materialize
 
 # The flags, the --lora-modules JSON form, /v1/models' parent/root fields and the
 # runtime load/unload endpoints were checked against vLLM's documentation and
@@ -356,9 +356,11 @@ def place(src: Source, dest: str) -> bool:
 
     The new directory is complete, version file included, before it replaces
     the old one by rename, so ``dest`` never holds a mix of two versions, and a
-    failure leaves the old one as it was.
+    failure leaves the old one as it was. The read policy is checked either way
+    (`check_readable`): another user may have exported it.
     """
     version = src.version
+    check_readable(src)
     if read_version(dest) == version:
         return False
     parent = os.path.dirname(os.path.abspath(dest))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fmhub.errors import FmhubError
-from fmhub.serving.sources import Source, materialize
+from fmhub.serving.sources import Source, materialized
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -107,9 +107,7 @@ def load_base(base: Source, cache_dir: str, device: str = "auto", dtype: str = "
     if base.rev is None:
         directory = base.path
     else:
-        directory = os.path.join(cache_dir, "base-" + version)
-        if not os.path.isdir(directory):
-            materialize(base, directory)
+        directory = materialized(base, os.path.join(cache_dir, "base-" + version))  # policy checked on reuse too
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FmhubError(f"{base.label}: no config.json, so this is not a transformers model directory")
     dev = pick_device(device)

@@ -196,12 +196,50 @@ def declared_adapters(rev: str, base: Source | None = None, cwd: str | None = No
     return out
 
 
+def check_readable(src: Source) -> None:
+    """Checkout's read rule for each stored ``*.safetensors`` of ``src`` at its revision, in its repository.
+
+    A served or evaluated model needs every tensor, so any deny refuses it
+    (one line, the first denied file or tensor and its rule), a placeholder
+    deny included: the manifest text is no model. A work-tree source is the
+    user's own bytes. Call it before reusing a materialized directory too:
+    another user may have materialized it.
+    """
+    if src.rev is None:
+        return
+    from fmhub.access import require_readable
+    from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
+    from fmhub.repo import blob_at
+
+    for name in src.files():
+        rel = f"{src.path}/{name}" if src.path else name
+        if not name.endswith(".safetensors") or int(git("cat-file", "-s", f"{src.rev}:{rel}", cwd=src.repo)) > MAX_MANIFEST_BYTES:
+            continue  # over the limit: no manifest, a file committed without fmhub's filter (git's to give)
+        data = blob_at(src.rev, rel, src.repo)
+        if is_manifest(data):
+            m = Manifest.from_bytes(data, rel)
+            require_readable(rel, [] if m.is_data else [t.name for t in m.tensors], src.repo, via=f"materialize {src.label}",
+                             outcome="nothing was materialized")
+
+
+def materialized(src: Source, dest: str) -> str:
+    """``dest`` holding ``src``: reused when it is there, else materialized; the read policy is checked either way."""
+    check_readable(src)
+    return dest if os.path.isdir(dest) else _materialize(src, dest)
+
+
 def materialize(src: Source, dest: str) -> str:
     """Write ``src`` as a plain directory at ``dest`` (small files, then the weights), all or nothing.
 
-    The directory appears by one rename when complete, so a reader never sees
-    half of it; an existing ``dest`` is replaced.
+    The read policy is checked first (`check_readable`: nothing is written on
+    a deny). The directory appears by one rename when complete, so a reader
+    never sees half of it; an existing ``dest`` is replaced.
     """
+    check_readable(src)
+    return _materialize(src, dest)
+
+
+def _materialize(src: Source, dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".fmhub-materialize-")
@@ -249,7 +287,7 @@ def _write_weights(src: Source, names: list[str], tmp: str) -> None:
         for n in names:
             rel = f"{src.path}/{n}" if src.path else n
             with open(os.path.join(tmp, n), "wb") as f:
-                checkpoint.smudge(blob_at(src.rev, rel, src.repo), store, f, rel, fetch=LazyFetcher(store))
+                checkpoint.smudge(blob_at(src.rev, rel, src.repo), store, f, rel, fetch=LazyFetcher(store), root=src.repo)
                 f.flush()
                 os.fsync(f.fileno())
     finally:

@@ -22,11 +22,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from fmhub import boundedjson
 from fmhub.errors import FmhubError
 from fmhub.serving.deploy import DeployReport
 from fmhub.serving.export import API_KEY_ENV, check_adapter, check_dir_name, place, read_version
 from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source
 
+MAX_ANSWER = 16 << 20  # the model list or an error: a server's bigger answer is refused, not held
 DEPLOY_DIR_ENV = "FMHUB_VLLM_DEPLOY_DIR"
 
 
@@ -47,12 +49,15 @@ class VllmClient:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read()
+                answer = resp.read(MAX_ANSWER + 1)
         except urllib.error.HTTPError as exc:
-            raise FmhubError(self._explain(path, exc.code, _error_message(exc.read()))) from None
+            raise FmhubError(self._explain(path, exc.code, _error_message(exc.read(64 << 10)))) from None
         except (urllib.error.URLError, OSError) as exc:
             why = getattr(exc, "reason", exc)
             raise FmhubError(f"cannot reach vLLM at {self.url} ({why}); is it running, and is the URL right?") from None
+        if len(answer) > MAX_ANSWER:
+            raise FmhubError(f"{self.url}{path}: an answer over {MAX_ANSWER >> 20} MiB; is this a vLLM server?")
+        return answer
 
     def _explain(self, path: str, status: int, message: str) -> str:
         where = f"{self.url}{path}: HTTP {status}"
@@ -73,7 +78,7 @@ class VllmClient:
 
     def models(self) -> list[dict[str, Any]]:
         try:
-            doc = json.loads(self._call("GET", "/v1/models"))
+            doc = boundedjson.loads(self._call("GET", "/v1/models"))  # nesting is a ValueError, not a RecursionError
             return [m for m in doc["data"] if isinstance(m, dict) and "id" in m]
         except (ValueError, KeyError, TypeError):
             raise FmhubError(f"{self.url}/v1/models: not the model list an OpenAI-compatible server answers; "
@@ -90,7 +95,7 @@ def _error_message(body: bytes) -> str:
     """vLLM's error text: ``{"error": {"message"}}`` (newer), ``{"message"}`` (older) or plain text."""
     text = body.decode("utf-8", "replace").strip()
     try:
-        doc = json.loads(text)
+        doc = boundedjson.loads(text)
     except ValueError:
         return text[:500]
     if isinstance(doc, dict):
