@@ -162,7 +162,8 @@ def store_tensor(
     keeps that entry (nothing is written), a changed one may become the next
     link of its chain.
     """
-    if old is not None and (oid == old.oid or (old.approx is not None and oid == old.approx.oid)):
+    same = old is not None and (old.dtype, tuple(old.shape)) == (dtype, tuple(shape))  # equal bytes can be another tensor
+    if same and (oid == old.oid or (old.approx is not None and oid == old.approx.oid)):
         return old  # unchanged, or re-added unchanged after a lossy add: keep what the index holds
     entry = TensorEntry(name, dtype, tuple(shape), len(data), oid)
     if old is not None and _chainable(old, entry, policy):
