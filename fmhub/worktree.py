@@ -63,6 +63,8 @@ def materialize(paths: list[str] | None = None, cwd: str | None = None) -> list[
     blob_ids: dict[str, str] = {}
     for rel in candidates:
         full = rel if os.path.isabs(rel) else os.path.join(top, rel)
+        if not os.path.isfile(full):  # `git clone --no-checkout`, or a deleted file: git writes it, not fmhub
+            raise FmhubError(f"{rel}: not in the work tree; `git checkout -- {rel}` writes it (the filter checks it out)")
         with open(full, "rb") as f:
             data = f.read(len(b"fmhub manifest "))
             if not is_manifest(data):

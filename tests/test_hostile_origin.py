@@ -329,3 +329,14 @@ def test_an_unanticipated_error_is_one_line_and_debug_shows_the_traceback(repo):
     assert "ZeroDivisionError" in line and "FMHUB_DEBUG=1" in line
     proc = subprocess.run([sys.executable, "-c", crash], cwd=repo, capture_output=True, env={**os.environ, "FMHUB_DEBUG": "1"})
     assert b"Traceback" in proc.stderr
+
+
+def test_fmhub_checkout_of_a_path_missing_from_the_work_tree_is_one_clear_line(repo):
+    """After `git clone --no-checkout` (or a deletion) the file is git's to write: say so, not 'failed unexpectedly'."""
+    import torch
+    from conftest import commit_checkpoint
+
+    commit_checkpoint(repo, {"a": torch.arange(4, dtype=torch.float32)}, "v0")
+    (repo / CKPT).unlink()
+    line = one_fmhub_line(fmhub(repo, "checkout", CKPT, check=False))
+    assert "not in the work tree" in line and f"git checkout -- {CKPT}" in line

@@ -66,7 +66,9 @@ BODY_TIMEOUT = 10.0  # seconds a body may take, at least; plus its declared size
 BODY_RATE = 64 << 10  # bytes per second a body is read at, at the slowest
 SEND_TIMEOUT = 30.0  # seconds a response may wait, in all, for the client to read it (a slow SSE reader frees its thread)
 BUSY_TIMEOUT = 2.0  # seconds a 503 answer waits for the request it refuses, in all
-LINGER_BYTES = 1 << 20  # unread body drained after an early answer, so closing does not reset it away
+# unread body drained after an early answer (a 401 before the body is read), so closing does not reset the answer
+# away: any body within the limit, and its headers (a client sends a body under the limit before reading the answer)
+LINGER_BYTES = MAX_BODY + (64 << 10)
 MAX_LINGERING = 1024  # turned-away connections drained at once by the accept loop's closer; beyond, closed at once
 MAX_WAITING = 1024  # generations queued in the engine; more are answered 503
 RETRY_AFTER_S = 1
