@@ -21,7 +21,7 @@ from fmhub.store import CHUNK, ObjectStore, copy_objects
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
-    from typing import BinaryIO, Callable, Protocol
+    from typing import BinaryIO, Callable, Iterator, Protocol
 
     from fmhub.interfaces import CheckpointFormat, Layout
 
@@ -363,27 +363,54 @@ def _stored_size(store: ObjectStore, oid: str) -> int | None:
         return store.size_of(oid)
     except KeyError:  # only in an alternate store: its size is checked as it is read
         return None
+    except FmhubError:  # a packed object whose header is damaged: reading it says so (fsck lists it on its own)
+        return None
 
 
-def check_sizes(manifest: Manifest, store: ObjectStore, path: str) -> None:
-    """Refuse a manifest whose objects do not have the sizes it declares, before a byte is read or written.
+def size_mismatches(manifest: Manifest, store: ObjectStore) -> Iterator[tuple[str, str, int, int]]:
+    """``(what, oid, bytes held, bytes declared)`` of every object here whose size is not the one the manifest declares:
+    the header object, each tensor's own object, and each object of its chain (one only in an alternate store is
+    checked as it is read).
 
     The objects hash to their names, but nothing ties a manifest's sizes to them:
     a hostile origin can pair a true object with a size (or a shape) that lies,
     and the file written would then disagree with its own header.
     """
-    if manifest.header_oid is not None and not manifest.header_size <= MAX_HEADER_OBJECT:
-        raise ManifestError(f"{path}: a header of {manifest.header_size} bytes is over the limit of {MAX_HEADER_OBJECT}; the manifest is corrupt")
-    wanted = [("<header>", manifest.header_oid, manifest.header_size)] if manifest.header_oid is not None else []
+    declared = [("its header", manifest.header_oid, manifest.header_size)] if manifest.header_oid is not None else []
     for t in manifest.tensors:
-        whole = t.root is None or _stored_size(store, t.oid) is not None
-        wanted += [(t.name, t.oid, t.size)] if whole else [(t.name, oid, size) for oid, size in t.storage()]
-    for name, oid, size in wanted:
+        declared += [(f"tensor {t.name!r}", oid, size) for oid, size in [(t.oid, t.size), *t.storage()]]
+    seen = set()
+    for what, oid, size in declared:
+        if (oid, size) in seen:  # a tensor stored whole lists its object twice; equal tensors share one
+            continue
+        seen.add((oid, size))
         actual = _stored_size(store, oid)
         if actual is not None and actual != size:
-            what = "its header" if name == "<header>" else f"tensor {name!r}"
-            raise CorruptObject(f"{path}: {what}: object sha256:{oid} is corrupt or the manifest lies: it holds {actual} bytes, "
-                                f"the manifest declares {size}; run `fmhub fsck`")
+            yield what, oid, actual, size
+
+
+def check_sizes(manifest: Manifest, store: ObjectStore, path: str) -> None:
+    """Refuse a manifest whose objects do not have the sizes it declares, before a byte is read or written."""
+    for what, oid, actual, size in size_mismatches(manifest, store):
+        raise CorruptObject(f"{path}: {what}: object sha256:{oid} is corrupt or the manifest lies: it holds {actual} bytes, "
+                            f"the manifest declares {size}; run `fmhub fsck`")
+
+
+def checked_header(manifest: Manifest, store: ObjectStore, path: str) -> bytes:
+    """The header object, read once its declared size is within bounds and its stored size is that size, and checked
+    against the manifest's tensor list (`check_header`)."""
+    if manifest.header_size > MAX_HEADER_OBJECT:
+        raise ManifestError(f"{path}: a header of {manifest.header_size} bytes is over the limit of {MAX_HEADER_OBJECT}; the manifest is corrupt")
+    actual = _stored_size(store, manifest.header_oid)
+    if actual is not None and actual != manifest.header_size:
+        raise CorruptObject(f"{path}: its header: object sha256:{manifest.header_oid} is corrupt or the manifest lies: it holds "
+                            f"{actual} bytes, the manifest declares {manifest.header_size}; run `fmhub fsck`")
+    try:
+        header = store.read_bytes(manifest.header_oid)
+    except FmhubError as exc:
+        raise type(exc)(f"{path}: header: {exc}") from None
+    check_header(manifest, header, path)
+    return header
 
 
 def check_header(manifest: Manifest, header: bytes, path: str) -> None:
@@ -434,11 +461,7 @@ def smudge(
             return False
         except FmhubError as exc:
             raise _with_advice(exc, path) from None
-    try:
-        header = store.read_bytes(manifest.header_oid)
-    except FmhubError as exc:
-        raise type(exc)(f"{path}: header: {exc}") from None
-    check_header(manifest, header, path)
+    header = checked_header(manifest, store, path)
     if on_start:
         on_start()
     out.write(header)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from dulwich.objects import Blob
 from dulwich.repo import Repo
 
-from fmhub.checkpoint import missing_objects
+from fmhub.checkpoint import missing_objects, size_mismatches
 from fmhub.errors import FmhubError, ManifestError, MissingObject
 from fmhub.manifest import Manifest, is_manifest
 from fmhub.repo import git, open_store, toplevel
@@ -86,13 +86,13 @@ def fsck(rev: str = "HEAD", cwd: str | None = None) -> Report:
 def _rebuild_problems(m: Manifest, store: ObjectStore, where: str) -> list[str]:
     """What checkout would refuse in objects that each hash right: a header that disagrees with its manifest, a
     delta chain that does not decode to its tensor (the chain is rebuilt and hashed, as checkout would)."""
-    from fmhub.checkpoint import check_header
+    from fmhub.checkpoint import checked_header
     from fmhub.tensorio import stream_tensor
 
     out = []
     try:
         if m.header_oid is not None:
-            check_header(m, store.read_bytes(m.header_oid), where)
+            checked_header(m, store, where)
     except FmhubError as exc:
         out.append(str(exc))
     for t in m.tensors:
@@ -107,12 +107,5 @@ def _rebuild_problems(m: Manifest, store: ObjectStore, where: str) -> list[str]:
 
 def _size_problems(m: Manifest, store: ObjectStore, where: str) -> list[str]:
     """Objects whose size is not the one the manifest declares (a manifest that lies, or the wrong object)."""
-    out = []
-    for oid, size in dict(m.oids()).items():
-        try:
-            actual = store.size_of(oid)
-        except (KeyError, FmhubError):
-            continue  # missing: reported above
-        if actual != size:
-            out.append(f"{where}: object sha256:{oid} is {actual} bytes but the manifest declares {size}")
-    return out
+    return [f"{where}: object sha256:{oid} is {actual} bytes but the manifest declares {size}"
+            for _what, oid, actual, size in size_mismatches(m, store)]

@@ -175,12 +175,9 @@ class CheckpointView:
         (when the store has it: diffs also work on manifests whose objects were never fetched) is refused, as
         checkout refuses it, so no reader writes or computes with a dtype or shape the file does not have."""
         if manifest.header_oid is not None and store.ensure(manifest.header_oid):
-            from fmhub.checkpoint import MAX_HEADER_OBJECT, check_header
+            from fmhub.checkpoint import checked_header
 
-            label = path or "<manifest>"
-            if manifest.header_size > MAX_HEADER_OBJECT or store.size_of(manifest.header_oid) != manifest.header_size:
-                raise CorruptObject(f"{label}: its header object does not have the size the manifest declares; run `fmhub fsck`")
-            check_header(manifest, store.read_bytes(manifest.header_oid), label)
+            checked_header(manifest, store, path or "<manifest>")
         refs = {t.name: entry_ref(t, store, path) for t in manifest.tensors}
         return cls(refs, dict(manifest.metadata) if manifest.metadata is not None else None, path)
 
