@@ -28,7 +28,7 @@ import time
 from collections import namedtuple
 
 from fmhub import boundedjson
-from fmhub.errors import FmhubError, MergeConflict
+from fmhub.errors import FmhubError, MergeConflict, printable
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
@@ -684,18 +684,6 @@ def operation(what: str, target: str, details: Optional[Mapping[str, Any]] = Non
         record(what, target, decision, {**facts, **failure(exc)}, cwd)
         raise
     record(what, target, "ok", facts, cwd)
-
-
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """``text`` safe to show on a terminal: control characters (escape sequences) and bidi overrides as ``\\xNN``/``\\uNNNN``.
-
-    Entries name paths from other people's repositories and identities from anyone's git
-    config; shown raw, a name could move the cursor, recolour or hide other entries.
-    """
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def redact_url(url: str) -> str:

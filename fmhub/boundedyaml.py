@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import stat
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,7 +29,7 @@ from typing import Any, Optional
 import yaml
 
 from fmhub.boundedjson import MAX_INT_DIGITS
-from fmhub.errors import FmhubError
+from fmhub.errors import FmhubError, printable
 
 _MAX_INT_CHARS = 4 * MAX_INT_DIGITS + 16  # 10^40 written in binary, with a sign, prefix and a few `_`
 MAX_MESSAGE = 1000  # an error quotes keys and values from the file: cut, so one line stays readable
@@ -55,12 +54,9 @@ def at_line(path: str, line: Optional[int]) -> str:
     return f"{path}:{line}" if line else path
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")  # tabs too, unlike errors.one_line
-
-
 def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
     """``message`` as one terminal line: control characters escaped (a key may hold ``\\n`` or ``\\e[2J``), cut at ``limit``."""
-    message = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
+    message = printable(message)  # tabs too: a YAML key quoted back stays one column-true line
     return message[:limit] + ("…" if len(message) > limit else "")
 
 

@@ -1093,8 +1093,10 @@ def audit_log(
         table.columns[4].overflow = "fold"  # a path cut short with … could name another file
         colour = {"deny": "red", "error": "red", "conflict": "yellow"}
 
+        from fmhub.errors import printable
+
         def show(text: str) -> str:  # neither markup nor terminal escapes: entries name other people's paths
-            return escape(audit.printable(text))
+            return escape(printable(text))
 
         for e in entries:
             details = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}" for k, v in e["details"].items())

@@ -83,21 +83,28 @@ class ServeError(FmhubError):
         self.status, self.kind, self.param = status, kind, param
 
 
-_UNPRINTABLE = None
+_UNPRINTABLE: dict = {}  # compiled on first use: git's filter imports this module on every git command
+
+
+def printable(text: str, tabs: bool = False) -> str:
+    """``text`` safe to show on a terminal: control characters, line separators and bidi marks escaped
+    (``\\n``, ``\\x1b``, ``\\u202e``), tabs too unless ``tabs`` keeps them.
+
+    Messages quote paths, tensor names, keys and fields from repositories and servers: shown raw, a path holding
+    a newline could print a second line that looks like fmhub's own (``fmhub: … verified``), and an escape
+    sequence could move the cursor, recolour or hide other output.
+    """
+    if tabs not in _UNPRINTABLE:
+        import re
+
+        controls = "\x00-\x08\x0a-\x1f" if tabs else "\x00-\x1f"
+        _UNPRINTABLE[tabs] = re.compile(f"[{controls}\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+    return _UNPRINTABLE[tabs].sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def one_line(message: str) -> str:
-    """``message`` as one printable line: newlines, other control characters and bidi overrides escaped.
-
-    Messages quote paths, tensor names and fields from repositories and servers: a path holding a newline could
-    otherwise print a second line that looks like fmhub's own (``fmhub: … verified``), or drive the terminal.
-    """
-    global _UNPRINTABLE
-    if _UNPRINTABLE is None:  # compiled on first use: git's filter imports this module on every git command
-        import re
-
-        _UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
+    """``message`` as one printable line (`printable`, tabs kept): what every command prints after ``fmhub:``."""
+    return printable(message, tabs=True)
 
 
 def unexpected(doing: str, exc: BaseException) -> str:
