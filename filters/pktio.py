@@ -97,10 +97,12 @@ class PktReader:
         self._pos += len(take)
         return take
 
-    def read_all(self) -> bytes:
-        parts = []
-        while chunk := self.read(1 << 20):
+    def read_upto(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the section (fewer only at its end): never more than asked, whatever git sends."""
+        parts, got = [], 0
+        while got < n and (chunk := self.read(n - got)):
             parts.append(chunk)
+            got += len(chunk)
         return b"".join(parts)
 
     def drain(self) -> None:

@@ -138,10 +138,10 @@ class FilterServer:
             self._record("clean", path, "ok", audit.manifest_facts(result))
 
     def _smudge(self, reader: PktReader, path: str) -> None:
-        head = _read_upto(reader, len(MAGIC))
+        head = reader.read_upto(len(MAGIC))
         if head != MAGIC:  # not a manifest (a file committed before it was tracked): passed through, streamed
             return self._pass_through(reader, path, head)
-        data = head + _read_upto(reader, MAX_MANIFEST_BYTES + 1 - len(head))
+        data = head + reader.read_upto(MAX_MANIFEST_BYTES + 1 - len(head))
         if len(data) > MAX_MANIFEST_BYTES:  # refused before it is parsed, or held any longer
             reader.drain()
             return self._fail(path, f"{path}: a manifest over the limit of {MAX_MANIFEST_BYTES} bytes; the commit is corrupt or hostile", "smudge")
@@ -177,15 +177,6 @@ class FilterServer:
         self.proto.write_pkt_line(None)
         self._send_list()
         self._record("smudge", path, "ok", {"format": "raw", "size": out.written})
-
-
-def _read_upto(reader: PktReader, n: int) -> bytes:
-    """Up to ``n`` bytes of the section (fewer only at its end)."""
-    parts, got = [], 0
-    while got < n and (chunk := reader.read(n - got)):
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
 
 
 def _widen_pipes(*streams: BinaryIO) -> None:

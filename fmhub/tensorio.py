@@ -318,6 +318,14 @@ def _chained(steps: list[Callable[[object | None], Frame]]) -> Callable[[], Fram
 # -- whole tensors and streams --------------------------------------------------------------------
 
 
+def allocate(size: int, what: str) -> bytearray:
+    """A buffer for a whole tensor; a one-line error when it cannot be had (a size no machine holds)."""
+    try:
+        return bytearray(size)
+    except (MemoryError, OverflowError):
+        raise FmhubError(f"{what}: {size} bytes do not fit in memory") from None
+
+
 def read_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
     """A tensor's full bytes, rebuilt and checked against its oid (CorruptObject / MissingObject naming it).
 
@@ -329,10 +337,10 @@ def read_tensor(store: ObjectStore, entry: TensorEntry, label: str = "") -> byte
     for at, data in frames:
         if out is None:
             try:
-                out = bytearray(entry.size)
-            except (MemoryError, OverflowError):
+                out = allocate(entry.size, f"{label}tensor {entry.name!r}")
+            except FmhubError:
                 frames.close()
-                raise FmhubError(f"{label}tensor {entry.name!r}: {entry.size} bytes do not fit in memory") from None
+                raise
             view = memoryview(out)
         chunk = memoryview(data).cast("B")
         view[at : at + len(chunk)] = chunk

@@ -67,7 +67,9 @@ class TensorRef:
         f, offset = self.open()
         with f:
             f.seek(offset)
-            data = _allocate(self.size, f"{self.path}: tensor {self.name!r}")
+            from fmhub.tensorio import allocate
+
+            data = allocate(self.size, f"{self.path}: tensor {self.name!r}")
             got = 0
             while got < self.size:
                 n = f.readinto(memoryview(data)[got:])
@@ -108,14 +110,6 @@ class TensorRef:
         dtype = dtype or self.dtype
         size = self.size if dtype == self.dtype else self.numel * (tensors.itemsize(dtype))
         return TensorRef(self.name, dtype, self.shape, size, None, path or self.path, None, reader)
-
-
-def _allocate(size: int, what: str) -> bytearray:
-    """A buffer for a whole tensor; a one-line error when it cannot be had (a size no machine holds)."""
-    try:
-        return bytearray(size)
-    except (MemoryError, OverflowError):
-        raise FmhubError(f"{what}: {size} bytes do not fit in memory") from None
 
 
 def entry_ref(entry: TensorEntry, store: ObjectStore, path: str | None) -> TensorRef:
