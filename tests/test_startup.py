@@ -581,7 +581,7 @@ def test_pkt_lines_round_trip_and_fail_clearly():
     assert out.getvalue()[:22] == b"0012command=clean\n0000"
     back = PktLine(io.BytesIO(out.getvalue()).read, io.BytesIO().write)
     assert list(back.read_pkt_seq()) == [b"command=clean\n"]
-    assert PktReader(back).read_all() == b"x" * 70000
+    assert PktReader(back).read_upto(1 << 20) == b"x" * 70000
     with pytest.raises(Hangup):
         back.read_pkt_line()
     for bad in (b"00zzabc", b"0003", b"0010abc", b"00"):
