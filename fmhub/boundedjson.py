@@ -40,8 +40,6 @@ def depth(text: str, limit: int = MAX_DEPTH) -> int:
     cost is linear in the text for any document within the limit, with no
     Python loop over characters.
     """
-    if text.count("[") + text.count("{") <= 1:
-        return text.count("[") + text.count("{")
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
     for level in range(limit + 1):
         peeled = _INNERMOST.sub("", brackets)
@@ -112,17 +110,3 @@ def loads(
     except (ValueError, RecursionError) as exc:  # the hook's refusals; RecursionError: belt and braces
         raise JSONLimitError(str(exc).splitlines()[0] if str(exc) else f"not valid JSON ({type(exc).__name__})") from None
 
-
-def raw_decode(text: str, max_depth: int = MAX_DEPTH) -> tuple[object, int]:
-    """`json.JSONDecoder.raw_decode` within the same bounds: (value, index where it ends)."""
-    if _too_deep(text, max_depth):
-        raise JSONLimitError(f"nested deeper than {max_depth} levels")
-    decoder = json.JSONDecoder(parse_int=_int, parse_float=_float, parse_constant=_constant)
-    try:
-        return decoder.raw_decode(text)
-    except JSONLimitError:
-        raise
-    except json.JSONDecodeError as exc:
-        raise JSONLimitError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise JSONLimitError(f"not valid JSON ({type(exc).__name__})") from None
