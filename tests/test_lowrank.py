@@ -118,6 +118,7 @@ def test_a_full_rank_change_fails_a_strict_policy_and_stores_nothing(tmp_path):
     store = ObjectStore.create(str(tmp_path / "lfs"))
     w = torch.randn(64, 64)
     old = TensorEntry("w", "F32", (64, 64), w.numel() * 4, store.write_bytes(raw(w)))
+    store.flush()  # writes land in the background: without this, `before` could miss the old version's object
     before = set(store.iter_oids())
     from fmhub.deltas import ToleranceError
 
