@@ -16,7 +16,7 @@ One pipeline, ``length`` + ``pii`` + ``dedup`` + ``near-dup`` (word
 trigrams, 128 permutations, threshold 0.7: the defaults), runs on the ``serial`` and
 ``processes`` backends; both outputs must be byte-identical. The baseline,
 measured in the same run, reads and writes the same rows through
-`fmhub.rows` with no steps, so "vs baseline" is the share of plain I/O
+`fmhub.core.rows` with no steps, so "vs baseline" is the share of plain I/O
 speed the cleaning keeps. A CPU-bound probe says how many worker processes
 the machine really runs at once (a shared or throttled one runs fewer than
 it has cores), which bounds the ``processes`` speed-up.
@@ -157,9 +157,9 @@ clean:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fmhub import clean
-    from fmhub.rows import RowWriter, read_batches
-    from fmhub.spec import parse_spec
+    from fmhub.data.clean import pipeline as clean
+    from fmhub.core.rows import RowWriter, read_batches
+    from fmhub.project.spec import parse_spec
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(rows)} rows ({src.stat().st_size / 1e6:.1f} MB) in {gen_s:.1f} s: "
           f"{sum(v[0] == 'exact' for v in truth.values())} exact copies, {len(planted_near)} near copies", flush=True)
 
-    # baseline: the same rows read and written through fmhub.rows, no steps
+    # baseline: the same rows read and written through fmhub.core.rows, no steps
     t0 = time.perf_counter()
     with RowWriter(str(work / "baseline.jsonl")) as w:
         for batch in read_batches(str(src), args.batch_size):

@@ -145,7 +145,7 @@ class ToolRepo:
 
     def __init__(self, tool: str, root: Path, runner: Runner, wrapper: Path, config: dict[str, str] | None = None) -> None:
         self.tool, self.root, self.r, self.wrapper = tool, root, runner, wrapper
-        self.config = config or {}  # extra `git config` after the install (e.g. fmhub.deltas), for runs off the defaults
+        self.config = config or {}  # extra `git config` after the install (e.g. fmhub.core.deltas), for runs off the defaults
         self.driver = DRIVER[tool]
         self.real_filter: str | None = None
 

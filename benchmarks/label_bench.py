@@ -2,7 +2,7 @@
 
 The dataset is `label_data.reviews` (deterministic, with ground truth; see its
 docstring for why it is generated), the labelling functions `label_data.LFS`,
-applied by fmhub's own pipeline (``fmhub.labelling.collect_votes``) from an
+applied by fmhub's own pipeline (``fmhub.data.label.pipeline.collect_votes``) from an
 fmhub.yaml written to a work directory, so the votes are exactly those
 ``fmhub label`` would see. Every method then labels the same vote matrix.
 
@@ -36,16 +36,16 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import label_data  # noqa: E402
 
-from fmhub.label_model import ABSTAIN, LabelModel, majority_vote, redundancy_weights, redundant_pairs  # noqa: E402
-from fmhub.label_suggest import suggest  # noqa: E402
+from fmhub.data.label.model import ABSTAIN, LabelModel, majority_vote, redundancy_weights, redundant_pairs  # noqa: E402
+from fmhub.data.label.suggest import suggest  # noqa: E402
 
 CLASSES = ["negative", "positive"]
 
 
 def build_votes(workdir: str, n: int, seed: int, backend: str, workers: int):
     """Write the dataset, the LFs and an fmhub.yaml; return (L, truth) from fmhub's pipeline."""
-    from fmhub import labelling
-    from fmhub.spec import load_spec
+    from fmhub.data.label import pipeline as labelling
+    from fmhub.project.spec import load_spec
 
     rows = label_data.reviews(n, seed)
     with open(os.path.join(workdir, "reviews.jsonl"), "w") as f:

@@ -13,7 +13,7 @@ codecs the clean filter would use:
   does; stored exactly (``lowrank`` factors plus a patch of the elements the
   rebuild does not reproduce);
 * **fmhub merge**: ``fmhub adapter merge``'s definition (float64, one rounding:
-  `fmhub.lowrank.from_factors`); stored as the adapter's factors, no patch;
+  `fmhub.core.lowrank.from_factors`); stored as the adapter's factors, no patch;
 * **peft-style within 1e-6**: the lossy link ``fmhub.lowrank.tolerance 1e-6`` allows.
 
 Each row gives the delta's size as a fraction of the tensor (a full copy, the
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from fmhub.lowrank import LowRank, from_factors
+    from fmhub.core.lowrank import LowRank, from_factors
     from fmhub_plugins.delta_codecs import Sparse, XorZlib
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

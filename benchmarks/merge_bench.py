@@ -160,7 +160,7 @@ def dare_check(paths, root: Path) -> float:
     from peft.utils.merge_utils import dare_linear
     from safetensors import safe_open
 
-    from fmhub.merge_math import seed_for
+    from fmhub.models.merge_math import seed_for
 
     out = root / "dare"
     subprocess.run(fmhub_cmd(paths, "dare-linear", {"density": 0.3, "seed": 7}, [1.0, 1.0], out) + ["--base", str(paths["base"])], check=True, stdout=subprocess.DEVNULL)

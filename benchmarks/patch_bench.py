@@ -52,9 +52,13 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from fmhub import evaluation, join, labelling, patch, provenance
-    from fmhub.autotune import Task, train_adapter
-    from fmhub.spec import load_spec
+    from fmhub.ml import evaluation
+    from fmhub.data import join
+    from fmhub.data.label import pipeline as labelling
+    from fmhub.ml import patch
+    from fmhub.ml import explain as provenance
+    from fmhub.ml.autotune import Task, train_adapter
+    from fmhub.project.spec import load_spec
 
     root = tempfile.mkdtemp(prefix="fmhub-patch-bench-", dir=args.workdir)
     os.chdir(root)

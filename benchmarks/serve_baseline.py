@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from fmhub import lora
-from fmhub.errors import ServeError
+from fmhub.models import lora
+from fmhub.base.errors import ServeError
 from fmhub.serving.engine import GenParams, Request
 from fmhub.serving.metrics import Metrics
 

@@ -5,7 +5,7 @@
     python benchmarks/sparse_bench.py --k 0.05 --steps 300 --json out.json
 
 Nothing is downloaded. A Llama-architecture model is built from a config
-(``fmhub.demo.build_tiny_llama``'s shape by default) and briefly pre-trained
+(``fmhub.run.demo.build_tiny_llama``'s shape by default) and briefly pre-trained
 on a synthetic "language": runs through the alphabet with strides 1-3. The
 task is the same kind of text with strides 5 and 7, which the base has not
 seen. Texts are tokenized byte by byte (the model ships no tokenizer). Then,
@@ -13,12 +13,12 @@ from the same base and with the same data order, learning rate and steps:
 
 * **dense**: every parameter trained;
 * **fisher mask**: only the top-k fraction of entries by the base's empirical
-  Fisher on the task's training data (`fmhub.fisher.compute_fisher`), every
-  other entry bit-exact to the base (`fmhub.sparse_update.finetune_masked`);
+  Fisher on the task's training data (`fmhub.models.fisher.compute_fisher`), every
+  other entry bit-exact to the base (`fmhub.models.sparse_update.finetune_masked`);
 * **random mask**: the same number of entries, chosen uniformly at random
   (seeded), to show what the Fisher ranking buys;
 * **dense, sparsified**: the dense fine-tune with its update kept on the
-  top-k Fisher entries only (`fmhub.sparse_update.sparse_update`).
+  top-k Fisher entries only (`fmhub.models.sparse_update.sparse_update`).
 
 The table gives each model's mean token NLL on held-out task examples, the
 entries that differ from the base, wall times, and what git stores for the
@@ -144,8 +144,8 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from fmhub.fisher import compute_fisher
-    from fmhub.sparse_update import eval_loss, finetune_masked, sparse_update
+    from fmhub.models.fisher import compute_fisher
+    from fmhub.models.sparse_update import eval_loss, finetune_masked, sparse_update
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

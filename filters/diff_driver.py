@@ -17,8 +17,8 @@ instead: ``fmhub textconv FILE`` prints one line per tensor (name, dtype,
 shape, short sha256, norm, mean, std), so a changed tensor shows as a -/+ pair;
 ``diff.fmhub.cachetextconv`` keeps git from recomputing it per blob.
 
-Datasets (jsonl, parquet: `fmhub.datafile`) are diffed by rows instead
-(`fmhub.data_diff`): counts of rows added, removed and changed, and a few
+Datasets (jsonl, parquet: `fmhub.core.datafile`) are diffed by rows instead
+(`fmhub.data.rowdiff`): counts of rows added, removed and changed, and a few
 sample rows; their textconv lists one line per row.
 """
 
@@ -28,8 +28,8 @@ import os
 import sys
 from typing import Sequence, TextIO
 
-from fmhub.errors import FmhubError, one_line
-from fmhub.manifest import Manifest, is_manifest
+from fmhub.base.errors import FmhubError, one_line
+from fmhub.core.manifest import Manifest, is_manifest
 
 _NULL_HEXES = {"", ".", "0" * 40, "0" * 64}
 
@@ -39,9 +39,9 @@ GIT_DIFF = "git diff"  # the reader, in the audit log's records of read decision
 
 def _side(filename: str, hexid: str, path: str, blobs, store_opener):
     """One side as a CheckpointView (empty when the file does not exist on that side); tensors the read policy
-    denies the user are withheld (`fmhub.views.guard`: git runs the driver at the top of the work tree)."""
-    from fmhub.diff import CheckpointView
-    from fmhub.views import guard
+    denies the user are withheld (`fmhub.models.views.guard`: git runs the driver at the top of the work tree)."""
+    from fmhub.models.diff import CheckpointView
+    from fmhub.models.views import guard
 
     if filename == "/dev/null" or (hexid == "." and not os.path.exists(filename)):
         return CheckpointView.empty(path)
@@ -56,10 +56,10 @@ _ABSENT = "absent"
 
 
 def _data_side(filename: str, hexid: str, path: str, blobs, store_opener):
-    """One side as a `fmhub.datafile.DataSide` when it is a dataset; _ABSENT when the file does not exist on
+    """One side as a `fmhub.core.datafile.DataSide` when it is a dataset; _ABSENT when the file does not exist on
     that side; None when it is something else (a checkpoint). Rows are read from git's smudged temp file;
     a manifest in the repository supplies the sha256, so equal versions are not read at all."""
-    from fmhub.datafile import side_from_file
+    from fmhub.core.datafile import side_from_file
 
     if filename == "/dev/null" or (hexid == "." and not os.path.exists(filename)):
         return _ABSENT
@@ -73,13 +73,13 @@ def _data_side(filename: str, hexid: str, path: str, blobs, store_opener):
     side = side_from_file(filename, path, store_opener)
     if side is not None and manifest is not None:
         side.sha256, side.chunk_oids = manifest.sha256, tuple(t.oid for t in manifest.tensors)
-    from fmhub.diff import guard_data
+    from fmhub.models.diff import guard_data
 
     return guard_data(side, path, via=GIT_DIFF)
 
 
 def _diff_data(path: str, new_path: str, old, new, out: TextIO) -> None:
-    from fmhub.data_diff import diff_data, format_data_text, key_attribute
+    from fmhub.data.rowdiff import diff_data, format_data_text, key_attribute
 
     change = diff_data(old if old is not _ABSENT else None, new if new is not _ABSENT else None, key_attribute(new_path), new_path)
     out.write(f"diff --fmhub a/{path} b/{new_path}\n")
@@ -87,8 +87,8 @@ def _diff_data(path: str, new_path: str, old, new, out: TextIO) -> None:
 
 
 def diff(args: Sequence[str], out: TextIO) -> None:
-    from fmhub.diff import GitBlobs, diff_views, format_text
-    from fmhub.repo import open_store
+    from fmhub.models.diff import GitBlobs, diff_views, format_text
+    from fmhub.core.repo import open_store
 
     path = args[0]
     if len(args) < 7:  # git passes only the path for an unmerged entry
@@ -137,9 +137,9 @@ def run(args: Sequence[str], out: TextIO = sys.stdout, stderr: TextIO = sys.stde
 
 def textconv(filename: str, out: TextIO = sys.stdout) -> int:
     """``diff.fmhub.textconv``: a per-tensor summary of one side (one line per row for a dataset)."""
-    from fmhub.datafile import side_from_file
-    from fmhub.diff import textconv as lines
-    from fmhub.repo import open_store
+    from fmhub.core.datafile import side_from_file
+    from fmhub.models.diff import textconv as lines
+    from fmhub.core.repo import open_store
 
     def store():
         try:
@@ -151,14 +151,14 @@ def textconv(filename: str, out: TextIO = sys.stdout) -> int:
         # git names its temp file after the path (…_data.jsonl), so a dataset is recognised by its name too
         data = side_from_file(filename, filename, store)
         if data is not None:
-            from fmhub.data_diff import textconv_lines
-            from fmhub.diff import textconv_withheld, withhold_rows
+            from fmhub.data.rowdiff import textconv_lines
+            from fmhub.models.diff import textconv_withheld, withhold_rows
 
             note = textconv_withheld("rows")
             if note is not None:  # the file or its manifest alike (the manifest's sha256 is the file's): git shares it
                 from dataclasses import replace
 
-                from fmhub.store import file_sha256
+                from fmhub.core.store import file_sha256
 
                 data = withhold_rows(replace(data, sha256=data.sha256 or file_sha256(filename)), note)
 

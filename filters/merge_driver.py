@@ -14,15 +14,16 @@ import os
 import sys
 from typing import Any, TextIO
 
-from fmhub import audit, tensors
-from fmhub.checkpoint import format_named
-from fmhub.errors import FmhubError, MergeConflict, one_line
-from fmhub.interfaces import TensorInfo
-from fmhub.manifest import Manifest, TensorEntry, is_manifest
-from fmhub.merge import MergePlan, load_plan_file, merge_tensor, strategy_named
-from fmhub.repo import git, open_store, toplevel
-from fmhub.store import ObjectStore
-from fmhub.views import CheckpointView, entry_ref, from_path
+from fmhub.governance import audit
+from fmhub.core import tensors
+from fmhub.core.checkpoint import format_named
+from fmhub.base.errors import FmhubError, MergeConflict, one_line
+from fmhub.plugin.interfaces import TensorInfo
+from fmhub.core.manifest import Manifest, TensorEntry, is_manifest
+from fmhub.models.merge import MergePlan, load_plan_file, merge_tensor, strategy_named
+from fmhub.core.repo import git, open_store, toplevel
+from fmhub.core.store import ObjectStore
+from fmhub.models.views import CheckpointView, entry_ref, from_path
 
 _Key = tuple[str, tuple[int, ...], str]  # what makes two versions of a tensor the same
 
@@ -119,7 +120,7 @@ def _resolve(name, base, ours, theirs, store: ObjectStore, plan: MergePlan | Non
     if ours is None or theirs is None:
         problems.append(f"{name}: deleted on one side, changed on the other")
         return None
-    from fmhub.access import read_denials
+    from fmhub.governance.access import read_denials
 
     denied = read_denials(path, [name], via="git merge").get(name)
     if denied is not None:

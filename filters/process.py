@@ -11,16 +11,24 @@ import sys
 
 from fmhub_filters.pktio import Hangup, PktLine, PktLineError, PktReader, PktWriter
 
-from fmhub import audit, checkpoint
-from fmhub.errors import FmhubError, one_line, unexpected
-from fmhub.manifest import MAGIC, MAX_MANIFEST_BYTES
-from fmhub.repo import open_store, staged_blob
+from fmhub.governance import audit
+from fmhub.core import checkpoint
+from fmhub.base.errors import FmhubError, one_line, unexpected
+from fmhub.core.manifest import MAGIC, MAX_MANIFEST_BYTES
+from fmhub.core.repo import open_store, staged_blob
+
+
+def check_access(path: str, tensors=(), root: str | None = None, action: str = "read") -> bool:
+    """The access policy (`fmhub.governance.access.check_smudge`), imported on a file's first use, not at start-up."""
+    from fmhub.governance.access import check_smudge
+
+    return check_smudge(path, tensors, root=root, action=action)
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
     from typing import BinaryIO, TextIO
 
-    from fmhub.store import ObjectStore
+    from fmhub.core.store import ObjectStore
 
 
 CAPABILITIES = ("clean", "smudge")
@@ -46,9 +54,9 @@ class FilterServer:
 
     @property
     def deltas(self):
-        """The repository's delta policy (`fmhub.deltas.policy_from_git`), read once per git command."""
+        """The repository's delta policy (`fmhub.core.deltas.policy_from_git`), read once per git command."""
         if not hasattr(self, "_deltas"):
-            from fmhub.deltas import policy_from_git
+            from fmhub.core.deltas import policy_from_git
 
             self._deltas = policy_from_git()
         return self._deltas
@@ -59,7 +67,7 @@ class FilterServer:
         Imported here, not at the top: most smudges find every object local and never need the transfer layer.
         """
         if self._fetcher is None:
-            from fmhub.sync import LazyFetcher
+            from fmhub.git.sync import LazyFetcher
 
             self._fetcher = LazyFetcher(self.store)
         self._fetcher(objects)
@@ -123,7 +131,8 @@ class FilterServer:
     def _clean(self, reader: PktReader, path: str) -> None:
         staged = staged_blob(path, MAX_MANIFEST_BYTES)
         try:
-            result = checkpoint.clean(reader, self.store, path, previous=checkpoint.staged_manifest(path, staged), deltas=self.deltas)
+            result = checkpoint.clean(reader, self.store, path, previous=checkpoint.staged_manifest(path, staged), deltas=self.deltas,
+                                      access=check_access)
         except FmhubError as exc:
             reader.drain()
             return self._fail(path, str(exc), "clean", exc)
@@ -153,7 +162,8 @@ class FilterServer:
             self._send_list(b"status=success")
 
         try:
-            checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start, fetch=self._fetch_missing)
+            checkpoint.smudge(data, self.store, PktWriter(self.proto, self._out), path, on_start=start, fetch=self._fetch_missing,
+                             access=check_access)
         except Exception as exc:
             msg = str(exc) if isinstance(exc, FmhubError) else unexpected(f"{path}: smudging", exc)
             if not started:

@@ -9,7 +9,7 @@ def hookimpl(function=None, *, hookwrapper=False, optionalhook=False, tryfirst=F
     What ``pluggy.HookimplMarker("fmhub")`` does (it sets ``fmhub_impl`` on the
     function, which pluggy reads when the plugin is registered), without
     importing pluggy: git starts fmhub's filter for every git command, and most
-    of them only need built-in plugins (`fmhub.host` then calls them directly).
+    of them only need built-in plugins (`fmhub.plugin.host` then calls them directly).
     """
 
     def mark(func):

@@ -1,4 +1,4 @@
-"""``python -m fmhub``: the commands git runs go straight to `fmhub.gitcmd`, everything else to the CLI.
+"""``python -m fmhub``: the commands git runs go straight to `fmhub_filters.commands`, everything else to the CLI.
 
 git starts the filter once per command: importing the CLI (typer, rich) would cost more than a small clean.
 """
@@ -7,7 +7,7 @@ import sys
 
 
 def main() -> None:
-    from fmhub import gitcmd
+    from fmhub_filters import commands as gitcmd
 
     status = gitcmd.run(sys.argv[1:])
     if status is not None:

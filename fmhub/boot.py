@@ -10,13 +10,13 @@ fmhub's own packages from this installation (an editable install's source tree
 keeps them in ``filters/`` and ``plugins/``, mapped as pyproject.toml maps them).
 
 The code lines of ``.pth`` files are not run. When a plugin then fails to
-import (`fmhub.host`), or a module that such a line would have provided is
-imported (`SiteOnDemand`), ``site``'s full start-up runs after all (`full_site`)
+import (`fmhub.plugin.host`), or a module that such a line would have provided is
+imported (`SiteOnDemand`), ``site``'s full start-up runs after all (`fmhub.base.sitestart.full_site`)
 and the import is tried again: a plugin reachable only through a hook still loads.
 """
 
 # Only built-in modules until sys.path is mended: while this file runs as a script its directory
-# (fmhub/) is sys.path[0], and fmhub/select.py would shadow the standard library's select.
+# (fmhub/) is sys.path[0], and fmhub/ml/selection.py would shadow the standard library's select.
 import sys
 
 if __name__ == "__main__" and not getattr(sys.flags, "safe_path", False):
@@ -179,7 +179,11 @@ class SiteOnDemand:
             return None
         if self._names is None:
             self._names = editable_names(self._finders) - self._own
-        if fullname not in self._names or not full_site():
+        if fullname not in self._names:
+            return None
+        from fmhub.base.sitestart import full_site  # fmhub's own packages import without site: OwnPackages finds them
+
+        if not full_site():
             return None
         for finder in list(sys.meta_path):
             if finder is not self and hasattr(finder, "find_spec"):
@@ -187,19 +191,6 @@ class SiteOnDemand:
                 if spec is not None:
                     return spec
         return None
-
-
-def full_site() -> bool:
-    """Run what ``python`` without ``-S`` runs at start-up (every .pth file, sitecustomize) if this process skipped
-    it and has not run it since; True if it ran now. `fmhub.host` calls it when a plugin fails to import."""
-    import importlib
-    import site
-
-    if not sys.flags.no_site or site.ENABLE_USER_SITE is not None:  # site.main() sets ENABLE_USER_SITE
-        return False
-    site.main()
-    importlib.invalidate_caches()
-    return True
 
 
 def defer_inspect() -> None:
@@ -234,7 +225,7 @@ def main() -> None:
     if finders:
         sys.meta_path.append(SiteOnDemand(finders, set(own)))
     if sys.argv[1:2] == ["filter-process"]:
-        from fmhub import prefetch  # git answers while the imports below run (the filter asks both first)
+        from fmhub.base import prefetch  # git answers while the imports below run (the filter asks both first)
 
         prefetch.start(("rev-parse", "--git-common-dir", "--git-path", "index"), ("config", "--list", "-z"))
         prefetch.start_child("cat-file", "--batch-command")  # the staged manifests, clean's first question per file

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from fmhub import hookimpl
-from fmhub.errors import PluginError
+from fmhub.base.errors import PluginError
 
 _remote = None
 

@@ -34,8 +34,8 @@ import numpy as np
 from pydantic import Field
 
 from fmhub import hookimpl
-from fmhub.cleaners import StepOptions, parse_options, text_of
-from fmhub.interfaces import CleanContext, Drop
+from fmhub.data.clean.cleaners import StepOptions, parse_options, text_of
+from fmhub.plugin.interfaces import CleanContext, Drop
 
 _WORD = re.compile(r"\w+")
 

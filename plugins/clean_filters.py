@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional, Sequence
 from pydantic import Field, field_validator, model_validator
 
 from fmhub import hookimpl
-from fmhub.cleaners import StepOptions, parse_options, text_of
-from fmhub.interfaces import CleanContext, Drop, Edit
+from fmhub.data.clean.cleaners import StepOptions, parse_options, text_of
+from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 # ---------------------------------------------------------------- length
 
@@ -162,7 +162,7 @@ def _replace(row: Mapping[str, Any], columns: Sequence[str], replace: list) -> E
 
 
 def _error(message: str, option: str | None):
-    from fmhub.cleaners import CleanerError
+    from fmhub.data.clean.cleaners import CleanerError
 
     return CleanerError(f"regex: {message}", option=option)
 

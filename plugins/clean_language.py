@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 from pydantic import Field, field_validator
 
 from fmhub import hookimpl
-from fmhub.cleaners import StepOptions, parse_options, text_of
-from fmhub.interfaces import CleanContext, Drop
+from fmhub.data.clean.cleaners import StepOptions, parse_options, text_of
+from fmhub.plugin.interfaces import CleanContext, Drop
 
 _WORDS = {
     "en": """the be to of and a in that have i it for not on with he as you do at this but his by from they we say

@@ -23,8 +23,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from pydantic import Field, field_validator
 
 from fmhub import hookimpl
-from fmhub.cleaners import StepOptions, parse_options
-from fmhub.interfaces import CleanContext, Drop, Edit
+from fmhub.data.clean.cleaners import StepOptions, parse_options
+from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 KINDS = ("key", "email", "credit_card", "ip", "phone")
 REPLACEMENTS = {"key": "<KEY>", "email": "<EMAIL>", "credit_card": "<CREDIT_CARD>", "ip": "<IP>", "phone": "<PHONE>"}

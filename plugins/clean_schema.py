@@ -18,8 +18,8 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import Field, model_validator
 
 from fmhub import hookimpl
-from fmhub.cleaners import StepOptions, parse_options
-from fmhub.interfaces import CleanContext, Drop, Edit
+from fmhub.data.clean.cleaners import StepOptions, parse_options
+from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 TypeName = Literal["str", "int", "float", "bool"]
 
@@ -65,7 +65,7 @@ class Schema:
         if o.drop_unknown:
             keep = frozenset(o.rename.values()) | set(o.defaults) | set(o.cast) | set(o.require) | set(o.known)
             if not keep:
-                from fmhub.cleaners import CleanerError
+                from fmhub.data.clean.cleaners import CleanerError
 
                 raise CleanerError("schema: drop_unknown would drop every column; name the columns to keep in known", "drop_unknown")
         return SchemaConfig(dict(o.rename), dict(o.defaults), dict(o.cast), tuple(o.require), keep)

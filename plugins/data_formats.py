@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-from fmhub import boundedjson, hookimpl
-from fmhub.chunking import DEFAULT_GEAR, DEFAULT_LINES
-from fmhub.errors import FmhubError, UnreadableRows
+from fmhub import hookimpl
+from fmhub.base import boundedjson
+from fmhub.core.chunking import DEFAULT_GEAR, DEFAULT_LINES
+from fmhub.base.errors import FmhubError, UnreadableRows
 
 if TYPE_CHECKING:
-    from fmhub.interfaces import Row
+    from fmhub.plugin.interfaces import Row
 
 PARQUET_BATCH_ROWS = 8192  # rows decoded at a time: memory stays at a batch whatever the file size
 MAX_LINE_BYTES = 64 << 20  # a longer jsonl line is an unreadable row, skipped without being held whole

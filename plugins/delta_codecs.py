@@ -6,7 +6,7 @@ from __future__ import annotations
 import zlib
 
 from fmhub import hookimpl
-from fmhub.sparse_index import decode_patch, encode_patch
+from fmhub.core.sparse_index import decode_patch, encode_patch
 
 # safetensors dtype names -> bytes per element; an unknown dtype is diffed byte by byte
 ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -21,7 +21,7 @@ def _elements(data, itemsize: int):
 class Sparse:
     """The elements that changed: their indices and new values, compared bit by bit (so -0.0 vs 0.0 and NaNs count).
 
-    Layout: ``b"FSP1"`` then a patch of the new values (`fmhub.sparse_index`): about a
+    Layout: ``b"FSP1"`` then a patch of the new values (`fmhub.core.sparse_index`): about a
     byte per changed element for its index, plus its new bits.
     """
 
@@ -84,25 +84,25 @@ class XorZlib:
 
 
 class Planes:
-    """Byte planes entropy-coded with zstd, frame by frame (`fmhub.planes`; spec: docs/manifest.md).
+    """Byte planes entropy-coded with zstd, frame by frame (`fmhub.core.planes`; spec: docs/manifest.md).
 
     As a delta each frame is coded as unchanged, its changed elements, or the
     zigzag difference; as a root (no previous version) as its planes. fmhub
-    streams these objects frame by frame (`fmhub.tensorio`); ``encode`` and
+    streams these objects frame by frame (`fmhub.core.tensorio`); ``encode`` and
     ``decode`` here hold whole tensors, for `fmhub repack` and packed objects.
     """
 
     name = "planes"
 
     def encode(self, base, new, dtype, shape=None):
-        from fmhub.planes import encode_object
+        from fmhub.core.planes import encode_object
 
         if base is not None and len(base) != len(new):
             return None
         return encode_object(new, base, dtype)
 
     def decode(self, base, delta, dtype):
-        from fmhub.planes import decode_object
+        from fmhub.core.planes import decode_object
 
         return decode_object(delta, base, len(base))
 

@@ -1,12 +1,12 @@
 """Built-in plugin: the low-rank delta codecs, for updates such as a LoRA merged into its base: ``lowrank-fixed``
-(`fmhub.lowrank_fixed`: integer factors, what the clean filter writes) and ``lowrank`` (`fmhub.lowrank`: float
+(`fmhub.core.lowrank_fixed`: integer factors, what the clean filter writes) and ``lowrank`` (`fmhub.core.lowrank`: float
 factors; `fmhub adapter merge` and lossy storage within a tolerance)."""
 
 from __future__ import annotations
 
 from fmhub import hookimpl
-from fmhub.lowrank import LowRank
-from fmhub.lowrank_fixed import LowRankFixed
+from fmhub.core.lowrank import LowRank
+from fmhub.core.lowrank_fixed import LowRankFixed
 
 
 @hookimpl

@@ -22,8 +22,8 @@ import os
 from typing import Any, Mapping, Sequence
 
 from fmhub import hookimpl
-from fmhub.interfaces import LabelContext
-from fmhub.labelers import LabelerError, Options, check_class, text_of
+from fmhub.plugin.interfaces import LabelContext
+from fmhub.data.label.labelers import LabelerError, Options, check_class, text_of
 
 
 class _ModelLF:

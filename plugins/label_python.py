@@ -22,8 +22,8 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from fmhub import hookimpl
-from fmhub.interfaces import LabelContext
-from fmhub.labelers import LabelerError, Options
+from fmhub.plugin.interfaces import LabelContext
+from fmhub.data.label.labelers import LabelerError, Options
 
 
 class _PythonLF:

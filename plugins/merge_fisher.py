@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from fmhub import hookimpl
-from fmhub.errors import MergeConflict
+from fmhub.base.errors import MergeConflict
 
 
 class Fisher:
-    """Σ wᵢ Fᵢ θᵢ / Σ wᵢ Fᵢ elementwise (with a small floor on F; see `fmhub.merge_math.fisher_weighted`)."""
+    """Σ wᵢ Fᵢ θᵢ / Σ wᵢ Fᵢ elementwise (with a small floor on F; see `fmhub.models.merge_math.fisher_weighted`)."""
 
     name = "fisher"
     needs_base = False
@@ -23,7 +23,7 @@ class Fisher:
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
     ) -> Any:
-        from fmhub import merge_math
+        from fmhub.models import merge_math
 
         fisher = options.get("fisher")
         if fisher is None:

@@ -1,6 +1,6 @@
 """Built-in plugin: the ``linear`` (weighted mean) and ``task-arithmetic`` merge strategies.
 
-The maths lives in `fmhub.merge_math`; this module only reads options.
+The maths lives in `fmhub.models.merge_math`; this module only reads options.
 torch is imported inside ``merge`` (the git filter loads plugins at start-up).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from fmhub import hookimpl
-from fmhub.errors import MergeConflict
+from fmhub.base.errors import MergeConflict
 
 
 class Linear:
@@ -22,7 +22,7 @@ class Linear:
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
     ) -> Any:
-        from fmhub import merge_math
+        from fmhub.models import merge_math
 
         return merge_math.linear([load(i) for i in range(sides)], options.get("weights"))
 
@@ -37,7 +37,7 @@ class TaskArithmetic:
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
     ) -> Any:
-        from fmhub import merge_math
+        from fmhub.models import merge_math
 
         if base is None:
             raise MergeConflict("task-arithmetic needs a merge base (it adds each side's change from the base)")

@@ -1,7 +1,7 @@
 """Built-in plugin: the ``slerp`` merge strategy (spherical interpolation between exactly two sides).
 
 Option ``t`` (default 0.5): 0 gives side 0, 1 gives side 1. See
-`fmhub.merge_math.slerp` for the colinear fallback. torch is imported inside ``merge``.
+`fmhub.models.merge_math.slerp` for the colinear fallback. torch is imported inside ``merge``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from fmhub import hookimpl
-from fmhub.errors import MergeConflict
+from fmhub.base.errors import MergeConflict
 
 
 class Slerp:
@@ -20,7 +20,7 @@ class Slerp:
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
     ) -> Any:
-        from fmhub import merge_math
+        from fmhub.models import merge_math
 
         if sides != 2:
             raise MergeConflict(f"slerp interpolates between exactly 2 sides, got {sides}; use linear for more")

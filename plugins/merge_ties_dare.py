@@ -4,7 +4,7 @@ All three work on task vectors (side − base), so they need a merge base.
 Options: ``density`` (required, in (0, 1]), ``weights`` (default all 1),
 ``scale`` (default 1), ``majority_sign`` ("total" or "frequency", default
 "total"), and for DARE ``seed`` (default 0; each tensor's drop mask is seeded
-from (seed, tensor name), see `fmhub.merge_math.seed_for`).
+from (seed, tensor name), see `fmhub.models.merge_math.seed_for`).
 torch is imported inside ``merge`` (the git filter loads plugins at start-up).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from fmhub import hookimpl
-from fmhub.errors import MergeConflict
+from fmhub.base.errors import MergeConflict
 
 
 def _get(options: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -42,7 +42,7 @@ class Ties(_TaskVectorStrategy):
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
     ) -> Any:
-        from fmhub import merge_math
+        from fmhub.models import merge_math
 
         b, ts = self._inputs(base, load, sides, options)
         return merge_math.ties(
@@ -61,7 +61,7 @@ class Dare(_TaskVectorStrategy):
     def merge(
         self, name: str, base: Callable[[], Any] | None, load: Callable[[int], Any], sides: int, options: Mapping[str, Any]
     ) -> Any:
-        from fmhub import merge_math
+        from fmhub.models import merge_math
 
         b, ts = self._inputs(base, load, sides, options)
         return merge_math.dare(

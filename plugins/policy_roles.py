@@ -10,13 +10,13 @@ reason naming ``file:line``; without a policy file it has no opinion.
 from __future__ import annotations
 
 from fmhub import hookimpl
-from fmhub.records import AccessRequest, Decision
+from fmhub.plugin.records import AccessRequest, Decision
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
-    from fmhub.policy import Policy, PolicyError
+    from fmhub.governance.policy import Policy, PolicyError
 
-# `fmhub.policy.POLICY_FILE`, spelled out: the parser (pydantic, yaml) is imported only when a
+# `fmhub.governance.policy.POLICY_FILE`, spelled out: the parser (pydantic, yaml) is imported only when a
 # policy file exists, so a check in git's filter process without one costs a failed open
 POLICY_FILE = ".fmhub/policy.yaml"
 
@@ -25,7 +25,7 @@ class RolePolicy:
     name = "roles"
 
     def _policy(self, data: bytes) -> Policy | PolicyError:
-        from fmhub.policy import parse_policy_bytes
+        from fmhub.governance.policy import parse_policy_bytes
 
         return parse_policy_bytes(data, POLICY_FILE)
 

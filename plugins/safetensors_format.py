@@ -11,28 +11,22 @@ import json
 import math
 import struct
 
-from fmhub import boundedjson, hookimpl
-from fmhub.errors import CorruptCheckpoint
-from fmhub.records import Layout, TensorInfo
+from fmhub.core.tensors import DTYPE_BITS
+from fmhub import hookimpl
+from fmhub.base import boundedjson
+from fmhub.base.errors import CorruptCheckpoint
+from fmhub.plugin.records import Layout, TensorInfo
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
     from typing import Mapping, Sequence
 
-    from fmhub.interfaces import ReadExact
+    from fmhub.plugin.interfaces import ReadExact
 
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_DEPTH = 3  # {name: {"shape": [..]}}: deeper is never a safetensors header
 
-# bits per element; dtypes not listed here are stored without a size check
-DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-}
 
 
 class SafetensorsFormat:

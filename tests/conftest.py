@@ -128,7 +128,7 @@ def commit_checkpoint(repo: Path, tensors: dict, message: str, path: str = "mode
 
 def committed_manifest(repo: Path, rev: str = "HEAD", path: str = "model.safetensors"):
     """The manifest git holds for ``path`` at ``rev``."""
-    from fmhub.manifest import Manifest
+    from fmhub.core.manifest import Manifest
 
     return Manifest.from_bytes(git(repo, "show", f"{rev}:{path}").stdout)
 

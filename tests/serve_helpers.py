@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fmhub.demo import build_tiny_llama
+from fmhub.run.demo import build_tiny_llama
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -16,9 +16,9 @@ import torch
 
 from conftest import fmhub, git, isolate_git, save_tensors, sha256_file
 
-from fmhub.interfaces import AccessRequest
-from fmhub.manifest import Manifest
-from fmhub.policy import PolicyError, parse_policy
+from fmhub.plugin.interfaces import AccessRequest
+from fmhub.core.manifest import Manifest
+from fmhub.governance.policy import PolicyError, parse_policy
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 SECRET_VALUE = 1234.5678  # a tensor value that must never show up in messages
@@ -271,8 +271,8 @@ def test_join_and_eval_pipelines_honour_the_policy(guarded, monkeypatch):
     _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import slice_data as sd
 
-    from fmhub.evaluation import run_eval
-    from fmhub.spec import load_spec
+    from fmhub.ml.evaluation import run_eval
+    from fmhub.project.spec import load_spec
 
     policy = guarded / ".fmhub/policy.yaml"
     policy.write_text(policy.read_text().replace("rules:\n", "rules:\n" + ROW_RULES, 1))

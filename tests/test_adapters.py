@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fmhub, git, sha256_file
-from fmhub.demo import build_tiny_llama
-from fmhub.manifest import Manifest
+from fmhub.run.demo import build_tiny_llama
+from fmhub.core.manifest import Manifest
 
 WEIGHTS = "base/model.safetensors"
 

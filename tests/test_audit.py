@@ -13,7 +13,7 @@ import torch
 
 from conftest import fmhub, git, save_tensors
 
-from fmhub import audit
+from fmhub.governance import audit
 
 FORGED = "mallory@evil.invalid"
 
@@ -133,8 +133,10 @@ def test_push_records_remote_objects_and_bytes(repo, lfs_server, tmp_path):
 
 
 def test_pipeline_runs_and_fmhub_merge_are_recorded(repo, monkeypatch):
-    from fmhub import clean, labelling, merge
-    from fmhub.spec import load_spec
+    from fmhub.data.clean import pipeline as clean
+    from fmhub.data.label import pipeline as labelling
+    from fmhub.models import merge
+    from fmhub.project.spec import load_spec
 
     rows = [{"id": i, "text": t} for i, t in enumerate(["a great day", "terrible", "great great value here", "meh"])]
     (repo / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

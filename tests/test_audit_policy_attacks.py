@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 
 from conftest import BILLION_LAUGHS, fmhub, git, isolate_git, save_tensors
 
-from fmhub import audit
-from fmhub.access import MAX_READ, work_tree_reader
-from fmhub.errors import FmhubError
-from fmhub.policy import MAX_POLICY_BYTES, PolicyError, parse_policy, parse_policy_bytes
-from fmhub.records import AccessRequest
+from fmhub.governance import audit
+from fmhub.governance.access import MAX_READ, work_tree_reader
+from fmhub.base.errors import FmhubError
+from fmhub.governance.policy import MAX_POLICY_BYTES, PolicyError, parse_policy, parse_policy_bytes
+from fmhub.plugin.records import AccessRequest
 from plugins.policy_roles import RolePolicy
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -211,7 +211,7 @@ def test_since_takes_ascii_digits_and_bounded_ages(text):
 
 
 def test_manifest_facts_ignore_a_size_in_other_digits():
-    from fmhub.manifest import MAGIC
+    from fmhub.core.manifest import MAGIC
 
     for size in ("1²", "٣", "9" * 5000):
         facts = audit.manifest_facts(MAGIC + f"\nformat safetensors\nsize {size}\n".encode())

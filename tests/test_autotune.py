@@ -1,4 +1,4 @@
-"""Automated fine-tuning (fmhub.autotune): the learning-rate search, LoRA training that beats the base, reproducible bytes, bad input."""
+"""Automated fine-tuning (fmhub.ml.autotune): the learning-rate search, LoRA training that beats the base, reproducible bytes, bad input."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from fmhub import autotune
-from fmhub.autotune import DEFAULT_LRS, TRAIN_FILE, Task, TaskError, evaluate, train_adapter
-from fmhub.errors import FmhubError
-from fmhub.store import file_sha256
+from fmhub.ml import autotune
+from fmhub.ml.autotune import DEFAULT_LRS, TRAIN_FILE, Task, TaskError, evaluate, train_adapter
+from fmhub.base.errors import FmhubError
+from fmhub.core.store import file_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]

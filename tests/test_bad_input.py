@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from fmhub.manifest import Manifest
+from fmhub.core.manifest import Manifest
 
 FMHUB = [sys.executable, "-m", "fmhub"]
 CKPT = "model.safetensors"
@@ -433,7 +433,7 @@ def file_size_limit(nbytes: int):
 
 @pytest.mark.parametrize(
     "nbytes", [4 << 20, 80 << 20], ids=["buffered-object", "spilled-object"]
-)  # the store buffers objects up to 16 MiB (`fmhub.store.SPILL_BYTES`), then streams them to a temp file
+)  # the store buffers objects up to 16 MiB (`fmhub.core.store.SPILL_BYTES`), then streams them to a temp file
 def test_full_disk(repo, nbytes):
     data, payload = big_checkpoint(nbytes)
     repo.write(CKPT, data)

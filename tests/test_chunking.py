@@ -1,4 +1,4 @@
-"""Content-defined chunking (fmhub/chunking.py) against the spec in docs/manifest.md, and data-file manifests.
+"""Content-defined chunking (fmhub/core/chunking.py) against the spec in docs/manifest.md, and data-file manifests.
 
 The fast chunkers (numpy, block by block) must cut exactly where the
 byte-at-a-time definition in the spec cuts, whatever the block size, so that
@@ -14,11 +14,11 @@ import zlib
 
 import pytest
 
-from fmhub import checkpoint
-from fmhub.chunking import DEFAULT_GEAR, DEFAULT_LINES, Chunking, cut_offsets, gear_mask_bits, gear_values
-from fmhub.errors import ManifestError
-from fmhub.manifest import Manifest
-from fmhub.store import ObjectStore
+from fmhub.core import checkpoint
+from fmhub.core.chunking import DEFAULT_GEAR, DEFAULT_LINES, Chunking, cut_offsets, gear_mask_bits, gear_values
+from fmhub.base.errors import ManifestError
+from fmhub.core.manifest import Manifest
+from fmhub.core.store import ObjectStore
 
 SMALL_GEAR = Chunking("gear", 256, 1024, 4096)
 SMALL_LINES = Chunking("lines", 256, 1024, 4096)

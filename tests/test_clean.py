@@ -12,12 +12,14 @@ import pytest
 
 from conftest import FMHUB, run
 
-from fmhub import clean, hookimpl, host
-from fmhub.clean_overrides import OverridesError, load_overrides, row_hash
-from fmhub.errors import PluginError
-from fmhub.interfaces import Drop, Edit
-from fmhub.rows import DataError, RowWriter
-from fmhub.spec import SpecError, load_spec
+from fmhub import hookimpl
+from fmhub.data.clean import pipeline as clean
+from fmhub.plugin import host
+from fmhub.data.clean.overrides import OverridesError, load_overrides, row_hash
+from fmhub.base.errors import PluginError
+from fmhub.plugin.interfaces import Drop, Edit
+from fmhub.core.rows import DataError, RowWriter
+from fmhub.project.spec import SpecError, load_spec
 
 PROSE_A = ("The committee met on Tuesday to discuss the budget for the coming year and several members argued that "
            "the library needed more money for new books while others wanted to repair the roof first")
@@ -249,7 +251,7 @@ def test_ray_backend_matches_and_surfaces_worker_errors(big, ray_local):
     backend = host.lookup("data-backend", "ray")
     with pytest.raises(ValueError, match="invalid literal for int"):
         list(backend.map_batches(int, ["1", "x", "2"], 2))
-    from fmhub.rows import data_format
+    from fmhub.core.rows import data_format
 
     with pytest.raises(DataError, match="unknown data format"):
         list(backend.map_batches(data_format, ["a.jsonl", "b.txt"], 2))

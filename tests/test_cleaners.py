@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from fmhub import host
-from fmhub.cleaners import CleanerError
-from fmhub.interfaces import CleanContext, Drop, Edit
+from fmhub.plugin import host
+from fmhub.data.clean.cleaners import CleanerError
+from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 
 def verdicts(name: str, rows: list[dict], columns=("text",), **options) -> list:

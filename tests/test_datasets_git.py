@@ -16,8 +16,8 @@ import pytest
 
 from conftest import fmhub, git, sha256_file, store_objects
 
-from fmhub.chunking import DEFAULT_LINES
-from fmhub.manifest import Manifest
+from fmhub.core.chunking import DEFAULT_LINES
+from fmhub.core.manifest import Manifest
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -369,7 +369,7 @@ def test_push_to_lfs_server_and_clone_gives_identical_bytes(drepo, lfs_server, t
 
 
 def test_load_dataset_at_a_revision_without_touching_the_work_tree(drepo: Path):
-    from fmhub.data_at import load_dataset, materialize
+    from fmhub.data.revision import load_dataset, materialize
 
     v1, v2 = make_rows(200, seed=3), make_rows(200, seed=3)
     v2[7]["text"] = "edited"

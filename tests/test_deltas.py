@@ -1,4 +1,4 @@
-"""Delta objects: changed tensors stored as chains of deltas (`fmhub.deltas`, manifest version 2)."""
+"""Delta objects: changed tensors stored as chains of deltas (`fmhub.core.deltas`, manifest version 2)."""
 
 from __future__ import annotations
 

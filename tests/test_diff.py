@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import fmhub, git, save_tensors
 
-from fmhub import checkpoint
-from fmhub import diff as df
-from fmhub.manifest import Manifest
-from fmhub.store import ObjectStore
+from fmhub.core import checkpoint
+from fmhub.models import diff as df
+from fmhub.core.manifest import Manifest
+from fmhub.core.store import ObjectStore
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -253,7 +253,7 @@ def test_sharded_checkpoint_matches_tensors_by_name_across_shards(repo):
 def test_peft_lora_adapter_diff(repo):
     from peft import LoraConfig, get_peft_model
 
-    from fmhub.demo import build_tiny_llama
+    from fmhub.run.demo import build_tiny_llama
 
     model = get_peft_model(build_tiny_llama(seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.save_pretrained(repo / "adapter")

@@ -45,8 +45,8 @@ def _err(tmp_path: Path, *args: str) -> str:
 
 
 def _raises(spec: str, fn, *args, **kw) -> str:
-    from fmhub.errors import FmhubError
-    from fmhub.spec import parse_spec
+    from fmhub.base.errors import FmhubError
+    from fmhub.project.spec import parse_spec
 
     with pytest.raises(FmhubError) as info:
         fn(parse_spec(spec, str(Path.cwd() / "fmhub.yaml")), *args, **kw)
@@ -54,8 +54,8 @@ def _raises(spec: str, fn, *args, **kw) -> str:
 
 
 def test_spec_errors_name_their_line(project):
-    from fmhub.evaluation import plan
-    from fmhub.patch import run_patch
+    from fmhub.ml.evaluation import plan
+    from fmhub.ml.patch import run_patch
 
     assert "fmhub.yaml:10: eval.f.task: no task 'nope'" in _raises(SPEC + "  f: {task: nope}\n", plan, "f")
     assert "eval.g.slices: no slice 'missing'" in _raises(SPEC + "  g: {task: t, slices: [s, missing]}\n", plan, "g")
@@ -67,8 +67,8 @@ def test_spec_errors_name_their_line(project):
 
 
 def test_eval_writes_a_report_and_bad_predictions_or_missing_ones_are_said(project):
-    from fmhub.evaluation import run_eval
-    from fmhub.provenance import explain_eval
+    from fmhub.ml.evaluation import run_eval
+    from fmhub.ml.explain import explain_eval
 
     assert "no predictions; run `fmhub eval e` first" in _raises(SPEC, explain_eval, "e")
     out = json.loads(fmhub(project, "eval", "e", "--json", "--no-plots").stdout)
@@ -84,8 +84,8 @@ def test_eval_writes_a_report_and_bad_predictions_or_missing_ones_are_said(proje
 
 
 def test_lora_patch_is_merged_into_a_full_model(project):
-    from fmhub.patch import run_patch
-    from fmhub.spec import parse_spec
+    from fmhub.ml.patch import run_patch
+    from fmhub.project.spec import parse_spec
 
     spec = SPEC.replace("  s: {regex: zorbo}\n", "  s: {regex: zorbo}\n  toy: {regex: 'kite|doll|ball'}\n")
     spec += ("patch:\n  p: {eval: e, slice: toy, method: lora, r: 2, steps: 3, lrs: [1e-3], batch_size: 4,\n"
@@ -103,8 +103,8 @@ def test_lora_patch_is_merged_into_a_full_model(project):
 
 
 def test_loss_and_exact_match_evals_score_every_row(project):
-    from fmhub.evaluation import run_eval
-    from fmhub.spec import parse_spec
+    from fmhub.ml.evaluation import run_eval
+    from fmhub.project.spec import parse_spec
 
     rows = [{"text": f"abc {i}", "prompt": f"count {i}:", "completion": str(i + 1)} for i in range(12)]
     (project / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,4 +1,4 @@
-"""fmhub.eval_report: slice and comparison charts, and the self-contained HTML page."""
+"""fmhub.ml.eval_report: slice and comparison charts, and the self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from fmhub import eval_report as er  # noqa: E402
+from fmhub.ml import eval_report as er  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +269,7 @@ def test_html_slice_table_and_flag_marker():
     assert "<h2>Comparison" not in page and "<th>rest</th>" not in page
     rep = _report(compare=False)
     for s, rest in zip(rep["slices"], (0.9, 0.8, None)):
-        s["rest"] = rest  # fmhub.slices.metrics adds the value on the other rows
+        s["rest"] = rest  # fmhub.ml.slices.metrics adds the value on the other rows
     page = er.render_html(rep, {})
     assert "<th>rest</th>" in page
     assert "<td class=n>0.900</td><td class=flag>⚑" in page
@@ -345,7 +345,7 @@ def test_charts_from_threads(tmp_path):
 def test_matplotlib_is_lazy_and_pyplot_never_used(tmp_path):
     code = (
         "import sys, json\n"
-        "import fmhub.eval_report as er\n"
+        "import fmhub.ml.eval_report as er\n"
         "assert 'matplotlib' not in sys.modules, 'imported at module load'\n"
         f"er.write_all(json.loads(sys.argv[1]), {str(tmp_path)!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"

@@ -1,4 +1,4 @@
-"""Empirical Fisher of tiny causal LMs (fmhub.fisher), and the Fisher-weighted merge it feeds.
+"""Empirical Fisher of tiny causal LMs (fmhub.models.fisher), and the Fisher-weighted merge it feeds.
 
 Models are built from a `LlamaConfig` (random weights, no downloads) and have no
 tokenizer, so texts go through the built-in byte tokenizer (id = byte % vocab).
@@ -14,9 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fmhub import datasets_io, merge
-from fmhub.fisher import BadFisherValues, FisherMismatch, check_fisher_matches, compute_fisher
-from fmhub.sparse_update import eval_loss, finetune_masked
+from fmhub.data import texts as datasets_io
+from fmhub.models import merge
+from fmhub.models.fisher import BadFisherValues, FisherMismatch, check_fisher_matches, compute_fisher
+from fmhub.models.sparse_update import eval_loss, finetune_masked
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

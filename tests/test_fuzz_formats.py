@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fmhub import boundedjson
-from fmhub.chunking import Chunking
-from fmhub.errors import CorruptCheckpoint, FmhubError, ManifestError
-from fmhub.manifest import Manifest
+from fmhub.base import boundedjson
+from fmhub.core.chunking import Chunking
+from fmhub.base.errors import CorruptCheckpoint, FmhubError, ManifestError
+from fmhub.core.manifest import Manifest
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -122,7 +122,7 @@ def test_chunking_lines_give_only_manifest_errors(text):
 
 
 def test_a_manifest_over_the_limit_is_refused_before_parsing(monkeypatch):
-    import fmhub.manifest as manifest
+    import fmhub.core.manifest as manifest
 
     monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 1000)
     with pytest.raises(ManifestError, match="over the limit of 1000 bytes"):
@@ -133,7 +133,7 @@ def test_a_manifest_over_the_limit_is_refused_before_parsing(monkeypatch):
 
 
 def _layout(raw: bytes):
-    from fmhub.checkpoint import format_named
+    from fmhub.core.checkpoint import format_named
 
     view = memoryview(raw)
     pos = 0
@@ -178,8 +178,8 @@ def test_safetensors_headers_give_only_corrupt_checkpoint(data):
 
 
 def test_an_oversized_header_names_the_limit(tmp_path):
-    from fmhub.checkpoint import clean
-    from fmhub.store import ObjectStore
+    from fmhub.core.checkpoint import clean
+    from fmhub.core.store import ObjectStore
 
     store = ObjectStore.create(str(tmp_path / "lfs"))
     for n in (2**63, 200_000_000):
@@ -201,7 +201,7 @@ class _Reader:
 
 
 def _codecs():
-    from fmhub.deltas import codecs
+    from fmhub.core.deltas import codecs
 
     return codecs()
 
@@ -245,7 +245,7 @@ def test_delta_decoders_give_only_value_errors_within_the_declared_size(data):
     codec = _codecs()[name]
     try:
         if base is None:
-            from fmhub.planes import decode_object
+            from fmhub.core.planes import decode_object
 
             out = _bounded(lambda: decode_object(bad, None, size), budget)
         else:
@@ -258,8 +258,8 @@ def test_delta_decoders_give_only_value_errors_within_the_declared_size(data):
 @FUZZ
 @given(st.data())
 def test_range_decoders_give_only_value_errors(data):
-    from fmhub.lowrank import RangeDecoder
-    from fmhub.lowrank_fixed import Decoder
+    from fmhub.core.lowrank import RangeDecoder
+    from fmhub.core.lowrank_fixed import Decoder
 
     rows, cols = data.draw(st.integers(2, 12)), data.draw(st.integers(2, 12))
     base = _rng_tensor(3, rows * cols)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import fmhub, git, save_tensors, sha256_file, store_objects
 
-from fmhub.manifest import Manifest
+from fmhub.core.manifest import Manifest
 
 CKPT = "model.safetensors"
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import fmhub, git, save_tensors, sha256_file, store_objects
 
-from fmhub.manifest import Manifest
+from fmhub.core.manifest import Manifest
 
 
 def model(seed: int = 0, n: int = 6, dim: int = 32) -> dict[str, torch.Tensor]:
@@ -245,7 +245,7 @@ def test_one_filter_process_per_git_command(repo, tmp_path):
 
 def test_staged_blob_reads_the_index_git_uses(repo, monkeypatch):
     """The re-add fast path compares with what the index holds, including a temporary index."""
-    from fmhub.repo import staged_blob
+    from fmhub.core.repo import staged_blob
 
     ckpt = repo / "model.safetensors"
     save_tensors(ckpt, model())

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import git, save_tensors, sha256_file
 
-from fmhub.manifest import Manifest
+from fmhub.core.manifest import Manifest
 
 
 def base_model() -> dict[str, torch.Tensor]:

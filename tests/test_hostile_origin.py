@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import fmhub, git
 
-from fmhub.sparse_index import _HEAD as PATCH_HEAD
+from fmhub.core.sparse_index import _HEAD as PATCH_HEAD
 
 CKPT = "model.safetensors"
 MAX_RSS_MB = 1024  # the issue's bound; the defences keep these runs near the filter's own ~60 MB
@@ -249,7 +249,7 @@ def test_objects_already_in_the_store_are_checked_against_the_manifest_before_wr
 
 def commit_hostile(repo: Path, text: bytes, objects: list[bytes], path: str = CKPT, message: str = "hostile") -> None:
     """Objects into the repository's own store, ``text`` committed at ``path`` as it is (no filter)."""
-    from fmhub.store import ObjectStore
+    from fmhub.core.store import ObjectStore
 
     store = ObjectStore.create(str(repo / ".git" / "lfs"))
     for data in objects:
@@ -322,7 +322,7 @@ def test_a_newline_in_a_path_cannot_forge_a_line(repo):
 
 
 def test_an_unanticipated_error_is_one_line_and_debug_shows_the_traceback(repo):
-    crash = ("import sys, fmhub.fsck as f; f.fsck = lambda *a, **k: 1 / 0; sys.argv = ['fmhub', 'fsck']; "
+    crash = ("import sys, fmhub.git.fsck as f; f.fsck = lambda *a, **k: 1 / 0; sys.argv = ['fmhub', 'fsck']; "
              "from fmhub.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", crash], cwd=repo, capture_output=True)
     line = one_fmhub_line(proc)

@@ -30,10 +30,10 @@ from conftest import FMHUB, fmhub, git
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fmhub.errors import TransferError
-from fmhub.remote import Endpoint
-from fmhub.store import ObjectStore
-from fmhub.transfer import (
+from fmhub.base.errors import TransferError
+from fmhub.git.endpoint import Endpoint
+from fmhub.core.store import ObjectStore
+from fmhub.git.transfer import (
     CHUNK,
     MAX_BATCH_ANSWER,
     MAX_DRAIN,
@@ -499,7 +499,7 @@ class FakeHubApi:
 
 
 def test_hub_json_from_a_hostile_hub_repo_is_bounded(monkeypatch):
-    from fmhub import hub
+    from fmhub.git import hub
 
     def read(content: bytes) -> dict | None:
         return hub._read_json(FakeHubApi(content), "o/r", hub.HUB_JSON, None)

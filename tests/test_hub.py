@@ -18,8 +18,8 @@ from conftest import fmhub, git, sha256_file
 from hub_server import running_hub_server, use_hub_server
 from lfs_server import closed_port_url
 
-from fmhub.demo import build_tiny_llama
-from fmhub.manifest import Manifest
+from fmhub.run.demo import build_tiny_llama
+from fmhub.core.manifest import Manifest
 
 REPO_ID = "alice/tiny-llama"
 CKPT = "model.safetensors"
@@ -243,7 +243,7 @@ def test_clone_of_an_unknown_repo_or_revision(hub, model_repo, tmp_path):
 
 def test_objects_are_stored_under_their_sha256(hub, model_repo):
     fmhub(model_repo, "hub", "push", REPO_ID)
-    from fmhub.hub import object_path
+    from fmhub.git.hub import object_path
 
     m = Manifest.from_bytes(git(model_repo, "show", f"HEAD:{CKPT}").stdout)
     files = set(api(hub).list_repo_files(REPO_ID))

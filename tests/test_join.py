@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fmhub import lineage
-from fmhub.join import JoinError, JoinStats, join_rows, read_table, run_join
-from fmhub.spec import JoinSpec, SpecError, load_spec
+from fmhub.governance import lineage
+from fmhub.data.join import JoinError, JoinStats, join_rows, read_table, run_join
+from fmhub.project.spec import JoinSpec, SpecError, load_spec
 
 TABLE_CSV = """\
 entity,type,country

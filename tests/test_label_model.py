@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmhub.label_model import ABSTAIN, LabelModel, LabelModelError, lf_summary, majority_vote, redundancy_weights, redundant_pairs
-from fmhub.label_suggest import suggest
+from fmhub.data.label.model import ABSTAIN, LabelModel, LabelModelError, lf_summary, majority_vote, redundancy_weights, redundant_pairs
+from fmhub.data.label.suggest import suggest
 
 
 def synthetic(n=4000, seed=0):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fmhub import labelling
-from fmhub.label_model import LabelModelError
-from fmhub.rows import DataError
-from fmhub.spec import SpecError, load_spec
+from fmhub.data.label import pipeline as labelling
+from fmhub.data.label.model import LabelModelError
+from fmhub.core.rows import DataError
+from fmhub.project.spec import SpecError, load_spec
 
 REVIEWS = [
     "I love it, works great", "Terrible. Broke after a week", "Great value, love the design", "waste of money, terrible",
@@ -245,7 +245,8 @@ class _DriverOnly:
 
 
 def test_in_driver_functions_run_in_the_calling_process_while_the_others_run_in_workers(repo):
-    from fmhub import hookimpl, host
+    from fmhub import hookimpl
+    from fmhub.plugin import host
 
     class Plugin:
         @hookimpl

@@ -7,11 +7,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from fmhub import host
-from fmhub.interfaces import LabelContext, Labeler, LabellingFunction
-from fmhub.label_votes import LFSpec, apply, vote_batch
-from fmhub.labelers import LabelerError
-from fmhub.rows import Batch
+from fmhub.plugin import host
+from fmhub.plugin.interfaces import LabelContext, Labeler, LabellingFunction
+from fmhub.data.label.votes import LFSpec, apply, vote_batch
+from fmhub.data.label.labelers import LabelerError
+from fmhub.core.rows import Batch
 
 CLASSES = ("negative", "positive")
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import fmhub, git, save_tensors
 
-from fmhub import lineage
+from fmhub.governance import lineage
 
 SPEC = """\
 datasets:
@@ -93,7 +93,7 @@ def test_unlearn_lists_models_trained_on_a_source_and_remove_excludes_it(repo):
 
 
 def test_licence_families_and_mixes():
-    from fmhub.licences import check_mix, family
+    from fmhub.governance.licences import check_mix, family
 
     assert [family(x) for x in ("mit", "CC-BY-SA-4.0", "CC-BY-NC-4.0", "proprietary", None, "WTFPL-9")] == [
         "permissive", "share-alike", "non-commercial", "proprietary", "unknown", "unknown"]
@@ -143,7 +143,7 @@ def test_merge_refuses_models_whose_data_mix_incompatible_licences(repo):
 
 
 def test_fmhub_finetune_records_its_base_and_data(repo):
-    from fmhub.demo import build_tiny_llama
+    from fmhub.run.demo import build_tiny_llama
 
     build_tiny_llama(seed=3).save_pretrained(repo / "base")
     (repo / "task.jsonl").write_text("".join(json.dumps({"text": f"{i} plus 1 is {i + 1}."}) + "\n" for i in range(8)))
@@ -156,9 +156,9 @@ def test_fmhub_finetune_records_its_base_and_data(repo):
 
 
 def test_label_refuses_an_excluded_source_and_a_denied_licence(tmp_path):
-    from fmhub import labelling
-    from fmhub.licences import LicenceError
-    from fmhub.spec import load_spec
+    from fmhub.data.label import pipeline as labelling
+    from fmhub.governance.licences import LicenceError
+    from fmhub.project.spec import load_spec
 
     (tmp_path / "reviews.jsonl").write_text('{"text": "great"}\n{"text": "awful"}\n')
     (tmp_path / "fmhub.yaml").write_text(

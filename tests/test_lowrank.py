@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import git, save_tensors
-from fmhub.deltas import DeltaPolicy, store_changed
-from fmhub.errors import ManifestError
-from fmhub.lowrank import LowRank, from_factors
-from fmhub.manifest import Approx, Delta, Manifest, TensorEntry
-from fmhub.sparse_index import decode_patch
-from fmhub.store import ObjectStore
+from fmhub.core.deltas import DeltaPolicy, store_changed
+from fmhub.base.errors import ManifestError
+from fmhub.core.lowrank import LowRank, from_factors
+from fmhub.core.manifest import Approx, Delta, Manifest, TensorEntry
+from fmhub.core.sparse_index import decode_patch
+from fmhub.core.store import ObjectStore
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -120,7 +120,7 @@ def test_a_full_rank_change_fails_a_strict_policy_and_stores_nothing(tmp_path):
     old = TensorEntry("w", "F32", (64, 64), w.numel() * 4, store.write_bytes(raw(w)))
     store.flush()  # writes land in the background: without this, `before` could miss the old version's object
     before = set(store.iter_oids())
-    from fmhub.deltas import ToleranceError
+    from fmhub.core.deltas import ToleranceError
 
     with pytest.raises(ToleranceError, match="tolerance cannot be met"):
         store_changed(store, old, raw(torch.randn(64, 64)), "F32", DeltaPolicy(strict=True, tolerance=1e-6))

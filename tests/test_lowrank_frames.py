@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmhub import planes, tensorio
-from fmhub.errors import CorruptObject
-from fmhub.floats import ITEMSIZE, round_bits, to_float64
-from fmhub.lowrank import ROW_BLOCK, TILE_FACTORS, RangeDecoder, pack, tile_limit, tiles
-from fmhub.lowrank_fixed import MAGIC, Decoder, _predict_run
-from fmhub.manifest import Delta, TensorEntry
-from fmhub.sparse_index import encode_patch
-from fmhub.store import ObjectStore
+from fmhub.core import planes
+from fmhub.core import tensorio
+from fmhub.base.errors import CorruptObject
+from fmhub.core.floats import ITEMSIZE, round_bits, to_float64
+from fmhub.core.lowrank import ROW_BLOCK, TILE_FACTORS, RangeDecoder, pack, tile_limit, tiles
+from fmhub.core.lowrank_fixed import MAGIC, Decoder, _predict_run
+from fmhub.core.manifest import Delta, TensorEntry
+from fmhub.core.sparse_index import encode_patch
+from fmhub.core.store import ObjectStore
 
 FLQ_HEAD = struct.Struct("<4sIIIi")
 NP_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float16}

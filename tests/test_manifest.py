@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fmhub.errors import ManifestError
-from fmhub.manifest import Manifest, TensorEntry
+from fmhub.base.errors import ManifestError
+from fmhub.core.manifest import Manifest, TensorEntry
 
 OID = "ab" * 32
 
@@ -53,8 +53,8 @@ def test_duplicate_tensor_names_are_refused():
     (" delta sparse sha256:" + "d" * 64 + " 10", "want 'tensor"),
 ])
 def test_delta_chains_are_parsed_strictly(tail, msg):
-    from fmhub.errors import ManifestError
-    from fmhub.manifest import Manifest
+    from fmhub.base.errors import ManifestError
+    from fmhub.core.manifest import Manifest
 
     text = f'fmhub manifest 2\nformat safetensors\nsize 12\nheader sha256:{"a" * 64} 8\ntensor "w" F32 [1] 4 sha256:{"b" * 64}{tail}\n'
     with pytest.raises(ManifestError, match=msg.replace("(", r"\(")):
@@ -62,8 +62,8 @@ def test_delta_chains_are_parsed_strictly(tail, msg):
 
 
 def test_a_chain_in_a_version_1_manifest_is_refused():
-    from fmhub.errors import ManifestError
-    from fmhub.manifest import Manifest
+    from fmhub.base.errors import ManifestError
+    from fmhub.core.manifest import Manifest
 
     line = f'tensor "w" F32 [1] 4 sha256:{"b" * 64} from sha256:{"c" * 64} delta sparse sha256:{"d" * 64} 10'
     text = f'fmhub manifest 1\nformat safetensors\nsize 12\nheader sha256:{"a" * 64} 8\n{line}\n'

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import fmhub, git, save_tensors, sha256_file
 
-from fmhub.demo import build_tiny_llama
+from fmhub.run.demo import build_tiny_llama
 
 
 def base_model() -> dict[str, torch.Tensor]:
@@ -264,8 +264,9 @@ def test_lora_for_another_base_is_refused(tmp_path, tiny_base):
 
 def test_fisher_diagonals_computed_by_a_plugin_hook(tmp_path):
     """Without `fisher:` files, the fisher strategy asks the fmhub_fisher_diagonal hook, tensor by tensor."""
-    from fmhub import hookimpl, host
-    from fmhub.merge import Recipe, run_recipe
+    from fmhub import hookimpl
+    from fmhub.plugin import host
+    from fmhub.models.merge import Recipe, run_recipe
 
     a, b = finetune(1), finetune(2)
     save_tensors(tmp_path / "a.safetensors", a)
@@ -321,7 +322,7 @@ def test_git_merge_fisher_weighted_with_fisher_files_from_the_plan(repo):
 @pytest.mark.parametrize("strategy", ["linear", "task-arithmetic", "fisher"])
 def test_elementwise_strategies_stream_big_tensors_in_chunks_with_the_same_result(tmp_path, monkeypatch, strategy):
     """With tiny chunks every tensor is merged in many pieces; the file equals a whole-tensor merge."""
-    from fmhub import merge as mg
+    from fmhub.models import merge as mg
 
     a, b = finetune(1), finetune(2)
     fa = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) for n, t in a.items()}

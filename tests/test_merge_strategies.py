@@ -9,9 +9,10 @@ import pytest
 import torch
 from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
-from fmhub import host, merge_math
-from fmhub.errors import MergeConflict
-from fmhub.merge_math import seed_for
+from fmhub.plugin import host
+from fmhub.models import merge_math
+from fmhub.base.errors import MergeConflict
+from fmhub.models.merge_math import seed_for
 
 SHAPES = [(), (0,), (7,), (4, 5), (2, 3, 4), (16, 33)]
 CLOSE = dict(rtol=1e-5, atol=1e-6)
@@ -411,7 +412,7 @@ def test_other_bad_options_are_refused():
 def test_magnitude_prune_keeps_exactly_k_even_with_ties_at_the_threshold():
     import torch
 
-    from fmhub.merge_math import magnitude_prune
+    from fmhub.models.merge_math import magnitude_prune
 
     tau = torch.tensor([3.0, -1.0, 1.0, 1.0, -2.0, 1.0, 0.5, -1.0])
     kept = magnitude_prune(tau, 0.5)  # k = 4: 3, -2 and the first two of the four |1|s

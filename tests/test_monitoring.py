@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 
 
 def _project(repo: Path, n_train: int = 480) -> sd.Generated:
-    from fmhub.autotune import Task, train_adapter
+    from fmhub.ml.autotune import Task, train_adapter
 
     g = sd.make_task(n_train=n_train, n_eval=240, n_pool=240, seed=1)
     os.chdir(repo)
@@ -113,7 +113,7 @@ def test_planted_slice_found_blamed_patched_and_gated(project):
     assert worse.returncode == 1 and b"worse" in worse.stdout  # the old model is worse than the patched one on toys
 
     # 4. rebase: adapters trained on the old base move onto the patched one; the check catches one the patch broke
-    from fmhub.autotune import Task, train_adapter
+    from fmhub.ml.autotune import Task, train_adapter
 
     tense = Task("tense", "data/tense.jsonl", metric="accuracy", classes=["none", "past", "present"], label="tense")
     train_adapter("models/base", tense, "adapters/tense", steps=30, batch_size=16, lrs=[3e-2])

@@ -30,13 +30,14 @@ from hypothesis import strategies as st
 
 from conftest import commit_checkpoint as commit, committed_manifest as manifest, fmhub, git, sha256_file
 
-from fmhub import planes, tensorio
-from fmhub.errors import CorruptObject, FmhubError
-from fmhub.lowrank import MAX_RANK, RangeDecoder
-from fmhub.manifest import Delta, Manifest, TensorEntry
-from fmhub.planes import DIFF, PLANES, RAW, SAME, SPARSE, STORED, ZSTD, PlanesError
-from fmhub.sparse_index import decode_patch, encode_patch
-from fmhub.store import ObjectStore
+from fmhub.core import planes
+from fmhub.core import tensorio
+from fmhub.base.errors import CorruptObject, FmhubError
+from fmhub.core.lowrank import MAX_RANK, RangeDecoder
+from fmhub.core.manifest import Delta, Manifest, TensorEntry
+from fmhub.core.planes import DIFF, PLANES, RAW, SAME, SPARSE, STORED, ZSTD, PlanesError
+from fmhub.core.sparse_index import decode_patch, encode_patch
+from fmhub.core.store import ObjectStore
 from fmhub_plugins.delta_codecs import XorZlib
 
 FRAME = planes.FRAME_BYTES

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import FMHUB, git, run, save_tensors, second_ours_plugin
 
-from fmhub import host
-from fmhub.errors import PluginError
+from fmhub.plugin import host
+from fmhub.base.errors import PluginError
 
 PLUGIN = textwrap.dedent(
     '''

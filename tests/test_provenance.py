@@ -1,4 +1,4 @@
-"""Provenance of predictions (fmhub.provenance): planted mislabelled rows found behind wrong answers, lineage, the sketch, bad input."""
+"""Provenance of predictions (fmhub.ml.explain): planted mislabelled rows found behind wrong answers, lineage, the sketch, bad input."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import random
 
 import pytest
 
-from fmhub import autotune, datasets_io, lineage, provenance
-from fmhub.autotune import Task
-from fmhub.provenance import Influence, ProvenanceError, explain, precision_at_k, training_data
+from fmhub.ml import autotune
+from fmhub.data import texts as datasets_io
+from fmhub.governance import lineage
+from fmhub.ml import explain as provenance
+from fmhub.ml.autotune import Task
+from fmhub.ml.explain import Influence, ProvenanceError, explain, precision_at_k, training_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -62,10 +65,10 @@ def write_jsonl(path, rows) -> str:
 
 
 def predict(base: str, adapter: str, task: Task, rows: list[dict]) -> list[str]:
-    """The class with the highest total log-probability, as `fmhub.autotune` scores accuracy."""
+    """The class with the highest total log-probability, as `fmhub.ml.autotune` scores accuracy."""
     from peft import PeftModel
 
-    from fmhub.fisher import load_model
+    from fmhub.models.fisher import load_model
 
     model = PeftModel.from_pretrained(load_model(base), adapter).eval()
     tok = datasets_io.load_tokenizer(base, model.config.vocab_size)
@@ -143,7 +146,7 @@ def test_scores_are_deterministic_and_k_is_capped(env):
 def test_explaining_the_model_itself_uses_its_last_block_and_output_embedding(env):
     import torch
 
-    from fmhub.fisher import load_model
+    from fmhub.models.fisher import load_model
 
     model = load_model(env["base"])
     chosen = provenance._choose_parameters(model, adapter=False)
@@ -181,7 +184,7 @@ def test_the_sketch_is_rows_by_dim_and_its_memory_does_not_grow_with_the_model(e
     import torch
     from peft import PeftModel
 
-    from fmhub.fisher import load_model
+    from fmhub.models.fisher import load_model
 
     model = PeftModel.from_pretrained(load_model(env["base"], attn_implementation="eager"), env["adapter"], is_trainable=True).eval()
     params = provenance._choose_parameters(model, adapter=True)
@@ -244,7 +247,7 @@ def test_training_data_follows_the_lineage_of_an_adapter_to_its_base(tmp_path):
                                         lineage.describe_input("base-data.jsonl", "dataset", cwd)], cwd=cwd)
     lineage.record("adapter", "finetune", [lineage.describe_input(s, k, cwd) for s, k in
                                            (("base", "model"), ("adapter-data.jsonl", "dataset"), ("eval.jsonl", "dataset"))], cwd=cwd)
-    from fmhub.store import file_sha256
+    from fmhub.core.store import file_sha256
 
     # autotune's record: the eval file chose the learning rate, it was not trained on
     (tmp_path / "adapter" / autotune.TRAIN_FILE).write_text(json.dumps({

@@ -5,7 +5,7 @@ placeholder, the ``lm_head.*`` tensors of ``public/*.safetensors``, and
 ``data/users.jsonl`` (its ``email`` column). Each test here is an input that
 went past some other reader: `fmhub diff`, `git diff` and its textconv,
 `fmhub extract REV:PATH`, `fmhub merge REV:PATH`, git's merge driver,
-`fmhub filter-smudge` without a path, `fmhub.data_at`, `fmhub hub push`. Each
+`fmhub filter-smudge` without a path, `fmhub.data.revision`, `fmhub hub push`. Each
 must show no byte of a denied tensor and no number derived from its values,
 and leave what bob may read exactly as it was.
 """
@@ -245,8 +245,8 @@ def test_filter_smudge_without_a_path_fails_closed(guarded, monkeypatch):
 
 
 def test_data_at_checks_before_its_cache(guarded, monkeypatch):
-    from fmhub.access import AccessDenied
-    from fmhub.data_at import materialize
+    from fmhub.governance.access import AccessDenied
+    from fmhub.data.revision import materialize
 
     monkeypatch.chdir(guarded)
     as_user(monkeypatch, ALICE)
@@ -264,8 +264,8 @@ def test_data_at_checks_before_its_cache(guarded, monkeypatch):
 
 def test_hub_push_refuses_before_anything_is_sent(guarded, monkeypatch):
     pytest.importorskip("huggingface_hub")
-    from fmhub import hub
-    from fmhub.access import AccessDenied
+    from fmhub.git import hub
+    from fmhub.governance.access import AccessDenied
 
     def no_network(*_a, **_k):
         raise AssertionError("the Hub was contacted")
@@ -280,11 +280,11 @@ def test_hub_push_refuses_before_anything_is_sent(guarded, monkeypatch):
 
 
 def test_withheld_tensors_keep_their_status_and_lose_every_number(tmp_path):
-    from fmhub.access import AccessDenied
-    from fmhub.adapters import _update_norm
-    from fmhub.diff import diff_views, format_text
-    from fmhub.records import Decision
-    from fmhub.views import CheckpointView
+    from fmhub.governance.access import AccessDenied
+    from fmhub.models.adapters import _update_norm
+    from fmhub.models.diff import diff_views, format_text
+    from fmhub.plugin.records import Decision
+    from fmhub.models.views import CheckpointView
 
     why = AccessDenied("access denied: bob may not read it", Decision(False, "restricted", ("ml-core",), False, ".fmhub/policy.yaml:3", "roles"))
     save_tensors(tmp_path / "old.safetensors", {"a": torch.ones(4), "b": torch.ones(2, 2), "gone": torch.ones(3)})
@@ -316,7 +316,7 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_materialize_refuses_a_placeholder_and_writes_nothing(guarded, monkeypatch, tmp_path):
     """`fmhub serve`/`fmhub eval` turn PATH@REV into a model directory: a placeholder is no model, so it is refused."""
-    from fmhub.access import AccessDenied
+    from fmhub.governance.access import AccessDenied
     from fmhub.serving.sources import materialize, parse_source
 
     monkeypatch.chdir(guarded)  # where smudge looks for a policy: it would write the manifest text
@@ -337,8 +337,8 @@ def test_materialize_refuses_a_placeholder_and_writes_nothing(guarded, monkeypat
 
 def test_eval_and_serve_caches_check_the_policy_on_every_reuse(guarded, monkeypatch, tmp_path):
     """A directory alice materialized (eval-models, the serve cache, a vLLM export) is not handed to bob."""
-    from fmhub.access import AccessDenied
-    from fmhub.evaluation import local_dir
+    from fmhub.governance.access import AccessDenied
+    from fmhub.ml.evaluation import local_dir
     from fmhub.serving.cache import DiskTier
     from fmhub.serving.export import place
     from fmhub.serving.model import load_base
@@ -380,9 +380,9 @@ def manifests_in_work_tree(repo: Path, paths: list[str]) -> None:
 
 
 def test_worktree_materialize_applies_the_policy_of_that_repository(guarded, monkeypatch, tmp_path):
-    from fmhub import worktree
-    from fmhub.access import AccessDenied
-    from fmhub.manifest import is_manifest
+    from fmhub.git import worktree
+    from fmhub.governance.access import AccessDenied
+    from fmhub.core.manifest import is_manifest
 
     paths = ["public/model.safetensors", "public/open.safetensors", "secret/w.safetensors"]
     want = {p: (guarded / p).read_bytes() for p in paths}
@@ -414,8 +414,8 @@ def test_hub_clone_applies_the_policy_the_clone_holds(guarded, monkeypatch, tmp_
     from hub_server import running_hub_server, use_hub_server
     from huggingface_hub import HfApi
 
-    from fmhub import hub
-    from fmhub.access import AccessDenied
+    from fmhub.git import hub
+    from fmhub.governance.access import AccessDenied
 
     read_rules = POLICY.split("  - allow: [write]")[0]  # no write rule: nothing but the read rules can stop bob's clone
     elsewhere = tmp_path / "elsewhere"

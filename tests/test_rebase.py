@@ -38,7 +38,7 @@ def _variant(src: Path, dst: Path, changes: dict) -> Path:
 def test_full_fine_tune_is_replayed_on_the_new_base(tmp_path):
     import torch
 
-    from fmhub.rebase import rebase
+    from fmhub.ml.rebase import rebase
 
     base = Path(sd.tiny_llama(str(tmp_path / "base"), hidden=32, layers=1))
     q, mlp, norm = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
@@ -58,8 +58,8 @@ def test_adapter_is_re_pointed_and_a_misfit_is_refused(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from fmhub.fisher import load_model
-    from fmhub.rebase import RebaseError, rebase
+    from fmhub.models.fisher import load_model
+    from fmhub.ml.rebase import RebaseError, rebase
 
     base = Path(sd.tiny_llama(str(tmp_path / "base"), hidden=32, layers=1))
     patched = _variant(base, tmp_path / "patched", {"model.norm.weight": lambda t: t + 1})
@@ -81,8 +81,8 @@ def test_adapter_is_re_pointed_and_a_misfit_is_refused(tmp_path):
 def test_cli_rebase_in_place_keeps_the_trail_to_the_data(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    from fmhub import lineage
-    from fmhub.fisher import load_model
+    from fmhub.governance import lineage
+    from fmhub.models.fisher import load_model
 
     monkeypatch.chdir(tmp_path)
     base = Path(sd.tiny_llama(str(tmp_path / "base"), hidden=32, layers=1))
@@ -102,8 +102,8 @@ def test_cli_rebase_in_place_keeps_the_trail_to_the_data(tmp_path, monkeypatch):
 def test_retune_runs_when_the_check_fails_and_nothing_is_written_if_it_still_fails(tmp_path):
     import json as _json
 
-    from fmhub.autotune import Task, train_adapter
-    from fmhub.rebase import RebaseError, rebase
+    from fmhub.ml.autotune import Task, train_adapter
+    from fmhub.ml.rebase import RebaseError, rebase
 
     base = Path(sd.tiny_llama(str(tmp_path / "base"), hidden=32, layers=1))
     patched = _variant(base, tmp_path / "patched", {"model.layers.0.self_attn.q_proj.weight": lambda t: t * 1.5})

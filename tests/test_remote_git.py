@@ -17,7 +17,7 @@ import torch
 from conftest import fmhub, git, save_tensors, sha256_file, store_objects
 from lfs_server import closed_port_url
 
-from fmhub.manifest import Manifest
+from fmhub.core.manifest import Manifest
 
 CKPT = "model.safetensors"
 

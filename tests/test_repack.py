@@ -11,10 +11,10 @@ import torch
 
 from conftest import fmhub, git, save_tensors, sha256_file, store_objects
 
-from fmhub.errors import CorruptObject, MissingObject
-from fmhub.manifest import Manifest
-from fmhub.repack import repack
-from fmhub.store import ObjectStore, parse_pack_header
+from fmhub.base.errors import CorruptObject, MissingObject
+from fmhub.core.manifest import Manifest
+from fmhub.git.repack import repack
+from fmhub.core.store import ObjectStore, parse_pack_header
 
 CKPT = "model.safetensors"
 CHANGED = ("layers.0.weight", "layers.1.weight")  # what each version touches, a few rows of each

@@ -25,10 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fmhub.checkpoint import clean, smudge
-from fmhub.errors import CorruptCheckpoint
-from fmhub.manifest import Manifest
-from fmhub.store import ObjectStore
+from fmhub.core.checkpoint import clean, smudge
+from fmhub.base.errors import CorruptCheckpoint
+from fmhub.core.manifest import Manifest
+from fmhub.core.store import ObjectStore
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -313,7 +313,7 @@ def test_clean_against_the_previous_version_changes_nothing_but_speed(versions, 
 
 def test_a_candidate_longer_than_the_new_bytes_is_not_taken_for_them(tmp_path):
     """A stored object the new tensor is only a prefix of (a corrupt store, say) must not be reused."""
-    from fmhub.store import ObjectStream
+    from fmhub.core.store import ObjectStream
 
     store = ObjectStore.create(str(tmp_path / "lfs"))
     long_oid = store.write_bytes(b"abcdef" * 1000)

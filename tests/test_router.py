@@ -8,8 +8,8 @@ from http.client import HTTPConnection
 
 import pytest
 
-from fmhub.errors import FmhubError
-from fmhub.router import Router
+from fmhub.base.errors import FmhubError
+from fmhub.serving.router import Router
 from fmhub.serving.backends import backend
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.sources import parse_adapters, parse_source

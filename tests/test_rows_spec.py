@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from fmhub import host
-from fmhub.rows import DataError, RowWriter, count_rows, data_format, read_batches
-from fmhub.spec import SpecError, load_spec, parse_spec, pipeline
+from fmhub.plugin import host
+from fmhub.core.rows import DataError, RowWriter, count_rows, data_format, read_batches
+from fmhub.project.spec import SpecError, load_spec, parse_spec, pipeline
 
 ROWS = [{"id": i, "text": f"row {i}", "score": i * 0.5} for i in range(25)]
 

@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from fmhub import dag
-from fmhub import run as runner
-from fmhub.spec import load_spec
+from fmhub.run import dag
+from fmhub.run import plan as runner
+from fmhub.project import spec as spec_mod
+from fmhub.project.spec import load_spec
 
 
 def _step(tmp_path, sid, inputs, outputs, calls, body=None, params=None):
@@ -55,7 +56,7 @@ def test_only_steps_downstream_of_a_change_rerun(tmp_path):
 
 
 def test_a_failed_step_keeps_the_completed_ones_and_the_next_run_resumes(tmp_path):
-    from fmhub.errors import FmhubError
+    from fmhub.base.errors import FmhubError
 
     (tmp_path / "a.txt").write_text("a")
     calls: list[str] = []
@@ -147,7 +148,7 @@ def test_spec_errors_point_at_the_line(tmp_path):
         tasks:
           t: {data: d.jsonl, metric: f1}
         """))
-    from fmhub.spec import SpecError
+    from fmhub.project.spec import SpecError
 
     with pytest.raises(SpecError, match=r"fmhub.yaml:4: tasks.t.metric"):
         load_spec(str(tmp_path / "fmhub.yaml"))
@@ -160,7 +161,7 @@ def test_spec_errors_point_at_the_line(tmp_path):
 
 
 def test_models_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
-    from fmhub.spec import SpecError
+    from fmhub.project.spec import SpecError
 
     cache = tmp_path / "hf"
     snap = cache / "models--acme--tiny" / "snapshots" / ("a" * 40)
@@ -174,9 +175,9 @@ def test_models_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, which may have happened
     (tmp_path / "fmhub.yaml").write_text("models:\n  tiny: {hub: acme/tiny}\n  gone: {hub: acme/gone}\n")
     loaded = load_spec(str(tmp_path / "fmhub.yaml"))
-    assert runner.model_dir_of(loaded, "tiny") == str(snap)
+    assert spec_mod.model_dir_of(loaded, "tiny") == str(snap)
     with pytest.raises(SpecError, match=r"fmhub.yaml:3: models.gone.hub: acme/gone is not in the local Hugging Face cache"):
-        runner.model_dir_of(loaded, "gone")
+        spec_mod.model_dir_of(loaded, "gone")
     (tmp_path / "fmhub.yaml").write_text("models:\n  both: {hub: acme/tiny, path: m}\n  bad: {hub: tiny}\n")
     with pytest.raises(SpecError) as info:
         load_spec(str(tmp_path / "fmhub.yaml"))
@@ -188,7 +189,7 @@ def test_fishmask_finetune_with_a_sparsity_constraint(tmp_path):
     """finetune.method fishmask: a full model per task, 1 % of its entries trained, ranked by select; merge/deploy refuse it."""
     from safetensors.torch import load_file
 
-    from fmhub.spec import SpecError
+    from fmhub.project.spec import SpecError
     from test_autotune import sentiment_rows, tiny_base, write_jsonl
 
     tiny_base(tmp_path / "m")

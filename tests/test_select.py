@@ -12,9 +12,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from fmhub.autotune import Task
-from fmhub.errors import FmhubError
-from fmhub.select import Candidate, leaderboard, parse_candidates, router_from_leaderboard
+from fmhub.ml.autotune import Task
+from fmhub.base.errors import FmhubError
+from fmhub.ml.selection import Candidate, leaderboard, parse_candidates, router_from_leaderboard
 from serve_helpers import random_adapter, save_base
 
 
@@ -188,10 +188,10 @@ def test_bad_arguments_and_the_default_evaluate(setup, monkeypatch):
         parse_candidates(cands[0].model_dir, [str(tmp / "nope")])
     named = parse_candidates(cands[0].model_dir, [f"x={tmp / 'adapters' / 'a'}", str(tmp / "adapters" / "b")], include_base=False)
     assert [(c.name, Path(c.adapter_dir).name) for c in named] == [("x", "a"), ("b", "b")]
-    # without evaluate=, fmhub.autotune.evaluate scores (a stand-in module here, so this test needs no training code)
-    fake = types.ModuleType("fmhub.autotune")
+    # without evaluate=, fmhub.ml.autotune.evaluate scores (a stand-in module here, so this test needs no training code)
+    fake = types.ModuleType("fmhub.ml.autotune")
     fake.evaluate = lambda model_dir, adapter_dir, task: 1.0 if adapter_dir else 0.0
-    monkeypatch.setitem(sys.modules, "fmhub.autotune", fake)
+    monkeypatch.setitem(sys.modules, "fmhub.ml.autotune", fake)
     board = leaderboard(cands[:2], tasks[:1])
     assert names(board) == ["a", "base"]
 

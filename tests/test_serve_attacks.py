@@ -3,7 +3,7 @@
 The admin API (a token, always; compared in constant time; adapter sources
 that must be real adapter directories), the listen address (no made-up token
 beyond this machine), request bodies (bounded by Content-Length before
-reading, parsed by `fmhub.boundedjson`, numbers range-checked) and load (a
+reading, parsed by `fmhub.base.boundedjson`, numbers range-checked) and load (a
 deep backlog, bounded threads, 503 with Retry-After, never a reset). Then
 hypothesis throws arbitrary bodies at the OpenAI endpoints, and at `fmhub
 server`'s LFS batch endpoint, and every answer must be a well-formed HTTP
@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import fmhub, isolate_git, socket_closed_within
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 from fmhub.serving import http as serve_http
 from fmhub.serving.backends import backend
 from fmhub.serving.config import ServeConfig, from_options, is_loopback

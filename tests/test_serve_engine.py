@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from fmhub.errors import ServeError
+from fmhub.base.errors import ServeError
 from fmhub.serving.cache import DeviceSlots, Entry, _victim
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.engine import Engine, GenParams
@@ -67,7 +67,7 @@ def test_mixed_batch_logits_match_peft_per_row(models):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fmhub import lora
+    from fmhub.models import lora
 
     model = AutoModelForCausalLM.from_pretrained(models / "base").eval()
     bank = LoraBank(model, slots=3, max_rank=16)

@@ -220,7 +220,7 @@ def test_serve_section_of_fmhub_yaml(served):
 
 
 def test_disk_tier_materializes_from_the_store_and_evicts_by_size(served, tmp_path):
-    from fmhub.errors import ServeError
+    from fmhub.base.errors import ServeError
     from fmhub.serving.cache import DiskTier
 
     repo, _ = served

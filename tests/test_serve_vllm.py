@@ -151,7 +151,7 @@ def lora_adapter(path: Path, seed: int, r: int, base=None, targets=("q_proj", "v
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from fmhub.demo import build_tiny_llama
+    from fmhub.run.demo import build_tiny_llama
 
     base = base if base is not None else build_tiny_llama(seed=0)
     torch.manual_seed(seed)
@@ -188,8 +188,8 @@ class History:
 
 @pytest.fixture
 def history(repo) -> History:
-    from fmhub.adapters import add
-    from fmhub.demo import build_tiny_llama
+    from fmhub.models.adapters import add
+    from fmhub.run.demo import build_tiny_llama
 
     h = History()
     h.repo = repo
@@ -255,7 +255,7 @@ def test_export_at_a_revision_is_byte_identical_and_peft_serves_it_the_same(hist
 
 
 def test_engine_arguments_script_and_json(history, tmp_path):
-    from fmhub.errors import FmhubError
+    from fmhub.base.errors import FmhubError
     from fmhub.serving.export import VLLM_CHECKED, vllm_rank
     from fmhub_plugins.serve_vllm import VllmBackend
 
@@ -318,7 +318,7 @@ def test_engine_arguments_script_and_json(history, tmp_path):
 def test_refuses_adapters_vllm_cannot_serve_naming_them(history, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fmhub.errors import FmhubError
+    from fmhub.base.errors import FmhubError
     from fmhub.serving.export import export
 
     h = history
@@ -399,7 +399,7 @@ def test_reexport_skips_unchanged_and_swaps_a_changed_adapter_whole(history, tmp
 
 
 def test_serve_without_vllm_says_how_to_run_it_elsewhere(history, tmp_path, monkeypatch):
-    from fmhub.errors import FmhubError
+    from fmhub.base.errors import FmhubError
     from fmhub_plugins.serve_vllm import VllmBackend
 
     bin_dir = tmp_path / "bin"  # git, and no vllm, on PATH
@@ -416,9 +416,9 @@ def test_serve_without_vllm_says_how_to_run_it_elsewhere(history, tmp_path, monk
 
 
 def test_serve_launches_vllm_waits_for_health_and_stops_it(history, tmp_path, monkeypatch):
-    from fmhub.errors import FmhubError
-    from fmhub.host import new_plugin_manager, registry
-    from fmhub.interfaces import ServerHandle, ServingBackend
+    from fmhub.base.errors import FmhubError
+    from fmhub.plugin.host import new_plugin_manager, registry
+    from fmhub.plugin.interfaces import ServerHandle, ServingBackend
     import fmhub_plugins.serve_vllm as plugin
 
     pm = new_plugin_manager(load_entry_points=False)
@@ -453,7 +453,7 @@ def test_serve_launches_vllm_waits_for_health_and_stops_it(history, tmp_path, mo
 
 
 def test_deploy_loads_new_reloads_changed_and_unloads_removed(history, tmp_path):
-    from fmhub.errors import FmhubError
+    from fmhub.base.errors import FmhubError
     from fmhub.serving.export import export, read_version
     from fmhub_plugins.serve_vllm import VllmBackend
 

@@ -1,4 +1,4 @@
-"""Slices (fmhub.slices): membership by predicate, regex, labelling function and cluster; flagged slices; regression verdicts."""
+"""Slices (fmhub.ml.slices): membership by predicate, regex, labelling function and cluster; flagged slices; regression verdicts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from fmhub.slices import ALL, Sliced, SliceError, compare, kmeans, membership, metrics
-from fmhub.spec import SliceSpec, SpecError, parse_spec
+from fmhub.ml.slices import ALL, Sliced, SliceError, compare, kmeans, membership, metrics
+from fmhub.project.spec import SliceSpec, SpecError, parse_spec
 
 ROWS = [
     {"text": "the zorbo kite is great", "category": ["toys"], "stars": 5},

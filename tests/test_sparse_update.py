@@ -1,4 +1,4 @@
-"""Fisher-guided sparse updates (fmhub.sparse_update): exact global top-K, bit-exact base values, masked fine-tuning."""
+"""Fisher-guided sparse updates (fmhub.models.sparse_update): exact global top-K, bit-exact base values, masked fine-tuning."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fmhub import fisher as fisher_mod
-from fmhub.errors import FmhubError
-from fmhub.fisher import BadFisherValues, FisherMismatch, compute_fisher
-from fmhub.sparse_update import (
+from fmhub.models import fisher as fisher_mod
+from fmhub.base.errors import FmhubError
+from fmhub.models.fisher import BadFisherValues, FisherMismatch, compute_fisher
+from fmhub.models.sparse_update import (
     SparseUpdateError,
     eval_loss,
     find_threshold,
@@ -23,7 +23,7 @@ from fmhub.sparse_update import (
     k_for,
     sparse_update,
 )
-from fmhub.views import from_path
+from fmhub.models.views import from_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

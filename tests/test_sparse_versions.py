@@ -12,8 +12,8 @@ from pathlib import Path
 
 from conftest import fmhub, git, sha256_file, store_objects
 
-from fmhub.demo import build_tiny_llama
-from fmhub.manifest import Manifest
+from fmhub.run.demo import build_tiny_llama
+from fmhub.core.manifest import Manifest
 
 CKPT = "model.safetensors"
 

@@ -20,8 +20,9 @@ import pytest
 from conftest import FMHUB, git, run, second_ours_plugin
 
 import fmhub
-from fmhub import host, repo as fmrepo
-from fmhub.errors import FmhubError, PluginError
+from fmhub.plugin import host
+from fmhub.core import repo as fmrepo
+from fmhub.base.errors import FmhubError, PluginError
 
 BOOT = Path(fmhub.__file__).parent / "boot.py"
 
@@ -30,9 +31,9 @@ BOOT = Path(fmhub.__file__).parent / "boot.py"
 NOT_IMPORTED = (
     "numpy", "pydantic", "typer", "rich", "click", "dulwich", "yaml", "torch", "safetensors", "datasketch",
     "pyarrow", "huggingface_hub", "urllib3", "importlib.metadata",
-    "pluggy", "inspect", "typing", "fmhub.interfaces", "fmhub.hookspecs",  # ~30 ms together: built-ins are called directly
-    "dataclasses", "subprocess",  # ~15 ms: records are named tuples; git answers through fmhub.prefetch (posix_spawn)
-    "fmhub.cli", "fmhub.policy", "fmhub.spec", "fmhub.sync", "fmhub.transfer", "fmhub.cleaners", "fmhub.labelers",
+    "pluggy", "inspect", "typing", "fmhub.plugin.interfaces", "fmhub.plugin.hookspecs",  # ~30 ms together: built-ins are called directly
+    "dataclasses", "subprocess",  # ~15 ms: records are named tuples; git answers through fmhub.base.prefetch (posix_spawn)
+    "fmhub.cli", "fmhub.governance.policy", "fmhub.project.spec", "fmhub.git.sync", "fmhub.git.transfer", "fmhub.data.clean.cleaners", "fmhub.data.label.labelers",
 )
 PLUGINS_IMPORTED = {"fmhub_plugins", "fmhub_plugins.safetensors_format", "fmhub_plugins.policy_roles"}
 # About 85 modules today, with Python's own. The margin leaves room to grow; an accidental
@@ -81,7 +82,7 @@ def test_filter_start_up_imports_only_what_a_clean_needs(repo):
     assert (flag, sub) == ("-S", "filter-process") and Path(boot) == BOOT
     runs = [imports_of(add_with_importtime(repo, shlex.join([python, "-X", "importtime", "-S", boot, sub]), i)) for i in range(3)]
     modules = runs[0][0]
-    assert "fmhub_filters.process" in modules and "fmhub.checkpoint" in modules
+    assert "fmhub_filters.process" in modules and "fmhub.core.checkpoint" in modules
     heavy = [m for m in modules if m.split(".")[0] in NOT_IMPORTED or m in NOT_IMPORTED]
     assert heavy == [], f"the filter imports {heavy}"
     assert {m for m in modules if m.startswith("fmhub_plugins")} <= PLUGINS_IMPORTED
@@ -192,7 +193,7 @@ PTH_PLUGIN = textwrap.dedent(
     '''
     """An access policy that only an import hook in a .pth file makes importable."""
     from fmhub import hookimpl
-    from fmhub.interfaces import Decision
+    from fmhub.plugin.interfaces import Decision
 
 
     class DenyMarked:
@@ -354,7 +355,8 @@ def test_discovery_matches_importlib_metadata(tmp_path):
 def test_a_kind_imports_only_its_plugins():
     code = textwrap.dedent("""
         import sys
-        from fmhub import access, host
+        from fmhub.governance import access
+        from fmhub.plugin import host
         host.registry("format")
         access.policies()
         print(" ".join(sorted(m for m in sys.modules if m.startswith("fmhub_plugins."))))
@@ -438,7 +440,7 @@ def test_a_broken_plugin_is_one_line_and_fails_every_time(third_party_modules):
 
 
 def test_policy_file_name_matches_the_parser():
-    from fmhub.policy import POLICY_FILE
+    from fmhub.governance.policy import POLICY_FILE
     from fmhub_plugins import policy_roles
 
     assert policy_roles.POLICY_FILE == POLICY_FILE
@@ -473,7 +475,7 @@ READS = [
 
 @pytest.fixture
 def cached_git_state(monkeypatch):
-    """`fmhub.repo.cache_git_state` for one test, undone after it."""
+    """`fmhub.core.repo.cache_git_state` for one test, undone after it."""
     monkeypatch.setattr(fmrepo, "_snapshots", None)
     monkeypatch.setattr(fmrepo, "_common_dirs", None)
     monkeypatch.setattr(fmrepo, "_index_files", {})
@@ -526,7 +528,7 @@ def test_staged_blobs_come_from_one_cat_file_that_follows_the_index(tmp_path, ca
     git(tmp_path, "add", "a", "big")
     cwd = str(tmp_path)
     cached_git_state()
-    from fmhub import prefetch
+    from fmhub.base import prefetch
 
     spawned = []
     real_popen, real_child = subprocess.Popen.__init__, prefetch.Child.__init__
@@ -604,7 +606,7 @@ def test_pkt_writer_writes_payloads_with_writev(tmp_path):
 def test_audit_time_keeps_its_format():
     from datetime import datetime, timezone
 
-    from fmhub import audit
+    from fmhub.governance import audit
 
     now = audit._now()
     parsed = datetime.strptime(now, audit.TIME_FORMAT).replace(tzinfo=timezone.utc)
@@ -630,9 +632,9 @@ def test_a_third_party_plugin_turns_the_direct_path_off(monkeypatch):
 
 
 def test_prefetched_answers_are_taken_once_and_only_where_they_were_asked(tmp_path, monkeypatch):
-    """git's filter asks git its first questions as it starts (`fmhub.prefetch`): an answer serves one question,
+    """git's filter asks git its first questions as it starts (`fmhub.base.prefetch`): an answer serves one question,
     from the directory it was asked in; anything else asks git again."""
-    from fmhub import prefetch
+    from fmhub.base import prefetch
 
     git(tmp_path, "init", "-q")
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""Tensor objects travel through the Git LFS batch API: fmhub.remote and fmhub.transfer against a real server."""
+"""Tensor objects travel through the Git LFS batch API: fmhub.git.endpoint and fmhub.git.transfer against a real server."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pytest
 
 from conftest import git
 from lfs_server import closed_port_url
-from fmhub.errors import CorruptDownload, FmhubError, RemoteAuthError, RemoteMissingObject, RemoteUnavailable
-from fmhub.remote import Endpoint, derive_lfs_url, endpoint_for
-from fmhub.store import ObjectStore
-from fmhub.transfer import BATCH_SIZE, Report, Transfer
+from fmhub.base.errors import CorruptDownload, FmhubError, RemoteAuthError, RemoteMissingObject, RemoteUnavailable
+from fmhub.git.endpoint import Endpoint, derive_lfs_url, endpoint_for
+from fmhub.core.store import ObjectStore
+from fmhub.git.transfer import BATCH_SIZE, Report, Transfer
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import torch
 
 from conftest import git, sha256_file
 
-from fmhub.demo import build_tiny_llama
-from fmhub.manifest import Manifest
+from fmhub.run.demo import build_tiny_llama
+from fmhub.core.manifest import Manifest
 
 
 def test_save_pretrained_round_trip_and_reload(repo):

@@ -21,11 +21,12 @@ from hypothesis import strategies as st
 
 from conftest import BILLION_LAUGHS, fmhub, git, save_tensors
 
-from fmhub import access, audit
-from fmhub.errors import FmhubError
-from fmhub.policy import PolicyError
-from fmhub.records import AccessRequest
-from fmhub.spec import SPEC_LIMITS, Spec, SpecError, parse_spec, validate_yaml
+from fmhub.governance import access
+from fmhub.governance import audit
+from fmhub.base.errors import FmhubError
+from fmhub.governance.policy import PolicyError
+from fmhub.plugin.records import AccessRequest
+from fmhub.project.spec import SPEC_LIMITS, Spec, SpecError, parse_spec, validate_yaml
 from plugins.policy_roles import RolePolicy
 
 DEEP = 100_000
@@ -96,7 +97,7 @@ def test_aliases_a_real_spec_uses_still_work():
 
 
 def test_the_spec_limits_fit_the_documented_example():
-    from fmhub.example import SPEC as EXAMPLE  # the spec `fmhub init --example` writes
+    from fmhub.run.example import SPEC as EXAMPLE  # the spec `fmhub init --example` writes
 
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "fmhub-yaml.md"), encoding="utf-8") as f:
         doc = f.read()
@@ -131,7 +132,7 @@ def test_fuzz_any_yaml_text_is_a_spec_or_one_spec_error(text):
     (lambda p: p.write_text(BILLION_LAUGHS), "YAML aliases"),
 ])
 def test_licence_policy_that_cannot_be_read_fails_closed_in_one_line(tmp_path, make, expected):
-    from fmhub.licences import policy_settings
+    from fmhub.governance.licences import policy_settings
 
     (tmp_path / ".fmhub").mkdir()
     make(tmp_path / ".fmhub" / "policy.yaml")
@@ -141,7 +142,7 @@ def test_licence_policy_that_cannot_be_read_fails_closed_in_one_line(tmp_path, m
 
 
 def test_licence_policy_still_read(tmp_path):
-    from fmhub.licences import policy_settings
+    from fmhub.governance.licences import policy_settings
 
     assert policy_settings(str(tmp_path)) == {}
     (tmp_path / ".fmhub").mkdir()
@@ -172,7 +173,7 @@ def test_a_staged_policy_too_big_to_read_denies(tmp_path, monkeypatch):
 
 
 def test_the_filter_process_index_reader_also_marks_a_too_big_blob(tmp_path):
-    from fmhub.repo import _IndexReader
+    from fmhub.core.repo import _IndexReader
 
     git(tmp_path, "init", "-q")
     (tmp_path / "p.yaml").write_text("x" * 2000)
@@ -223,7 +224,7 @@ NESTED = "[" * DEEP + "]" * DEEP
 
 
 def test_a_nested_lineage_record_is_one_line(tmp_path):
-    from fmhub import lineage
+    from fmhub.governance import lineage
 
     (tmp_path / "m.safetensors.lineage.json").write_text(NESTED)
     with pytest.raises(lineage.LineageError, match="nested deeper than 64"):
@@ -243,7 +244,7 @@ def test_a_nested_lineage_record_is_one_line(tmp_path):
     ('{"weight_map": [1]}', "weight_map is not a mapping"),
 ])
 def test_a_hostile_sharded_index_is_one_line(tmp_path, index, expected):
-    from fmhub.fisher import model_files
+    from fmhub.models.fisher import model_files
 
     (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(FmhubError, match=expected):
@@ -251,7 +252,7 @@ def test_a_hostile_sharded_index_is_one_line(tmp_path, index, expected):
 
 
 def test_a_sharded_index_still_lists_its_shards(tmp_path):
-    from fmhub.fisher import model_files
+    from fmhub.models.fisher import model_files
 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors"}}))
     assert model_files(str(tmp_path)) == [str(tmp_path / "m-1.safetensors"), str(tmp_path / "m-2.safetensors")]
@@ -266,7 +267,7 @@ def test_a_sharded_index_still_lists_its_shards(tmp_path):
 def test_a_hostile_adapter_config_is_one_line(tmp_path, config, expected):
     import torch
 
-    from fmhub.lora import CONFIG, WEIGHTS, load_adapter
+    from fmhub.models.lora import CONFIG, WEIGHTS, load_adapter
 
     save_tensors(tmp_path / WEIGHTS, {"base_model.model.x.lora_A.weight": torch.ones(2, 4),
                                       "base_model.model.x.lora_B.weight": torch.ones(4, 2)})
@@ -276,9 +277,9 @@ def test_a_hostile_adapter_config_is_one_line(tmp_path, config, expected):
 
 
 def test_nested_data_rows_are_row_errors_not_tracebacks(tmp_path):
-    from fmhub import datasets_io
-    from fmhub.autotune import Task, TaskError, _read_rows
-    from fmhub.rows import read_batches
+    from fmhub.data import texts as datasets_io
+    from fmhub.ml.autotune import Task, TaskError, _read_rows
+    from fmhub.core.rows import read_batches
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine", "label": "a", "x": NaN}\n' + NESTED + "\n" + '{"n": ' + "9" * 5000 + "}\n")
@@ -298,7 +299,7 @@ def test_nested_data_rows_are_row_errors_not_tracebacks(tmp_path):
     ("models: !!python/object/apply:os.system [echo]\n", "r.yaml:1: not valid YAML: could not determine a constructor"),
 ])
 def test_a_hostile_merge_recipe_is_one_line(tmp_path, text, expected):
-    from fmhub.merge import load_plan_file
+    from fmhub.models.merge import load_plan_file
 
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -313,7 +314,7 @@ def test_a_hostile_merge_recipe_is_one_line(tmp_path, text, expected):
     ("keep:\n  - {row: !!python/name:os.system x}\n", ":2: not a valid !!python/name:os.system"),
 ])
 def test_a_hostile_overrides_file_is_one_line(tmp_path, text, expected):
-    from fmhub.clean_overrides import OverridesError, load_overrides
+    from fmhub.data.clean.overrides import OverridesError, load_overrides
 
     path = tmp_path / "o.yaml"
     path.write_text(text)

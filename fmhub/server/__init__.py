@@ -14,4 +14,6 @@ Layers, lowest first; each module imports only those above it in this list:
 * `app`       the WSGI application that authenticates and routes every request;
 * `gate`      waitress's connections: bodies admitted before they are read, deadlines, eviction at the limit;
 * `serve`     waitress serving it (``fmhub server``), with the limits `gate` enforces.
+
+May import (as a layer): `fmhub.base`, `fmhub.project`, `fmhub.plugin`, `fmhub.core`, `fmhub.governance`, `fmhub.git`.
 """

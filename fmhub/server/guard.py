@@ -24,8 +24,8 @@ import os
 import sys
 from typing import Iterable, Optional
 
-from fmhub.audit import AuditLog
-from fmhub.records import AccessRequest, Decision
+from fmhub.governance.audit import AuditLog
+from fmhub.plugin.records import AccessRequest, Decision
 from fmhub.server.index import POLICY_PATH, IndexState, RepoIndex
 from fmhub.server.tokens import Principal
 from fmhub.server.uploads import Uploads
@@ -44,7 +44,7 @@ class RepoGuard:
 
     def policy(self, state: IndexState, ref: Optional[bytes] = None):
         """The parsed policy at ``ref`` (default: the primary branch): a Policy, a PolicyError, or None (no policy file)."""
-        from fmhub.policy import parse_policy_bytes
+        from fmhub.governance.policy import parse_policy_bytes
 
         ref = ref or state.primary
         data = state.reader(ref)(POLICY_PATH) if ref in state.tips else None
@@ -68,7 +68,7 @@ class RepoGuard:
         return pol is not None and not isinstance(pol, Exception) and self.admin_role in pol.roles_of(principal.user)
 
     def reads_everything(self, principal: Principal, state: IndexState) -> bool:
-        from fmhub import access
+        from fmhub.governance import access
 
         if self.is_admin(principal, state):
             return True
@@ -84,7 +84,7 @@ class RepoGuard:
 
     def read_denial(self, principal: Principal, oid: str, state: IndexState) -> tuple[Optional[str], str]:
         """(None, why) when ``principal`` may read ``oid``; else (the one-line message to send, why)."""
-        from fmhub import access
+        from fmhub.governance import access
 
         if self.is_admin(principal, state):
             return None, "admin"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 from fmhub.server.repos import protected_branches
 
 POLICY_PATH = ".fmhub/policy.yaml"
@@ -115,7 +115,7 @@ def manifest_oids(store, blob: bytes, path: str) -> list[tuple[str, Optional[str
     """(oid, tensor name or None) for every object a manifest blob names; [] for a blob that is not a manifest."""
     from dulwich.objects import Blob
 
-    from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
+    from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 
     try:
         obj = store[blob]

@@ -28,9 +28,9 @@ import re
 import tempfile
 from typing import Any, Callable, Iterable, Optional
 
-from fmhub import boundedjson
+from fmhub.base import boundedjson
 from fmhub.server.guard import RepoGuard
-from fmhub.units import parse_uint
+from fmhub.base.units import parse_uint
 from fmhub.server.tokens import Principal
 
 ORG = "_"  # giftless routes /<organization>/<repo>.git/info/lfs/...; fmhub's URLs are /<repo>.git/info/lfs/...

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-from fmhub.records import AccessRequest
+from fmhub.plugin.records import AccessRequest
 from fmhub.server.guard import RepoGuard
 from fmhub.server.index import POLICY_PATH, IndexState, commit_of, file_at, manifest_oids
 from fmhub.server.tokens import Principal
@@ -95,7 +95,7 @@ def _fast_forward(repo, old: bytes, new: bytes) -> bool:
 
 
 def _policy_change(repo, name: str, old: bytes, new: bytes, admin: bool) -> Optional[str]:
-    from fmhub.policy import parse_policy_bytes
+    from fmhub.governance.policy import parse_policy_bytes
 
     store = repo.object_store
     before = file_at(store, commit_of(store, old), POLICY_PATH) if old != ZERO else None
@@ -144,7 +144,7 @@ def _changes(store, commit) -> dict[str, tuple[list[bytes], Optional[bytes]]]:
 
 
 def _check_commit(guard: RepoGuard, principal: Principal, repo, state: IndexState, commit, reader, has_object: HasObject) -> Optional[str]:
-    from fmhub import access
+    from fmhub.governance import access
 
     store = repo.object_store
     for path, (olds, new) in sorted(_changes(store, commit).items()):

@@ -14,7 +14,7 @@ import re
 import subprocess
 from typing import Optional
 
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 from fmhub.server import repos
 from fmhub.server.app import ServerApp, ServerConfig
 from fmhub.server.lfs import MAX_BATCH_BYTES

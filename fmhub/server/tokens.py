@@ -22,8 +22,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from fmhub.atomic import atomic_write
-from fmhub.errors import FmhubError
+from fmhub.base.atomic import atomic_write
+from fmhub.base.errors import FmhubError
 
 TOKENS_FILE = os.path.join(".fmhub", "tokens.yaml")
 _PREFIX = "sha256:"

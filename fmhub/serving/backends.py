@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fmhub.errors import FmhubError
-from fmhub.interfaces import ServingBackend
+from fmhub.base.errors import FmhubError
+from fmhub.plugin.interfaces import ServingBackend
 
 
 def backend(name: str) -> ServingBackend:
-    from fmhub.host import registry
+    from fmhub.plugin.host import registry
 
     found = registry("serving-backend")
     if name not in found:

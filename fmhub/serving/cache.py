@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from fmhub.errors import FmhubError, ServeError
+from fmhub.base.errors import FmhubError, ServeError
 from fmhub.serving.multilora import Factors
 from fmhub.serving.sources import AdapterSpec, Source, check_readable, dir_bytes, materialize
-from fmhub.units import human_bytes
+from fmhub.base.units import human_bytes
 
 MiB = 1 << 20
 

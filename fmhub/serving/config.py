@@ -1,7 +1,7 @@
 """What a serving backend is asked to serve, and how: one object every backend reads.
 
 ``fmhub serve`` builds a `ServeConfig` from the ``serve:`` section of
-``fmhub.yaml`` (`fmhub.spec.ServeSpec`, docs/serving.md) with its command-line
+``fmhub.yaml`` (`fmhub.project.spec.ServeSpec`, docs/serving.md) with its command-line
 options on top (`from_options`). Backends take what applies to them.
 """
 
@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 from fmhub.serving.sources import AdapterSpec, Source
 
 EVICTION = ("lru", "lfu")

@@ -35,8 +35,8 @@ def push(url: str, adapters: list, token: str | None = None, replace: bool = Tru
     import urllib.error
     import urllib.request
 
-    from fmhub import boundedjson
-    from fmhub.errors import FmhubError
+    from fmhub.base import boundedjson
+    from fmhub.base.errors import FmhubError
 
     body = json.dumps({"replace": replace, "adapters": [{"name": a.name, "source": a.source.to_json()} for a in adapters]})
     req = urllib.request.Request(url.rstrip("/") + "/fmhub/adapters", data=body.encode(), method="POST",

@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 
 from fmhub.serving.batch import Forward, RunningBatch
-from fmhub.errors import ServeError
+from fmhub.base.errors import ServeError
 from fmhub.serving.cache import AdapterCache, DeviceSlots, Entry, Slot
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.metrics import Metrics
@@ -216,8 +216,8 @@ class Engine:
         return keys
 
     def _load_factors(self, entry: Entry, path: str) -> dict:
-        from fmhub import lora
-        from fmhub.adapters import SIDECAR
+        from fmhub.models import lora
+        from fmhub.models.adapters import SIDECAR
 
         adapter = lora.load_adapter(path)
         side = os.path.join(path, SIDECAR)
@@ -451,7 +451,7 @@ def _sample_row(logits: torch.Tensor, params: GenParams, gen: torch.Generator | 
 def _default_cache_dir(config: ServeConfig) -> str:
     src = config.base
     if src.repo:
-        from fmhub.repo import common_dir
+        from fmhub.core.repo import common_dir
 
         return os.path.join(common_dir(src.repo), "fmhub", "serve-cache")
     return os.path.join(tempfile.gettempdir(), "fmhub-serve-cache")

@@ -32,11 +32,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmhub import lora
-from fmhub.atomic import atomic_write
-from fmhub.errors import FmhubError
+from fmhub.models import lora
+from fmhub.base.atomic import atomic_write
+from fmhub.base.errors import FmhubError
 from fmhub.serving.config import ServeConfig
-from fmhub.adapters import SIDECAR
+from fmhub.models.adapters import SIDECAR
 from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source, check_readable, check_recorded_base, materialize
 
 # The flags, the --lora-modules JSON form, /v1/models' parent/root fields and the
@@ -190,7 +190,7 @@ def check_adapter(spec: AdapterSpec, base_view, base_label: str, max_rank: int |
 
     ``max_rank`` None skips the rank limit (the running server enforces its own).
     """
-    from fmhub.adapters import _check_fits
+    from fmhub.models.adapters import _check_fits
 
     src = spec.source
     who = f"adapter {spec.name!r} ({src.label})"

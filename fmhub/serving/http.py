@@ -17,7 +17,7 @@ prompt, 401 admin token, 404 unknown adapter, 409 adapter for another base,
 request cancelled at the next decode step; everyone else keeps being served.
 
 Hostile input is bounded before it costs anything: bodies by Content-Length
-(parsed by `fmhub.boundedjson`), numbers by range, connections by
+(parsed by `fmhub.base.boundedjson`), numbers by range, connections by
 `MAX_CONNECTIONS` threads plus `SPARE_THREADS` that only answer 503, with a
 listen backlog of `BACKLOG` so a burst waits rather than being reset, and an
 accept loop that answers 503 itself when every thread is taken. Time is
@@ -46,9 +46,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
-from fmhub import boundedjson, lora
-from fmhub.errors import FmhubError
-from fmhub.errors import ServeError
+from fmhub.base import boundedjson
+from fmhub.models import lora
+from fmhub.base.errors import FmhubError
+from fmhub.base.errors import ServeError
 from fmhub.serving.config import check_exposure
 from fmhub.serving.engine import Engine, GenParams, Request
 from fmhub.serving.sources import AdapterSpec, Source, check_name
@@ -151,10 +152,10 @@ class Api:
         self.admin_token = admin_token.encode()
         self.max_adapter_bytes = int(engine.config.cpu_cache_mb * (1 << 20))  # a larger adapter never fits the warm tier
         self.created = int(time.time())
-        # composition of experts (fmhub.router): with a router, "model": "auto" picks the adapter per request
+        # composition of experts (fmhub.serving.router): with a router, "model": "auto" picks the adapter per request
         router_path = engine.config.backend_options.get("router")
         if router_path:
-            from fmhub.router import Router
+            from fmhub.serving.router import Router
 
             self.router: Any = Router.load(router_path)
         else:
@@ -220,7 +221,7 @@ class Api:
             clean.append({"role": m["role"], "content": _text(m["content"], f"messages[{i}]")})
         return self.tok.encode(self.tok.chat_prompt(clean))
 
-    # -- "model": "auto": composition of experts (fmhub.router) ---------------------------------------
+    # -- "model": "auto": composition of experts (fmhub.serving.router) ---------------------------------------
     def route(self, body: dict, chat: bool) -> tuple[dict, dict | None]:
         """For ``"model": "auto"``: the body with the router's adapter as its model, and ``{routed_to, confidence}``.
 
@@ -233,7 +234,7 @@ class Api:
             if "auto" in self.engine.cache.current:
                 return body, None  # an adapter really named auto
             raise ServeError(404, "the model 'auto' routes each request to the best adapter, but this server has no router: "
-                                  "train one (fmhub.router.Router.fit, then .save(PATH)) and serve with backend_options: "
+                                  "train one (fmhub.serving.router.Router.fit, then .save(PATH)) and serve with backend_options: "
                                   "{router: PATH} in the serve: section of fmhub.yaml", param="model")
         if chat:
             messages = [m for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
@@ -556,7 +557,7 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, body: dict, chat: bool) -> None:
         api = self.api
         stream = _field(body, "stream", bool, False)
-        body, routed = api.route(body, chat)  # "model": "auto" → the router's adapter (fmhub.router)
+        body, routed = api.route(body, chat)  # "model": "auto" → the router's adapter (fmhub.serving.router)
         requests, stops, prompt_tokens = api.submit(body, chat)
         rid = requests[0].id
         model = body["model"]

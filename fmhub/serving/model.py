@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 from fmhub.serving.sources import Source, materialized
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}

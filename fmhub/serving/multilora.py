@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmhub.errors import FmhubError, ServeError
+from fmhub.base.errors import FmhubError, ServeError
 
 
 @dataclass
@@ -158,8 +158,8 @@ class LoraBank:
 
 
 def factors_from(adapter: Any, dtype: torch.dtype, pin: bool = False) -> dict[str, Factors]:
-    """A `fmhub.lora.Adapter`'s updates as `Factors` by base module name, on the CPU (pinned for fast copies)."""
-    from fmhub.lora import CONFIG
+    """A `fmhub.models.lora.Adapter`'s updates as `Factors` by base module name, on the CPU (pinned for fast copies)."""
+    from fmhub.models.lora import CONFIG
 
     out = {}
     for name, up in adapter.updates.items():

@@ -20,10 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable
 
-from fmhub import lora
-from fmhub.errors import FmhubError
-from fmhub.repo import git, open_store, toplevel
-from fmhub.views import CheckpointView, from_path, from_revision
+from fmhub.models import lora
+from fmhub.base.errors import FmhubError
+from fmhub.core.repo import git, open_store, toplevel
+from fmhub.governance.access import check_smudge
+from fmhub.models.views import CheckpointView, from_path, from_revision
 
 MODEL_CONFIG = "config.json"
 
@@ -60,7 +61,7 @@ class Source:
                     return f.read()
             except OSError as exc:
                 raise FmhubError(f"{self.label}: cannot read {name}: {exc.strerror}") from None
-        from fmhub.repo import blob_at
+        from fmhub.core.repo import blob_at
 
         return blob_at(self.rev, f"{self.path}/{name}", self.repo)
 
@@ -106,7 +107,7 @@ def parse_source(spec: str, cwd: str | None = None) -> Source:
     path, sep, rev = spec.rpartition("@")
     if not sep or not path or os.path.exists(os.path.join(cwd, spec)):
         return Source(os.path.abspath(os.path.join(cwd, spec)), given=spec)
-    from fmhub.diff import resolve_rev
+    from fmhub.models.diff import resolve_rev
 
     absolute = os.path.abspath(os.path.join(cwd, path))
     # the repository is the one around the path (or around cwd, for a path that only exists at REV)
@@ -177,8 +178,8 @@ def declared_adapters(rev: str, base: Source | None = None, cwd: str | None = No
 
     This is what ``fmhub deploy`` serves: an adapter's name is its directory's name.
     """
-    from fmhub.adapters import list_adapters
-    from fmhub.diff import resolve_rev
+    from fmhub.models.adapters import list_adapters
+    from fmhub.models.diff import resolve_rev
 
     top = toplevel(cwd)
     sha = resolve_rev(rev, top)
@@ -207,9 +208,9 @@ def check_readable(src: Source) -> None:
     """
     if src.rev is None:
         return
-    from fmhub.access import require_readable
-    from fmhub.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
-    from fmhub.repo import blob_at
+    from fmhub.governance.access import require_readable
+    from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
+    from fmhub.core.repo import blob_at
 
     for name in src.files():
         rel = f"{src.path}/{name}" if src.path else name
@@ -278,16 +279,17 @@ def _write_weights(src: Source, names: list[str], tmp: str) -> None:
         for n in names:
             shutil.copyfile(os.path.join(src.path, n), os.path.join(tmp, n))
         return
-    from fmhub import checkpoint
-    from fmhub.repo import blob_at
-    from fmhub.sync import LazyFetcher
+    from fmhub.core import checkpoint
+    from fmhub.core.repo import blob_at
+    from fmhub.git.sync import LazyFetcher
 
     store = open_store(src.repo)
     try:
         for n in names:
             rel = f"{src.path}/{n}" if src.path else n
             with open(os.path.join(tmp, n), "wb") as f:
-                checkpoint.smudge(blob_at(src.rev, rel, src.repo), store, f, rel, fetch=LazyFetcher(store), root=src.repo)
+                checkpoint.smudge(blob_at(src.rev, rel, src.repo), store, f, rel, fetch=LazyFetcher(store), root=src.repo,
+                                    access=check_smudge)
                 f.flush()
                 os.fsync(f.fileno())
     finally:
@@ -305,8 +307,8 @@ def check_recorded_base(name: str, sidecar: bytes | None, where: str, base: Sour
     adapter recorded against a base at another path (or a base served from
     the work tree) gets only the shape checks.
     """
-    from fmhub.adapters import base_files, read_sidecar
-    from fmhub.errors import ServeError
+    from fmhub.models.adapters import base_files, read_sidecar
+    from fmhub.base.errors import ServeError
 
     if sidecar is None or base.rev is None:
         return

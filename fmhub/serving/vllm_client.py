@@ -22,8 +22,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from fmhub import boundedjson
-from fmhub.errors import FmhubError
+from fmhub.base import boundedjson
+from fmhub.base.errors import FmhubError
 from fmhub.serving.deploy import DeployReport
 from fmhub.serving.export import API_KEY_ENV, check_adapter, check_dir_name, place, read_version
 from fmhub.serving.sources import MODEL_CONFIG, AdapterSpec, Source

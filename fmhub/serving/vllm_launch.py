@@ -1,4 +1,4 @@
-"""Start ``vllm serve`` on an export (`fmhub.serving.export`) and hold it as a `fmhub.interfaces.ServerHandle`.
+"""Start ``vllm serve`` on an export (`fmhub.serving.export`) and hold it as a `fmhub.plugin.interfaces.ServerHandle`.
 
 vLLM runs as a child process in its own process group (it starts workers of
 its own), with its output in ``<export>/vllm.log``. ``serve`` returns once
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from fmhub.errors import FmhubError
+from fmhub.base.errors import FmhubError
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.export import API_KEY_ENV, ExportPlan, backend_options, export
 from fmhub.serving.vllm_client import VllmClient
@@ -51,7 +51,7 @@ def export_dir(config: ServeConfig) -> str | None:
     if config.cache_dir:
         return os.path.join(config.cache_dir, "vllm")
     if config.base.repo:
-        from fmhub.repo import common_dir
+        from fmhub.core.repo import common_dir
 
         return os.path.join(common_dir(config.base.repo), "fmhub", "serve-cache", "vllm")
     return None

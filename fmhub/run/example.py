@@ -1,0 +1,181 @@
+"""``fmhub init --example``: a small project that runs every stage of ``fmhub run`` on a CPU in a few minutes.
+
+It writes a git repository with fmhub installed: a tiny Llama built from a
+config (``models/tiny``), two generated datasets (product reviews with
+duplicates, too-short rows and e-mail addresses; support tickets), and an
+``fmhub.yaml`` that cleans both, labels the reviews' sentiment by weak
+supervision, trains one LoRA adapter per task (sentiment: accuracy; tickets:
+language-model loss) with a small learning-rate search, ranks them, trains a
+router, merges the two adapters, and checks the result through a local
+server. Everything is generated from a seed: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+from fmhub.base.errors import FmhubError
+
+SPEC = """\
+# fmhub run: clean -> label -> finetune (one adapter per task) -> select -> merge -> deploy
+datasets:
+  reviews: {path: data/reviews.jsonl, text: text, key: id, license: CC0-1.0}
+  tickets: {path: data/tickets.jsonl, text: text, key: id, license: CC0-1.0}
+clean:
+  reviews:
+    input: reviews
+    output: data/clean/reviews.jsonl
+    backend: serial
+    steps: [pii, {length: {min_words: 3}}, dedup]
+  tickets:
+    input: tickets
+    output: data/clean/tickets.jsonl
+    backend: serial
+    steps: [pii, dedup]
+label:
+  sentiment:
+    input: data/clean/reviews.jsonl
+    output: data/labelled/reviews.jsonl
+    classes: [negative, positive]
+    backend: serial
+    lfs:
+      - keyword: {words: [great, love, excellent, perfect], label: positive}
+      - keyword: {words: [terrible, broke, awful, waste], label: negative}
+      - regex: {pattern: "refund|send it back", label: negative, name: returns}
+models:
+  tiny: {path: models/tiny, description: a 1M-parameter Llama built from a config}
+tasks:
+  sentiment:
+    data: data/labelled/reviews.jsonl
+    metric: accuracy
+    classes: [negative, positive]
+    description: product reviews, good or bad
+  tickets:
+    data: data/clean/tickets.jsonl
+    metric: loss
+    description: customer support tickets about accounts, passwords and invoices
+finetune:
+  r: 8
+  steps: 60
+  trial_steps: 15
+  lrs: [0.01, 0.03]
+  batch_size: 8
+select:
+  output: runs/leaderboard.json
+  router: runs/router.json
+merge:
+  strategy: task-arithmetic
+  into: adapter
+  output: adapters/merged
+deploy:
+  prompt: "the battery"
+  max_tokens: 8
+"""
+
+_POS = ["great", "love", "excellent", "perfect"]
+_NEG = ["terrible", "broke", "awful", "waste"]
+_THINGS = ["battery", "screen", "case", "charger", "lamp", "kettle", "blender", "keyboard"]
+_TICKET = ["my password does not work", "please reset my account", "the invoice is wrong", "I was charged twice",
+           "how do I change my email", "the login page shows an error", "cancel my subscription", "update my billing address"]
+
+
+def reviews(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = rng.random() < 0.55
+        word = rng.choice(_POS if positive else _NEG)
+        thing = rng.choice(_THINGS)
+        when = rng.choice(["after a week", "on day one", "so far", "after a month", "today", "honestly"])
+        text = (f"the {thing} is {word} {when}" if rng.random() < 0.5
+                else f"{word} {thing} {when}, would {'buy' if positive else 'not buy'} again")
+        if not positive and rng.random() < 0.2:
+            text += ", I want a refund"
+        if rng.random() < 0.05:
+            text += f" write me at user{i}@example.com"
+        rows.append({"id": i, "text": text})
+    rows += [dict(rows[j], id=n + j) for j in range(0, n, 17)]  # exact duplicates for dedup
+    rows += [{"id": 2 * n + j, "text": "ok"} for j in range(5)]  # too short
+    return rows
+
+
+def tickets(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"id": i, "text": f"hello, {rng.choice(_TICKET)} (order {rng.randrange(1000, 9999)}). {rng.choice(_TICKET)}. thanks"}
+            for i in range(n)]
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _sh(args: list[str], cwd: str) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FmhubError(f"{' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def create(directory: str, rows: int = 240) -> str:
+    """Write the example project into ``directory`` (new or empty) and commit it; returns its path."""
+    from fmhub.run.demo import build_tiny_llama
+
+    directory = _new_repo(directory, ["*.safetensors", "*.jsonl"])
+    if not _has_identity(directory):  # commits need one; the user's own is kept when set
+        for key, value in (("user.name", "fmhub example"), ("user.email", "example@fmhub.invalid")):
+            _sh(["git", "config", key, value], directory)
+    build_tiny_llama(seed=0, initializer_range=0.1).save_pretrained(os.path.join(directory, "models", "tiny"))
+    _write_jsonl(os.path.join(directory, "data", "reviews.jsonl"), reviews(rows, seed=1))
+    _write_jsonl(os.path.join(directory, "data", "tickets.jsonl"), tickets(rows // 2, seed=2))
+    with open(os.path.join(directory, "fmhub.yaml"), "w", encoding="utf-8") as f:
+        f.write(SPEC)
+    with open(os.path.join(directory, ".gitignore"), "w", encoding="utf-8") as f:
+        f.write("runs/*.html\n")
+    _sh(["git", "add", "."], directory)
+    _sh(["git", "commit", "-qm", "fmhub example: a tiny model, two datasets, fmhub.yaml"], directory)
+    return directory
+
+
+def _has_identity(directory: str) -> bool:
+    return subprocess.run(["git", "config", "user.email"], cwd=directory, capture_output=True).returncode == 0
+
+
+EMPTY_SPEC = """\
+# fmhub.yaml: what `fmhub run` builds (docs/fmhub-yaml.md). Uncomment and fill in.
+# datasets:
+#   raw: {path: data/raw.jsonl, text: text}
+# clean:
+#   raw: {input: raw, output: data/clean.jsonl, steps: [pii, dedup]}
+# models:
+#   base: {path: models/base}
+# tasks:
+#   mytask: {data: data/clean.jsonl, metric: loss}
+# finetune: {r: 8, steps: 100}
+"""
+
+
+def create_empty(directory: str) -> str:
+    """A new repository with fmhub installed, the usual patterns tracked and a commented fmhub.yaml."""
+    directory = _new_repo(directory, ["*.safetensors", "*.jsonl", "*.parquet"])
+    with open(os.path.join(directory, "fmhub.yaml"), "w", encoding="utf-8") as f:
+        f.write(EMPTY_SPEC)
+    return directory
+
+
+def _new_repo(directory: str, patterns: list[str]) -> str:
+    """``git init`` a new (or empty) directory, install fmhub in it and track ``patterns``."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and os.listdir(directory):
+        raise FmhubError(f"{directory} is not empty; give a new directory")
+    os.makedirs(directory, exist_ok=True)
+    fmhub = [sys.executable, "-m", "fmhub"]
+    _sh(["git", "init", "-q"], directory)
+    _sh([*fmhub, "install"], directory)
+    _sh([*fmhub, "track", *patterns], directory)
+    return directory
