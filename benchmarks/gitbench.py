@@ -183,7 +183,7 @@ class ToolRepo:
 
 
 def measured_push(push: Callable[[], None], server) -> dict:
-    """Run ``push`` against a tests/lfs_server.py server: the objects it gained, every request body sent, wall time."""
+    """Run ``push`` against a tests/helpers/lfs_server.py server: the objects it gained, every request body sent, wall time."""
     before = server.objects()
     server.clear_log()
     t0 = time.perf_counter()

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Peak memory of `git clone` from a hostile origin, attack by attack, against an honest origin's, as a ratio.
 
-    python benchmarks/hostile_bench.py              # every attack in tests/test_hostile_origin.py, 3 repeats
+    python benchmarks/hostile_bench.py              # every attack in tests/git/test_hostile_origin.py, 3 repeats
     python benchmarks/hostile_bench.py --repeat 1
 
-Each attack is the commit tests/test_hostile_origin.py builds (a manifest whose
+Each attack is the commit tests/git/test_hostile_origin.py builds (a manifest whose
 sizes, shapes or digits lie, a zlib-bomb delta, a sparse patch out of range, a
-nested header, ...), its objects on the test LFS server (tests/lfs_server.py),
+nested header, ...), its objects on the test LFS server (tests/helpers/lfs_server.py),
 cloned with real git and fmhub's filter installed globally. The baseline is the
 same construction with honest sizes (a 16-byte tensor), cloned in the same run.
 Printed per attack: the clone's exit status, the peak RSS of git and its filter
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # the tests: tests.git.test_hostile_origin, tests.helpers.lfs_server
 
 
 def isolated_git() -> None:
@@ -37,8 +37,8 @@ def isolated_git() -> None:
 
 def clone_once(text: bytes, objects: list[bytes]) -> tuple[int, int, str]:
     """(exit status, peak RSS in MB, first ``fmhub:`` line) of one clone of an origin committing ``text``."""
-    import test_hostile_origin as t
-    from lfs_server import running_lfs_server
+    from tests.git import test_hostile_origin as t
+    from tests.helpers.lfs_server import running_lfs_server
 
     tmp = Path(tempfile.mkdtemp(prefix="fmhub-hostile-"))
     with running_lfs_server(tmp / "lfs") as server:
@@ -51,7 +51,7 @@ def clone_once(text: bytes, objects: list[bytes]) -> tuple[int, int, str]:
 
 
 def honest() -> tuple[bytes, list[bytes]]:
-    import test_hostile_origin as t
+    from tests.git import test_hostile_origin as t
 
     h = t.st_header([("a", "F32", [4], 16)])
     return t.manifest(h, [f'"a" F32 [4] 16 sha256:{t.sha(t.PAYLOAD)}']), [h, t.PAYLOAD]
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     isolated_git()
-    import test_hostile_origin as t
+    from tests.git import test_hostile_origin as t
 
     base = [clone_once(*honest())[1] for _ in range(args.repeat)]
     base_mb = statistics.median(base)

@@ -57,7 +57,8 @@ def main() -> None:
     from fmhub.data.label import pipeline as labelling
     from fmhub.ml import patch
     from fmhub.ml import explain as provenance
-    from fmhub.ml.autotune import Task, train_adapter
+    from fmhub.ml.autotune import train_adapter
+    from fmhub.ml.tasks import Task
     from fmhub.project.spec import load_spec
 
     root = tempfile.mkdtemp(prefix="fmhub-patch-bench-", dir=args.workdir)

@@ -6,7 +6,7 @@
 
 Each tool gets a fresh repository, a bare git remote (file://) and its own
 real LFS server on 127.0.0.1 (dulwich's, extended for streaming: the one the
-tests use, `tests/lfs_server.py`), with ``lfs.url`` pointing at it. Both push
+tests use, `tests/helpers/lfs_server.py`), with ``lfs.url`` pointing at it. Both push
 the same three versions: v0, then two versions that each overwrite the same 2
 tensors (a fine-tune of q/v projections). Bytes uploaded are what the server
 stored in response to that push (objects it did not have before); the
@@ -26,11 +26,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # the tests' LFS server: tests.helpers.lfs_server
 
 import filter_bench as fb  # noqa: E402  (checkpoint generation and in-place edits)
 from gitbench import measured_push  # noqa: E402
-from lfs_server import running_lfs_server  # noqa: E402
+from tests.helpers.lfs_server import running_lfs_server  # noqa: E402
 
 FILE = "model.safetensors"
 

@@ -19,7 +19,7 @@ version; rm + ``git checkout main -- .`` (v0), sha256-checked; the other
 versions checked out and checked (untimed); ``git diff main sparse``;
 ``fmhub merge sparse:. finetune:. --base main:. -s ties`` (fmhub); ``git add``
 of a tiny checkpoint; pushes of main and each branch to an LFS server on
-127.0.0.1 (tests/lfs_server.py); a fresh ``git clone`` from it, checked. Every
+127.0.0.1 (tests/helpers/lfs_server.py); a fresh ``git clone`` from it, checked. Every
 timed step starts with the page cache of the repo (and server store) dropped.
 Then the repository and the server are removed before the next tool, so disk
 use stays near (versions + 2) x the checkpoint: between pushes the server keeps
@@ -42,12 +42,12 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # the tests' LFS server: tests.helpers.lfs_server
 
 import ckpt_gen as cg  # noqa: E402
 import gitbench as gb  # noqa: E402
 import scale_report  # noqa: E402
-from lfs_server import running_lfs_server  # noqa: E402
+from tests.helpers.lfs_server import running_lfs_server  # noqa: E402
 
 GiB = 1 << 30
 ALL_TOOLS = ("git-lfs", "fmhub", "zipnn", "cp")

@@ -10,7 +10,7 @@ layers, the vocabulary filling it to --size-mb; smaller sizes shrink the
 widths) is committed once by an admin in a work repository with nothing but
 `fmhub install` + `fmhub track "*.safetensors"`, and pushed to both servers:
 
-* **test server**: the project's test LFS server (`tests/lfs_server.py`:
+* **test server**: the project's test LFS server (`tests/helpers/lfs_server.py`:
   dulwich's LFS server made streaming, a ThreadingHTTPServer), in a process of
   its own; git itself comes from a bare repository (``file://``) and the
   objects from the server through ``lfs.url``;
@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent / "tests"
+REPO_ROOT = HERE.parent  # where `tests.helpers.lfs_server` imports from
 sys.path.insert(0, str(HERE))
 
 import ckpt_gen as cg  # noqa: E402  (the Llama-shaped bf16 checkpoint)
@@ -85,7 +85,7 @@ LAST_PHASE = {"checkout": "checkout", "fetch": "fetch"}
 TEST_SERVER = """\
 import sys
 sys.path.insert(0, sys.argv[1])
-from lfs_server import running_lfs_server
+from tests.helpers.lfs_server import running_lfs_server
 with running_lfs_server(sys.argv[2]) as server:
     print(server.url, flush=True)
     sys.stdin.read()
@@ -179,7 +179,7 @@ class Proc:
 
 
 def start_test_server(store: Path, env: dict) -> tuple[Proc, str]:
-    p = subprocess.Popen([sys.executable, "-c", TEST_SERVER, str(TESTS), str(store)], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", TEST_SERVER, str(REPO_ROOT), str(store)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     url = p.stdout.readline().strip()
     if not url.startswith("http://"):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 NO_PATH = "<stdin>"  # filter-clean / filter-smudge called without a path (git always gives one: %f)
+STORING = ("filter-process", "filter-clean", "filter-smudge")  # the commands that store and check out files
 
 
 def run(argv: Sequence[str]) -> int | None:
@@ -29,6 +30,10 @@ def run(argv: Sequence[str]) -> int | None:
     if not low <= len(args) <= high or any(a.startswith("-") and argv[0] != "diff-driver" for a in args) or "--help" in args:
         return None
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")  # as fmhub.cli.main: for the processes we start
+    if argv[0] in STORING:
+        from fmhub.plugin import host
+
+        host.set_strict()  # a plugin that fails to load fails the file: skipping a format would change what is stored
     if cached:
         from fmhub.core.repo import cache_git_state
 
@@ -76,11 +81,11 @@ def filter_clean(path: str = NO_PATH) -> int:
     before anything is read or stored.
     """
     from fmhub.core import checkpoint
-    from fmhub.core.deltas import policy_from_git
+    from fmhub.core.deltas import policy_from_config
     from fmhub_filters.process import check_access
     from fmhub.base.errors import FmhubError
     from fmhub.core.manifest import MAX_MANIFEST_BYTES
-    from fmhub.core.repo import open_store, staged_blob
+    from fmhub.core.repo import fmhub_config, open_store, staged_blob
 
     try:
         if path == NO_PATH:
@@ -90,7 +95,7 @@ def filter_clean(path: str = NO_PATH) -> int:
         store = open_store()
         try:
             previous = checkpoint.staged_manifest(path, staged_blob(path, MAX_MANIFEST_BYTES))  # deltas, as the filter process
-            out = checkpoint.clean(sys.stdin.buffer, store, path, previous=previous, deltas=policy_from_git(), access=check_access)
+            out = checkpoint.clean(sys.stdin.buffer, store, path, previous=previous, deltas=policy_from_config(fmhub_config()), access=check_access)
         finally:
             store.close()
     except FmhubError as exc:

@@ -40,8 +40,7 @@ GIT_DIFF = "git diff"  # the reader, in the audit log's records of read decision
 def _side(filename: str, hexid: str, path: str, blobs, store_opener):
     """One side as a CheckpointView (empty when the file does not exist on that side); tensors the read policy
     denies the user are withheld (`fmhub.models.views.guard`: git runs the driver at the top of the work tree)."""
-    from fmhub.models.diff import CheckpointView
-    from fmhub.models.views import guard
+    from fmhub.models.views import CheckpointView, guard
 
     if filename == "/dev/null" or (hexid == "." and not os.path.exists(filename)):
         return CheckpointView.empty(path)
@@ -73,7 +72,7 @@ def _data_side(filename: str, hexid: str, path: str, blobs, store_opener):
     side = side_from_file(filename, path, store_opener)
     if side is not None and manifest is not None:
         side.sha256, side.chunk_oids = manifest.sha256, tuple(t.oid for t in manifest.tensors)
-    from fmhub.models.diff import guard_data
+    from fmhub.models.diffsides import guard_data
 
     return guard_data(side, path, via=GIT_DIFF)
 
@@ -87,7 +86,9 @@ def _diff_data(path: str, new_path: str, old, new, out: TextIO) -> None:
 
 
 def diff(args: Sequence[str], out: TextIO) -> None:
-    from fmhub.models.diff import GitBlobs, diff_views, format_text
+    from fmhub.models.diff import diff_views
+    from fmhub.models.diffsides import GitBlobs
+    from fmhub.models.difftext import format_text
     from fmhub.core.repo import open_store
 
     path = args[0]
@@ -138,7 +139,7 @@ def run(args: Sequence[str], out: TextIO = sys.stdout, stderr: TextIO = sys.stde
 def textconv(filename: str, out: TextIO = sys.stdout) -> int:
     """``diff.fmhub.textconv``: a per-tensor summary of one side (one line per row for a dataset)."""
     from fmhub.core.datafile import side_from_file
-    from fmhub.models.diff import textconv as lines
+    from fmhub.models.textconv import textconv as lines
     from fmhub.core.repo import open_store
 
     def store():
@@ -152,7 +153,8 @@ def textconv(filename: str, out: TextIO = sys.stdout) -> int:
         data = side_from_file(filename, filename, store)
         if data is not None:
             from fmhub.data.rowdiff import textconv_lines
-            from fmhub.models.diff import textconv_withheld, withhold_rows
+            from fmhub.models.diffsides import withhold_rows
+            from fmhub.models.textconv import textconv_withheld
 
             note = textconv_withheld("rows")
             if note is not None:  # the file or its manifest alike (the manifest's sha256 is the file's): git shares it

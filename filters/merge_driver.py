@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from fmhub.governance import audit
 from fmhub.core import tensors
-from fmhub.core.checkpoint import format_named
+from fmhub.core.formats import format_named
 from fmhub.base.errors import FmhubError, MergeConflict, one_line
 from fmhub.plugin.interfaces import TensorInfo
 from fmhub.core.manifest import Manifest, TensorEntry, is_manifest

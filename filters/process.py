@@ -54,11 +54,12 @@ class FilterServer:
 
     @property
     def deltas(self):
-        """The repository's delta policy (`fmhub.core.deltas.policy_from_git`), read once per git command."""
+        """The repository's delta policy (`fmhub.core.deltas.policy_from_config`), read once per git command."""
         if not hasattr(self, "_deltas"):
-            from fmhub.core.deltas import policy_from_git
+            from fmhub.core.deltas import policy_from_config
+            from fmhub.core.repo import fmhub_config
 
-            self._deltas = policy_from_git()
+            self._deltas = policy_from_config(fmhub_config())
         return self._deltas
 
     def _fetch_missing(self, objects: list[tuple[str, int]]) -> None:

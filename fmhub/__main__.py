@@ -9,12 +9,13 @@ import sys
 def main() -> None:
     from fmhub_filters import commands as gitcmd
 
-    status = gitcmd.run(sys.argv[1:])
+    argv = sys.argv[1:]
+    status = gitcmd.run(argv)
     if status is not None:
         sys.exit(status)
     from fmhub.cli import main as cli_main
 
-    cli_main()
+    sys.exit(cli_main(argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import Field
 
 from fmhub import hookimpl
-from fmhub.data.clean.cleaners import StepOptions, parse_options, text_of
+from fmhub.plugin.options import Options, parse_options, text_of
 from fmhub.plugin.interfaces import CleanContext, Drop
 
 _WORD = re.compile(r"\w+")
@@ -51,7 +51,7 @@ def _normalize(text: str, casefold: bool, whitespace: bool) -> str:
 # ---------------------------------------------------------------- exact
 
 
-class DedupOptions(StepOptions):
+class DedupOptions(Options):
     casefold: bool = Field(False, description="compare texts case-insensitively")
     whitespace: bool = Field(True, description="collapse runs of whitespace and trim ends before comparing")
 
@@ -107,7 +107,7 @@ class DedupPass:
 # ---------------------------------------------------------------- near
 
 
-class NearDupOptions(StepOptions):
+class NearDupOptions(Options):
     shingle: Literal["word", "char"] = "word"
     ngram: Optional[int] = Field(None, ge=1, le=64, description="shingle size (default: 3 words, or 5 characters)")
     num_perm: int = Field(128, ge=16, le=1024)

@@ -14,13 +14,13 @@ from typing import Any, Mapping, Optional, Sequence
 from pydantic import Field, field_validator, model_validator
 
 from fmhub import hookimpl
-from fmhub.data.clean.cleaners import StepOptions, parse_options, text_of
+from fmhub.plugin.options import Options, parse_options, text_of
 from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 # ---------------------------------------------------------------- length
 
 
-class LengthOptions(StepOptions):
+class LengthOptions(Options):
     min_chars: Optional[int] = Field(None, ge=0)
     max_chars: Optional[int] = Field(None, ge=0)
     min_words: Optional[int] = Field(None, ge=0)
@@ -72,7 +72,7 @@ def _length_verdict(n: int, unit: str, lo: int | None, hi: int | None) -> Drop |
 # ---------------------------------------------------------------- regex
 
 
-class RegexOptions(StepOptions):
+class RegexOptions(Options):
     drop: list[str] = Field(default_factory=list, description="drop rows matching any of these")
     require: list[str] = Field(default_factory=list, description="drop rows matching none of these")
     replace: dict[str, str] = Field(default_factory=dict, description="pattern -> replacement (re.sub syntax), in order")
@@ -162,9 +162,9 @@ def _replace(row: Mapping[str, Any], columns: Sequence[str], replace: list) -> E
 
 
 def _error(message: str, option: str | None):
-    from fmhub.data.clean.cleaners import CleanerError
+    from fmhub.plugin.options import OptionError
 
-    return CleanerError(f"regex: {message}", option=option)
+    return OptionError(f"regex: {message}", option=option)
 
 
 # ---------------------------------------------------------------- quality
@@ -174,7 +174,7 @@ _STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"}
 _PUNCT = re.compile(r"^\W+|\W+$")
 
 
-class QualityOptions(StepOptions):
+class QualityOptions(Options):
     """Gopher's rules (Rae et al. 2021, appendix A), with its thresholds as defaults; null turns a rule off."""
 
     min_words: Optional[int] = Field(50, ge=0)

@@ -15,7 +15,7 @@ kept unjudged by default.
 Why not a PyPI detector: fastText's ``lid.176`` needs a 130 MB model download
 at run time, and ``langdetect`` is random unless seeded and slow; for
 filtering web text to a handful of European languages, function words are
-accurate on anything longer than a sentence (see tests/test_cleaners.py).
+accurate on anything longer than a sentence (see tests/unit/test_cleaners.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import Field, field_validator
 
 from fmhub import hookimpl
-from fmhub.data.clean.cleaners import StepOptions, parse_options, text_of
+from fmhub.plugin.options import Options, parse_options, text_of
 from fmhub.plugin.interfaces import CleanContext, Drop
 
 _WORDS = {
@@ -107,7 +107,7 @@ def detect(text: str) -> tuple[str, float, int]:
     return (best if scores[best] > 0 else "und"), round(score, 3), len(words)
 
 
-class LanguageOptions(StepOptions):
+class LanguageOptions(Options):
     allow: list[str] = Field(min_length=1, description="language codes to keep (en, de, fr, es, it, nl, pt; und: undetermined)")
     min_score: float = Field(0.15, ge=0, le=1, description="below this the text is undetermined (und)")
     min_words: int = Field(5, ge=0, description="shorter texts cannot be told apart: kept unless judge_short")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from pydantic import Field, field_validator
 
 from fmhub import hookimpl
-from fmhub.data.clean.cleaners import StepOptions, parse_options
+from fmhub.plugin.options import Options, parse_options
 from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 KINDS = ("key", "email", "credit_card", "ip", "phone")
@@ -167,7 +167,7 @@ def redact(text: str, kinds: Sequence[str], replacements: Mapping[str, str], cou
     return facts.text
 
 
-class PiiOptions(StepOptions):
+class PiiOptions(Options):
     kinds: list[Literal["key", "email", "credit_card", "ip", "phone"]] = Field(default_factory=lambda: list(KINDS))
     replacements: dict[Literal["key", "email", "credit_card", "ip", "phone"], str] = Field(default_factory=dict)
     action: Literal["redact", "drop"] = Field("redact", description="redact: replace in place; drop: drop rows that hold any")

@@ -18,13 +18,13 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import Field, model_validator
 
 from fmhub import hookimpl
-from fmhub.data.clean.cleaners import StepOptions, parse_options
+from fmhub.plugin.options import Options, parse_options
 from fmhub.plugin.interfaces import CleanContext, Drop, Edit
 
 TypeName = Literal["str", "int", "float", "bool"]
 
 
-class SchemaOptions(StepOptions):
+class SchemaOptions(Options):
     rename: dict[str, str] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)
     cast: dict[str, TypeName] = Field(default_factory=dict)
@@ -65,9 +65,9 @@ class Schema:
         if o.drop_unknown:
             keep = frozenset(o.rename.values()) | set(o.defaults) | set(o.cast) | set(o.require) | set(o.known)
             if not keep:
-                from fmhub.data.clean.cleaners import CleanerError
+                from fmhub.plugin.options import OptionError
 
-                raise CleanerError("schema: drop_unknown would drop every column; name the columns to keep in known", "drop_unknown")
+                raise OptionError("schema: drop_unknown would drop every column; name the columns to keep in known", "drop_unknown")
         return SchemaConfig(dict(o.rename), dict(o.defaults), dict(o.cast), tuple(o.require), keep)
 
     def clean(self, rows: Sequence[Mapping[str, Any]], config: SchemaConfig) -> list:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator
 from fmhub import hookimpl
 from fmhub.base import boundedjson
 from fmhub.core.chunking import DEFAULT_GEAR, DEFAULT_LINES
-from fmhub.base.errors import FmhubError, UnreadableRows
+from fmhub.base.errors import UnreadableRows
 
 if TYPE_CHECKING:
     from fmhub.plugin.interfaces import Row
@@ -94,11 +94,9 @@ class ParquetFormat:
 
     def rows(self, f: BinaryIO, path: str) -> Iterator[Row]:
         """Rows as dicts, a batch of row groups' pages at a time; a file pyarrow cannot read raises UnreadableRows."""
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise FmhubError(f"{path}: reading parquet rows needs pyarrow (`pip install pyarrow`)") from None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError, ValueError) as exc:

@@ -19,11 +19,11 @@ imported on the first batch, so configuring it (in every worker) is cheap.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from fmhub import hookimpl
 from fmhub.plugin.interfaces import LabelContext
-from fmhub.data.label.labelers import LabelerError, Options, check_class, text_of
+from fmhub.plugin.options import OptionError, Options, check_class, parse_options, row_text
 
 
 class _ModelLF:
@@ -41,20 +41,20 @@ class _ModelLF:
             import torch
             from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
         except ImportError as exc:
-            raise LabelerError(f"{self.name}: needs transformers and torch ({exc}); pip install 'fmhub[models]'") from None
+            raise OptionError(f"{self.name}: needs transformers and torch ({exc}); pip install 'fmhub[models]'") from None
         try:
             tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
             model = AutoModelForSequenceClassification.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise LabelerError(f"{self.name}: cannot load a text-classification model from {self.path} ({exc})") from None
+            raise OptionError(f"{self.name}: cannot load a text-classification model from {self.path} ({exc})") from None
         labels = set(model.config.id2label.values())
         if self.mapping is None:
             if not labels & set(self.classes):
-                raise LabelerError(
+                raise OptionError(
                     f"{self.name}: the model's labels ({', '.join(sorted(map(str, labels)))}) are not class names; add map: {{model label: class}}"
                 )
         elif not labels & set(self.mapping):
-            raise LabelerError(f"{self.name}: map names none of the model's labels ({', '.join(sorted(map(str, labels)))})")
+            raise OptionError(f"{self.name}: map names none of the model's labels ({', '.join(sorted(map(str, labels)))})")
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +63,7 @@ class _ModelLF:
 
     def vote(self, rows: Sequence[Mapping[str, Any]]) -> list[str | None]:
         pipe = self._pipe or self._load()
-        texts = [text_of(row, self.column) for row in rows]
+        texts = [row_text(row, self.column) for row in rows]
         todo = [i for i, t in enumerate(texts) if t]
         out: list[str | None] = [None] * len(rows)
         if not todo:
@@ -79,28 +79,32 @@ class _ModelLF:
         return out
 
 
+class ModelOptions(Options):
+    path: str
+    map: Optional[dict] = None
+    min_score: float = 0.0
+    batch_size: int = 32
+    max_length: int = 512
+    device: str = "auto"
+    column: Optional[str] = None
+
+
 class Model:
     name = "model"
 
     def configure(self, options: Mapping[str, Any], context: LabelContext) -> _ModelLF:
-        o = Options(self.name, options, context)
-        path = o.get("path", str)
-        mapping = o.get("map", dict, None)
-        min_score = float(o.get("min_score", (int, float), 0.0))
-        batch_size = o.get("batch_size", int, 32)
-        max_length = o.get("max_length", int, 512)
-        device = o.get("device", str, "auto")
-        column = o.column()
-        o.done()
+        o = parse_options(self.name, ModelOptions, options, context)
+        path, mapping, min_score, batch_size, max_length, device = o.path, o.map, o.min_score, o.batch_size, o.max_length, o.device
+        column = o.column or context.column
         full = path if os.path.isabs(path) else os.path.join(context.base_dir, path)
         if not os.path.isfile(os.path.join(full, "config.json")):
-            raise LabelerError(f"model: {path!r} is not a local model directory (no config.json in {full}); fmhub never downloads models")
+            raise OptionError(f"model: {path!r} is not a local model directory (no config.json in {full}); fmhub never downloads models")
         if mapping is not None:
             for label, cls in mapping.items():
                 check_class(str(cls), context, f"model: map[{label!r}]")
             mapping = {str(k): str(v) for k, v in mapping.items()}
         if not 0.0 <= min_score <= 1.0 or batch_size < 1 or max_length < 1:
-            raise LabelerError("model: min_score must be in [0, 1], batch_size and max_length at least 1")
+            raise OptionError("model: min_score must be in [0, 1], batch_size and max_length at least 1")
         name = f"model:{os.path.basename(os.path.normpath(path))}"
         return _ModelLF(name, full, column, mapping, min_score, batch_size, max_length, device, context.classes)
 

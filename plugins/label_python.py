@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from fmhub import hookimpl
 from fmhub.plugin.interfaces import LabelContext
-from fmhub.data.label.labelers import LabelerError, Options
+from fmhub.plugin.options import OptionError, Options, parse_options
 
 
 class _PythonLF:
@@ -36,22 +36,25 @@ class _PythonLF:
         return [self._fn(row) for row in rows]
 
 
+class PythonOptions(Options):
+    function: str
+    batch: bool = False
+
+
 class Python:
     name = "python"
 
     def configure(self, options: Mapping[str, Any], context: LabelContext) -> _PythonLF:
-        o = Options(self.name, options, context)
-        ref = o.get("function", str)
-        batch = o.get("batch", bool, False)
-        o.done()
-        return _PythonLF(f"python:{ref.rpartition(':')[2] or ref}", load_callable(ref, context.base_dir), batch)
+        o = parse_options(self.name, PythonOptions, options, context)
+        ref = o.function
+        return _PythonLF(f"python:{ref.rpartition(':')[2] or ref}", load_callable(ref, context.base_dir), o.batch)
 
 
 def load_callable(ref: str, base_dir: str) -> Callable:
     """``module:name`` or ``path/to/file.py:name`` (relative to ``base_dir``) to the callable it names."""
     where, _, attr = ref.rpartition(":")
     if not where or not attr:
-        raise LabelerError(f"python: function {ref!r} must be 'module:function' or 'file.py:function'")
+        raise OptionError(f"python: function {ref!r} must be 'module:function' or 'file.py:function'")
     if where.endswith(".py") or os.sep in where or "/" in where:
         module = _load_file(os.path.join(base_dir, where) if not os.path.isabs(where) else where, ref)
     else:
@@ -60,17 +63,17 @@ def load_callable(ref: str, base_dir: str) -> Callable:
         try:
             module = importlib.import_module(where)
         except ImportError as exc:
-            raise LabelerError(f"python: cannot import {where!r} for {ref!r} ({exc}); is it on PYTHONPATH or beside fmhub.yaml?") from None
+            raise OptionError(f"python: cannot import {where!r} for {ref!r} ({exc}); is it on PYTHONPATH or beside fmhub.yaml?") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise LabelerError(f"python: {where!r} has no function {attr!r}")
+        raise OptionError(f"python: {where!r} has no function {attr!r}")
     return fn
 
 
 def _load_file(path: str, ref: str):
     path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise LabelerError(f"python: {ref!r}: no file {path}")
+        raise OptionError(f"python: {ref!r}: no file {path}")
     # one module per file, under a stable name, so each process loads it once and pickling can find it
     name = "fmhub_lf_" + hashlib.sha1(path.encode()).hexdigest()[:12]
     if name in sys.modules:
@@ -82,7 +85,7 @@ def _load_file(path: str, ref: str):
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise LabelerError(f"python: loading {path} failed: {type(exc).__name__}: {exc}") from None
+        raise OptionError(f"python: loading {path} failed: {type(exc).__name__}: {exc}") from None
     return module
 
 

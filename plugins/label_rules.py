@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from fmhub import hookimpl
 from fmhub.plugin.interfaces import LabelContext
-from fmhub.data.label.labelers import LabelerError, Options, check_class, text_of
+from fmhub.plugin.options import ClassName, OptionError, Options, Words, check_class, parse_options, row_text
 
 
 class _Match:
@@ -28,23 +28,28 @@ class _Match:
     def vote(self, rows: Sequence[Mapping[str, Any]]) -> list[str | None]:
         out: list[str | None] = []
         for row in rows:
-            text = text_of(row, self.column)
-            out.append(self.label if text is not None and self._matches(text) else None)
+            text = row_text(row, self.column)
+            out.append(self.label if text and self._matches(text) else None)
         return out
+
+
+class KeywordOptions(Options):
+    words: Words
+    label: ClassName
+    mode: str = "any"
+    case_sensitive: bool = False
+    column: Optional[str] = None
 
 
 class Keyword:
     name = "keyword"
 
     def configure(self, options: Mapping[str, Any], context: LabelContext) -> _Match:
-        o = Options(self.name, options, context)
-        words = o.strings("words")
-        label, column = o.label(), o.column()
-        mode = o.get("mode", str, "any")
-        if mode not in ("any", "all"):
-            raise LabelerError(f"keyword: option 'mode' must be 'any' or 'all', not {mode!r}")
-        case = o.get("case_sensitive", bool, False)
-        o.done()
+        o = parse_options(self.name, KeywordOptions, options, context)
+        words, label, column, case = o.words, o.label, o.column or context.column, o.case_sensitive
+        if o.mode not in ("any", "all"):
+            raise OptionError(f"keyword: option 'mode' must be 'any' or 'all', not {o.mode!r}", "mode")
+        mode = o.mode
         # \w-boundaries rather than \b so a word that starts or ends with punctuation ("a+", ":)") still matches whole
         flags = 0 if case else re.IGNORECASE
         pats = [re.compile(r"(?<!\w)" + re.escape(w) + r"(?!\w)", flags) for w in words]
@@ -52,19 +57,23 @@ class Keyword:
         return _Match(f"keyword:{','.join(words)}", column, label, lambda text: test(p.search(text) for p in pats))
 
 
+class RegexOptions(Options):
+    pattern: str
+    label: ClassName
+    ignore_case: bool = False
+    column: Optional[str] = None
+
+
 class Regex:
     name = "regex"
 
     def configure(self, options: Mapping[str, Any], context: LabelContext) -> _Match:
-        o = Options(self.name, options, context)
-        pattern = o.get("pattern", str)
-        label, column = o.label(), o.column()
-        ignore_case = o.get("ignore_case", bool, False)
-        o.done()
+        o = parse_options(self.name, RegexOptions, options, context)
+        pattern, label, column = o.pattern, o.label, o.column or context.column
         try:
-            rx = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+            rx = re.compile(pattern, re.IGNORECASE if o.ignore_case else 0)
         except re.error as exc:
-            raise LabelerError(f"regex: pattern {pattern!r} is not a valid regular expression ({exc})") from None
+            raise OptionError(f"regex: pattern {pattern!r} is not a valid regular expression ({exc})", "pattern") from None
         short = pattern if len(pattern) <= 40 else pattern[:37] + "..."
         return _Match(f"regex:{short}", column, label, lambda text: rx.search(text) is not None)
 
@@ -77,30 +86,31 @@ class _Lookup:
         out: list[str | None] = []
         for row in rows:
             if self.column not in row:
-                raise LabelerError(f"row has no column {self.column!r} (it has: {', '.join(map(str, row))})")
+                raise OptionError(f"row has no column {self.column!r} (it has: {', '.join(map(str, row))})")
             value = row[self.column]
             # compared as text: YAML keys and the data's values disagree on types (5 vs "5") more often than not
             out.append(self.default if value is None else self.table.get(str(value), self.default))
         return out
 
 
+class LookupOptions(Options):
+    column: Optional[str] = None
+    map: dict
+    default: Optional[ClassName] = None
+
+
 class Lookup:
     name = "lookup"
 
     def configure(self, options: Mapping[str, Any], context: LabelContext) -> _Lookup:
-        o = Options(self.name, options, context)
-        column = o.column()
-        table = o.get("map", dict)
-        default = o.get("default", str, None)
-        o.done()
+        o = parse_options(self.name, LookupOptions, options, context)
+        column, table, default = o.column or context.column, o.map, o.default
         if not table:
-            raise LabelerError("lookup: option 'map' is empty; map column values to classes")
+            raise OptionError("lookup: option 'map' is empty; map column values to classes", "map")
         for value, cls in table.items():
             if not isinstance(cls, str):
-                raise LabelerError(f"lookup: map[{value!r}] must be a class name, not {cls!r}")
+                raise OptionError(f"lookup: map[{value!r}] must be a class name, not {cls!r}", "map")
             check_class(cls, context, f"lookup: map[{value!r}]")
-        if default is not None:
-            check_class(default, context, "lookup: option 'default'")
         return _Lookup(f"lookup:{column}", column, {str(k): v for k, v in table.items()}, default)
 
 

@@ -1,7 +1,7 @@
 """Clean and smudge: a checkpoint file to a manifest plus objects, and back, byte for byte.
 
 Both directions stream: clean reads its input once, front to back, holding at
-most one tensor (or `fmhub.core.store.SPILL_BYTES` of it) in memory; smudge copies
+most one tensor (or `fmhub.core.storewrite.SPILL_BYTES` of it) in memory; smudge copies
 objects out in 1 MiB chunks. Neither knows about git: `fmhub_filters.process`
 feeds them from git's filter protocol, the CLI from files.
 """
@@ -13,11 +13,13 @@ import io
 import queue
 import threading
 
-from fmhub.plugin import host
 from fmhub.core.deltas import PLAIN, DeltaPolicy, store_tensor
 from fmhub.base.errors import CorruptCheckpoint, CorruptObject, FmhubError, ManifestError, MissingObject, StoreWriteError
+from fmhub.core.formats import SNIFF_BYTES, checkpoint_formats, data_format_for, data_formats, diagnose, format_named, sniff_format
 from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
-from fmhub.core.store import CHUNK, ObjectStore, copy_objects
+from fmhub.core.objectfiles import CHUNK
+from fmhub.core.store import ObjectStore
+from fmhub.core.streams import copy_objects
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
     """Downloads ``(oid, size)`` objects into the store, verified; raises FmhubError saying why it could not."""
 
 
-SNIFF_BYTES = 16
 MAX_BUFFERED = 128 << 20  # tensors read ahead of the one being stored, at most (or one tensor, if bigger)
 SINK_THREADS = 2  # tensors stored at the same time
 POOL_HASH_BYTES = 1 << 20  # tensors this big are hashed on a pool thread as soon as they are read
@@ -74,30 +75,6 @@ class _Input:
             parts.append(chunk)
             got += len(chunk)
         return b"".join(parts)
-
-
-def checkpoint_formats() -> list[CheckpointFormat]:
-    return list(host.registry("format").values())
-
-
-def format_named(name: str) -> CheckpointFormat:
-    return host.lookup("format", name)
-
-
-def sniff_format(head: bytes) -> CheckpointFormat | None:
-    for fmt in checkpoint_formats():
-        if fmt.sniff(head):
-            return fmt
-    return None
-
-
-def diagnose(head: bytes) -> str:
-    """Why no format claims a file starting with ``head``: a format's own reason (its header over a limit), or ''."""
-    for fmt in checkpoint_formats():
-        why = getattr(fmt, "diagnose", lambda _head: None)(head)
-        if why:
-            return why
-    return ""
 
 
 def file_layout(f: BinaryIO, label: str) -> tuple[CheckpointFormat, Layout]:
@@ -140,7 +117,7 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
         return data
     fmt = sniff_format(head)
     if fmt is None:
-        from fmhub.core.datafile import clean_data, data_format_for, data_formats
+        from fmhub.core.datafile import clean_data
 
         data_fmt = data_format_for(path, head)
         if data_fmt is not None:  # a dataset: content-defined chunks, whatever its bytes
@@ -249,7 +226,7 @@ class TensorSink:
         """Queue a tensor; a big one's hashing starts at once on a pool thread, ahead of its turn to be stored."""
         self._raise()
         if len(data) >= POOL_HASH_BYTES:
-            from fmhub.core.tensorio import pool
+            from fmhub.core.parallel import pool
 
             hashing = pool().submit(_sha256, data).result
         else:  # a small tensor is hashed in its turn: the pool would cost more than it saves (and its start-up)
@@ -500,9 +477,3 @@ def staged_manifest(path: str, data: bytes | None) -> Manifest | None:
         return Manifest.from_bytes(data, path)
     except FmhubError:
         return None
-
-
-def read_manifest(data: bytes, path: str) -> Manifest | None:
-    """The manifest in ``data``, or None when ``data`` is not one (an untracked or pre-fmhub version)."""
-    return Manifest.from_bytes(data, path) if is_manifest(data) else None
-

@@ -22,35 +22,15 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
-from fmhub.plugin import host
 from fmhub.core.chunking import Chunking, chunk_stream
 from fmhub.base.errors import CorruptObject, FmhubError, MissingObject, StoreWriteError
+from fmhub.core.formats import SNIFF_BYTES, data_format_for, data_format_named, sniff_format
 from fmhub.core.manifest import CHUNK_DTYPE, Manifest, TensorEntry
-from fmhub.core.store import ObjectStore, ObjectStream, copy_objects
+from fmhub.core.store import ObjectStore
+from fmhub.core.streams import ObjectStream, copy_objects
 
 if TYPE_CHECKING:
     from fmhub.plugin.interfaces import DataFormat
-
-
-def data_formats() -> list[DataFormat]:
-    return list(host.registry("data-format").values())
-
-
-def data_format_named(name: str) -> DataFormat:
-    return host.lookup("data-format", name)
-
-
-def data_format_for(path: str, head: bytes) -> DataFormat | None:
-    """The data format for a file: the first that recognises ``head``, else the first claiming the path's ending."""
-    formats = data_formats()
-    for fmt in formats:
-        if fmt.sniff(head):
-            return fmt
-    lower = path.lower()
-    for fmt in formats:
-        if lower.endswith(tuple(e.lower() for e in fmt.extensions)):
-            return fmt
-    return None
 
 
 def clean_data(read: Callable[[int], bytes], fmt: DataFormat, store: ObjectStore, path: str, previous: Manifest | None = None) -> Manifest:
@@ -226,7 +206,6 @@ class DataSide:
 def side_from_file(filename: str, path: str, store_opener: Callable[[], ObjectStore | None]) -> DataSide | None:
     """A file on disk as a dataset side: a data file, or a file still holding a data-file manifest (read through
     the store); None when it is neither (a checkpoint, or a file no data format claims)."""
-    from fmhub.core.checkpoint import SNIFF_BYTES
     from fmhub.core.manifest import MAX_MANIFEST_BYTES, is_manifest
 
     with open(filename, "rb") as f:
@@ -240,8 +219,6 @@ def side_from_file(filename: str, path: str, store_opener: Callable[[], ObjectSt
 
 def file_data_format(filename: str, path: str) -> DataFormat | None:
     """The data format of a file on disk (not a manifest), from its first bytes or ``path``'s ending."""
-    from fmhub.core.checkpoint import SNIFF_BYTES, sniff_format
-
     with open(filename, "rb") as f:
         head = f.read(SNIFF_BYTES)
     if sniff_format(head) is not None:

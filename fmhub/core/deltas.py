@@ -31,14 +31,14 @@ import time
 from collections import namedtuple
 from types import MappingProxyType
 
-from fmhub.plugin import host
-from fmhub.base.errors import CorruptObject, FmhubError, MissingObject
+from fmhub.base.errors import FmhubError
+from fmhub.core.codecs import codecs
 from fmhub.core.manifest import MAX_CHAIN, Approx, Delta, TensorEntry
 from fmhub.core.store import ObjectStore
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
-    from fmhub.plugin.interfaces import DeltaCodec
+    from typing import Mapping
 
 
 DEFAULT_MAX_CHAIN = 8
@@ -53,7 +53,7 @@ LOWRANK_MUST_BEAT = 0.1  # a change the planes code under this fraction of its s
 
 class DeltaPolicy(namedtuple("DeltaPolicy", "deltas compress max_chain max_ratio max_tensor_bytes tolerance strict prepared",
                              defaults=(True, True, DEFAULT_MAX_CHAIN, MAX_RATIO, MAX_DELTA_TENSOR_BYTES, 0.0, False, MappingProxyType({})))):
-    """How the clean filter stores tensors (`policy_from_git` reads it from git config); a named tuple, which git's
+    """How the clean filter stores tensors (`policy_from_config` reads it from git config); a named tuple, which git's
     filter defines far faster than a dataclass.
 
     ``deltas``: a changed tensor may be stored as a delta against its previous
@@ -78,13 +78,14 @@ class ToleranceError(FmhubError):
     """A changed tensor cannot be stored as a low-rank delta within the tolerance the user set."""
 
 
-def policy_from_git(cwd: str | None = None) -> DeltaPolicy:
-    """``fmhub.deltas`` and ``fmhub.compress`` (both on unless set false), ``fmhub.deltachain``, ``fmhub.core.lowrank.*``.
+def policy_from_config(config: Mapping[str, str]) -> DeltaPolicy:
+    """The policy git config sets: ``fmhub.deltas`` and ``fmhub.compress`` (both on unless set false),
+    ``fmhub.deltachain``, ``fmhub.lowrank.*``; setting ``fmhub.lowrank.tolerance`` or ``fmhub.lowrank.strict``
+    turns deltas on.
 
-    One ``git config`` call reads them all. Setting ``fmhub.lowrank.tolerance``
-    or ``fmhub.lowrank.strict`` turns deltas on.
+    ``config`` maps every ``fmhub.*`` key to its last value, keys lowercased as git lists them (what
+    `fmhub.core.repo.fmhub_config` reads in one ``git config`` call); this module runs no git.
     """
-    config = _fmhub_config(cwd)
     tolerance_s = config.get("fmhub.lowrank.tolerance", "")
     strict = _bool(config, "fmhub.lowrank.strict", False)
     return DeltaPolicy(
@@ -94,14 +95,6 @@ def policy_from_git(cwd: str | None = None) -> DeltaPolicy:
         tolerance=parse_tolerance(tolerance_s or "0", "git config fmhub.lowrank.tolerance"),
         strict=strict,
     )
-
-
-def _fmhub_config(cwd: str | None) -> dict[str, str]:
-    """Every ``fmhub.*`` key git sees here (last value wins, as git's own ``--get``), keys lowercased by git;
-    served from the process's one reading of git config inside git's own commands (`fmhub.core.repo.config_values`)."""
-    from fmhub.core.repo import config_values
-
-    return config_values(r"^fmhub\.", cwd)
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1", ""}, {"false", "no", "off", "0"}
@@ -129,9 +122,10 @@ def _chain_length(text: str) -> int:
     return value
 
 
-def max_chain_from_git(cwd: str | None = None) -> int:
-    """``git config fmhub.deltachain`` (default 8), whether deltas are on or not (`fmhub repack` reads it too)."""
-    return _chain_length(_fmhub_config(cwd).get("fmhub.deltachain", ""))
+def max_chain_from_config(config: Mapping[str, str]) -> int:
+    """``fmhub.deltachain`` in ``config`` (as `policy_from_config`; default 8), whether deltas are on or not
+    (`fmhub repack` reads it too)."""
+    return _chain_length(config.get("fmhub.deltachain", ""))
 
 
 def parse_tolerance(text: str, what: str = "the tolerance") -> float:
@@ -143,10 +137,6 @@ def parse_tolerance(text: str, what: str = "the tolerance") -> float:
     if not 0 <= value < float("inf"):
         raise FmhubError(f"{what} is {text!r}; it should be a number >= 0, the largest error allowed per element (e.g. 1e-6)")
     return value
-
-
-def codecs() -> dict[str, DeltaCodec]:
-    return host.registry("delta-codec")
 
 
 # -- storing a tensor (the clean filter) ---------------------------------------------------------
@@ -299,51 +289,6 @@ def encode_best(
     return best
 
 
-def read_object(store: ObjectStore, oid: str, what: str, size: int | None = None) -> bytes:
-    """`ObjectStore.read_bytes` (hash verified), with MissingObject / CorruptObject naming ``what``; with ``size``,
-    CorruptObject before reading when the object does not hold that many bytes (never a read the manifest did not
-    declare)."""
-    try:
-        if size is not None and store.ensure(oid) and store.size_of(oid) != size:
-            raise CorruptObject(f"{what}: object sha256:{oid} holds {store.size_of(oid)} bytes, not the {size} its manifest declares")
-        return store.read_bytes(oid)
-    except KeyError:
-        raise MissingObject(f"{what}: object sha256:{oid} is not in the store {store.path}") from None
-    except CorruptObject as exc:
-        raise CorruptObject(f"{what}: {exc}") from None
-
-
-def tensor_bytes(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
-    """A tensor's full bytes, rebuilt whole in memory by each codec's ``decode`` and checked (chains of any codec).
-
-    Frame-coded chains are rebuilt faster and in bounded memory by `fmhub.core.tensorio`; this is the path for
-    chains holding another codec's link (a version-2 ``sparse`` or ``xor-zlib`` chain, or a plugin's).
-    """
-    where = f"{label}tensor {entry.name!r}"
-    if entry.root is None or store.ensure(entry.oid):
-        return bytearray(read_object(store, entry.oid, where, entry.size))
-    if entry.root_codec:
-        from fmhub.core.tensorio import read_tensor
-
-        return read_tensor(store, entry, label)  # frame-coded: tensorio reads it, or says why it cannot
-    data = read_object(store, entry.root, f"{where} (root of its delta chain)", entry.size)
-    available = codecs()
-    for i, d in enumerate(entry.deltas, start=1):
-        codec = available.get(d.codec)
-        if codec is None:
-            raise FmhubError(f"{where} is stored with the delta codec {d.codec!r}, which no installed plugin provides; install it")
-        delta = read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})", d.size)
-        try:
-            data = codec.decode(data, delta, entry.dtype)
-        except Exception as exc:  # a damaged delta can break a codec in any way (struct.error, IndexError, ...)
-            raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) does not decode ({exc}); run `fmhub fsck`") from None
-        if len(data) != entry.size:  # a plugin's codec that grows the tensor: stop before the next link doubles it
-            raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) decodes to {len(data)} bytes, not {entry.size}; run `fmhub fsck`")
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.oid:
-        raise CorruptObject(f"{where}: its delta chain does not rebuild sha256:{entry.oid}; run `fmhub fsck`")
-    return data if isinstance(data, bytearray) else bytearray(data)
-
-
 def encode_within(
     base: bytes | bytearray, new: bytes | bytearray, dtype: str, shape: tuple[int, ...], policy: DeltaPolicy
 ) -> tuple[str, bytes, bytearray, float] | None:
@@ -408,6 +353,8 @@ def store_changed(
     entry = TensorEntry(old.name, dtype, old.shape, old.size, oid)
     room = len(old.deltas) < policy.max_chain
     if room:
+        from fmhub.core.tensorio import tensor_bytes
+
         try:
             base = tensor_bytes(store, old)
         except FmhubError:

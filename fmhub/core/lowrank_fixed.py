@@ -237,7 +237,7 @@ def encode(base, new, dtype: str, shape, rank: int, deadline: float) -> bytes | 
 
 def _residual(base, new, a, b, e: int, dtype: str, deadline: float) -> bytes:
     """Each frame of ``new`` coded against its prediction, the frames in the pool (OutOfTime past ``deadline``)."""
-    from fmhub.core.tensorio import ordered
+    from fmhub.core.parallel import ordered
 
     item = ITEMSIZE[dtype]
     layout = planes.layout_for(dtype, len(new))

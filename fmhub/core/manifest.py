@@ -137,16 +137,17 @@ class Manifest:
         if self.metadata is not None:
             lines.append("metadata " + json.dumps(dict(self.metadata), sort_keys=True, ensure_ascii=False, separators=(",", ":")))
         for t in self.tensors:
+            _check_writable(t)
             shape = "[" + ",".join(str(d) for d in t.shape) + "]"
             name = json.dumps(t.name, ensure_ascii=False)
             line = f"tensor {name} {t.dtype} {shape} {t.size} sha256:{t.oid}"
             if t.root is not None:
                 root = f"{t.root_codec} sha256:{t.root} {t.root_size}" if t.root_codec else f"sha256:{t.root}"
                 line += f" from {root}" + "".join(f" delta {d.codec} sha256:{d.oid} {d.size}" for d in t.deltas)
-            if t.approx is not None:
-                line += f" approx sha256:{t.approx.oid} maxerr {t.approx.max_error!r} tolerance {t.approx.tolerance!r}"
+            if t.approx is not None:  # float(): a codec plugin's numpy float would repr as "np.float64(...)"
+                line += f" approx sha256:{t.approx.oid} maxerr {float(t.approx.max_error)!r} tolerance {float(t.approx.tolerance)!r}"
             lines.append(line)
-        return ("\n".join(lines) + "\n").encode("utf-8")
+        return _encode(lines)
 
     def _data_bytes(self) -> bytes:
         assert self.chunking is not None and self.sha256 is not None
@@ -159,7 +160,7 @@ class Manifest:
         ]
         # no chunk names or offsets: an edit then changes only the lines of the chunks it touched
         lines += [f"chunk {t.size} sha256:{t.oid}" for t in self.tensors]
-        return ("\n".join(lines) + "\n").encode("utf-8")
+        return _encode(lines)
 
     @classmethod
     def from_bytes(cls, data: bytes, path: str = "<manifest>") -> "Manifest":
@@ -240,6 +241,27 @@ def _parse_data(lines: list[str], path: str) -> Manifest:
     if sum(c.size for c in chunks) != size:
         raise ManifestError(f"{path}: chunk sizes do not add up to the file size {size}")
     return Manifest(fields["format"], size, None, 0, chunks, None, chunking, sha)
+
+
+def _check_writable(t: TensorEntry) -> None:
+    """Refuse an entry the reader would refuse (docs/manifest.md, "Canonical form"): a writer never writes a manifest
+    that cannot be checked out. The safetensors plugin takes any dtype ``str.isalnum`` accepts (``é``) and shape
+    dimensions of up to 40 digits when another one is 0."""
+    if not _DTYPE_RE.match(t.dtype):
+        raise ManifestError(f"tensor {t.name[:100]!r}: dtype {t.dtype[:40]!r} cannot be written in a manifest (ASCII letters, digits and _ only)")
+    if len(t.shape) > MAX_DIMS or any(not 0 <= d < 1 << 63 for d in t.shape):
+        raise ManifestError(f"tensor {t.name[:100]!r}: shape of {len(t.shape)} dimensions cannot be written in a manifest "
+                            f"(at most {MAX_DIMS}, each below 2**63)")
+
+
+def _encode(lines: list[str]) -> bytes:
+    try:
+        return ("\n".join(lines) + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: JSON's "\ud800" parses to one, UTF-8 cannot hold it
+        bad = exc.object[exc.start : exc.end]
+        line = next((ln for ln in lines if bad in ln), "")[:100]
+        raise ManifestError(f"a name or metadata string holds the lone surrogate U+{ord(bad[0]):04X}, which UTF-8 cannot encode: "
+                            f"{line!r}; the file's header is invalid (a \\uXXXX escape of half a surrogate pair)") from None
 
 
 def is_manifest(data: bytes) -> bool:

@@ -1,4 +1,9 @@
-"""Where things are in a git repository: its control dir, its object store, its config."""
+"""Where things are in a git repository: its control dir, its object store, its config, its staged blobs.
+
+git runs through `fmhub.base.gitrun` (its error rule is there); `git` here adds what git's filter needs on
+top: config reads answered from one listing per process, and the answers `fmhub.base.prefetch` asked for
+as the filter started.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import re
 import sys
 
 from fmhub.base.errors import FmhubError
+from fmhub.base.gitrun import GitError, failure, run, start
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
@@ -14,20 +20,21 @@ if TYPE_CHECKING:
 
 
 def git(*args: str, cwd: str | None = None, check: bool = True) -> str:
+    """The stdout of ``git ARGS`` as text, under `fmhub.base.gitrun.run`'s rule (``check=True``: `GitError` when
+    it fails); inside git's filter a config read is answered from the process's one listing (`cache_git_state`)."""
     answer = _from_snapshot(args[1:], cwd) if _snapshots is not None and args[:1] == ("config",) else None
-    if answer is not None:
-        rc, out, err = answer
-    else:
-        import subprocess  # here, not at the top: git's filter asks git through fmhub.base.prefetch
-
-        try:
-            proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise FmhubError("git is not installed or not on PATH") from None
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    if answer is None:
+        return run(args, cwd=cwd, check=check).stdout
+    rc, out, err = answer
     if check and rc != 0:
-        raise FmhubError(f"git {' '.join(args)} failed: {err.strip() or rc}")
+        raise failure(args, rc, err)
     return out
+
+
+def fmhub_config(cwd: str | None = None) -> dict[str, str]:
+    """Every ``fmhub.*`` key git sees here and its last value (keys lowercased by git), in one read: what
+    `fmhub.core.deltas.policy_from_config` takes."""
+    return config_values(r"^fmhub\.", cwd)
 
 
 def common_dir(cwd: str | None = None) -> str:
@@ -40,7 +47,7 @@ def _git_dirs(cwd: str | None) -> tuple[str, str]:
     where = os.path.abspath(cwd or os.getcwd())
     if _common_dirs is not None and where in _common_dirs:
         return _common_dirs[where], _index_files[where]
-    rc, out = _run_git(("rev-parse", "--git-common-dir", "--git-path", "index"), cwd)
+    rc, out = _ask_git(("rev-parse", "--git-common-dir", "--git-path", "index"), cwd)
     lines = out.decode("utf-8", "surrogateescape").splitlines()
     if rc != 0 or len(lines) < 2:
         raise FmhubError("not inside a git repository; run this in one (or `git init` first)")
@@ -79,22 +86,20 @@ def _snapshot(cwd: str | None) -> dict[str, list[str | None]] | None:
         where = next((w for w, d in _common_dirs.items() if d == where), where)
     if where not in _snapshots:
         try:
-            rc, out = _run_git(("config", "--list", "-z"), where)
-        except OSError:
+            rc, out = _ask_git(("config", "--list", "-z"), where)
+        except (OSError, GitError):
             rc, out = 1, b""
         _snapshots[where] = _parse_list(out) if rc == 0 else None
     return _snapshots[where]
 
 
-def _run_git(args: tuple[str, ...], cwd: str | None) -> tuple[int, bytes]:
+def _ask_git(args: tuple[str, ...], cwd: str | None) -> tuple[int, bytes]:
     """(exit status, stdout) of ``git ARGS``: the answer `fmhub.base.prefetch` already has when git's filter started it."""
     prefetch = sys.modules.get("fmhub.base.prefetch")
     got = prefetch.take(*args, cwd=cwd) if prefetch is not None else None
     if got is None:
-        import subprocess
-
-        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True)
-        got = proc.returncode, proc.stdout
+        done = run(args, cwd=cwd, check=False, text=False)
+        got = done.returncode, done.stdout
     return got
 
 
@@ -180,11 +185,9 @@ def config_values(pattern: str, cwd: str | None = None) -> dict[str, str]:
     """The config keys matching ``pattern`` (a regular expression, as ``git config --get-regexp``) and their last values."""
     if _snapshots is not None and (snap := _snapshot(cwd)) is not None:
         return {k: v[-1] or "" for k, v in snap.items() if re.search(pattern, k)}
-    import subprocess
-
-    proc = subprocess.run(["git", "config", "-z", "--get-regexp", pattern], cwd=cwd, capture_output=True, text=True)
+    listed = run(("config", "-z", "--get-regexp", pattern), cwd=cwd, check=False).stdout
     out: dict[str, str] = {}
-    for item in proc.stdout.split("\0"):
+    for item in listed.split("\0"):
         name, _, value = item.partition("\n")
         if name:
             out[name] = value
@@ -265,10 +268,8 @@ def staged_blob(path: str, limit: int | None, cwd: str | None = None, too_big: b
     import subprocess
 
     try:
-        proc = subprocess.Popen(
-            ["git", "cat-file", "--batch"], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
+        proc = start(("cat-file", "--batch"), cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except GitError:
         return None
     try:
         proc.stdin.write(b":" + os.fsencode(path) + b"\n")
@@ -354,11 +355,9 @@ def _talk_to_git(args: tuple[str, ...], cwd: str | None):
     from fmhub.base import prefetch
 
     return prefetch.take_child(*args, cwd=cwd) or prefetch.Child(args, cwd)
-def blob_at(rev: str, path: str, cwd: str | None = None) -> bytes:
-    """The blob committed at ``rev:path``, as git stores it (no filters, no textconv)."""
-    import subprocess
 
-    proc = subprocess.run(["git", "cat-file", "blob", f"{rev}:{path}"], cwd=cwd, capture_output=True)
-    if proc.returncode != 0:
-        raise FmhubError(f"{rev}:{path}: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
+
+def blob_at(rev: str, path: str, cwd: str | None = None, limit: int | None = None) -> bytes:
+    """The blob committed at ``rev:path``, as git stores it (no filters, no textconv); `GitError` naming
+    ``rev:path`` when there is none, or when it is over ``limit`` bytes (nothing past that is read)."""
+    return run(("cat-file", "blob", f"{rev}:{path}"), cwd=cwd, text=False, limit=limit).stdout

@@ -34,7 +34,8 @@ FORMATS = (".jsonl", ".parquet")
 
 
 class DataError(FmhubError):
-    """A data asset that cannot be read or written (unknown format, unreadable file, schema mismatch)."""
+    """A data asset that cannot be read, written or used (unknown format, unreadable file, bad JSON line, schema
+    mismatch, no or too short examples). The one error of every data reader (`fmhub.data.texts` too)."""
 
 
 # data rows come with clones: parsed within bounds, as `plugins.data_formats` parses them for diffs

@@ -22,68 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
-import threading
 from collections import deque
 
 from fmhub.core import planes
 from fmhub.base.errors import CorruptObject, FmhubError, MissingObject
+from fmhub.core.codecs import codecs
 from fmhub.core.manifest import TensorEntry
+from fmhub.core.parallel import SequentialHash, ordered
 from fmhub.core.store import ObjectStore
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
-    from concurrent.futures import Future, ThreadPoolExecutor
-    from typing import Callable, Iterable, Iterator
+    from typing import Callable, Iterator
 
 
 FRAME = planes.FRAME_BYTES
 FRAMED_LINKS = ("planes", "lowrank", "lowrank-fixed")  # link codecs decoded frame by frame; any other makes the chain whole
 EARLY_FRAMES = 4  # frames after which an encode on course to miss its size limit is abandoned
-DEPTH_PER_WORKER = 3  # frames in flight per worker: enough to keep every core busy, few enough to bound memory
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 Frame = object  # a bytes-like holding one frame's bytes: bytes, memoryview or a numpy array
-
-
-def workers() -> int:
-    """Threads that decode and encode frames: one per core (at least two, so I/O overlaps with work)."""
-    return max(2, os.cpu_count() or 2)
-
-
-def pool() -> ThreadPoolExecutor:
-    """The process-wide frame pool. Frame jobs never wait on other frame jobs, so sharing it cannot deadlock."""
-    global _pool
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="fmhub-frame")
-        return _pool
-
-
-def ordered(jobs: Iterable[Callable[[], object]], depth: int | None = None) -> Iterator[object]:
-    """Run ``jobs`` in the pool, a bounded number at a time, and yield their results in order."""
-    depth = depth or DEPTH_PER_WORKER * workers()
-    running: deque[Future] = deque()
-    try:
-        for job in jobs:
-            running.append(pool().submit(job))
-            if len(running) >= depth:
-                yield running.popleft().result()
-        while running:
-            yield running.popleft().result()
-    finally:
-        for fut in running:  # the consumer stopped early: do not leave work running on its behalf
-            fut.cancel()
-        for fut in running:
-            if not fut.cancelled():
-                try:
-                    fut.result()
-                except BaseException:
-                    pass
 
 
 def frames_of(size: int) -> list[tuple[int, int]]:
@@ -261,8 +218,6 @@ class Chain:
                 raise FmhubError(f"{what} is stored with the delta codec {_unframed(e)!r} after an encoded root, which this fmhub cannot read; "
                                  "upgrade fmhub or install the plugin that provides it")
             # another codec's chain: rebuilt whole by the codecs themselves
-            from fmhub.core.deltas import tensor_bytes
-
             self.whole = tensor_bytes(store, e, "")
             return
         root = f"{what} (root of its chain)"
@@ -441,6 +396,49 @@ def needs_rebuild(entry: TensorEntry, store: ObjectStore) -> bool:
     return entry.root is not None and not store.ensure(entry.oid)
 
 
+def read_object(store: ObjectStore, oid: str, what: str, size: int | None = None) -> bytes:
+    """`ObjectStore.read_bytes` (hash verified), with MissingObject / CorruptObject naming ``what``; with ``size``,
+    CorruptObject before reading when the object does not hold that many bytes (never a read the manifest did not
+    declare)."""
+    try:
+        if size is not None and store.ensure(oid) and store.size_of(oid) != size:
+            raise CorruptObject(f"{what}: object sha256:{oid} holds {store.size_of(oid)} bytes, not the {size} its manifest declares")
+        return store.read_bytes(oid)
+    except KeyError:
+        raise MissingObject(f"{what}: object sha256:{oid} is not in the store {store.path}") from None
+    except CorruptObject as exc:
+        raise CorruptObject(f"{what}: {exc}") from None
+
+
+def tensor_bytes(store: ObjectStore, entry: TensorEntry, label: str = "") -> bytearray:
+    """A tensor's full bytes, rebuilt whole in memory by each codec's ``decode`` and checked (chains of any codec).
+
+    Frame-coded chains are rebuilt faster and in bounded memory by `read_tensor`; this is the path for
+    chains holding another codec's link (a version-2 ``sparse`` or ``xor-zlib`` chain, or a plugin's).
+    """
+    where = f"{label}tensor {entry.name!r}"
+    if entry.root is None or store.ensure(entry.oid):
+        return bytearray(read_object(store, entry.oid, where, entry.size))
+    if entry.root_codec:
+        return read_tensor(store, entry, label)  # frame-coded: tensorio reads it, or says why it cannot
+    data = read_object(store, entry.root, f"{where} (root of its delta chain)", entry.size)
+    available = codecs()
+    for i, d in enumerate(entry.deltas, start=1):
+        codec = available.get(d.codec)
+        if codec is None:
+            raise FmhubError(f"{where} is stored with the delta codec {d.codec!r}, which no installed plugin provides; install it")
+        delta = read_object(store, d.oid, f"{where} (delta {i} of {len(entry.deltas)})", d.size)
+        try:
+            data = codec.decode(data, delta, entry.dtype)
+        except Exception as exc:  # a damaged delta can break a codec in any way (struct.error, IndexError, ...)
+            raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) does not decode ({exc}); run `fmhub fsck`") from None
+        if len(data) != entry.size:  # a plugin's codec that grows the tensor: stop before the next link doubles it
+            raise CorruptObject(f"{where} (delta {i} of {len(entry.deltas)}) decodes to {len(data)} bytes, not {entry.size}; run `fmhub fsck`")
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.oid:
+        raise CorruptObject(f"{where}: its delta chain does not rebuild sha256:{entry.oid}; run `fmhub fsck`")
+    return data if isinstance(data, bytearray) else bytearray(data)
+
+
 # -- writing planes objects -----------------------------------------------------------------------
 
 
@@ -512,44 +510,6 @@ def _write_frames(writer, jobs: Iterator, layout: planes.Layout, limit: int | No
         if limit is not None and (writer.size > limit or (frames >= EARLY_FRAMES and writer.size > limit * done / layout.size)):
             return None  # incompressible bytes are not encoded to the end
     return frames, literal
-
-
-class SequentialHash:
-    """The sha256 of buffers given in order, computed on a thread of its own (hashlib releases the GIL), so that
-    the thread feeding it goes on with other work; a first buffer under ``INLINE`` bytes is hashed in place, as
-    starting a thread costs more than hashing it (most of a model's tensors are small)."""
-
-    _END = object()
-    INLINE = 1 << 20
-
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
-        self._todo: queue.Queue = queue.Queue(maxsize=2 * DEPTH_PER_WORKER * workers())
-        self._thread: threading.Thread | None = None
-
-    def update(self, data) -> None:
-        view = memoryview(data).cast("B")
-        if self._thread is None and view.nbytes < self.INLINE:  # a small tensor's bytes: a thread would cost more
-            self._h.update(view)
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="fmhub-hash", daemon=True)
-            self._thread.start()
-        self._todo.put(view)
-
-    def _run(self) -> None:
-        while (view := self._todo.get()) is not self._END:
-            self._h.update(view)
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._h.hexdigest()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._todo.put(self._END)
-            self._thread.join()
-            self._thread = None
 
 
 def _encode_job(new: memoryview, base_job: Callable[[], Frame] | None, layout: planes.Layout) -> Callable[[], bytes]:

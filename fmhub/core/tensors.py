@@ -37,13 +37,6 @@ def torch_dtype(dtype: str) -> Any:
     return getattr(torch, name)
 
 
-def safetensors_dtype(tdtype: Any) -> str:
-    for st, name in _TORCH_NAMES.items():
-        if str(tdtype) == f"torch.{name}":
-            return st
-    raise ValueError(f"torch dtype {tdtype} has no safetensors name")
-
-
 def itemsize(dtype: str) -> int:
     return torch_dtype(dtype).itemsize
 

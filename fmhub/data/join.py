@@ -34,10 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from fmhub.governance import access
-from fmhub.governance import audit
-from fmhub.governance import licences
-from fmhub.governance import lineage
+from fmhub.governance import gate as governance
 from fmhub.base.errors import FmhubError
 from fmhub.core.rows import DataError, RowWriter, data_format, read_batches
 from fmhub.project.spec import JoinSpec, LoadedSpec, pipeline
@@ -53,7 +50,7 @@ class JoinError(FmhubError):
     """A join that cannot be done: an unreadable or ambiguous table, a column clash, a row with no entity under ``missing: error``."""
 
 
-def read_table(path: str, key: str, *, fold_case: bool = False) -> Table:
+def read_table(path: str, key: str, *, fold_case: bool = False, rows: Optional[governance.Rows] = None) -> Table:
     """The table at ``path`` as ``{entity: row}``, in file order; each row keeps every column, the key included.
 
     Keys are ``str()`` of the key column, because rows' values are compared
@@ -61,6 +58,8 @@ def read_table(path: str, key: str, *, fold_case: bool = False) -> Table:
     silently picked one of two rows would be wrong half the time. With
     ``fold_case`` (``mentions`` mode, which matches case-insensitively)
     "Acme" and "ACME" are duplicates too. Empty CSV cells read as null.
+    ``rows``: the table as `fmhub.governance.gate.open_rows` let it through;
+    rows its policy withholds from the user are left out (and counted).
     """
     ext = os.path.splitext(path)[1].lower()
     if ext not in TABLE_FORMATS:
@@ -69,7 +68,11 @@ def read_table(path: str, key: str, *, fold_case: bool = False) -> Table:
         raise JoinError(f"table {path} does not exist; check the join's table: path")
     table: Table = {}
     first: dict[str, tuple[str, str]] = {}  # normalized key -> (where it was first seen, as written)
+    withheld = 0
     for where, row in _csv_rows(path) if ext == ".csv" else _data_rows(path):
+        if rows is not None and not rows.readable(row):
+            withheld += 1
+            continue
         if key not in row:
             have = ", ".join(k for k in row if k is not None) or "none"
             raise JoinError(f"{where}: no key column {key!r} (columns: {have}); set the join's key: to the entity column")
@@ -84,6 +87,8 @@ def read_table(path: str, key: str, *, fold_case: bool = False) -> Table:
             raise JoinError(f"{where}: duplicate entity {name!r}, already at {seen_at}{same}; keep one row per entity")
         first[norm] = (where, name)
         table[name] = row
+    if rows is not None:
+        rows.withheld = withheld
     if not table:
         raise JoinError(f"table {path} has no rows; a join needs at least one entity")
     return table
@@ -258,15 +263,13 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
         raise loaded.error(("join", name, "input"), f"input {inp} does not exist")
     if not os.path.isfile(table_path):
         raise loaded.error(("join", name, "table"), f"table {table_path} does not exist")
-    lineage.check_not_excluded(inp, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
-    lineage.check_not_excluded(table_path, loaded.root)
-    licences.check_pipeline(loaded, "join", name, spec.input, inp)
-    access.check_read(loaded, "join", name, inp, [spec.on or spec.mentions])  # before any row is read
-    access.check_read(loaded, "join", name, table_path, [spec.key, *(spec.columns or [])], field="table")
-    gate = access.pipeline_rows(loaded, "join", name, inp)
+    # columns the user may not read, excluded sources, licences: refused before any row is read; rows withheld as read
+    reader = governance.pipeline_step(loaded, "join", name)
+    rows = governance.open_rows(reader, inp, [spec.on or spec.mentions], dataset=spec.input)
+    table_rows = governance.open_rows(reader, table_path, [spec.key, *(spec.columns or [])], field="table")
 
     t0 = time.perf_counter()
-    table = read_table(table_path, spec.key, fold_case=spec.mentions is not None)
+    table = read_table(table_path, spec.key, fold_case=spec.mentions is not None, rows=table_rows)
     try:
         joiner = Joiner(table, spec)
     except JoinError as exc:
@@ -275,8 +278,7 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
     stats = JoinStats()
     checked = False
     with RowWriter(out) as writer:
-        batches = read_batches(inp, getattr(spec, "batch_size", None) or BATCH_SIZE)
-        for batch in (gate.filter(batches) if gate else batches):
+        for batch in rows.batches(getattr(spec, "batch_size", None) or BATCH_SIZE):
             if batch.errors:  # a join keeps every row or says why: a line it cannot read is not silently left out
                 pos, msg = batch.errors[0]
                 raise JoinError(f"{inp}: {msg}; fix it (or run fmhub clean first, which drops such lines)")
@@ -288,16 +290,11 @@ def run_join(loaded: LoadedSpec, name: Optional[str] = None) -> dict[str, Any]:
                     raise loaded.error(("join", name, what), f"{inp} has no column {col!r} (it has: {', '.join(have)})")
             writer.write([j for row, pos in zip(batch.rows, batch.positions)
                           if (j := joiner.join(row, _where(inp, pos), stats)) is not None])
-    if gate:
-        gate.record()
-    audit.pipeline_run("join-pipeline", name, inp, out, {"rows": stats.rows_in, "matched": stats.matched,
-                                                        "dropped": stats.dropped}, loaded.root)
-    seconds = time.perf_counter() - t0
     mode = {"on": spec.on} if spec.on is not None else {"mentions": spec.mentions}
-    lineage.record(out, "join", [lineage.describe_input(inp, "dataset", loaded.root) | licences.dataset_terms(loaded, spec.input),
-                                 lineage.describe_input(table_path, "dataset", loaded.root)],
-                   {**mode, "key": spec.key, "columns": joiner.columns, "prefix": spec.prefix, "missing": spec.missing},
-                   pipeline=name, cwd=loaded.root)
+    governance.record_output(reader, out, [rows, table_rows],
+                             {**mode, "key": spec.key, "columns": joiner.columns, "prefix": spec.prefix, "missing": spec.missing},
+                             audit_what="join-pipeline", counts={"rows": stats.rows_in, "matched": stats.matched, "dropped": stats.dropped})
+    seconds = time.perf_counter() - t0
     return {
         "pipeline": name, "input": inp, "table": table_path, "output": out, **mode,
         "rows_in": stats.rows_in, "rows_out": stats.rows_in - stats.dropped,

@@ -65,9 +65,9 @@ def _check_readable(blob_id: str, path: str, top: str) -> None:
 
 
 def _blob(blob_id: str, cwd: str) -> bytes:
-    import subprocess
+    from fmhub.base import gitrun
 
-    return subprocess.run(["git", "cat-file", "blob", blob_id], cwd=cwd, capture_output=True, check=True).stdout
+    return gitrun.run(["cat-file", "blob", blob_id], cwd=cwd, text=False).stdout
 
 
 def load_dataset(path: str, rev: str = "HEAD", cwd: str | None = None, **kwargs: Any) -> "datasets.Dataset":

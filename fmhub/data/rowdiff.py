@@ -544,7 +544,7 @@ def key_attribute(path: str, cwd: str | None = None) -> str | None:
 
 
 def diff_data_sides(old: Any, new: Any, top: str | None = None) -> list[DatasetChange]:
-    """Every dataset of either `fmhub.models.diff.Side` (``.data``), by path; the key column from each path's attributes."""
+    """Every dataset of either `fmhub.models.diffsides.Side` (``.data``), by path; the key column from each path's attributes."""
     changes = []
     for path in sorted(set(old.data) | set(new.data)):
         changes.append(diff_data(old.data.get(path), new.data.get(path), key_attribute(path, top), path))

@@ -8,7 +8,10 @@ Data can be given as
   ``{"input_ids": [...]}``,
 * any other file (``.txt``): one example a line.
 
-Blank lines are skipped. Texts are tokenized with the model directory's
+Blank lines are skipped. A file is read through the governance gate
+(`fmhub.governance.gate`): refused when the read policy denies it, or when
+`fmhub unlearn --remove` excluded it (these texts train or measure a model),
+and rows a ``rows:`` rule withholds from the user are left out. Texts are tokenized with the model directory's
 tokenizer when it has one (``tokenizer.json``, ``tokenizer_config.json``,
 ``tokenizer.model``, ``vocab.json``); otherwise with `ByteTokenizer`: the
 UTF-8 bytes of the text, each taken modulo the model's vocabulary size (no
@@ -28,8 +31,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
-from fmhub.base.errors import FmhubError
-from fmhub.core.rows import parse_row, row_problem
+from fmhub.core.rows import DataError  # one error for a dataset that cannot be read or used, whichever reader found it
+from fmhub.governance import gate
 
 if TYPE_CHECKING:
     import torch
@@ -39,10 +42,6 @@ Data = Union[str, "os.PathLike[str]", Sequence[str], Sequence[Sequence[int]]]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json")
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
-
-
-class DataError(FmhubError):
-    """A dataset that cannot be read or used (bad JSON line, empty, too short examples)."""
 
 
 @dataclass(frozen=True)
@@ -78,23 +77,23 @@ def load_examples(data: Data) -> list[str] | list[list[int]]:
 
 
 def _read_file(path: str) -> list[Any]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such data file")
+    rows = gate.open_rows(gate.Step("data file", path), path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = list(rows.lines("text"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such data file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+    rows.record_withheld()
     if not path.endswith(".jsonl"):
-        return [line for line in lines if line.strip()]
+        return [line.text for line in lines]
     out: list[Any] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = parse_row(line)
-        except ValueError as exc:  # nesting or a huge number too: one line, not a RecursionError
-            raise DataError(f"{path}:{n}: {row_problem(exc)}") from None
+    for line in lines:
+        n, obj = line.number, line.row
+        if line.problem is not None:  # nesting or a huge number too: one line, not a RecursionError
+            raise DataError(f"{path}:{n}: {line.problem}")
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             out.append(obj["text"])
         elif isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):

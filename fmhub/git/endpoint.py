@@ -37,12 +37,12 @@ from __future__ import annotations
 import base64
 import fnmatch
 import os
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 from fmhub.base.errors import FmhubError
+from fmhub.base.gitrun import GitError, run
 
 CREDENTIAL_TIMEOUT_S = 300.0  # a helper may show a dialog; it must not hang a push forever
 
@@ -193,12 +193,9 @@ def git_config(cwd: str | None = None) -> list[tuple[str, str]]:
     """All git config entries (``key``, ``value``) in git's order; keys as git prints them."""
     if cwd is not None and not os.path.isdir(cwd):
         raise FmhubError(f"{cwd} is not a directory, so its git config cannot be read")
-    try:
-        proc = subprocess.run(["git", "config", "-z", "--list"], cwd=cwd, capture_output=True)
-    except FileNotFoundError:
-        raise FmhubError("git is not installed or not on PATH") from None
+    listed = run(("config", "-z", "--list"), cwd=cwd, check=False, text=False).stdout
     entries = []
-    for item in proc.stdout.decode("utf-8", "surrogateescape").split("\0"):
+    for item in listed.decode("utf-8", "surrogateescape").split("\0"):
         if item:
             key, _, value = item.partition("\n")
             entries.append((key, value))
@@ -262,10 +259,8 @@ def _hf_token() -> str | None:
     token = os.environ.get("HF_TOKEN", "").strip()
     if token:
         return token
-    try:
-        from huggingface_hub import get_token
-    except ImportError:
-        return None
+    from huggingface_hub import get_token
+
     return (get_token() or "").strip() or None
 
 
@@ -336,11 +331,9 @@ def _git_credential(action: str, fields: dict[str, str], cwd: str | None) -> dic
     text = "".join(f"{k}={v}\n" for k, v in fields.items()) + "\n"
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
     try:
-        proc = subprocess.run(
-            ["git", "credential", action], input=text.encode(), cwd=cwd, env=env,
-            capture_output=True, timeout=CREDENTIAL_TIMEOUT_S,
-        )
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+        proc = run(("credential", action), cwd=cwd, check=False, input=text.encode(), text=False, env=env,
+                   timeout=CREDENTIAL_TIMEOUT_S)
+    except GitError:  # no git, or it waited on a prompt past the timeout
         return None
     if proc.returncode != 0:
         return None

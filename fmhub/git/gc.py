@@ -23,11 +23,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-
 from fmhub.base.errors import CorruptObject, FmhubError, ManifestError
 from fmhub.core.manifest import Manifest, is_manifest
 from fmhub.core.repo import open_store, toplevel
-
 
 
 @dataclass
@@ -44,7 +42,7 @@ class GcReport:
 
 def referenced(cwd: str | None = None) -> set[str]:
     """Every object a manifest or git-lfs pointer in any reachable commit, reflog entry or the index needs."""
-    from fmhub.git.sync import blobs_in_history, lfs_pointer, manifest_or_pointer, read_blobs
+    from fmhub.git.history import blobs_in_history, lfs_pointer, manifest_or_pointer, read_blobs
 
     top = toplevel(cwd)
     blobs = blobs_in_history(["--all", "--reflog", "--indexed-objects"], top)

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,9 +36,11 @@ from typing import Iterator
 
 from fmhub.base import boundedjson
 from fmhub.base.errors import CorruptDownload, FmhubError, MissingObject, RemoteAuthError, RemoteUnavailable, TransferError
+from fmhub.base.gitrun import run
 from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.core.repo import git, open_store, toplevel
-from fmhub.core.store import IncomingMismatch, copy_object
+from fmhub.core.storewrite import IncomingMismatch
+from fmhub.core.streams import copy_object
 
 LAYOUT_VERSION = 1
 OBJECTS_DIR = ".fmhub/objects"
@@ -201,7 +202,7 @@ class _File:
 
 def revision_files(rev: str, cwd: str | None = None) -> tuple[str, list[_File]]:
     """(commit sha, regular files) of ``rev``; manifests parsed, git-lfs pointers recognised."""
-    from fmhub.git.sync import lfs_pointer, manifest_or_pointer, read_blobs
+    from fmhub.git.history import lfs_pointer, manifest_or_pointer, read_blobs
 
     top = toplevel(cwd)
     sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=top, check=False).strip()
@@ -228,11 +229,9 @@ def revision_files(rev: str, cwd: str | None = None) -> tuple[str, list[_File]]:
     return sha, files
 
 
-def _blob(sha: str, cwd: str) -> bytes:
-    proc = subprocess.run(["git", "cat-file", "blob", sha], cwd=cwd, capture_output=True)
-    if proc.returncode != 0:
-        raise FmhubError(f"git cat-file blob {sha} failed: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
+def _blob(sha: str, cwd: str, size: int) -> bytes:
+    """The blob ``sha`` (``size`` bytes, as its tree says; no more is read)."""
+    return run(("cat-file", "blob", sha), cwd=cwd, text=False, limit=size).stdout
 
 
 def _gitattributes(hub_text: str | None, local_text: str | None) -> str:
@@ -306,7 +305,7 @@ def push(
                 )
 
             hub_attrs = _read_text(api, repo_id, ".gitattributes", head)
-            local_attrs = next((_blob(f.sha, top).decode() for f in files if f.path == ".gitattributes"), None)
+            local_attrs = next((_blob(f.sha, top, f.size).decode() for f in files if f.path == ".gitattributes"), None)
             attrs = _gitattributes(hub_attrs, local_attrs)
             if attrs != hub_attrs:
                 # its own commit first: the Hub decides LFS vs. plain storage from the .gitattributes it already has
@@ -419,10 +418,10 @@ def _content(f: _File, store, top: str, tmpdir: str):
             raise MissingObject(f"{f.path} is a git-lfs file whose object is not here; run `git lfs fetch` and push again")
         return store.object_path(f.lfs_oid)
     if f.size <= RAW_IN_MEMORY:
-        return _blob(f.sha, top)
+        return _blob(f.sha, top, f.size)
     dest = os.path.join(tmpdir, f.sha)
     with open(dest, "wb") as out:
-        subprocess.run(["git", "cat-file", "blob", f.sha], cwd=top, stdout=out, check=True)
+        run(("cat-file", "blob", f.sha), cwd=top, stdout=out)
     return dest
 
 

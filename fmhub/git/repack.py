@@ -23,12 +23,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from fmhub.core.deltas import MAX_DELTA_TENSOR_BYTES, DeltaPolicy, encode_best, max_chain_from_git
+from fmhub.core.deltas import MAX_DELTA_TENSOR_BYTES, DeltaPolicy, encode_best, max_chain_from_config
 from fmhub.base.errors import CorruptObject, FmhubError, ManifestError, MissingObject
 from fmhub.core.manifest import Manifest, is_manifest
-from fmhub.core.repo import open_store, toplevel
-from fmhub.core.store import MAX_PACK_DEPTH, ObjectStore, pack_header_bytes
-from fmhub.git.sync import blobs_in_history, lfs_pointer, manifest_or_pointer, read_blobs
+from fmhub.core.packfile import MAX_PACK_DEPTH, pack_header_bytes
+from fmhub.core.repo import fmhub_config, open_store, toplevel
+from fmhub.core.store import ObjectStore
+from fmhub.git.history import blobs_in_history, lfs_pointer, manifest_or_pointer, read_blobs
 
 
 @dataclass
@@ -59,7 +60,7 @@ class History:
 def repack(cwd: str | None = None, dry_run: bool = False) -> RepackReport:
     """Pack the old whole tensor versions of the store (or, with ``dry_run``, only say what that would do)."""
     top = toplevel(cwd)
-    max_depth = min(max_chain_from_git(top), MAX_PACK_DEPTH)
+    max_depth = min(max_chain_from_config(fmhub_config(top)), MAX_PACK_DEPTH)
     history = read_history(top)
     stay_whole = tip_objects(top) | history.unpackable
     store = open_store(top)

@@ -12,27 +12,24 @@ Git LFS server (`fmhub.git.transfer`). This module is the git side of that:
 - **fetch** (`fmhub fetch`, and smudge via `LazyFetcher`): the manifests in
   the trees of some revisions, and the objects of theirs the store lacks.
 
-Manifests are found with git's own plumbing (`rev-list --objects`,
-`cat-file --batch-check` to skip blobs too big to be a manifest, then
-`cat-file --batch`), so a history with large raw files is listed, not read.
+Manifests are found with git's own plumbing (`fmhub.git.history`), so a
+history with large raw files is listed, not read.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 from urllib.parse import urlparse
 
-from dulwich.lfs import LFSPointer
-
-from fmhub.governance import audit
 from fmhub.base.errors import FmhubError, ManifestError, RemoteUnavailable
+from fmhub.base.gitrun import run
 from fmhub.core.manifest import MAGIC, MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.core.repo import git, open_store, store_dir, toplevel
 from fmhub.core.store import ObjectStore
+from fmhub.git.history import blobs_in_history, blobs_in_trees, read_blobs
+from fmhub.governance import audit
 
 
 @dataclass(frozen=True)
@@ -68,111 +65,6 @@ def _is_zero(sha: str) -> bool:
 
 def _commit_exists(sha: str, cwd: str | None) -> bool:
     return bool(git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}", cwd=cwd, check=False).strip())
-
-
-def _popen(args: list[str], cwd: str | None, **kw) -> subprocess.Popen:
-    try:
-        return subprocess.Popen(["git", *args], cwd=cwd, **kw)
-    except FileNotFoundError:
-        raise FmhubError("git is not installed or not on PATH") from None
-
-
-def blobs_in_history(rev_args: list[str], cwd: str | None = None) -> list[tuple[str, str]]:
-    """(blob sha, path) of every blob small enough to be a manifest, in the commits ``rev-list rev_args`` lists."""
-    revlist = _popen(["rev-list", "--objects", *rev_args], cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    check = _popen(
-        ["cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize) %(rest)"], cwd,
-        stdin=revlist.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    revlist.stdout.close()  # cat-file owns the pipe now
-    out, check_err = check.communicate()
-    revlist_err = revlist.stderr.read()
-    revlist.stderr.close()
-    if revlist.wait() != 0:
-        raise FmhubError(f"git rev-list {' '.join(rev_args)} failed: {revlist_err.decode(errors='replace').strip()}")
-    if check.returncode != 0:
-        raise FmhubError(f"git cat-file failed: {check_err.decode(errors='replace').strip()}")
-    blobs = []
-    for line in out.decode("utf-8", "surrogateescape").splitlines():
-        parts = line.split(" ", 3)
-        if len(parts) >= 3 and parts[1] == "blob" and len(MAGIC) <= int(parts[2]) <= MAX_MANIFEST_BYTES:
-            blobs.append((parts[0], parts[3] if len(parts) > 3 else ""))
-    return blobs
-
-
-def _blobs_in_trees(revs: Sequence[str], paths: Sequence[str], cwd: str | None) -> list[tuple[str, str]]:
-    """(blob sha, path) of every blob small enough to be a manifest in the trees of ``revs`` (under ``paths``)."""
-    top = toplevel(cwd)
-    blobs: dict[str, str] = {}
-    for rev in revs:
-        sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=top, check=False).strip()
-        if not sha:
-            raise FmhubError(f"unknown revision {rev!r}")
-        out = git("ls-tree", "-r", "-z", "-l", "--full-tree", sha, "--", *paths, cwd=top)
-        for entry in out.split("\0"):
-            meta, _, path = entry.partition("\t")
-            fields = meta.split()
-            if len(fields) == 4 and fields[1] == "blob" and fields[3].isascii() and fields[3].isdigit():
-                if len(MAGIC) <= int(fields[3]) <= MAX_MANIFEST_BYTES:
-                    blobs.setdefault(fields[2], path)
-    return list(blobs.items())
-
-
-LFS_HEAD = b"version https:/"  # the first bytes of a git-lfs pointer, as many as a manifest's magic
-
-
-def manifest_or_pointer(head: bytes) -> bool:
-    """Whether a blob starting with ``head`` may be a manifest or a git-lfs pointer (for `read_blobs`)."""
-    return is_manifest(head) or head.startswith(LFS_HEAD)
-
-
-def lfs_pointer(data: bytes) -> LFSPointer | None:
-    """The git-lfs pointer ``data`` holds, if it is one with a valid sha256 oid."""
-    pointer = LFSPointer.from_bytes(data)
-    return pointer if pointer is not None and pointer.is_valid_oid() else None
-
-
-def read_blobs(
-    blobs: Sequence[tuple[str, str]], cwd: str | None = None, wanted: Callable[[bytes], bool] = is_manifest
-) -> Iterator[tuple[str, bytes]]:
-    """(path, bytes) of each blob whose first bytes are ``wanted`` (a manifest), one in memory at a time, through one `git cat-file --batch`."""
-    if not blobs:
-        return
-    proc = _popen(["cat-file", "--batch"], cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-
-    def feed() -> None:  # a writer thread: git's output must be read while we write, or both block
-        try:
-            for sha, _path in blobs:
-                proc.stdin.write(sha.encode() + b"\n")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    writer = threading.Thread(target=feed, daemon=True)
-    writer.start()
-    try:
-        for sha, path in blobs:
-            head = proc.stdout.readline().split()
-            if len(head) != 3 or head[1] != b"blob":
-                raise FmhubError(f"git cat-file could not read blob {sha} ({path})")
-            size = int(head[2])
-            data = proc.stdout.read(min(size, len(MAGIC)))
-            if wanted(data):
-                data += proc.stdout.read(size - len(data))
-            else:  # not wanted: skip it in chunks rather than hold it
-                left = size - len(data)
-                while left > 0 and (chunk := proc.stdout.read(min(left, 1 << 20))):
-                    left -= len(chunk)
-                data = b""
-            proc.stdout.read(1)  # the newline after each object
-            if data and len(data) != size:
-                raise FmhubError(f"git cat-file returned a short blob {sha} ({path})")
-            if data:
-                yield path, data
-    finally:
-        proc.kill()
-        proc.wait()
-        writer.join()
 
 
 def _needed(blobs: Iterable[tuple[str, bytes]]) -> dict[str, Needed]:
@@ -219,7 +111,7 @@ def needed_for_push(lines: Iterable[str], remote: str, cwd: str | None = None) -
 
 
 def needed_at(revs: Sequence[str], paths: Sequence[str] = (), cwd: str | None = None) -> dict[str, Needed]:
-    return _needed(read_blobs(_blobs_in_trees(revs, paths, cwd), cwd))
+    return _needed(read_blobs(blobs_in_trees(revs, paths, cwd), cwd))
 
 
 def objects_at(revs: Sequence[str], paths: Sequence[str] = (), cwd: str | None = None) -> list[tuple[str, int]]:
@@ -241,10 +133,8 @@ def objects_in_index(paths: Sequence[str] = (), cwd: str | None = None) -> list[
         fields = meta.split()
         if len(fields) == 3 and fields[0] != "160000":
             shas.setdefault(fields[1], path)
-    check = subprocess.run(
-        ["git", "cat-file", "--batch-check=%(objectname) %(objectsize)"], cwd=top,
-        input="".join(f"{sha}\n" for sha in shas), capture_output=True, text=True,
-    )
+    check = run(("cat-file", "--batch-check=%(objectname) %(objectsize)"), cwd=top, check=False,
+                input="".join(f"{sha}\n" for sha in shas))
     blobs = []
     for line in check.stdout.splitlines():
         sha, _, size = line.partition(" ")
@@ -310,7 +200,7 @@ class _LocalDestination:
         count = nbytes = 0
         for oid, size in self.missing_on_server(objects):
             with self.source.open_object(oid) as f:  # imported from an alternate, or rebuilt if packed (`fmhub repack`)
-                self.store._import_file(f, oid, os.fstat(f.fileno()).st_size, self.source.path)  # verified, atomic
+                self.store.import_file(f, oid, os.fstat(f.fileno()).st_size, self.source.path)  # verified, atomic
             count, nbytes = count + 1, nbytes + size
         return Summary(count, nbytes)
 

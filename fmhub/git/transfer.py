@@ -19,19 +19,13 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import math
 import random
-import re
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
-from urllib.parse import urlsplit
 
 import urllib3
 from dulwich.lfs import LFSPointer
@@ -42,32 +36,35 @@ from fmhub.base.errors import (
     CorruptObject,
     MissingObject,
     RemoteAuthError,
-    RemoteMissingObject,
     RemoteUnavailable,
     TransferError,
 )
+from fmhub.core.storewrite import IncomingMismatch, IncomingObject
 from fmhub.git.endpoint import Endpoint, get_header
-from fmhub.core.store import IncomingMismatch, IncomingObject, ObjectStore
+from fmhub.git.lfsbatch import LFS_JSON, BatchItem, Obj, malformed, parse_batch, raise_item_errors
+from fmhub.git.lfshttp import (
+    CHUNK,
+    BadBody,
+    body_pieces,
+    error_message,
+    finish,
+    merge_headers,
+    read_upto,
+    reason,
+    retry_after,
+)
 
-LFS_JSON = "application/vnd.git-lfs+json"
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fmhub.core.store import ObjectStore
+
 BATCH_SIZE = 100  # objects per batch request: the limit servers commonly enforce
-CHUNK = 1 << 20  # bytes per read/write while streaming an object
 MAX_BACKOFF_S = 30.0
-EXPIRY_MARGIN_S = 10.0  # re-ask for an href that expires sooner than this
 USER_AGENT = "fmhub (git-lfs compatible)"
 # Everything a server sends is bounded before it is held: a batch answer for 100 objects takes well under
 # 1 MiB, so 16 MiB (counted after decompression: gzip made 600 KB on the wire 600 MiB in memory) is generous.
 MAX_BATCH_ANSWER = 16 << 20
-MAX_ERROR_BODY = 64 << 10  # bytes of an error body read for its message
-MAX_DRAIN = 1 << 20  # an unneeded 2xx body longer than this is not read to reuse the connection: it is closed
-BODY_READ = 64 << 10  # raw bytes per read of a bounded body
-MAX_SIZE = 1 << 63  # object sizes are below 2^63, as git-lfs's int64
-MAX_HREF = 64 << 10  # pre-signed URLs run to a few KiB
-MAX_HEADER = 64 << 10  # bytes of one action header's value (tokens run to a few KiB)
-MAX_EXPIRES_IN = 10 * 365 * 86400.0  # an href valid longer than 10 years is as good as one that never expires
-SHOWN = 80  # characters of a bad value quoted in an error
 
-Obj = tuple[str, int]  # (oid, size)
 T = TypeVar("T")
 
 
@@ -80,29 +77,6 @@ class Report:
 
     def __add__(self, other: "Report") -> "Report":
         return Report(self.count + other.count, self.bytes + other.bytes)
-
-
-@dataclass
-class Action:
-    """One step the server asks for: a request to ``href`` with ``header``, valid until ``expires_at``."""
-
-    href: str
-    header: dict[str, str] = field(default_factory=dict)
-    expires_at: float | None = None  # a time.time() value
-
-    def expired(self) -> bool:
-        return self.expires_at is not None and time.time() > self.expires_at - EXPIRY_MARGIN_S
-
-
-@dataclass
-class BatchItem:
-    """The server's answer for one object: its actions (none: nothing to do) or an error."""
-
-    oid: str
-    size: int
-    actions: dict[str, Action] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
-    authenticated: bool = False
 
 
 class _Retry(Exception):
@@ -178,19 +152,19 @@ class Transfer:
             return self._read_answer(self._request("POST", url, headers, body=data, what="batch request"), len(objects))
 
         answer = self._retrying(url, attempt)
-        return _parse_batch(answer, objects, self.endpoint.url)
+        return parse_batch(answer, objects, self.endpoint.url)
 
     def _read_answer(self, resp: urllib3.BaseHTTPResponse, count: int) -> Any:
         """A batch answer's JSON, read within `MAX_BATCH_ANSWER` (decompressed) and parsed within `boundedjson`'s bounds."""
         complete = False
         try:
-            raw, complete = _read_upto(resp, MAX_BATCH_ANSWER)
+            raw, complete = read_upto(resp, MAX_BATCH_ANSWER)
         except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
-            raise _Retry(f"the batch answer was cut off: {_reason(exc)}") from None
-        except _BadBody as exc:
-            raise _malformed(self.endpoint.url, str(exc)) from None
+            raise _Retry(f"the batch answer was cut off: {reason(exc)}") from None
+        except BadBody as exc:
+            raise malformed(self.endpoint.url, str(exc)) from None
         finally:
-            _finish(resp, complete)
+            finish(resp, complete)
         if not complete:
             raise TransferError(
                 f"the LFS server at {self.endpoint.url} sent a batch answer of more than {MAX_BATCH_ANSWER >> 20} MiB "
@@ -199,12 +173,12 @@ class Transfer:
         try:
             return boundedjson.loads(raw)  # json.loads: 200,000 nested [ raised RecursionError
         except boundedjson.JSONLimitError as exc:
-            raise _malformed(self.endpoint.url, str(exc)) from None
+            raise malformed(self.endpoint.url, str(exc)) from None
 
     def missing_on_server(self, objects: Sequence[Obj], ref: str | None = None) -> list[Obj]:
         """The objects the server asks us to upload (it lacks them), in the order given."""
         answers = self.batch("upload", objects, ref)
-        _raise_item_errors(answers.values(), "upload", self.endpoint.url)
+        raise_item_errors(answers.values(), "upload", self.endpoint.url)
         return [(oid, answers[oid].size) for oid, _ in _unique(objects) if "upload" in answers[oid].actions]
 
     # -- upload -----------------------------------------------------------------
@@ -216,7 +190,7 @@ class Transfer:
         with self._progress("upload") as bar:
             for chunk in _chunks(_unique(objects), BATCH_SIZE):
                 answers = self._batch_once("upload", chunk, ref)
-                _raise_item_errors(answers.values(), "upload", self.endpoint.url)
+                raise_item_errors(answers.values(), "upload", self.endpoint.url)
                 todo = [answers[oid] for oid, _ in chunk if "upload" in answers[oid].actions]
                 for item in todo:
                     self._check_local(item)
@@ -244,7 +218,7 @@ class Transfer:
         def attempt() -> None:
             with self.store.open_object(item.oid, buffering=0) as f:  # a packed object (`fmhub repack`) is rebuilt
                 body = _HashingReader(f, bar)
-                headers = _merge_headers({"Content-Type": "application/octet-stream"}, action.header,
+                headers = merge_headers({"Content-Type": "application/octet-stream"}, action.header,
                                          {"Content-Length": str(item.size)})
                 try:
                     resp = self._request("PUT", action.href, headers, body=body, authenticated=item.authenticated,
@@ -252,7 +226,7 @@ class Transfer:
                 except BaseException:
                     bar.advance(-body.count)
                     raise
-                _finish(resp, True)
+                finish(resp, True)
                 if body.count != item.size or body.hexdigest() != item.oid:
                     raise CorruptObject(
                         f"object sha256:{item.oid} in {self.store.path} changed or is corrupt (its bytes hash differently); "
@@ -267,12 +241,12 @@ class Transfer:
     def _verify(self, item: BatchItem) -> None:
         action = item.actions["verify"]
         data = json.dumps({"oid": item.oid, "size": item.size}).encode()
-        headers = _merge_headers({"Accept": LFS_JSON, "Content-Type": LFS_JSON}, action.header)
+        headers = merge_headers({"Accept": LFS_JSON, "Content-Type": LFS_JSON}, action.header)
 
         def attempt() -> None:
             resp = self._request("POST", action.href, headers, body=data, authenticated=item.authenticated,
                                  what=f"verify of sha256:{item.oid}")
-            _finish(resp, True)
+            finish(resp, True)
 
         self._retrying(action.href, attempt)
 
@@ -286,7 +260,7 @@ class Transfer:
             bar.add_total(sum(size for _, size in wanted))
             for chunk in _chunks(wanted, BATCH_SIZE):
                 answers = self._batch_once("download", chunk, ref)
-                _raise_item_errors(answers.values(), "download", self.endpoint.url)
+                raise_item_errors(answers.values(), "download", self.endpoint.url)
                 for item in answers.values():
                     if "download" not in item.actions:
                         raise TransferError(f"the LFS server at {self.endpoint.url} gave no download action for sha256:{item.oid}")
@@ -302,14 +276,14 @@ class Transfer:
         item = fresh
 
         def attempt() -> None:
-            resp = self._request("GET", action.href, _merge_headers({"Accept": "application/octet-stream"}, action.header),
+            resp = self._request("GET", action.href, merge_headers({"Accept": "application/octet-stream"}, action.header),
                                  authenticated=item.authenticated, what=f"download of sha256:{item.oid}")
             ok = False
             try:
                 self._receive(resp, item, action.href, bar)
                 ok = True
             finally:
-                _finish(resp, ok)
+                finish(resp, ok)
 
         self._retrying(action.href, attempt)
         return item.size
@@ -319,14 +293,14 @@ class Transfer:
         incoming = IncomingObject(self.store, item.oid, item.size)
         try:
             try:
-                for chunk in _body_pieces(resp):
+                for chunk in body_pieces(resp):
                     incoming.write(chunk)  # refuses the first byte past the size asked for
                     bar.advance(len(chunk))
             except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
                 bar.advance(-incoming.size)
-                raise _Retry(f"the download was cut off: {_reason(exc)}") from None
+                raise _Retry(f"the download was cut off: {reason(exc)}") from None
             incoming.publish()
-        except (IncomingMismatch, _BadBody) as exc:
+        except (IncomingMismatch, BadBody) as exc:
             raise CorruptDownload(f"refused object sha256:{item.oid} from {href}: {exc}; it was discarded, nothing was stored") from None
         finally:
             incoming.discard()
@@ -342,16 +316,16 @@ class Transfer:
         try:
             resp = self.http.request(method, url, headers=sent, body=body, preload_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _Retry(_reason(exc)) from None
+            raise _Retry(reason(exc)) from None
         if 200 <= resp.status < 300:
             if self.endpoint.same_origin(url):
                 self.endpoint.after_success()
             return resp
-        message = _error_message(resp)
+        message = error_message(resp)
         status = resp.status
-        _finish(resp, False)
+        finish(resp, False)
         if status in (429,) or status >= 500:
-            raise _Retry(f"HTTP {status}{message}", wait=_retry_after(resp.headers.get("Retry-After")))
+            raise _Retry(f"HTTP {status}{message}", wait=retry_after(resp.headers.get("Retry-After")))
         if status == 401 and self.endpoint.same_origin(url) and not authenticated:
             if self.endpoint.after_unauthorized(get_header(sent, "Authorization")):
                 raise _Retry("new credentials", free=True)
@@ -367,7 +341,7 @@ class Transfer:
         if self.endpoint.same_origin(url) and not (authenticated and get_header(headers, "Authorization")):
             layers.append(self.endpoint.headers)
         layers.append(headers)
-        return _merge_headers(*layers)
+        return merge_headers(*layers)
 
     def _auth_message(self, status: int, url: str, what: str, message: str) -> str:
         word = "refused our credentials" if status == 401 else "denied access"
@@ -407,7 +381,7 @@ class Transfer:
         if not any(action.expired() for action in item.actions.values()):
             return item
         fresh = self._batch_once(operation, [(item.oid, item.size)], ref)[item.oid]
-        _raise_item_errors([fresh], operation, self.endpoint.url)
+        raise_item_errors([fresh], operation, self.endpoint.url)
         return fresh if operation in fresh.actions else None
 
     def _run_all(self, fn: Callable[[BatchItem], int | None], items: list[BatchItem]) -> Report:
@@ -505,323 +479,6 @@ class _Bar:
     def advance(self, n: int) -> None:
         if self._progress is not None and n:
             self._progress.advance(self._task, n)
-
-
-# -- parsing --------------------------------------------------------------------
-# A batch answer is untrusted: every field is checked for type and range, and anything off ends in one
-# TransferError naming it (int("lots"), [].items() and float("inf") sizes used to end in tracebacks).
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
-_HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters (a tab is allowed)
-_OID = re.compile(r"[0-9a-f]{64}")
-_URL_BAD = re.compile(r"[\x00-\x20\x7f]")  # urllib3 would refuse them, or send them on as another header
-
-
-class _Malformed(Exception):
-    """A field of a batch answer that is not what the batch API says; the message names it."""
-
-
-def _malformed(url: str, reason: str) -> TransferError:
-    return TransferError(f"the LFS server at {url} sent a malformed batch answer ({reason})")
-
-
-def _parse_batch(answer: Any, asked: Sequence[Obj], url: str) -> dict[str, BatchItem]:
-    """Per-object actions and errors from a batch answer; objects it does not mention become errors.
-
-    Only TransferError escapes, whatever JSON value ``answer`` is.
-    """
-    try:
-        received = _parse_answer(answer, time.time(), url)
-    except _Malformed as exc:
-        raise _malformed(url, str(exc)) from None
-    out = {}
-    for oid, size in asked:  # the size asked about is the one verified against, whatever the server echoes
-        item = received.get(oid) or BatchItem(oid, size, error={"code": 0, "message": "missing from the server's answer"})
-        item.size = size
-        out[oid] = item
-    return out
-
-
-def _parse_answer(answer: Any, now: float, url: str) -> dict[str, BatchItem]:
-    if not isinstance(answer, dict):
-        raise _Malformed(f"{_kind(answer)}, not an object")
-    transfer = _field(answer, "transfer", str, "the answer") or "basic"
-    if transfer != "basic":
-        raise TransferError(f"the LFS server at {url} chose the {_show(transfer)} transfer; fmhub speaks only 'basic'")
-    algo = _field(answer, "hash_algo", str, "the answer")
-    if algo not in (None, "sha256"):
-        raise TransferError(f"the LFS server at {url} names objects by {_show(algo)}; fmhub speaks only sha256")
-    received = {}
-    for i, obj in enumerate(_field(answer, "objects", list, "the answer") or []):
-        if not isinstance(obj, dict):
-            raise _Malformed(f"objects[{i}] is {_kind(obj)}, not an object")
-        oid = obj.get("oid")
-        if not isinstance(oid, str):
-            raise _Malformed(f"objects[{i}].oid is {_kind(oid)}, not a string")
-        received[oid] = _parse_item(obj, oid, now)
-    return received
-
-
-def _parse_item(obj: dict[str, Any], oid: str, now: float) -> BatchItem:
-    where = f"sha256:{oid}" if _OID.fullmatch(oid) else f"the object {_show(oid)}"
-    size = _field(obj, "size", int, where)
-    if size is not None and not 0 <= size < MAX_SIZE:
-        raise _Malformed(f"{where}: size {_show(size)} is out of range")
-    actions = _field(obj, "actions", dict, where) or {}
-    return BatchItem(
-        oid, size or 0, {name: _parse_action(raw, f"{where} {_show(name)} action", now) for name, raw in actions.items()},
-        _parse_error(obj.get("error"), f"{where} error"), bool(_field(obj, "authenticated", bool, where)),
-    )
-
-
-def _parse_action(raw: Any, where: str, now: float) -> Action:
-    if not isinstance(raw, dict):
-        raise _Malformed(f"{where} is {_kind(raw)}, not an object")
-    return Action(_href(raw.get("href"), where), _header(raw, where), _expiry(raw, now, where))
-
-
-def _href(href: Any, where: str) -> str:
-    """An absolute http(s) URL that urllib3 can send as is (no spaces or control characters, a valid port)."""
-    if not isinstance(href, str):
-        raise _Malformed(f"{where} has an href that is {_kind(href)}, not a string")
-    try:
-        parts = urlsplit(href)
-        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number below 65536
-    except ValueError:
-        parts = None
-    if (len(href) > MAX_HREF or _URL_BAD.search(href) or parts is None or parts.scheme not in ("http", "https")
-            or not parts.hostname):
-        raise _Malformed(f"{where} has an invalid href {_show(href)}")
-    return href
-
-
-def _header(raw: dict[str, Any], where: str) -> dict[str, str]:
-    """The action's headers: names that are HTTP tokens, values without control characters (no header injection)."""
-    header = _field(raw, "header", dict, where) or {}
-    for name, value in header.items():
-        if not isinstance(value, str):
-            raise _Malformed(f"{where} has header {_show(name)} that is {_kind(value)}, not a string")
-        if not _HEADER_NAME.fullmatch(name) or len(value) > MAX_HEADER or _HEADER_VALUE_BAD.search(value):
-            raise _Malformed(f"{where} has an invalid header {_show(name)}")
-    return dict(header)
-
-
-def _expiry(action: dict[str, Any], now: float, where: str) -> float | None:
-    """When the href stops working (a time.time() value), or None when the server does not say."""
-    expires_in = _field(action, "expires_in", float, where)
-    if expires_in is not None:
-        if isinstance(expires_in, float) and not math.isfinite(expires_in):
-            raise _Malformed(f"{where} has expires_in {_show(expires_in)}")
-        if expires_in > 0:  # compared before float(): an integer of 400 digits does not fit one
-            return now + float(min(expires_in, MAX_EXPIRES_IN))
-    at = _field(action, "expires_at", str, where)
-    if at and not at.startswith("0001-01-01"):  # Go's zero time: no expiry
-        try:
-            return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
-        except (ValueError, OverflowError, OSError):
-            return None  # RFC 3339 that Python does not parse (nanoseconds): as if the server did not say
-    return None
-
-
-def _parse_error(error: Any, where: str) -> dict[str, Any] | None:
-    """An object's error as {"code": int | None, "message": one line}, or None when it has none."""
-    if error is None:
-        return None
-    if not isinstance(error, dict):
-        raise _Malformed(f"{where} is {_kind(error)}, not an object")
-    return {"code": _field(error, "code", int, where), "message": _one_line(_field(error, "message", str, where) or "", MESSAGE_CHARS)}
-
-
-def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    """``obj[key]`` if it has type ``kind`` (float: any number; true/false is no number), None if absent or null."""
-    value = obj.get(key)
-    if value is None:
-        return None
-    ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)) and (
-        kind is bool or not isinstance(value, bool))
-    if not ok:
-        raise _Malformed(f"{where}: {key} is {_kind(value)}, not {_kind(kind())}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    """What a JSON value is, in words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    for kind, word in ((int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"), (dict, "an object")):
-        if isinstance(value, kind):
-            return word
-    return type(value).__name__
-
-
-def _show(value: Any) -> str:
-    """A value from a server, quoted short and on one line for an error message."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
-        return f"<an integer of {value.bit_length()} bits>"  # str() of one over 4,300 digits raises ValueError
-    return _one_line(repr(value[: SHOWN * 2] if isinstance(value, str) else value), SHOWN)
-
-
-MESSAGE_CHARS = 1000  # a server's error message: room for a policy's reason and advice, not for a flood
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    """Server text as one printable line of at most ``limit`` characters (no newlines or terminal escapes)."""
-    text = " ".join("".join(c if c.isprintable() else " " for c in text[: limit * 4]).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _raise_item_errors(items: Iterable[BatchItem], operation: str, url: str) -> None:
-    """Per-object errors as one message naming the objects (a 404 on download means the server lacks them)."""
-    bad = [item for item in items if item.error is not None]
-    if not bad:
-        return
-    first = bad[0]
-    detail = f"sha256:{first.oid}: {first.error.get('message', '')} (code {first.error.get('code')})"
-    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-    if operation == "download" and all(item.error.get("code") == 404 for item in bad):
-        raise RemoteMissingObject(f"the LFS server at {url} does not have {detail}{more}; push them from a clone that has them")
-    raise TransferError(f"the LFS server at {url} refused to {operation} {detail}{more}")
-
-
-def _error_message(resp: urllib3.BaseHTTPResponse) -> str:
-    """The server's explanation of an error status (LFS JSON ``message``, or a short text body), on one line."""
-    try:
-        raw, _ = _read_upto(resp, MAX_ERROR_BODY)
-    except Exception:  # an unreadable explanation must not hide the status it explains
-        return ""
-    try:
-        doc = boundedjson.loads(raw)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        message = doc.get("message") if isinstance(doc.get("message"), str) else ""
-    else:
-        message = raw.decode("utf-8", "replace").strip().split("\n", 1)[0]
-    message = _one_line(message, MESSAGE_CHARS)
-    return f": {message}" if message else ""
-
-
-class _BadBody(Exception):
-    """A body that cannot be decoded (an unknown or corrupt Content-Encoding); the message says how."""
-
-
-def _read_upto(resp: urllib3.BaseHTTPResponse, limit: int) -> tuple[bytearray, bool]:
-    """(the body, True), or (its first ``limit`` bytes, False) when it has more; decompressed per Content-Encoding.
-
-    urllib3 inflates gzip when asked to read a whole body (600 KB on the wire became 600 MiB), so the body is
-    taken a small piece at a time (`_body_pieces`) and reading stops one piece past the limit.
-    """
-    out = bytearray()
-    for piece in _body_pieces(resp, BODY_READ):
-        out += piece
-        if len(out) > limit:
-            del out[limit:]  # in place: no second copy of a body being refused
-            return out, False
-    return out, True
-
-
-def _body_pieces(resp: urllib3.BaseHTTPResponse, size: int = CHUNK) -> Iterator[bytes]:
-    """A body in pieces of at most ``size`` bytes, decompressed per Content-Encoding, however well it compresses.
-
-    Raw bytes are read with urllib3's decoding off and inflated here with a cap on each step's output: before
-    2.6, urllib3's read(n) and stream(n) inflated a whole compressed read at once (1 MiB of gzip, 1 GiB).
-    """
-    inflate = _decompressor(resp.headers.get("Content-Encoding"))
-    while raw := resp.read(size, decode_content=False):
-        if inflate is None:
-            yield raw
-            continue
-        if inflate.eof:  # zlib would keep what follows the end in memory, as much as the server sends
-            raise _BadBody("data after the end of the compressed body")
-        while True:
-            piece = _inflate(inflate, raw, size)
-            if piece:
-                yield piece
-            raw = inflate.unconsumed_tail  # what the cap held back
-            if not raw and len(piece) < size:  # a full piece may leave output inside zlib: ask once more
-                break
-    if inflate is not None and not inflate.eof:
-        raise _BadBody("a compressed body cut off before its end")
-
-
-def _decompressor(encoding: str | None) -> "zlib._Decompress | None":
-    name = (encoding or "").strip().lower()
-    if name in ("", "identity"):
-        return None
-    if name in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if name == "deflate":
-        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # HTTP's deflate is zlib-wrapped; 32: a gzip header too
-    raise _BadBody(f"Content-Encoding {_show(name)}, which fmhub does not accept")
-
-
-def _inflate(inflate: "zlib._Decompress", chunk: bytes, room: int) -> bytes:
-    try:
-        return inflate.decompress(chunk, room)
-    except zlib.error as exc:
-        raise _BadBody(f"corrupt compressed data: {exc}") from None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
-    if not value:
-        return None
-    try:
-        return min(MAX_BACKOFF_S * 4, max(0.0, float(value)))
-    except ValueError:
-        pass
-    try:
-        return min(MAX_BACKOFF_S * 4, max(0.0, parsedate_to_datetime(value).timestamp() - datetime.now(timezone.utc).timestamp()))
-    except (TypeError, ValueError):
-        return None
-
-
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None) or exc
-    text = str(reason)
-    if "Connection refused" in text or isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    return text.split(": ", 1)[-1] if text.startswith("<") else text
-
-
-def _finish(resp: urllib3.BaseHTTPResponse, complete: bool) -> None:
-    """Give the connection back to the pool: drained when the exchange completed, closed when it broke off.
-
-    Draining reads at most `MAX_DRAIN` bytes (urllib3's drain_conn read the whole rest into memory, whatever
-    its size); a longer body closes the connection instead.
-    """
-    try:
-        if not (complete and _drained(resp)):
-            resp.close()
-    finally:
-        resp.release_conn()
-
-
-def _drained(resp: urllib3.BaseHTTPResponse) -> bool:
-    left = MAX_DRAIN
-    try:
-        while chunk := resp.read(BODY_READ, decode_content=False):
-            left -= len(chunk)
-            if left < 0:
-                return False
-    except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException):
-        return False
-    return True
-
-
-def _merge_headers(*layers: dict[str, str]) -> dict[str, str]:
-    """Later layers win, names compared case-insensitively (no request carries two Authorization headers)."""
-    out: dict[str, str] = {}
-    for layer in layers:
-        for name, value in layer.items():
-            for old in [k for k in out if k.lower() == name.lower()]:
-                del out[old]
-            out[name] = value
-    return out
-
-
 
 
 def _unique(objects: Iterable[Obj]) -> list[Obj]:

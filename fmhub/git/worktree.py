@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-
 import hashlib
 import os
-import subprocess
 
-from fmhub.core import checkpoint
 from fmhub.base.atomic import atomic_write
 from fmhub.base.errors import CorruptCheckpoint, FmhubError
+from fmhub.core import checkpoint
+from fmhub.core.formats import SNIFF_BYTES
+from fmhub.base.gitrun import run
 from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, TensorEntry, is_manifest
 from fmhub.core.repo import blob_at, git, open_store, toplevel
 from fmhub.governance.access import check_smudge
@@ -23,7 +23,7 @@ def describe(path: str, rev: str | None = None) -> Manifest:
             raise FmhubError(f"{path} at {rev} is not stored by fmhub (is it tracked? see `fmhub track`)")
         return Manifest.from_bytes(data, path)
     with open(path, "rb") as f:
-        head = f.read(checkpoint.SNIFF_BYTES)
+        head = f.read(SNIFF_BYTES)
         if is_manifest(head):
             return Manifest.from_bytes(head + f.read(MAX_MANIFEST_BYTES), path)
         try:
@@ -42,10 +42,7 @@ def tracked_files(cwd: str | None = None) -> list[str]:
     files = [f for f in files if f]
     if not files:
         return []
-    out = subprocess.run(
-        ["git", "check-attr", "-z", "--stdin", "filter"], cwd=top, input="\0".join(files) + "\0",
-        capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
+    out = run(("check-attr", "-z", "--stdin", "filter"), cwd=top, input="\0".join(files) + "\0").stdout.split("\0")
     return [out[i] for i in range(0, len(out) - 2, 3) if out[i + 2] == "fmhub"]
 
 

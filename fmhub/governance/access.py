@@ -18,6 +18,8 @@ What the rest of fmhub calls where bytes flow:
 * `check_columns` (``fmhub clean``/``fmhub label``, before any row is read);
 * `pipeline_rows` (``fmhub clean``/``fmhub label``): a `RowGate` withholding
   the rows ``rows:`` rules keep from the user, as batches are read;
+* `check_file_read` and `row_gate`: the same two for any reader, which
+  `fmhub.governance.gate` (the one gate every pipeline reads through) calls;
 * `check` (anything else);
 * `decide` (the combined decision, nothing recorded): `fmhub.server.guard`
   and `fmhub.server.receive` on the server side, which keep each
@@ -44,7 +46,7 @@ from fmhub.plugin.records import AccessRequest, Decision
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
-    from typing import Any, Callable, Iterable, Optional, Sequence
+    from typing import Callable, Iterable, Optional, Sequence
 
 
 USER_ENV = "FMHUB_USER"
@@ -161,10 +163,8 @@ def denial_message(request: AccessRequest, d: Decision, what: Optional[str] = No
 
 def record(request: AccessRequest, decision: Decision, details: Optional[dict] = None, cwd: Optional[str] = None) -> None:
     """Record one access decision in the audit log (``what: access``); never raises."""
-    try:
-        from fmhub.governance import audit
-    except ImportError:  # pragma: no cover - the audit log is optional
-        return
+    from fmhub.governance import audit
+
     info = {"action": request.action, "user": request.principal or "", "repo": request.repo}
     for key in ("tensor", "column", "oid"):
         if getattr(request, key) is not None:
@@ -335,13 +335,18 @@ def _option_columns(steps, key: str) -> list[str]:
 def check_pipeline(loaded, section: str, name: str, src: str) -> None:
     """Before ``fmhub clean``/``fmhub label`` reads a row: may the user read the columns it uses, and its rows whole?
 
-    The columns it names (text columns, steps' and functions' ``columns``/``column``,
-    the key) are checked one by one, so the error names the column; then the
-    whole file, as a pipeline copies every column of a row to its output.
-    ``where`` in the error is ``fmhub.yaml:LINE: SECTION.NAME``.
+    The columns it names (`pipeline_columns`) are checked one by one, so the
+    error names the column; then the whole file, as a pipeline copies every
+    column of a row to its output. ``where`` in the error is
+    ``fmhub.yaml:LINE: SECTION.NAME``.
     """
     if not policies():
         return
+    check_read(loaded, section, name, src, pipeline_columns(loaded, section, name))
+
+
+def pipeline_columns(loaded, section: str, name: str) -> list[str]:
+    """The columns ``clean.NAME`` or ``label.NAME`` names: text columns, steps' and functions' ``columns``/``column``, the key."""
     pipe = getattr(loaded.spec, section)[name]
     ds = loaded.spec.datasets.get(pipe.input)
     if section == "clean":
@@ -351,7 +356,7 @@ def check_pipeline(loaded, section: str, name: str, src: str) -> None:
     key = getattr(pipe, "key", None) or (ds.key if ds is not None else None)
     if key:
         columns.append(key)
-    check_read(loaded, section, name, src, columns)
+    return columns
 
 
 def check_read(loaded, section: str, name: str, src: str, columns: Sequence[str], field: str = "input") -> None:
@@ -364,10 +369,24 @@ def check_read(loaded, section: str, name: str, src: str, columns: Sequence[str]
     """
     if not policies():
         return
-    root = _repo_root(loaded.root)
-    path = os.path.relpath(os.path.abspath(src), root).replace(os.sep, "/")
+    check_file_read(loaded.root, pipeline_where(loaded, section, name, field), src, columns)
+
+
+def pipeline_where(loaded, section: str, name: str, field: str = "input") -> str:
+    """``fmhub.yaml:LINE: SECTION.NAME``, the line of ``field`` (or the nearest above it): how errors and records name a pipeline."""
     line = loaded.line((section, name, field))
-    where = f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
+    return f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
+
+
+def check_file_read(start: str, where: str, src: str, columns: Sequence[str] = ()) -> None:
+    """`check_read` for any reader (``where`` names it): ``columns`` of ``src`` one by one, then the whole file.
+
+    ``start``: a directory of the repository whose policy governs ``src``.
+    """
+    if not policies():
+        return
+    root = _repo_root(os.path.abspath(start))
+    path = os.path.relpath(os.path.abspath(src), root).replace(os.sep, "/")
     check_columns(path, columns, where, root)
     _root, who, reader = _local(root)
     req = AccessRequest(who, "read", root, path, read_file=reader)
@@ -375,17 +394,6 @@ def check_read(loaded, section: str, name: str, src: str, columns: Sequence[str]
     if not d.allowed:
         record(req, d, {"pipeline": where}, cwd=root)
         raise AccessDenied(f"{where}: {denial_message(req, d, f'the rows of {path}')}; no row was read", d)
-
-
-def readable_rows(loaded, section: str, name: str, src: str, rows: Sequence[Any], values: Callable[[Any], dict] = lambda r: r) -> list:
-    """``rows`` of ``src`` less those a row policy withholds from the user (recorded once in the audit log, as a count)."""
-    gate = pipeline_rows(loaded, section, name, src)
-    if gate is None:
-        return list(rows)
-    kept = [r for r in rows if gate.readable(values(r))]
-    gate.withheld = len(rows) - len(kept)
-    gate.record()
-    return kept
 
 
 class RowGate:
@@ -424,10 +432,17 @@ class RowGate:
 
 def pipeline_rows(loaded, section: str, name: str, src: str) -> Optional[RowGate]:
     """The rows of ``src`` the user may not read in pipeline ``section.name``: a `RowGate`, None when no policy withholds any."""
+    if not any(hasattr(p, "row_filter") for p in policies()):
+        return None
+    return row_gate(loaded.root, pipeline_where(loaded, section, name), src)
+
+
+def row_gate(start: str, where: str, src: str) -> Optional[RowGate]:
+    """`pipeline_rows` for any reader (``where`` names it; ``start``: a directory of the repository governing ``src``)."""
     pols = [p for p in policies() if hasattr(p, "row_filter")]
     if not pols:
         return None
-    root = _repo_root(loaded.root)
+    root = _repo_root(os.path.abspath(start))
     path = os.path.relpath(os.path.abspath(src), root).replace(os.sep, "/")
     root, who, reader = _local(root)
     req = AccessRequest(who, "read", root, path, read_file=reader)
@@ -435,17 +450,16 @@ def pipeline_rows(loaded, section: str, name: str, src: str) -> Optional[RowGate
     if not preds:
         return None
     readable = preds[0] if len(preds) == 1 else (lambda row: all(f(row) for f in preds))
-    line = loaded.line((section, name, "input"))
-    where = f"{loaded.path}:{line}: {section}.{name}" if line else f"{loaded.path}: {section}.{name}"
     return RowGate(readable, req, where, root)
 
 
 @functools.lru_cache(maxsize=8)
 def _repo_root(start: str) -> str:
-    try:
-        import subprocess  # here, not at the top: git's filter has no use for it
+    from fmhub.base import gitrun
+    from fmhub.base.errors import FmhubError
 
-        proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=start, capture_output=True, text=True)
-    except OSError:
+    try:
+        proc = gitrun.run(["rev-parse", "--show-toplevel"], cwd=start, check=False)
+    except FmhubError:  # git cannot start here: the directory itself is the root
         return start
     return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else start

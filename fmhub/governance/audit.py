@@ -3,8 +3,9 @@
 One JSON object per line (JSON Lines) at ``<git common dir>/fmhub/audit.log``
 (``git config fmhub.audit.path`` moves it). Each entry holds the hash of the
 one before it, so editing, inserting, removing or reordering an entry breaks
-the chain where it happened, and `verify` names that line. The format and
-what it does and does not protect against: docs/audit.md.
+the chain where it happened, and `fmhub.governance.audit_verify.verify` names
+that line (`fmhub.governance.audit_query.query` reads it). The format and what
+it does and does not protect against: docs/audit.md.
 
 Appends are safe with concurrent writers (git's filter process and the CLI
 often run at once): an exclusive ``flock`` on the log, the tail read to find
@@ -28,11 +29,10 @@ import time
 from collections import namedtuple
 
 from fmhub.base import boundedjson
-from fmhub.base.errors import FmhubError, MergeConflict, printable
+from fmhub.base.errors import FmhubError, MergeConflict
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
-    from datetime import datetime
     from typing import Any, Iterator, Mapping, Optional
 
 
@@ -44,7 +44,6 @@ ZERO = "0" * 64
 KEYED = "hmac-sha256"  # the "alg" of entries hashed with FMHUB_AUDIT_KEY; absent means plain sha256
 KEY_ENV = "FMHUB_AUDIT_KEY"
 USER_ENV = "FMHUB_USER"
-REF = "refs/fmhub/audit"  # where `fmhub audit anchor --save` keeps the anchor
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 # Longest line read, in bytes without its newline. Entries are a few hundred bytes; a longer line is
@@ -53,9 +52,10 @@ MAX_LINE = 1 << 20
 MAX_TEXT = 4096  # who, what, target and decision are cut to this many characters (a path is at most 4096 bytes)
 _CHUNK = 1 << 16  # read back from the end of the log in steps of at most this
 
-_FIELDS = {"v": int, "seq": int, "time": str, "who": str, "what": str, "target": str,
+FIELDS = {"v": int, "seq": int, "time": str, "who": str, "what": str, "target": str,
            "decision": str, "details": dict, "prev": str, "hash": str}
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+SEQ_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII digits: '²'.isdigit() is True, int('²') raises
 
 
 class AuditError(FmhubError):
@@ -85,7 +85,7 @@ def env_key() -> Optional[bytes]:
     return value.encode("utf-8") if value else None
 
 
-def _now() -> str:
+def now_text() -> str:
     """The time as `TIME_FORMAT` gives it (UTC, microseconds), without importing datetime."""
     ns = time.time_ns()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000)) + ".%06dZ" % (ns // 1000 % 1_000_000)
@@ -166,7 +166,7 @@ class AuditLog:
 
     def _entry(self, seq: int, prev: str, what: str, target: str, decision: str,
                details: Optional[Mapping[str, Any]], who: Optional[str]) -> dict:
-        entry = {"v": VERSION, "seq": seq, "time": _now(), "who": _text(who if who is not None else identity()),
+        entry = {"v": VERSION, "seq": seq, "time": now_text(), "who": _text(who if who is not None else identity()),
                  "what": _text(what), "target": _text(target), "decision": _text(decision),
                  "details": _plain(details), "prev": prev}
         if self.key is not None:
@@ -217,7 +217,7 @@ def _link(fd: int, last: Optional[tuple[int, int]]) -> tuple[int, str]:
         try:
             entry = boundedjson.loads(os.pread(fd, end - start, start))
             seq, h = entry["seq"], entry["hash"]
-            if type(seq) is int and 0 <= seq < 1 << 63 and isinstance(h, str) and _HEX64.match(h):
+            if type(seq) is int and 0 <= seq < 1 << 63 and isinstance(h, str) and HEX64.match(h):
                 return seq, h
         except (ValueError, TypeError, KeyError):  # JSONLimitError is a ValueError; a list or str entry a TypeError
             pass
@@ -234,315 +234,6 @@ def _sha256_range(fd: int, start: int, end: int) -> str:
         h.update(chunk)
         start += len(chunk)
     return h.hexdigest()
-
-
-# -- reading and verifying ---------------------------------------------------------
-
-
-# Named tuples and plain classes, not dataclasses: git's filter imports this module on every git command.
-
-
-class Problem(namedtuple("Problem", "line seq kind detail")):
-    """Where the chain breaks: a line number, the entry's seq when it has one, what kind of break (malformed,
-    edited, prev mismatch, seq gap, truncated, key needed, unkeyed, anchor missing) and the detail."""
-
-    __slots__ = ()
-
-    def __str__(self) -> str:
-        where = f"line {self.line}" if self.line is not None else "anchor"
-        if self.seq is not None:
-            where += f" (seq {self.seq})"
-        return f"{where}: {self.kind}: {self.detail}"
-
-
-class VerifyResult:
-    """What `verify` found: the log, how many entries (how many keyed), its head, and the first problem if any."""
-
-    def __init__(self, path: str, entries: int = 0, head_seq: int = 0, head_hash: str = ZERO, keyed: int = 0,
-                 problem: Optional[Problem] = None) -> None:
-        self.path, self.entries, self.head_seq, self.head_hash, self.keyed, self.problem = path, entries, head_seq, head_hash, keyed, problem
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and vars(other) == vars(self)
-
-    def __repr__(self) -> str:
-        return "VerifyResult(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-    def __str__(self) -> str:
-        if self.problem is not None:
-            return f"audit log {self.path}: {self.problem}"
-        keyed = f", {self.keyed} keyed" if self.keyed else ""
-        return f"audit log {self.path}: ok, {self.entries} entries{keyed}, head seq {self.head_seq} {self.head_hash}"
-
-
-def _walk(path: str, key: Optional[bytes], result: VerifyResult, plain_until: int = 0) -> Iterator[dict]:
-    """Yield the entries of a valid chain, in order; at the first break, set ``result.problem`` and stop.
-
-    With a key, every entry must be keyed, except those up to seq
-    ``plain_until`` (a log begun before the key was set): otherwise a forger
-    could replace the whole log by plain entries re-chained from the start.
-
-    Messages name the line, the seq and the kind of break, never an entry's
-    contents: a forged entry's text is not repeated anywhere.
-    """
-    prev, seq, keyed_seen = ZERO, 0, False
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise AuditError(f"audit log {path}: cannot read it ({exc.strerror})") from None
-    with f:
-        for lineno, raw in enumerate(_lines(f, path), 1):
-            def fail(kind: str, detail: str, at: Optional[int] = None) -> None:
-                result.problem = Problem(lineno, at, kind, detail)
-
-            entry, kind, why = _read_line(raw)
-            if kind is not None:
-                return fail(kind, why)
-            bad = _shape_error(entry)
-            if bad:
-                at = entry.get("seq") if isinstance(entry, dict) and isinstance(entry.get("seq"), int) else None
-                return fail("malformed", bad, at)
-            at = entry["seq"]
-            alg = entry.get("alg")
-            if alg is not None and key is None:
-                return fail("key needed", f"the entry is keyed ({KEYED}); set {KEY_ENV} to verify it", at)
-            if not _is_canonical(entry, raw[:-1]) or entry_hash(entry, key if alg else None) != entry["hash"]:
-                hint = " (or the key is wrong)" if alg else ""
-                return fail("edited", f"the entry does not match its hash{hint}", at)
-            if entry["prev"] != prev:
-                return fail("prev mismatch", "the entry does not follow the one before it (an entry was inserted, removed or reordered)", at)
-            if at != seq + 1:
-                return fail("seq gap", f"expected seq {seq + 1}", at)
-            if alg:
-                keyed_seen = True
-                result.keyed += 1
-            elif key is not None and (keyed_seen or at > plain_until):
-                return fail("unkeyed", "an entry without the key (written without it, or forged); a log begun before the key "
-                            "was set names its last plain entry with --plain-until SEQ", at)
-            prev, seq = entry["hash"], at
-            result.entries, result.head_seq, result.head_hash = result.entries + 1, seq, prev
-            yield entry
-
-
-def _lines(f: Any, path: str) -> Iterator[bytes]:
-    """The file's lines; one longer than `MAX_LINE` comes back cut there, without its newline, and ends the walk."""
-    while True:
-        try:
-            raw = f.readline(MAX_LINE + 2)  # the line, its newline, and one byte more to tell "too long" from "cut"
-        except OSError as exc:
-            raise AuditError(f"audit log {path}: cannot read it ({exc.strerror})") from None
-        if not raw:
-            return
-        yield raw
-        if not raw.endswith(b"\n"):
-            return
-
-
-def _read_line(raw: bytes) -> tuple[Any, Optional[str], str]:
-    """(the JSON value of one line, None, ""), or (None, the kind of break, why): never the line's contents."""
-    complete = raw.endswith(b"\n")
-    if len(raw) - complete > MAX_LINE:
-        return None, "malformed", f"a line longer than {MAX_LINE} bytes (not an entry fmhub writes)"
-    if not complete:
-        return None, "truncated", "the last line is incomplete (a write cut short, or the file was cut)"
-    try:
-        return boundedjson.loads(raw[:-1]), None, ""
-    except ValueError as exc:  # boundedjson.JSONLimitError: deep nesting, huge integers, NaN, not UTF-8
-        return None, "malformed", f"not a JSON line ({exc})"
-
-
-def _is_canonical(entry: Mapping[str, Any], body: bytes) -> bool:
-    try:
-        return canonical(entry) == body
-    except UnicodeEncodeError:  # a lone surrogate escape (\udXXX) in a string: never written by fmhub
-        return False
-
-
-def _shape_error(entry: Any) -> Optional[str]:
-    if not isinstance(entry, dict):
-        return "not a JSON object"
-    for name, typ in _FIELDS.items():
-        value = entry.get(name)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            return f"field {name!r} is missing or not a {typ.__name__}"
-    extra = set(entry) - set(_FIELDS) - {"alg"}
-    if extra:  # names, not values, and only a few, cut short: a forged key can be any length
-        names = sorted(repr(k[:40]) for k in extra)
-        return f"unknown field(s) {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
-    if entry["v"] != VERSION:
-        return f"version {entry['v']} (this fmhub reads version {VERSION})"
-    if entry.get("alg", KEYED) != KEYED:
-        return f"unknown alg (want {KEYED!r} or none)"
-    if not _HEX64.match(entry["prev"]) or not _HEX64.match(entry["hash"]):
-        return "prev or hash is not 64 hex digits"
-    return None
-
-
-def verify(path: str, key: Optional[bytes] = None, anchor: Optional[str] = None, plain_until: int = 0) -> VerifyResult:
-    """Walk the whole chain; ``result.problem`` names the first bad line (None: the log is intact).
-
-    ``anchor`` (``HASH`` or ``SEQ:HASH``, from `fmhub audit anchor`) must be
-    an entry of the chain: that catches a log cut short or rewritten after the
-    anchor was taken, which the chain alone cannot show.
-    """
-    want_seq, want_hash = parse_anchor(anchor) if anchor else (None, None)
-    result = VerifyResult(path)
-    found = False
-    for entry in _walk(path, key, result, plain_until):
-        if entry["hash"] == want_hash and want_seq in (None, entry["seq"]):
-            found = True
-    if result.problem is None and want_hash is not None and not found:
-        result.problem = Problem(None, want_seq, "anchor missing",
-                                 "no entry has the anchored hash: the log was cut short or rewritten after the anchor was taken")
-    return result
-
-
-def parse_anchor(text: str) -> tuple[Optional[int], str]:
-    """``HASH`` or ``SEQ:HASH`` -> (seq or None, hash)."""
-    seq_s, _, h = text.strip().rpartition(":")
-    h = h.lower()
-    # ASCII digits only: str.isdigit() also takes '²', which int() then refuses with a traceback
-    if not _HEX64.match(h) or (seq_s and not _SEQ.fullmatch(seq_s)):
-        raise AuditError("an anchor is 64 hex digits, or SEQ:HASH, as `fmhub audit anchor` prints it")
-    return (int(seq_s) if seq_s else None), h
-
-
-# -- querying ---------------------------------------------------------------------
-
-_SEQ = re.compile(r"[0-9]{1,19}")
-_AGE = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*([smhdw])\Z")  # ASCII digits (\d also takes '٣'); 12 digits: any age a log holds
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_time(text: str, now: Optional[datetime] = None) -> datetime:
-    """An ISO-8601 date or time (UTC unless it says otherwise), or an age such as ``30m``, ``2h``, ``3d``, ``1w``."""
-    from datetime import datetime, timedelta, timezone
-
-    m = _AGE.match(text.strip().lower())
-    if m:
-        try:
-            return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-        except OverflowError:  # an age reaching before the year 1
-            raise AuditError(f"{text!r} is further back than a time can be: give a smaller age or a date") from None
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise AuditError(f"{text!r} is not a time: give an ISO date or time (2024-05-01, 2024-05-01T12:00) or an age (30m, 2h, 3d, 1w)") from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _entry_time(entry: Mapping[str, Any]) -> Optional[datetime]:
-    from datetime import datetime, timezone
-
-    try:
-        when = datetime.fromisoformat(entry["time"])
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _matches(pattern: Optional[str], value: str) -> bool:
-    if pattern is None:
-        return True
-    import fnmatch
-
-    return fnmatch.fnmatchcase(value, pattern)
-
-
-def query(path: str, who: Optional[str] = None, what: Optional[str] = None, since: Optional[str | datetime] = None,
-          until: Optional[str | datetime] = None, target: Optional[str] = None,
-          key: Optional[bytes] = None) -> tuple[list[dict], VerifyResult]:
-    """The entries matching every filter given (who/what/target: exact or shell patterns), oldest first.
-
-    Only entries of the intact part of the chain are returned: the result
-    says where it breaks, and nothing from there on is shown as if it were true.
-    """
-    lo = parse_time(since) if isinstance(since, str) else since
-    hi = parse_time(until) if isinstance(until, str) else until
-    result = VerifyResult(path)
-    out = []
-    for entry in _walk(path, key, result):
-        if not (_matches(who, entry["who"]) and _matches(what, entry["what"]) and _matches(target, entry["target"])):
-            continue
-        if lo is not None or hi is not None:
-            when = _entry_time(entry)
-            if when is None or (lo is not None and when < lo) or (hi is not None and when > hi):
-                continue
-        out.append(entry)
-    return out, result
-
-
-# -- anchors ---------------------------------------------------------------------
-
-
-def save_anchor(result: VerifyResult, cwd: Optional[str] = None) -> str:
-    """Keep ``SEQ:HASH`` of a verified log's head as a blob under `REF` (push it, or copy the line, to keep it elsewhere)."""
-    import subprocess
-
-    text = f"fmhub audit anchor {VERSION}\nseq {result.head_seq}\nhash {result.head_hash}\ntime {_now()}\n"
-    blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], input=text, cwd=cwd, capture_output=True, text=True)
-    if blob.returncode != 0:
-        raise AuditError(f"could not store the anchor: {blob.stderr.strip()}")
-    ref = subprocess.run(["git", "update-ref", "-m", "fmhub audit anchor", REF, blob.stdout.strip()], cwd=cwd, capture_output=True, text=True)
-    if ref.returncode != 0:
-        raise AuditError(f"could not update {REF}: {ref.stderr.strip()}")
-    return REF
-
-
-# a ref or object name (HEAD, refs/fmhub/audit, an oid, refs/fmhub/audit@{1}): never an option such as
-# `--batch-all-objects`, never REV:PATH or a range, nothing a terminal would act on when it is quoted back
-_REV = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+/@{}~^-]{0,254}\Z")
-MAX_ANCHOR_BLOB = 4096  # a saved anchor is ~150 bytes: a bigger blob is not one, and is not read
-
-
-def resolve_anchor(text: str, cwd: Optional[str] = None) -> str:
-    """``HASH``, ``SEQ:HASH``, or a git ref/object holding a saved anchor (``refs/fmhub/audit``) -> ``SEQ:HASH``."""
-    with contextlib.suppress(AuditError):
-        parse_anchor(text)
-        return text.strip()
-    name = text.strip()
-    blob = _anchor_blob(name, cwd) if _REV.match(name) and ".." not in name else None
-    fields = dict(line.split(" ", 1) for line in (blob or b"").decode("utf-8", "replace").splitlines() if " " in line)
-    anchor = f"{fields.get('seq')}:{fields.get('hash')}"
-    try:
-        parse_anchor(anchor)
-    except AuditError:
-        raise AuditError(f"--anchor {printable(text[:200])}: not an anchor: give HASH or SEQ:HASH (`fmhub audit anchor`) "
-                         f"or a ref it was saved to ({REF})") from None
-    return anchor
-
-
-def _anchor_blob(name: str, cwd: Optional[str]) -> Optional[bytes]:
-    """The blob ``name`` resolves to when it is one of at most `MAX_ANCHOR_BLOB` bytes; None otherwise (nothing more is read).
-
-    Through ``git cat-file --batch``: the name goes in on stdin, so it is never
-    taken as an option, and the size comes before the contents.
-    """
-    import subprocess
-
-    try:
-        proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-    except OSError:  # no git, or no such directory
-        return None
-    try:
-        proc.stdin.write(name.encode() + b"\n")
-        proc.stdin.close()
-        head = proc.stdout.readline(200).split()  # `<oid> blob <size>`, or `<name> missing`
-        if len(head) != 3 or head[1] != b"blob" or not head[2].isdigit() or int(head[2]) > MAX_ANCHOR_BLOB:
-            return None
-        return proc.stdout.read(int(head[2]))
-    except OSError:  # git quit early (not a repository)
-        return None
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 # -- the repository's log ----------------------------------------------------------
@@ -726,7 +417,7 @@ def manifest_facts(data: bytes) -> dict:
         key, _, value = line.decode("utf-8", "replace").partition(" ")
         if key == "format":
             facts["format"] = value
-        elif key == "size" and _SEQ.fullmatch(value):  # ASCII digits: '²'.isdigit() is True, int('²') raises
+        elif key == "size" and SEQ_DIGITS.fullmatch(value):  # ASCII digits: '²'.isdigit() is True, int('²') raises
             facts["size"] = int(value)
         elif key == "sha256":
             facts["sha256"] = value

@@ -15,13 +15,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from fmhub.base import boundedjson
 from fmhub.base.atomic import atomic_write
 from fmhub.base.errors import FmhubError
+from fmhub.base.gitrun import GitError, run
 
 VERSION = 1
 SUFFIX = ".lineage.json"
@@ -39,10 +39,11 @@ class ExcludedSource(FmhubError):
     """A pipeline was asked to read a data source that `fmhub unlearn --remove` excluded."""
 
 
-def _git(args: Sequence[str], cwd: str) -> Optional[str]:
-    """git's stdout, or None when git fails (not a repo, path not at that revision): provenance is best effort."""
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True)
-    return proc.stdout.decode("utf-8", "replace").strip() if proc.returncode == 0 else None
+def _git(args: Sequence[str], cwd: str, limit: Optional[int] = None) -> Optional[str]:
+    """git's stdout, or None when git fails (not a repo, path not at that revision): provenance is best effort.
+    GitError (`fmhub.base.gitrun.run`'s rule) when it prints more than ``limit`` bytes."""
+    done = run(args, cwd=cwd, check=False, text=False, limit=limit)
+    return done.stdout.decode("utf-8", "replace").strip() if done.returncode == 0 else None
 
 
 def _root(cwd: str) -> str:
@@ -124,7 +125,10 @@ def read(path: str, rev: Optional[str] = None, cwd: str = ".") -> Optional[dict[
         except OSError as exc:
             raise LineageError(f"{side}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     else:
-        text = _git(["show", f"{rev}:{side}"], root)  # type: ignore[assignment]
+        try:  # a clone's record could be a huge blob: never read past the limit
+            text = _git(["show", f"{rev}:{side}"], root, limit=MAX_RECORD_BYTES)  # type: ignore[assignment]
+        except GitError as exc:
+            raise LineageError(f"{side}@{rev}: {exc}") from None
         if text is None:
             return None
     try:  # a clone's record: NaN (a diverged run's score) is kept, nesting or a huge number is one ValueError

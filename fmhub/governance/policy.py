@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fmhub.base.boundedyaml import YamlLimits, at_line, one_line
 from fmhub.base.errors import FmhubError
-from fmhub.project.spec import validate_yaml
+from fmhub.base.yamlschema import validate_yaml
 
 POLICY_FILE = ".fmhub/policy.yaml"
 POLICY_VERSION = 1

@@ -30,7 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 from fmhub.base import boundedjson
 from fmhub.governance import lineage
 from fmhub.base.atomic import atomic_write
-from fmhub.ml.autotune import Task, TaskError, _Row, _read_rows, _split
+from fmhub.governance import gate
+from fmhub.ml import tasks
+from fmhub.ml.tasks import Task, TaskError, TaskRow
 from fmhub.base.errors import FmhubError
 from fmhub.ml.slices import Sliced, compare, membership, metrics
 from fmhub.project.spec import EvalSpec, LoadedSpec, SliceSpec, pipeline
@@ -87,7 +89,7 @@ class Plan:
     name: str
     task: Task
     data: str  # the scored rows' file (the task's data when they are its held-out split)
-    rows: list[_Row]
+    rows: list[TaskRow]
     model: Resolved
     adapter: Optional[Resolved]
     slices: dict[str, SliceSpec]
@@ -102,25 +104,24 @@ def plan(loaded: LoadedSpec, name: Optional[str] = None, model: Optional[str] = 
     ``read_rows`` False resolves paths only (``fmhub run`` plans before the
     steps that write the rows have run); ``rows`` is then empty.
     """
-    from fmhub.ml.autotune import task_of
     from fmhub.project.spec import model_dir_of
 
     name, ev = pipeline(loaded, "eval", name)
     ev: EvalSpec
     if ev.task not in loaded.spec.tasks:
         raise loaded.error(("eval", name, "task"), f"no task {ev.task!r}; tasks: {', '.join(loaded.spec.tasks) or 'none'}")
-    task = task_of(loaded, ev.task)
+    task = tasks.task_of(loaded, ev.task)
     data = loaded.dataset_path(ev.data) if ev.data is not None else (task.eval or task.data)
-    rows: list[_Row] = []
+    rows: list[TaskRow] = []
     if read_rows:
-        from fmhub.governance import access
-
-        access.check_read(loaded, "eval", name, data, list(task.columns()), field="data")
+        # through the governance gate: columns the user may not read refused before any row is read, withheld rows
+        # left out (predictions store their rows)
+        step = gate.pipeline_step(loaded, "eval", name)
         try:
-            rows = _read_rows(data, task) if ev.data is not None else _split(task)[1]
+            rows = (tasks.read_rows(data, task, step=step) if ev.data is not None
+                    else tasks.split(task, step=step, field="data")[1])
         except TaskError as exc:
             raise loaded.error(("eval", name, "data"), str(exc)) from None
-        rows = access.readable_rows(loaded, "eval", name, data, rows, lambda r: r.values)  # predictions store their rows
     wanted = ev.slices if ev.slices is not None else list(loaded.spec.slices)
     missing = [s for s in wanted if s not in loaded.spec.slices]
     if missing:
@@ -147,44 +148,43 @@ def plan(loaded: LoadedSpec, name: Optional[str] = None, model: Optional[str] = 
 
 def _embed(model: Any, tokenizer: Any, texts: Sequence[str], pad: int, device: Any, batch_size: int, max_length: int) -> Any:
     """Mean of the last hidden states over each text's tokens: the model's own view of the rows, for cluster slices."""
-    from fmhub.ml.autotune import _encode
-    from fmhub.ml.explain import embeddings
+    from fmhub.ml.scoring import embeddings
 
     if not texts:
         return None
-    return embeddings(model, [_encode(tokenizer, t, True)[:max_length] or [pad] for t in texts], pad, batch_size, device).numpy()
+    return embeddings(model, [tasks.encode(tokenizer, t, True)[:max_length] or [pad] for t in texts], pad, batch_size, device).numpy()
 
 
-def predict(model_dir: str, adapter_dir: Optional[str], task: Task, rows: Sequence[_Row], *, batch_size: int = 16,
+def predict(model_dir: str, adapter_dir: Optional[str], task: Task, rows: Sequence[TaskRow], *, batch_size: int = 16,
             max_length: int = 128, embed: bool = False) -> tuple[list[dict[str, Any]], Any]:
     """Each row's target, prediction, correctness and score (see the module docstring); and embeddings when ``embed``."""
-    from fmhub.ml import autotune
     from fmhub.data import texts as datasets_io
+    from fmhub.ml import scoring
     from fmhub.models.fisher import load_model
 
     model = load_model(model_dir)
     vocab = int(model.config.vocab_size)
     tokenizer = datasets_io.load_tokenizer(model_dir, vocab)
     pad = datasets_io.pad_id(tokenizer)
-    examples = autotune._examples(task, rows, tokenizer, max_length)
-    autotune._check_vocab(examples, vocab, rows)
+    examples = tasks.examples(task, rows, tokenizer, max_length)
+    tasks.check_vocab(examples, vocab, rows)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     device = next(model.parameters()).device
-    nll = autotune.row_nll(model, examples, pad, device, batch_size)
+    nll = scoring.row_nll(model, examples, pad, device, batch_size)
     out: list[dict[str, Any]] = []
     if task.metric == "accuracy":
         classes = list(task.classes or ())
-        scores = autotune.class_logprobs(model, task, rows, tokenizer, pad, device, batch_size, max_length)
+        scores = scoring.class_logprobs(model, task, rows, tokenizer, pad, device, batch_size, max_length)
         for row, s, (n, _) in zip(rows, scores.argmax(-1).tolist(), nll):
             target = row.values[task.label]
             out.append({"target": target, "prediction": classes[s], "correct": classes[s] == target,
                         "score": float(classes[s] == target), "nll": n})
     elif task.metric == "exact_match":
-        for row, got, (n, _) in zip(rows, autotune.completions(model, task, rows, tokenizer, pad, device, batch_size,
+        for row, got, (n, _) in zip(rows, scoring.completions(model, task, rows, tokenizer, pad, device, batch_size,
                                                                  max_length, vocab), nll):
             ok = got.strip() == row.values[task.completion].strip()
             out.append({"target": row.values[task.completion], "prediction": got, "correct": ok, "score": float(ok), "nll": n})
@@ -198,7 +198,7 @@ def predict(model_dir: str, adapter_dir: Optional[str], task: Task, rows: Sequen
     return out, vectors
 
 
-def row_key(row: _Row) -> str:
+def row_key(row: TaskRow) -> str:
     """A row's content key: its line's sha256 prefix, so versions' predictions pair up row by row."""
     return f"{row.key:016x}"
 

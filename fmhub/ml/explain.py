@@ -1,6 +1,6 @@
 """Provenance of predictions: which training examples are most responsible for what a model answered.
 
-Given a model (optionally with its LoRA adapter), a `fmhub.ml.autotune.Task`, the
+Given a model (optionally with its LoRA adapter), a `fmhub.ml.tasks.Task`, the
 rows it was trained on and some queries with the answer to explain (for a
 failing example: the wrong answer the model gave), `explain` ranks the
 training rows by how much each one pushed the model toward that answer.
@@ -64,11 +64,12 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from fmhub.ml import autotune
+from fmhub.ml import autotune, tasks
 from fmhub.base import boundedjson
 from fmhub.data import texts as datasets_io
-from fmhub.governance import lineage
-from fmhub.ml.autotune import Task
+from fmhub.governance import gate, lineage
+from fmhub.ml.scoring import embeddings
+from fmhub.ml.tasks import Task
 from fmhub.base.errors import FmhubError
 from fmhub.models.fisher import load_model, sequence_log_likelihood
 
@@ -188,13 +189,13 @@ def _check_rows(task: Task, train_rows: Sequence[dict], queries: Sequence[dict],
             raise ProvenanceError(f"query {i}: the target must be the completion to explain (a string), got {type(target).__name__}")
 
 
-def _to_examples(task: Task, rows: Sequence[dict], what: str, tokenizer: Any, vocab: int, max_length: int) -> list[autotune._Example]:
+def _to_examples(task: Task, rows: Sequence[dict], what: str, tokenizer: Any, vocab: int, max_length: int) -> list[tasks.Example]:
     """`fmhub.ml.autotune`'s training examples of ``rows`` (prompt + answer, only the answer scored)."""
-    wrapped = [autotune._Row(f"{what} {i}", dict(r), 0) for i, r in enumerate(rows)]
+    wrapped = [tasks.TaskRow(f"{what} {i}", dict(r), 0) for i, r in enumerate(rows)]
     try:
-        examples = autotune._examples(task, wrapped, tokenizer, max_length)
-        autotune._check_vocab(examples, vocab, wrapped)
-    except autotune.TaskError as exc:
+        examples = tasks.examples(task, wrapped, tokenizer, max_length)
+        tasks.check_vocab(examples, vocab, wrapped)
+    except tasks.TaskError as exc:
         raise ProvenanceError(str(exc)) from None
     return examples
 
@@ -275,14 +276,14 @@ def _choose_parameters(model: Any, adapter: bool) -> dict[str, "torch.Tensor"]:
     return dict(sorted(chosen.items()))
 
 
-def _per_example_grads(model: Any, params: dict[str, "torch.Tensor"], examples: Sequence[autotune._Example], pad: int,
+def _per_example_grads(model: Any, params: dict[str, "torch.Tensor"], examples: Sequence[tasks.Example], pad: int,
                        batch_size: int, device: Any, state: dict) -> Iterator[dict[str, "torch.Tensor"]]:
     """{name: [B, *shape]} gradients of each example's answer NLL, a batch at a time (vmap, else a backward pass each)."""
     import torch
 
     names = list(params)
     for i in range(0, len(examples), batch_size):
-        ids, labels = (t.to(device) for t in autotune._collate(examples[i : i + batch_size], pad))
+        ids, labels = (t.to(device) for t in tasks.collate(examples[i : i + batch_size], pad))
         if state.get("method") != "loop":
             try:
                 grads = _vmap_grads(model, {n: params[n].detach() for n in names}, ids, labels)
@@ -314,7 +315,7 @@ def _vmap_grads(model: Any, params: dict[str, "torch.Tensor"], ids: "torch.Tenso
     return vmap(grad(nll), in_dims=(None, 0, 0))(params, ids, labels)
 
 
-def gradient_sketches(model: Any, params: dict[str, "torch.Tensor"], examples: Sequence[autotune._Example], pad: int, *,
+def gradient_sketches(model: Any, params: dict[str, "torch.Tensor"], examples: Sequence[tasks.Example], pad: int, *,
                       dim: int, seed: int, batch_size: int, device: Any) -> "torch.Tensor":
     """[len(examples), dim] float32: each example's answer-loss gradient over ``params``, CountSketched (see the module docstring).
 
@@ -341,31 +342,7 @@ def gradient_sketches(model: Any, params: dict[str, "torch.Tensor"], examples: S
     return out
 
 
-# ------------------------------------------------------------------ embeddings
-
-
-def embeddings(model: Any, prompts: Sequence[list[int]], pad: int, batch_size: int, device: Any) -> "torch.Tensor":
-    """[len(prompts), hidden] float32: the mean over real tokens of the last layer's hidden states (cluster slices use it too)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i : i + batch_size]
-            length = max(len(p) for p in batch)
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for r, p in enumerate(batch):
-                ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-                mask[r, : len(p)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1].float()
-            m = mask.unsqueeze(-1).float()
-            out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
-    return torch.cat(out)
-
-
-def _prompt_ids(task: Task, ex: autotune._Example) -> list[int]:
+def _prompt_ids(task: Task, ex: tasks.Example) -> list[int]:
     return ex.ids if task.metric == "loss" else ex.ids[: ex.start]
 
 
@@ -520,8 +497,11 @@ def explain_eval(loaded: Any, name: Optional[str] = None, *, slice_name: Optiona
             from fmhub.data.revision import materialize
 
             rev, rel = f.split(":", 1)
-            path = materialize(rel, rev, loaded.root)
-        for r in autotune._read_rows(path, p.task):
+            path, governed = materialize(rel, rev, loaded.root), os.path.join(loaded.root, rel)
+        else:
+            governed = None
+        # through the governance gate, as `fmhub eval` reads: rows the user may not read are never candidates
+        for r in tasks.read_rows(path, p.task, step=gate.pipeline_step(loaded, "eval", p.name), governed_as=governed):
             train_rows.append(r.values)
             where.append((f, r.where.rsplit(":", 1)[1]))
     queries = [preds[i]["row"] for i in picked]

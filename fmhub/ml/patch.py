@@ -36,9 +36,10 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from fmhub.ml import evaluation
-from fmhub.governance import lineage
+from fmhub.governance import gate, lineage
 from fmhub.base.atomic import atomic_write
-from fmhub.ml.autotune import Task, train_adapter
+from fmhub.ml.autotune import train_adapter
+from fmhub.ml.tasks import Task
 from fmhub.base.errors import FmhubError
 from fmhub.core.rows import read_batches
 from fmhub.ml.slices import ALL, membership, metrics
@@ -62,6 +63,13 @@ class PatchRejected(FmhubError):
 
 def _read_all(path: str) -> list[dict]:
     return [row for batch in read_batches(path) for row in batch.rows]
+
+
+def _read_gated(rows: gate.Rows) -> list[dict]:
+    """Every row of an input the governance gate let through, less those withheld (their count recorded)."""
+    out = [row for batch in rows.batches() for row in batch.rows]
+    rows.record_withheld()
+    return out
 
 
 def _augment(loaded: LoadedSpec, name: str, ps: PatchSpec, rows: list[dict], column: str) -> list[dict]:
@@ -118,12 +126,10 @@ def patch_set(loaded: LoadedSpec, name: str, p: evaluation.Plan, ps: PatchSpec, 
     column = evaluation._text_column(task)
     spec = {ps.slice: loaded.spec.slices[ps.slice]}
     pool_path = loaded.dataset_path(ps.pool) if ps.pool else task.data
-    from fmhub.governance import access
-
-    for source, what in ((pool_path, "pool"), (task.data, "eval")):
-        lineage.check_not_excluded(source, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
-        access.check_read(loaded, "patch", name, source, [column], field=what)
-    pool = access.readable_rows(loaded, "patch", name, pool_path, _read_all(pool_path))
+    # through the governance gate: the read policy and excluded sources before any row is read; withheld rows left out
+    step = gate.pipeline_step(loaded, "patch", name)
+    pool_rows, train_rows = (gate.open_rows(step, source, [column], field=what) for source, what in ((pool_path, "pool"), (task.data, "eval")))
+    pool = _read_gated(pool_rows)
     inside = membership(spec, pool, text_column=column, classes=task.classes or (), loaded=loaded).members[ps.slice]
     rows = [r for r, m in zip(pool, inside) if m]
     if not rows:
@@ -138,7 +144,7 @@ def patch_set(loaded: LoadedSpec, name: str, p: evaluation.Plan, ps: PatchSpec, 
     extra = _augment(loaded, name, ps, rows, column)
     counts["augmented"] = len(extra)
     rows = [{**r, "_patch": "slice"} for r in rows] + [{**r, "_patch": "augment"} for r in extra]
-    train = access.readable_rows(loaded, "patch", name, task.data, _read_all(task.data))
+    train = _read_gated(train_rows)
     outside = [r for r, m in zip(train, membership(spec, train, text_column=column, classes=task.classes or (),
                                                           loaded=loaded).members[ps.slice]) if not m]
     n = min(len(outside), int(round(ps.replay * counts["slice_rows"])))
@@ -228,10 +234,9 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
         rows, counts = patch_set(loaded, name, p, ps, tmp)
         with atomic_write(data_out, "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-        inputs = [lineage.describe_input(os.path.join(loaded.root, counts["pool"]), "dataset", loaded.root),
-                  lineage.describe_input(p.task.data, "dataset", loaded.root)]
-        lineage.record(data_out, "patch-data", inputs, {"slice": ps.slice, **{k: v for k, v in counts.items() if k != "pool"}},
-                       pipeline=name, cwd=loaded.root)
+        gate.record_output(gate.pipeline_step(loaded, "patch", name), data_out,
+                           [("dataset", os.path.join(loaded.root, counts["pool"])), ("dataset", p.task.data)],
+                           {"slice": ps.slice, **{k: v for k, v in counts.items() if k != "pool"}}, lineage_step="patch-data")
         say(f"patch {name}: {len(rows)} rows ({counts['slice_rows']} in slice {ps.slice}, {counts['augmented']} augmented, "
             f"{counts['replay']} replayed)")
 

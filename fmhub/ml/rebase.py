@@ -96,7 +96,7 @@ def _is_adapter(path: str) -> bool:
 
 def _check_fits(adapter_dir: str, base_dir: str) -> None:
     from fmhub.models import lora
-    from fmhub.models.adapters import _check_fits as fits
+    from fmhub.models.lora import check_fits as fits
     from fmhub.models.views import from_path
 
     try:
@@ -132,7 +132,7 @@ def rebase(source: str, old_base: str, new_base: str, output: Optional[str] = No
     """Rebase ``source`` (an adapter or a fine-tune of ``old_base``) onto ``new_base``; see the module docstring.
 
     :param output: where the rebased model goes (default: replace ``source``).
-    :param check: an `fmhub.ml.autotune.Task` to score before and after; the rebase is refused if it regresses.
+    :param check: an `fmhub.ml.tasks.Task` to score before and after; the rebase is refused if it regresses.
     :param retune: for an adapter that regresses on the new base: continue training it this many steps on the
         check task's training rows, from its own weights, then check again (the conflict resolution of a rebase).
     :param lr: the retune's learning rate (default: the better by held-out loss of a third and a tenth of the
@@ -140,7 +140,7 @@ def rebase(source: str, old_base: str, new_base: str, output: Optional[str] = No
     :raises RebaseError: the adapter does not fit the new base, a merge conflict, or the check failed (nothing written).
     """
     from fmhub.base.atomic import fsync_tree, replace_dir
-    from fmhub.ml.autotune import evaluate
+    from fmhub.ml.scoring import evaluate
 
     for what, path in (("source", source), ("old base", old_base), ("new base", new_base)):
         if not os.path.isdir(path):

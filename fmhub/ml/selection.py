@@ -2,7 +2,7 @@
 
 `leaderboard(candidates, tasks)` evaluates every `Candidate` (a base model
 directory, with or without a LoRA adapter) on every task
-(`fmhub.ml.autotune.Task`, scored by `fmhub.ml.autotune.evaluate` unless another
+(`fmhub.ml.tasks.Task`, scored by `fmhub.ml.scoring.evaluate` unless another
 ``evaluate`` is given) and ranks them:
 
 * **Per task** by score: ``loss`` (and ``perplexity``) lower is better, every
@@ -28,6 +28,12 @@ evaluates nothing; a retrained adapter or edited eval set is evaluated again,
 and only it. Errors are not cached (a failure may be passing). File hashes are
 remembered by size, modification time and inode, like git's index, so a
 multi-GB base is not re-read on every run.
+
+**Governance.** A `fmhub.ml.tasks.Task`'s files go through the governance
+gate before anything else, cached scores included: a user the read policy
+refuses a task's columns or file gets `AccessDenied`, as ``fmhub clean`` does,
+not a score from the cache; where ``rows:`` rules withhold rows from the user,
+the key names who reads, so a score over one user's rows is never another's.
 
 `router_from_leaderboard` turns a leaderboard into a composition of experts: a
 `fmhub.serving.router.Router` whose classes are each task's best candidate, trained on
@@ -181,7 +187,7 @@ def leaderboard(candidates: Sequence[Candidate], tasks: Sequence[Any], evaluate:
     """Evaluate every candidate on every task, rank them, and return the `Leaderboard` (see the module doc).
 
     ``evaluate(model_dir, adapter_dir, task) -> float`` defaults to
-    `fmhub.ml.autotune.evaluate`. ``cache`` is a JSON file of earlier scores (made
+    `fmhub.ml.scoring.evaluate`. ``cache`` is a JSON file of earlier scores (made
     if missing). ``on_result`` is called after each score (progress output).
     """
     candidates, tasks = list(candidates), list(tasks)
@@ -192,9 +198,9 @@ def leaderboard(candidates: Sequence[Candidate], tasks: Sequence[Any], evaluate:
     infos = [TaskInfo(t.name, str(t.metric), _higher_is_better(t)) for t in tasks]
     if evaluate is None:
         try:
-            from fmhub.ml.autotune import evaluate
+            from fmhub.ml.scoring import evaluate
         except ImportError as exc:
-            raise FmhubError(f"cannot import fmhub.ml.autotune.evaluate ({exc}); pass evaluate= to leaderboard()") from None
+            raise FmhubError(f"cannot import fmhub.ml.scoring.evaluate ({exc}); pass evaluate= to leaderboard()") from None
     store = _Cache(os.fspath(cache)) if cache is not None else None
     hasher = store.hasher if store is not None else _Hasher({})
     evaluator = f"{getattr(evaluate, '__module__', '')}.{getattr(evaluate, '__qualname__', type(evaluate).__qualname__)}" \
@@ -202,8 +208,9 @@ def leaderboard(candidates: Sequence[Candidate], tasks: Sequence[Any], evaluate:
 
     task_keys: dict[str, str | Exception] = {}
     for t in tasks:
+        view = _reader_view(t)  # before any cached score: refused as a read of the rows would be
         try:
-            task_keys[t.name] = _task_fingerprint(t, hasher)
+            task_keys[t.name] = _task_fingerprint(t, hasher, view)
         except OSError as exc:
             raise FmhubError(f"task {t.name!r}: cannot read {exc.filename}: {exc.strerror}") from None
 
@@ -363,13 +370,25 @@ _PATH_HINTS = ("path", "data", "eval", "train", "test", "file", "dataset")
 _NOT_PATHS = ("column", "col", "key", "field", "metric", "class")
 
 
-def _task_fingerprint(task: Any, hasher: _Hasher) -> str:
-    """The task's settings, with each data file replaced by its content hash (moving a file keeps the key)."""
+def _reader_view(task: Any) -> str | None:
+    """For a `fmhub.ml.tasks.Task`: the governance gate's check of its files (raises `AccessDenied`), and who reads when rows are withheld."""
+    from fmhub.ml.tasks import Task, check_readable
+
+    return check_readable(task) if isinstance(task, Task) else None
+
+
+def _task_fingerprint(task: Any, hasher: _Hasher, view: str | None = None) -> str:
+    """The task's settings, with each data file replaced by its content hash (moving a file keeps the key).
+
+    ``view``: who reads, where the read policy withholds rows (`_reader_view`); part of the key then.
+    """
     if dataclasses.is_dataclass(task):
-        fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
+        fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.compare}
     else:
         fields = {k: v for k, v in vars(task).items() if not k.startswith("_")}
     fields.pop("name", None)  # renaming a task does not change its scores
+    if view is not None:
+        fields["readable rows"] = view
     out = {}
     for k, v in sorted(fields.items()):
         looks_like_path = any(h in k.lower() for h in _PATH_HINTS) and not any(h in k.lower() for h in _NOT_PATHS)

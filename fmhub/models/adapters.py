@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import dataclass, field
 
+from fmhub.base import gitrun
 from fmhub.base import boundedjson
 from fmhub.models import lora
 from fmhub.base.atomic import atomic_write
-from fmhub.base.errors import FmhubError, MergeConflict
-from fmhub.core.manifest import Manifest, is_manifest
+from fmhub.base.errors import FmhubError
+from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.core.repo import blob_at, git, toplevel
 
 SIDECAR = "fmhub-adapter.json"
@@ -72,27 +72,18 @@ def base_files(base: str, rev: str, top: str) -> dict[str, str]:
         meta, _, path = rec.partition("\t")
         _mode, kind, blob = meta.split()
         if kind == "blob" and path.endswith(".safetensors"):
-            data = subprocess.run(["git", "cat-file", "blob", blob], cwd=top, capture_output=True).stdout
+            try:
+                data = gitrun.run(["cat-file", "blob", blob], cwd=top, text=False, limit=MAX_MANIFEST_BYTES).stdout
+            except FmhubError:  # over the limit: a raw checkpoint, not a manifest
+                continue
             if is_manifest(data):
                 out[path] = blob
     return out
 
 
-def _check_fits(adapter: lora.Adapter, base_view, base_label: str) -> None:
-    """Every targeted weight exists in the base with the shape the adapter's update has."""
-    for name, up in adapter.updates.items():
-        w = base_view.tensors.get(name)
-        if w is None:
-            raise MergeConflict(f"{adapter.path}: targets {name!r}, which {base_label} does not have; is this adapter for another base model?")
-        out_dim, in_dim = up.b.shape[0], up.a.shape[1]
-        shape = (in_dim, out_dim) if up.transpose else (out_dim, in_dim)
-        if tuple(w.shape) != shape:
-            raise MergeConflict(f"{adapter.path}: its update of {name!r} has shape {list(shape)}, {base_label} has {list(w.shape)}")
-
-
 def add(adapter_dir: str, base: str, rev: str = "HEAD", cwd: str | None = None) -> AdapterInfo:
     """Record ``adapter_dir``'s base (``base`` at ``rev``), check the adapter fits it, and stage the adapter."""
-    from fmhub.models.diff import resolve_rev
+    from fmhub.models.diffsides import resolve_rev
     from fmhub.core.repo import open_store
     from fmhub.models.views import from_revision
 
@@ -103,7 +94,7 @@ def add(adapter_dir: str, base: str, rev: str = "HEAD", cwd: str | None = None) 
     if not files:
         raise FmhubError(f"{rev}:{base_rel}: no fmhub-tracked checkpoint there; commit the base model first")
     adapter = lora.load_adapter(os.path.join(top, adapter_rel))
-    _check_fits(adapter, from_revision(sha, base_rel, open_store(top), top), f"the base {base_rel} at {rev}")
+    lora.check_fits(adapter, from_revision(sha, base_rel, open_store(top), top), f"the base {base_rel} at {rev}")
     weights = f"{adapter_rel}/{lora.WEIGHTS}"
     attr = git("check-attr", "filter", "--", weights, cwd=top).strip()
     if not attr.endswith(": fmhub"):
@@ -143,7 +134,7 @@ def list_adapters(rev: str = "HEAD", cwd: str | None = None) -> list[AdapterInfo
         paths = [p for p in git("ls-files", "-z", cwd=top).split("\0") if p.endswith("/" + SIDECAR) or p == SIDECAR]
         sha = None
     else:
-        from fmhub.models.diff import resolve_rev
+        from fmhub.models.diffsides import resolve_rev
 
         sha = resolve_rev(rev, top)
         paths = [p for p in git("ls-tree", "-r", "-z", "--name-only", "--full-tree", sha, cwd=top).split("\0")
@@ -234,7 +225,7 @@ def merge_into_base(adapter_dir: str, tolerance: float = 0.0, cwd: str | None = 
         raise FmhubError(f"{', '.join(filter(None, dirty))}: changed in the work tree since staged; commit or restore them first")
     views = {p: CheckpointView.from_file(os.path.join(top, p), p) for p in files}
     base_view = CheckpointView.combine(list(views.values()), ref.path) if len(views) > 1 else next(iter(views.values()))
-    _check_fits(adapter, base_view, f"the base {ref.path}")
+    lora.check_fits(adapter, base_view, f"the base {ref.path}")
     store = open_store(top)
     staged: list[tuple[str, str, bytes]] = []  # (path, temp file, manifest)
     try:
@@ -252,8 +243,7 @@ def merge_into_base(adapter_dir: str, tolerance: float = 0.0, cwd: str | None = 
             staged[-1] = (path, tmp, manifest)
         report = MergeIntoReport(adapter_rel, [p for p, _, _ in staged], [])
         for path, tmp, manifest in staged:
-            blob = subprocess.run(["git", "hash-object", "-w", "--no-filters", "--stdin"], cwd=top, input=manifest,
-                                  capture_output=True, check=True).stdout.decode().strip()
+            blob = gitrun.run(["hash-object", "-w", "--no-filters", "--stdin"], cwd=top, input=manifest, text=False).stdout.decode().strip()
             os.replace(tmp, os.path.join(top, path))
             git("update-index", "--cacheinfo", f"100644,{blob},{path}", cwd=top)
             report.tensors += _stored(Manifest.from_bytes(manifest, path), adapter.updates)
@@ -337,9 +327,9 @@ def _update_norm(parts: list[tuple[float, object, object]]) -> float | None:
 
 
 def diff_adapters(old: dict, new: dict, old_rev: str | None, new_rev: str | None, top: str) -> list[AdapterChange]:
-    """The adapters among two sides' checkpoint views (path -> view, as `fmhub.models.diff.Side.files`): what changed in
+    """The adapters among two sides' checkpoint views (path -> view, as `fmhub.models.diffsides.Side.files`): what changed in
     each one's config and in each module's effective update ``scaling·B@A``. ``None`` revisions mean the work tree."""
-    from fmhub.models.diff import resolve_rev
+    from fmhub.models.diffsides import resolve_rev
 
     suffix = "/" + lora.WEIGHTS
     paths = sorted(p for p in set(old) | set(new) if p.endswith(suffix) or p == lora.WEIGHTS)

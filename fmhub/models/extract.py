@@ -60,7 +60,7 @@ def extract(
     ``before_read`` gets the selected tensors first, so a caller can fetch
     their objects from a remote in one batch.
     """
-    from fmhub.core.checkpoint import format_named
+    from fmhub.core.formats import format_named
 
     chosen = select(view, patterns)
     check_readable(chosen)

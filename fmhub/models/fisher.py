@@ -349,7 +349,7 @@ def subset(examples: list, max_examples: int | None, seed: int) -> list:
 def write_fisher(output: str, fisher: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> None:
     """Write F32 tensors (in dict order) with ``metadata`` to ``output``, atomically, one tensor at a time."""
     from fmhub.core import tensors
-    from fmhub.core.checkpoint import format_named
+    from fmhub.core.formats import format_named
     from fmhub.plugin.interfaces import TensorInfo
 
     infos = [TensorInfo(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in fisher.items()]
@@ -446,8 +446,3 @@ def iter_chunks(ref: Any, chunk: int | None = None) -> Iterator[bytes | bytearra
     item = len(data) // numel
     for start in range(0, numel, chunk):
         yield memoryview(data)[start * item : min(numel, start + chunk) * item]
-
-
-def fisher_metadata(path: str) -> dict[str, str]:
-    """The ``__metadata__`` of a Fisher file ({} when it has none)."""
-    return dict(open_view(path).metadata or {})

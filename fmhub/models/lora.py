@@ -20,6 +20,9 @@ clear message rather than merged approximately.
 * ``into: adapter`` concatenates the adapters (rank r₁+…+rₙ): A stacks
   ``wᵢ·scalingᵢ·Aᵢ``, B stacks ``Bᵢ`` side by side, alpha = r, so the new
   update is exactly ``Σ wᵢ·ΔWᵢ``.
+
+`fmhub.models.merge` runs such a recipe with the pieces here (`load_adapter`,
+`patched_view`, `concatenate`); this module does not import it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fmhub.base import boundedjson
 from fmhub.core import tensors
@@ -134,8 +137,22 @@ def adapter_from(path: str, config: dict, view: CheckpointView) -> Adapter:
     return Adapter(path, config, updates)
 
 
-def _patched_view(base: CheckpointView, adapter: Adapter) -> CheckpointView:
-    """The base model as it is with ``adapter`` merged in, computed tensor by tensor on demand."""
+def check_fits(adapter: Adapter, base_view: CheckpointView, base_label: str) -> None:
+    """Refuse (`MergeConflict`) an adapter that does not fit a base model: every weight it targets must exist in
+    ``base_view`` with the shape of its update (``base_label`` names the base in the message)."""
+    for name, up in adapter.updates.items():
+        w = base_view.tensors.get(name)
+        if w is None:
+            raise MergeConflict(f"{adapter.path}: targets {name!r}, which {base_label} does not have; is this adapter for another base model?")
+        out_dim, in_dim = up.b.shape[0], up.a.shape[1]
+        shape = (in_dim, out_dim) if up.transpose else (out_dim, in_dim)
+        if tuple(w.shape) != shape:
+            raise MergeConflict(f"{adapter.path}: its update of {name!r} has shape {list(shape)}, {base_label} has {list(w.shape)}")
+
+
+def patched_view(base: CheckpointView, adapter: Adapter) -> CheckpointView:
+    """The base model as it is with ``adapter`` merged in, computed tensor by tensor on demand
+    (`fmhub.models.merge` merges these views for ``into: base``)."""
     missing = [n for n in adapter.updates if n not in base.tensors]
     if missing:
         raise MergeConflict(
@@ -171,33 +188,11 @@ def merge_with_delta(w: TensorRef, up: Update, label: str) -> tuple[bytes, bytes
     return lowrank.from_factors(tensors.to_bytes(w.load()), w.dtype, p.numpy(), f.numpy())
 
 
-def merge_adapters(recipe: Any, output: str, progress: Callable[[str], None] | None = None) -> Any:
-    """Run a recipe whose models are PEFT adapter directories."""
-    from fmhub.models.merge import merge_models
-    from fmhub.models.views import open_view
-
-    not_adapters = [m for m in recipe.models if not is_adapter_dir(m)]
-    if not_adapters:
-        raise FmhubError(f"cannot mix adapter directories and full models in one merge: {', '.join(not_adapters)}")
-    adapters = [load_adapter(m) for m in recipe.models]
-    into = recipe.into or ("base" if recipe.base else "adapter")
-    if into == "adapter":
-        return concatenate(adapters, recipe.plan.options.get("weights"), output, recipe.plan.strategy)
-    if not recipe.base:
-        raise FmhubError("merging adapters into the base needs `base:` (the base model's path or REV:PATH)")
-    base = open_view(recipe.base)
-    plan = recipe.plan
-    if plan.strategy is None:
-        plan.strategy = "task-arithmetic"
-    return merge_models(base, [_patched_view(base, a) for a in adapters], plan, output, None, progress)
-
-
-def concatenate(adapters: list[Adapter], weights: list[float] | None, output: str, strategy: str | None = None):
-    """One adapter whose update is exactly Σ wᵢ·ΔWᵢ (rank r₁+…+rₙ), written to the directory ``output``."""
+def concatenate(adapters: list[Adapter], weights: list[float] | None, output: str, strategy: str | None = None) -> list[str]:
+    """One adapter whose update is exactly Σ wᵢ·ΔWᵢ (rank r₁+…+rₙ), written to the directory ``output``
+    (``adapter_model.safetensors`` and ``adapter_config.json``); returns the names of the tensors written."""
     import torch
     from safetensors.torch import save_file
-
-    from fmhub.models.merge import MergeReport
 
     if strategy not in (None, "task-arithmetic", "linear"):
         raise FmhubError(
@@ -248,8 +243,7 @@ def concatenate(adapters: list[Adapter], weights: list[float] | None, output: st
             if os.path.exists(p):
                 os.unlink(p)
         raise
-    actions = [(n, f"concatenated {len(adapters)} adapters") for n in sorted(out)]
-    return MergeReport(output, actions, os.path.getsize(os.path.join(output, WEIGHTS)))
+    return sorted(out)
 
 
 def _fsync(path: str) -> None:

@@ -235,7 +235,7 @@ def merge_models(
         raise MergeConflict(_summary(problems), conflicts=len(problems))
 
     from fmhub.plugin.interfaces import TensorInfo
-    from fmhub.core.checkpoint import format_named
+    from fmhub.core.formats import format_named
 
     infos = [TensorInfo(n, sides[0].dtype, sides[0].shape, sides[0].size) for n, _, sides, _, _ in jobs]
     header = format_named("safetensors").build_header(infos, models[0].metadata)
@@ -396,8 +396,8 @@ def _run_recipe(recipe: Recipe, output: str | None, progress: Callable[[str], No
         raise FmhubError("no models to merge: list them under `models:` or give them as arguments")
     if any(lora.is_adapter_dir(m) for m in recipe.models):
         if (recipe.into or ("base" if recipe.base else "adapter")) == "adapter":
-            return lora.merge_adapters(recipe, out, progress)
-        report = lora.merge_adapters(recipe, _output_file(out), progress)
+            return _merge_adapters(recipe, out, progress)
+        report = _merge_adapters(recipe, _output_file(out), progress)
         _copy_configs(out, recipe.base)
         return report
     if recipe.into:
@@ -408,6 +408,29 @@ def _run_recipe(recipe: Recipe, output: str | None, progress: Callable[[str], No
     report = merge_models(base, models, recipe.plan, _output_file(out), fisher, progress)
     _copy_configs(out, recipe.models[0])
     return report
+
+
+def _merge_adapters(recipe: Recipe, output: str, progress: Callable[[str], None] | None = None) -> MergeReport:
+    """Run a recipe whose models are PEFT adapter directories (see `fmhub.models.lora`)."""
+    from fmhub.models import lora
+    from fmhub.models.views import open_view
+
+    not_adapters = [m for m in recipe.models if not lora.is_adapter_dir(m)]
+    if not_adapters:
+        raise FmhubError(f"cannot mix adapter directories and full models in one merge: {', '.join(not_adapters)}")
+    adapters = [lora.load_adapter(m) for m in recipe.models]
+    into = recipe.into or ("base" if recipe.base else "adapter")
+    if into == "adapter":
+        names = lora.concatenate(adapters, recipe.plan.options.get("weights"), output, recipe.plan.strategy)
+        actions = [(n, f"concatenated {len(adapters)} adapters") for n in names]
+        return MergeReport(output, actions, os.path.getsize(os.path.join(output, lora.WEIGHTS)))
+    if not recipe.base:
+        raise FmhubError("merging adapters into the base needs `base:` (the base model's path or REV:PATH)")
+    base = open_view(recipe.base)
+    plan = recipe.plan
+    if plan.strategy is None:
+        plan.strategy = "task-arithmetic"
+    return merge_models(base, [lora.patched_view(base, a) for a in adapters], plan, output, None, progress)
 
 
 def _uses(plan: MergePlan, strategy: str) -> bool:

@@ -62,8 +62,6 @@ def _prepare(
     extra_label: str = "",
 ) -> tuple[list["torch.Tensor"], "torch.Tensor | None", list["torch.Tensor"]]:
     """Check shapes and finiteness, then cast everything to the compute dtype."""
-    import torch
-
     if len(tensors) == 0:
         raise MergeConflict("nothing to merge: no sides given")
     shape = tensors[0].shape

@@ -254,7 +254,7 @@ def sparse_update(base: str, finetuned: str, fisher: str, output: str, k_fractio
     _check_pair(base_view, ft_view)
     threshold = find_threshold(fisher_view, k_fraction)
 
-    from fmhub.core.checkpoint import format_named
+    from fmhub.core.formats import format_named
     from fmhub.plugin.interfaces import TensorInfo
 
     out_file = output if output.endswith(".safetensors") and not os.path.isdir(output) else os.path.join(output, "model.safetensors")
@@ -478,7 +478,7 @@ def finetune_masked(
                 partial.append((p, m, p.detach().clone()))
 
     losses = []
-    for batch in _schedule(len(examples), batch_size, steps, seed):
+    for batch in batch_schedule(len(examples), batch_size, steps, seed):
         mine = batch[accelerator.process_index :: accelerator.num_processes]
         ids, labels = (t.to(accelerator.device) for t in datasets_io.collate([examples[i] for i in mine], pad))
         loss = model(input_ids=ids, labels=labels, use_cache=False).loss
@@ -524,8 +524,9 @@ def _param_masks(model: Any, mask: Mapping[str, "torch.Tensor"]) -> dict[str, "t
     return out
 
 
-def _schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Example indices of each step's batch: consecutive slices of seeded permutations, one per epoch."""
+def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Example indices of each step's batch: consecutive slices of seeded permutations, one per epoch (the one
+    seeded batch order fmhub trains with, `fmhub.ml.autotune` included)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)

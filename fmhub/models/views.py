@@ -178,7 +178,8 @@ class CheckpointView:
     @classmethod
     def from_file(cls, filename: str, path: str | None = None, store: ObjectStore | None = None) -> "CheckpointView":
         """A checkpoint file on disk; a file that still holds a manifest is read through ``store``."""
-        from fmhub.core.checkpoint import SNIFF_BYTES, file_layout
+        from fmhub.core.checkpoint import file_layout
+        from fmhub.core.formats import SNIFF_BYTES
 
         label = path or filename
         with open(filename, "rb") as f:

@@ -20,13 +20,19 @@ group, the same way for fmhub's built-in plugins and for third-party ones::
     def fmhub_merge_strategies():
         return [Sparse()]
 
-``fmhub plugins`` lists every plugin loaded and what it provides.
+``fmhub plugins`` lists every plugin loaded and what it provides; docs/plugins.md
+is the guide to writing, packaging and testing one.
 
 The "provider" hooks below each return a list of objects of one kind; fmhub
 collects the lists of every plugin. Each object has a ``name``, unique within
 its kind: when two plugins provide the same name, fmhub refuses to guess and
-says which plugins clash. The shape of each kind is a ``typing.Protocol`` in
-`fmhub.plugin.interfaces`.
+says which plugins clash when that name is used (other names work). The shape
+of each kind is a ``typing.Protocol`` in `fmhub.plugin.interfaces`; an object
+is checked against it when first used.
+
+A function named ``fmhub_*`` that is not one of these hooks (a typo) makes
+the plugin refused, as does one that fails to import; ``FMHUB_DISABLE_PLUGINS``
+(entry-point names, comma-separated) turns plugins off (`fmhub.plugin.host`).
 
 Keep plugin modules cheap to import: git's filter process, started once per
 git command, imports every third-party plugin (fmhub cannot tell which kinds
@@ -36,27 +42,45 @@ transformers, numpy, pydantic) inside the functions that need them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import pluggy
-
+TYPE_CHECKING = False  # annotations only: the plugin host imports this module in git's filter, where typing costs ~9 ms
 if TYPE_CHECKING:
+    from typing import Any
+
     from fmhub.plugin.interfaces import (
         AccessPolicy,
         CheckpointFormat,
-        DataFormat,
-        DeltaCodec,
         Cleaner,
         DataBackend,
+        DataFormat,
+        DeltaCodec,
         Labeler,
         MergeStrategy,
         ServingBackend,
     )
 
-hookspec = pluggy.HookspecMarker("fmhub")
+
+def hookspec(function=None, *, kind=None, firstresult=False, historic=False, warn_on_impl=None, warn_on_impl_args=None):
+    """Marks a hook specification: what ``pluggy.HookspecMarker("fmhub")`` does (it sets ``fmhub_spec``, which
+    pluggy reads in `add_hookspecs`), without importing pluggy, so the host can read this module in git's filter.
+
+    ``kind`` names the kind of object a *provider* hook returns a list of, as users name it (``cleaner``,
+    ``merge-strategy``): `fmhub.plugin.host.KINDS` is made from it, and the hook's return annotation
+    (``list[Cleaner]``) names the `fmhub.plugin.interfaces` Protocol its objects are checked against.
+    """
+
+    def mark(func):
+        if historic and firstresult:
+            raise ValueError("cannot have a historic firstresult hook")
+        func.fmhub_spec = {"firstresult": firstresult, "historic": historic, "warn_on_impl": warn_on_impl,
+                           "warn_on_impl_args": warn_on_impl_args}
+        if kind is not None:
+            func.fmhub_kind = kind
+        return func
+
+    return mark if function is None else mark(function)
 
 
-@hookspec
+@hookspec(kind="format")
 def fmhub_checkpoint_formats() -> list[CheckpointFormat]:
     """Return the checkpoint file formats this plugin can store tensor by tensor.
 
@@ -70,7 +94,7 @@ def fmhub_checkpoint_formats() -> list[CheckpointFormat]:
     """
 
 
-@hookspec
+@hookspec(kind="data-format")
 def fmhub_data_formats() -> list[DataFormat]:
     """Return data file formats (datasets) that fmhub stores as content-defined chunks and diffs by rows.
 
@@ -86,7 +110,7 @@ def fmhub_data_formats() -> list[DataFormat]:
     """
 
 
-@hookspec
+@hookspec(kind="delta-codec")
 def fmhub_delta_codecs() -> list[DeltaCodec]:
     """Return codecs that store a changed tensor as a delta against its previous version.
 
@@ -116,7 +140,7 @@ def fmhub_delta_codecs() -> list[DeltaCodec]:
     """
 
 
-@hookspec
+@hookspec(kind="merge-strategy")
 def fmhub_merge_strategies() -> list[MergeStrategy]:
     """Return merge strategies: ways to combine one tensor changed on several sides.
 
@@ -149,7 +173,7 @@ def fmhub_fisher_diagonal(model: str, tensor: str) -> Any:
     """
 
 
-@hookspec
+@hookspec(kind="cleaner")
 def fmhub_cleaners() -> list[Cleaner]:
     """Return kinds of cleaning steps for ``fmhub clean`` (filters, redaction, dedup, ...).
 
@@ -175,10 +199,10 @@ def fmhub_cleaners() -> list[Cleaner]:
     every step); ``context`` is a `fmhub.plugin.interfaces.CleanContext`: the text
     ``columns`` the step looks at (its ``columns:``, else the pipeline's, else
     the dataset's text column) and ``base_dir`` (the spec's directory).
-    Validate everything here: raise `fmhub.data.clean.cleaners.CleanerError(message,
+    Validate everything here: raise `fmhub.plugin.options.OptionError(message,
     option=KEY)` and fmhub reports ``fmhub.yaml:LINE: clean.P.steps[i].NAME.KEY:
     message`` (``ValueError`` and ``TypeError`` point at the step).
-    `fmhub.data.clean.cleaners.parse_options` does this for a pydantic model of the
+    `fmhub.plugin.options.parse_options` does this for a pydantic model of the
     options. Return a *config*: anything picklable (plain data, compiled
     regexes, a frozen dataclass). It is sent to the workers with every
     batch; the cleaner object itself is not: workers look it up by name
@@ -191,7 +215,7 @@ def fmhub_cleaners() -> list[Cleaner]:
     drops it, `fmhub.plugin.interfaces.Edit(row, reason, detail)` replaces it. It
     runs in the data backend's workers (other processes, other machines),
     on batches in any order, so it must judge each row alone. Never change
-    a row in place: an Edit carries a new dict. `fmhub.data.clean.cleaners.text_of`
+    a row in place: an Edit carries a new dict. `fmhub.plugin.options.text_of`
     gives a row's text in the step's columns (or the Drop for a row without).
 
     **Dataset scope** (``scope = "dataset"``): for steps that must see rows in
@@ -216,7 +240,7 @@ def fmhub_cleaners() -> list[Cleaner]:
     """
 
 
-@hookspec
+@hookspec(kind="labeler")
 def fmhub_labelers() -> list[Labeler]:
     """Return kinds of labelling functions for weak supervision (``fmhub label``).
 
@@ -243,9 +267,9 @@ def fmhub_labelers() -> list[Labeler]:
     name, else fmhub uses the function's own ``name``, e.g. ``keyword:great,love``);
     ``context`` is a `fmhub.plugin.interfaces.LabelContext` with the pipeline's class
     names, text column and the spec's directory. Refuse unknown or bad
-    options there by raising `fmhub.data.label.labelers.LabelerError` with a one-line
+    options there by raising `fmhub.plugin.options.OptionError` with a one-line
     message; fmhub prefixes ``fmhub.yaml:LINE: label.NAME.lfs[i]:``. The
-    helpers in `fmhub.data.label.labelers` read typed options and a row's text.
+    helpers in `fmhub.plugin.options` read typed options and a row's text.
 
     The returned `fmhub.plugin.interfaces.LabellingFunction` gets rows in batches
     (``vote(rows)``, rows are dicts, at most the pipeline's ``batch_size``) and
@@ -271,7 +295,7 @@ def fmhub_labelers() -> list[Labeler]:
     """
 
 
-@hookspec
+@hookspec(kind="data-backend")
 def fmhub_data_backends() -> list[DataBackend]:
     """Return engines that run data pipelines' per-batch work (``fmhub clean``, ``fmhub label``).
 
@@ -288,7 +312,7 @@ def fmhub_data_backends() -> list[DataBackend]:
     """
 
 
-@hookspec
+@hookspec(kind="access-policy")
 def fmhub_access_policies() -> list[AccessPolicy]:
     """Return access policies: who may read or write which files, tensors and columns.
 
@@ -321,7 +345,7 @@ def fmhub_access_policies() -> list[AccessPolicy]:
     """
 
 
-@hookspec
+@hookspec(kind="serving-backend")
 def fmhub_serving_backends() -> list[ServingBackend]:
     """Return serving backends that share one base model across many adapters.
 
@@ -347,3 +371,9 @@ def fmhub_serving_backends() -> list[ServingBackend]:
     can write its model and adapters for another machine may add
     ``export(config, out_dir)`` (``fmhub serve --export-only DIR``).
     """
+
+
+HOOKS = tuple(name for name, f in list(globals().items()) if hasattr(f, "fmhub_spec"))
+"""Every hook, in this module's order."""
+KINDS = {name: globals()[name].fmhub_kind for name in HOOKS if hasattr(globals()[name], "fmhub_kind")}
+"""Provider hook -> the kind of object it returns, as users name it (its ``kind=``)."""

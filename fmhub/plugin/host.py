@@ -1,4 +1,4 @@
-"""The plugin host: one pluggy PluginManager, filled from the ``fmhub`` entry points.
+"""The plugin host: one pluggy PluginManager, filled from the ``fmhub`` entry points, with guard rails.
 
 Plugins are found by reading the ``entry_points.txt`` of the distributions on
 ``sys.path`` (what `importlib.metadata` reads, at a fraction of its start-up
@@ -9,6 +9,26 @@ them). A built-in plugin's kinds are listed in `BUILTIN_HOOKS`; a third-party
 plugin's are unknown until it is imported, so it is imported for any kind.
 Whatever is loaded, plugins are registered in entry-point order, so hook call
 order is the one an eager load gives.
+
+Guard rails (pytest's and pluggy's, docs/plugins.md):
+
+* ``FMHUB_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name before they are
+  imported (pluggy's ``set_blocked``, pytest's ``-p no:NAME``); built-ins too.
+* A plugin that fails to load (its import raises, it defines a function named
+  ``fmhub_*`` that is no hook, a hook's arguments are not the spec's: pluggy's
+  ``check_pending``) is named with its distribution and skipped, with one
+  warning line on stderr per process. It is an error instead (`PluginError`,
+  one line) inside git's clean/smudge filter (`set_strict`), where a format
+  skipped would change the bytes stored, and wherever access policies are
+  asked for to decide access: a broken plugin may be a policy, and policies
+  fail closed.
+* Objects a hook returns are checked against their kind's Protocol
+  (`fmhub.plugin.interfaces`) when first used; one without a ``name`` is
+  treated as a plugin that fails to load.
+* Two plugins providing one name of one kind clash: `registry` lists the name,
+  and using it is refused, naming both plugins (neither wins; disable one).
+  Other names of that kind work. `fmhub.plugin.report.describe` shows clashes,
+  failures and disabled plugins (``fmhub plugins``).
 """
 
 from __future__ import annotations
@@ -21,6 +41,9 @@ import threading
 from collections import namedtuple
 
 from fmhub.base.errors import PluginError
+from fmhub.plugin import hookspecs
+from fmhub.plugin import checks
+from fmhub.plugin.checks import Failure, Registry, _settle
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
@@ -30,23 +53,27 @@ if TYPE_CHECKING:
 
 
 ENTRY_POINT_GROUP = "fmhub"
+DISABLE_ENV = checks.DISABLE_ENV  # FMHUB_DISABLE_PLUGINS
 
-# provider hook -> the kind of object it returns, as users name it
-KINDS = {
-    "fmhub_checkpoint_formats": "format",
-    "fmhub_data_formats": "data-format",
-    "fmhub_merge_strategies": "merge-strategy",
-    "fmhub_delta_codecs": "delta-codec",
-    "fmhub_cleaners": "cleaner",
-    "fmhub_labelers": "labeler",
-    "fmhub_data_backends": "data-backend",
-    "fmhub_access_policies": "access-policy",
-    "fmhub_serving_backends": "serving-backend",
-}
+HOOKS = hookspecs.HOOKS
+"""Every hook fmhub calls, in `fmhub.plugin.hookspecs`' order."""
+KINDS = hookspecs.KINDS
+"""Provider hook -> the kind of object it returns, as users name it (the ``kind=`` of its hookspec)."""
 _HOOK_OF_KIND = {kind: hook for hook, kind in KINDS.items()}
 
+
+
+def set_strict(strict: bool = True) -> None:
+    """Make plugins that fail to load errors rather than warnings: git's filter calls this as it starts."""
+    checks.STRICT = strict
+
+
+def disabled() -> tuple[str, ...]:
+    """The entry-point names ``FMHUB_DISABLE_PLUGINS`` names (comma-separated; spaces ignored)."""
+    return tuple(dict.fromkeys(n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()))
+
 # The hooks each built-in plugin module implements, so that asking for one kind imports only the
-# built-ins that provide it. tests/test_startup.py checks it against the modules themselves.
+# built-ins that provide it. tests/git/test_startup.py checks it against the modules themselves.
 BUILTIN_HOOKS: dict[str, frozenset[str]] = {
     f"fmhub_plugins.{module}": frozenset({hook})
     for hook, modules in {
@@ -84,6 +111,24 @@ class EntryPoint(namedtuple("EntryPoint", "name value dist_path dist", defaults=
         """The distribution as its metadata directory names it (``fmhub_max_plugin-0.1``)."""
         return os.path.basename(self.dist_path).rpartition(".")[0]
 
+    def project(self) -> tuple[str, str]:
+        """(name, version) of the distribution, from its metadata (``fmhub-max-plugin``, ``0.1``)."""
+        fields: dict[str, str] = {}
+        for meta in ("METADATA", "PKG-INFO"):
+            try:
+                with open(os.path.join(self.dist_path, meta), encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if not line.strip():
+                            break  # the headers end at the first blank line
+                        key, sep, value = line.partition(":")
+                        if sep and key in ("Name", "Version"):
+                            fields.setdefault(key, value.strip())
+                break
+            except OSError:
+                continue
+        name, _, version = self.dist_label.partition("-")
+        return fields.get("Name", name), fields.get("Version", version)
+
     def load(self) -> Any:
         """Import the plugin, as `importlib.metadata.EntryPoint.load` does."""
         import importlib
@@ -102,10 +147,14 @@ def discover(path: Iterable[str] | None = None) -> list[EntryPoint]:
     `importlib.metadata.distributions` lists them; of two with one name the first counts, as in pluggy.
     """
     out: dict[str, EntryPoint] = {}
-    for root in list(sys.path if path is None else path):
-        for ep in _root_entry_points(root):
-            out.setdefault(ep.name, ep)
+    for ep in discover_all(path):
+        out.setdefault(ep.name, ep)
     return list(out.values())
+
+
+def discover_all(path: Iterable[str] | None = None) -> list[EntryPoint]:
+    """Every ``fmhub`` entry point on ``path``, in `discover`'s order, those a first one of the same name shadows included."""
+    return [ep for root in list(sys.path if path is None else path) for ep in _root_entry_points(root)]
 
 
 def _root_entry_points(root: str) -> list[EntryPoint]:
@@ -164,6 +213,15 @@ def _entry_points(dist: str) -> list[tuple[str, str]]:
     return out
 
 
+# -- failures -------------------------------------------------------------------------------
+
+
+def _failure(ep: EntryPoint, exc: BaseException, what: str = "cannot load plugin") -> Failure:
+    """One line naming the plugin and its package, as pytest reports a broken plugin."""
+    detail = " ".join(str(exc).split()) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return Failure(ep.name, f"{what} {ep.name!r} ({ep.value}, from {ep.dist_label}): {detail}", BUILTIN_HOOKS.get(ep.module))
+
+
 # -- the manager ----------------------------------------------------------------------------
 
 
@@ -173,24 +231,34 @@ def _manager_class() -> type:
     filter more than the clean of a small file; the filter asks for built-in plugins only (`provided`)."""
     import pluggy
 
-    from fmhub.plugin import hookspecs
-
     class PluginManager(pluggy.PluginManager):
-        """pluggy's manager, filled from entry points when a kind is asked for (`load`) or all at once (`load_all`)."""
+        """pluggy's manager, filled from entry points when a kind is asked for (`load`) or all at once (`load_all`).
+
+        Plugins named in ``FMHUB_DISABLE_PLUGINS`` are blocked; one that fails to import or to register
+        is left out and kept in ``failures`` (entry-point name -> `Failure`).
+        """
 
         def __init__(self, entry_points: list[EntryPoint]) -> None:
             super().__init__(ENTRY_POINT_GROUP)
             self.add_hookspecs(hookspecs)
             self._entry_points = entry_points
             self._loaded: dict[str, tuple[EntryPoint, Any]] = {}  # entry-point name -> (entry point, plugin), registered
-            self._seen: set[str] = set()  # entry points imported or skipped: never loaded twice (unregistered ones stay so)
+            self._seen: set[str] = set()  # entry points imported, failed or skipped: never loaded twice
             self._others: list[tuple[Any, str | None]] = []  # plugins registered by hand, in order
             self._lock = threading.RLock()
+            self.failures: dict[str, Failure] = {}
+            for name in disabled():
+                self.set_blocked(name)
 
         def register(self, plugin: Any, name: str | None = None) -> str | None:
             with self._lock:
                 result = super().register(plugin, name)
                 if result is not None:
+                    try:
+                        checks.check_hooks(self, plugin, result)
+                    except PluginError:
+                        super().unregister(plugin)
+                        raise
                     self._others.append((plugin, name))
                 return result
 
@@ -212,22 +280,41 @@ def _manager_class() -> type:
         def _load(self, entry_points: list[EntryPoint]) -> None:
             with self._lock:
                 todo = [ep for ep in entry_points if ep.name not in self._seen]
+                self._seen.update(ep.name for ep in todo)
                 # as pluggy's load_setuptools_entrypoints: a name registered by hand or blocked is skipped
                 new = [ep for ep in todo if not self.get_plugin(ep.name) and not self.is_blocked(ep.name)]
-                plugins = [(ep, _import(ep)) for ep in new]  # a plugin that fails to import fails every ask (fail closed)
-                self._seen.update(ep.name for ep in todo)
-                if not new:
+                plugins = []
+                for ep in new:
+                    try:
+                        plugins.append((ep, _import(ep)))
+                    except PluginError as exc:
+                        self.failures[ep.name] = _failure(ep, exc.__cause__ or exc)
+                if not plugins:
                     return
                 rank = {ep.name: i for i, ep in enumerate(self._entry_points)}
                 settled = [(ep, p) for ep, p in self._loaded.values()]
-                if settled and max(rank[ep.name] for ep, _ in settled) > rank[new[0].name] or self._others:
-                    self._reregister(sorted(settled + plugins, key=lambda item: rank[item[0].name]))
+                if settled and max(rank[ep.name] for ep, _ in settled) > rank[plugins[0][0].name] or self._others:
+                    self._reregister(sorted(settled + plugins, key=lambda item: rank[item[0].name]), {ep.name for ep, _ in plugins})
                     return
                 for ep, plugin in plugins:
-                    self._loaded[ep.name] = (ep, plugin)
-                    super().register(plugin, name=ep.name)
+                    self._register_entry_point(ep, plugin)
 
-        def _reregister(self, plugins: list[tuple[EntryPoint, Any]]) -> None:
+        def _register_entry_point(self, ep: EntryPoint, plugin: Any) -> None:
+            """Register ``plugin``, checked as pluggy's register and check_pending check it; a failure leaves it out."""
+            try:
+                super().register(plugin, name=ep.name)
+            except (ValueError, pluggy.PluginValidationError) as exc:
+                self.failures[ep.name] = _failure(ep, exc, "cannot register plugin")
+                return
+            try:
+                checks.check_hooks(self, plugin, ep.name)
+            except PluginError as exc:
+                super().unregister(plugin)
+                self.failures[ep.name] = _failure(ep, exc, "refused plugin")
+                return
+            self._loaded[ep.name] = (ep, plugin)
+
+        def _reregister(self, plugins: list[tuple[EntryPoint, Any]], new: set[str]) -> None:
             """Register entry-point plugins in entry-point order, then the ones registered by hand: an eager load's order."""
             others = self._others
             for ep, plugin in self._loaded.values():
@@ -236,10 +323,17 @@ def _manager_class() -> type:
                 super().unregister(plugin)
             self._loaded = {}
             for ep, plugin in plugins:
-                self._loaded[ep.name] = (ep, plugin)
-                super().register(plugin, name=ep.name)
+                if ep.name in new:
+                    self._register_entry_point(ep, plugin)
+                else:
+                    self._loaded[ep.name] = (ep, plugin)
+                    super().register(plugin, name=ep.name)
             for plugin, name in others:
                 super().register(plugin, name)
+
+        def entry_point(self, name: str) -> EntryPoint | None:
+            """The entry point a plugin was loaded from (None: registered by hand)."""
+            return self._loaded[name][0] if name in self._loaded else None
 
         def list_plugin_distinfo(self) -> list[tuple[Any, Any]]:
             """(plugin, distribution) of every plugin loaded from an entry point, as pluggy gives them."""
@@ -268,17 +362,9 @@ def _import(ep: EntryPoint) -> Any:
 
         if full_site():  # started without `site` (fmhub.boot): the plugin may need a .pth file's import hook
             return _import(ep)
-        raise _load_error(ep, exc) from exc
+        raise _failure(ep, exc).error() from exc
     except Exception as exc:
-        raise _load_error(ep, exc) from exc
-
-
-def _load_error(ep: EntryPoint, exc: Exception) -> PluginError:
-    """One line naming the plugin and its package, as pytest reports a broken plugin."""
-    return PluginError(
-        f"cannot load plugin {ep.name!r} ({ep.value}, from {ep.dist_label}): {type(exc).__name__}: {exc}; "
-        "fix or uninstall that package"
-    )
+        raise _failure(ep, exc).error() from exc
 
 
 def new_plugin_manager(load_entry_points: bool = True, lazy: bool = False) -> "pluggy.PluginManager":
@@ -306,70 +392,118 @@ def plugin_manager() -> "pluggy.PluginManager":
     """The process-wide manager, with every plugin loaded (plugins are loaded once per process)."""
     pm = _shared()
     pm.load_all()
+    _settle(pm.failures.values(), HOOKS, listing=True)
     return pm
 
 
-class Provided(namedtuple("Provided", "kind name plugin obj")):
-    """One object a plugin provides: its kind, its name, the plugin's name, and the object."""
+# -- what plugins provide -------------------------------------------------------------------
+
+
+class Provided(namedtuple("Provided", "kind name plugin obj source", defaults=("",))):
+    """One object a plugin provides: its kind, its name, the plugin's name, the object, and where the plugin
+    comes from (``from fmhub_max_plugin-0.1``; empty for a plugin registered by hand)."""
 
     __slots__ = ()
 
 
 def provided(pm: pluggy.PluginManager | None = None, kinds: Iterable[str] | None = None) -> list[Provided]:
-    """Everything every plugin provides (of ``kinds``, default all), in hook-call order, with the providing plugin's name."""
+    """Everything every plugin provides (of ``kinds``, default all), in hook-call order, with the providing plugin's name.
+
+    Plugins that failed to load, and objects without a name, are warned about and left out, or raised
+    (`Failure`; git's filter, access policies).
+    """
+    return _provided(pm, kinds)[0]
+
+
+def _provided(pm: pluggy.PluginManager | None, kinds: Iterable[str] | None) -> tuple[list[Provided], bool]:
+    """`provided`, and whether the objects are to be checked against their Protocols (not built-ins called directly)."""
     hooks = [hook for hook, kind in KINDS.items() if kinds is None or kind in kinds]
     if pm is None and _shared.cache_info().currsize == 0:
-        direct = _built_in_only(hooks)
+        direct = _built_in_only(hooks, listing=kinds is None)
         if direct is not None:
-            return direct
+            return direct, False
     pm = pm or _shared()
     if isinstance(pm, _manager_class()):
         pm.load(hooks)
+    out, bad = _collect(pm, hooks)
+    _settle([*getattr(pm, "failures", {}).values(), *bad], hooks, listing=kinds is None)
+    return out, True
+
+
+def _collect(pm: pluggy.PluginManager, hooks: Iterable[str]) -> tuple[list[Provided], list[Failure]]:
+    """What the plugins' ``hooks`` return, plugin by plugin (not hook()), so each object can be traced to its
+    plugin; and a `Failure` for each hook that returned something unusable (not a list, an object without a name)."""
     out: list[Provided] = []
+    bad: list[Failure] = []
     for hook_name in hooks:
         hook = getattr(pm.hook, hook_name)
-        # Call plugin by plugin (not hook()) so each object can be traced to its plugin.
         for impl in reversed(hook.get_hookimpls()):
-            for obj in impl.function() or []:
-                out.append(Provided(KINDS[hook_name], obj.name, impl.plugin_name, obj))
-    return out
+            ep = pm.entry_point(impl.plugin_name) if hasattr(pm, "entry_point") else None
+            where = f"plugin {impl.plugin_name!r}" + (f" ({ep.value}, from {ep.dist_label})" if ep else "")
+            try:
+                objs = list(impl.function() or [])
+            except TypeError:
+                bad.append(Failure(impl.plugin_name, f"{where}: {hook_name}() must return a list of {KINDS[hook_name]}s",
+                                   frozenset({hook_name})))
+                continue
+            for obj in objs:
+                name = getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    what = "no name" if name is None else f"the name {name!r}, not a non-empty string"
+                    bad.append(Failure(impl.plugin_name, f"{where}: {hook_name}() returned a {KINDS[hook_name]} with {what} "
+                                                         f"({type(obj).__name__}); every {KINDS[hook_name]} needs a unique `name`",
+                                       frozenset({hook_name})))
+                    continue
+                out.append(Provided(KINDS[hook_name], name, impl.plugin_name, obj, f"from {ep.dist_label}" if ep else ""))
+    return out, bad
 
 
-def _built_in_only(hooks: list[str]) -> list[Provided] | None:
+_fast_failures: dict[str, Failure] = {}
+
+
+def _built_in_only(hooks: list[str], listing: bool = False) -> list[Provided] | None:
     """What `provided` gives, without pluggy, when only built-in plugins may implement ``hooks`` and no manager
     exists yet (nothing registered by hand): each plugin's hook called directly, in pluggy's call order (the
     reverse of registration, which follows entry-point order; built-ins use no tryfirst/trylast). None otherwise."""
     wanted = set(hooks)
-    eps = [ep for ep in _discovered() if BUILTIN_HOOKS.get(ep.module, wanted) & wanted]
+    off = disabled()
+    eps = [ep for ep in _discovered() if BUILTIN_HOOKS.get(ep.module, wanted) & wanted and ep.name not in off]
     if any(ep.module not in BUILTIN_HOOKS for ep in eps):
         return None  # a third-party plugin: pluggy's own rules (and its checks) apply
+    modules = {}
+    for ep in eps:
+        if ep.name not in _fast_failures:
+            try:
+                modules[ep.name] = _import(ep)
+            except PluginError as exc:
+                _fast_failures[ep.name] = _failure(ep, exc.__cause__ or exc)
+    _settle(_fast_failures.values(), hooks, listing)
     out: list[Provided] = []
     for hook_name in hooks:
-        for ep in reversed([ep for ep in eps if hook_name in BUILTIN_HOOKS[ep.module]]):
-            for obj in getattr(_import(ep), hook_name)() or []:
-                out.append(Provided(KINDS[hook_name], obj.name, ep.name, obj))
+        for ep in reversed([ep for ep in eps if hook_name in BUILTIN_HOOKS[ep.module] and ep.name in modules]):
+            for obj in getattr(modules[ep.name], hook_name)() or []:
+                out.append(Provided(KINDS[hook_name], obj.name, ep.name, obj, f"from {ep.dist_label}"))
     return out
 
 
-def registry(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
-    """Objects of one kind by name; refuses two plugins providing the same name."""
+def registry(kind: str, pm: pluggy.PluginManager | None = None) -> Registry:
+    """Objects of one kind by name (a `Registry`: using a name two plugins provide is refused)."""
     if kind not in _HOOK_OF_KIND:
-        return {}
-    found: dict[str, Provided] = {}
-    for p in provided(pm, [kind]):
-        if p.name in found:
-            raise PluginError(
-                f"two plugins provide the {kind} {p.name!r}: {found[p.name].plugin} and {p.plugin}; "
-                "uninstall one of them"
-            )
-        found[p.name] = p
-    return {name: p.obj for name, p in found.items()}
+        return Registry(kind, ())
+    items, check = _provided(pm, [kind])
+    return Registry(kind, items, check)
 
 
 def lookup(kind: str, name: str, pm: pluggy.PluginManager | None = None) -> Any:
-    """One object of a kind by name, or a clear error listing what is available."""
+    """One object of a kind by name, or a clear error listing what is available (and plugins that failed to load)."""
     objs = registry(kind, pm)
     if name not in objs:
         have = ", ".join(sorted(objs)) or "none"
-        raise PluginError(f"no {kind} named {name!r} is installed (available: {have}); see `fmhub plugins`")
+        hook = _HOOK_OF_KIND.get(kind, "")
+        failures = [*getattr(pm or (_shared() if _shared.cache_info().currsize else None), "failures", {}).values(),
+                    *_fast_failures.values()]
+        broken = sorted({f.plugin for f in failures if f.concerns({hook})})
+        also = f"; plugins that failed to load: {', '.join(broken)}" if broken else ""
+        raise PluginError(f"no {kind} named {name!r} is installed (available: {have}){also}; see `fmhub plugins`")
     return objs[name]
+

@@ -3,6 +3,13 @@
 `fmhub.plugin.hookspecs` says *when* each hook is called; this module says what the
 objects the hooks return must look like. They are `typing.Protocol` classes:
 a plugin returns any object with these attributes, no base class needed.
+
+Each Protocol holds exactly the members every object of its kind must have, so
+``isinstance(obj, Cleaner)`` (they are ``runtime_checkable``) says whether one
+may be used; `OPTIONAL` lists, per Protocol, the members an object may add and
+what they must be. The plugin host checks every object against its kind's
+Protocol when it is first used (`fmhub.plugin.checks`), and names the plugin and
+the member at fault in one line.
 """
 
 from __future__ import annotations
@@ -202,8 +209,9 @@ class MergeStrategy(Protocol):
     base, a Fisher diagonal, an option out of range); fmhub adds the tensor's
     name and writes nothing.
 
-    ``needs_base`` says the strategy works on task vectors (side − base):
-    fmhub refuses, before reading any tensor, to run it without a base.
+    ``needs_base`` (optional, default False) says the strategy works on task
+    vectors (side − base): fmhub refuses, before reading any tensor, to run it
+    without a base.
 
     ``elementwise`` (optional, default False) says each output element depends
     only on the same element of the inputs (no statistics across elements, no
@@ -212,8 +220,6 @@ class MergeStrategy(Protocol):
     """
 
     name: str
-    needs_base: bool
-    elementwise: bool
 
     def merge(
         self,
@@ -257,6 +263,25 @@ class Cleaner(Protocol):
 
 
 @runtime_checkable
+class RowCleaner(Cleaner, Protocol):
+    """A `Cleaner` of ``scope = "row"``: ``clean(rows, config)`` returns one `Verdict` per row, in order."""
+
+    def clean(self, rows: Sequence[Mapping[str, Any]], config: Any) -> Sequence[Verdict]:
+        ...
+
+
+@runtime_checkable
+class DatasetCleaner(Cleaner, Protocol):
+    """A `Cleaner` of ``scope = "dataset"``: ``open(config)`` returns the run's `DatasetPass`.
+
+    ``prepare(rows, config)`` (optional) runs in the workers and returns one picklable value per row.
+    """
+
+    def open(self, config: Any) -> "DatasetPass":
+        ...
+
+
+@runtime_checkable
 class DatasetPass(Protocol):
     """The state of one dataset-scoped step during one run (what `Cleaner.open` returns).
 
@@ -276,14 +301,12 @@ class LabellingFunction(Protocol):
     ``vote(rows)`` returns one vote per row, in order. Raising fails the whole
     batch; fmhub then calls ``vote([row])`` row by row to find the rows at
     fault, records each failure (position and message) and counts it as an
-    abstain, so a function may raise on a bad row. ``name`` is its display
+    abstain, so a function may raise on a bad row. ``name`` (optional) is its display
     name in reports (fmhub replaces it with the entry's ``name:`` option when
     given). ``in_driver`` (optional, default False) asks fmhub to run it in
     the calling process rather than in backend workers: for functions that
     hold a large model, loaded once, or a GPU.
     """
-
-    name: str
 
     def vote(self, rows: Sequence[Mapping[str, Any]]) -> Sequence[str | None]:
         ...
@@ -294,7 +317,7 @@ class Labeler(Protocol):
     """A kind of labelling function (``keyword``, ``regex``, ``model``, ...), configured per ``fmhub.yaml`` entry.
 
     ``configure(options, context)`` validates the entry's options and returns
-    a `LabellingFunction`; raise `fmhub.data.label.labelers.LabelerError` (or
+    a `LabellingFunction`; raise `fmhub.plugin.options.OptionError` (or
     ``ValueError``) with a one-line message for a bad option, and fmhub adds
     the file and line of the entry. It is called once in the calling process
     and once more in each worker process, so it must be cheap: load models
@@ -334,6 +357,10 @@ class AccessPolicy(Protocol):
 
     Any deny wins; a request no policy denies is allowed. See
     `fmhub.plugin.hookspecs.fmhub_access_policies` for where fmhub asks.
+
+    ``row_filter(request)`` (optional) returns a predicate on rows, the rows of
+    ``request.path`` the principal may read, or ``None`` when it withholds none:
+    pipelines that read rows withhold the others as they read.
     """
 
     name: str
@@ -357,7 +384,11 @@ class ServerHandle(Protocol):
 
 @runtime_checkable
 class ServingBackend(Protocol):
-    """Serves one base model with many adapters; see `fmhub.plugin.hookspecs.fmhub_serving_backends`."""
+    """Serves one base model with many adapters; see `fmhub.plugin.hookspecs.fmhub_serving_backends`.
+
+    ``export(config, out_dir)`` (optional) writes the model and adapters for another machine
+    (``fmhub serve --export-only DIR``).
+    """
 
     name: str
 
@@ -366,3 +397,19 @@ class ServingBackend(Protocol):
 
     def deploy(self, url: str, adapters: "list[AdapterSpec]", token: str | None = None) -> "DeployReport":
         """Make the server at ``url`` serve exactly ``adapters``, without a restart (a `fmhub.serving.deploy.DeployReport`)."""
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+OPTIONAL: dict[type, dict[str, tuple[str, Callable[[Any], bool]]]] = {
+    CheckpointFormat: {"diagnose": ("a method diagnose(head) -> str | None", callable)},
+    DeltaCodec: {"encode_within": ("a method encode_within(base, new, dtype, shape, tolerance)", callable)},
+    MergeStrategy: {"needs_base": ("True or False", _is_bool), "elementwise": ("True or False", _is_bool)},
+    DatasetCleaner: {"prepare": ("a method prepare(rows, config)", callable)},
+    LabellingFunction: {"name": ("a string", lambda v: isinstance(v, str)), "in_driver": ("True or False", _is_bool)},
+    ServingBackend: {"export": ("a method export(config, out_dir)", callable)},
+    AccessPolicy: {"row_filter": ("a method row_filter(request) -> predicate | None", callable)},
+}
+"""Members an object may add to its Protocol's: name -> (what it must be, a check of its value)."""

@@ -38,11 +38,11 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Any, Mapping, Optional
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fmhub.base.boundedyaml import YamlLimits, at_line, check_bounds, one_line, read_text, yaml_error
+from fmhub.base.boundedyaml import YamlLimits, at_line, read_text
 from fmhub.base.errors import FmhubError
+from fmhub.base.yamlschema import Loc, format_loc, validate_yaml
 
 SPEC_FILE = "fmhub.yaml"
 SPEC_VERSION = 1
@@ -60,9 +60,6 @@ SPEC_LIMITS = YamlLimits(
     what="a spec",
     nodes_hint=" (an alias counts as everything it stands for)",
 )
-
-Loc = tuple  # a path into the document: keys and list indices
-
 
 class SpecError(FmhubError):
     """``fmhub.yaml`` is missing, malformed, or names something that does not exist."""
@@ -418,95 +415,11 @@ class LoadedSpec:
         ds = self.spec.datasets.get(name_or_path)
         return ds.text if ds is not None else "text"
 
-    def step_loc(self, section: str, pipeline: str, field: str, index: int) -> Loc:
-        return (section, pipeline, field, index)
-
-
-def format_loc(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _construct(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
-    """A YAML node to plain Python, recording the line where each key and list item starts."""
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for knode, vnode in node.value:
-            key = _scalar(knode)
-            if isinstance(key, bool) and isinstance(knode, yaml.ScalarNode) and not knode.style:
-                key = knode.value  # YAML 1.1 reads a bare `on:`/`yes:` key as a boolean; a key is a name as written
-            if key in out:
-                raise SpecError(f"{{path}}:{knode.start_mark.line + 1}: {format_loc(loc + (key,))}: duplicate key")
-            lines[loc + (key,)] = knode.start_mark.line + 1
-            out[key] = _construct(vnode, loc + (key,), lines)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, loc + (i,), lines) for i, v in enumerate(node.value)]
-    return _scalar(node)
-
-
-def _scalar(node: yaml.Node) -> Any:
-    return yaml.SafeLoader("").construct_object(node, deep=True)
-
-
-def validate_yaml(text: str, path: str, model: type[BaseModel], error: type[FmhubError], shape: str,
-                  limits: YamlLimits = SPEC_LIMITS) -> tuple[Any, dict[Loc, int]]:
-    """YAML text validated by a pydantic ``model``; one ``error`` line naming ``path:LINE: key.path`` on any problem.
-
-    Shared by every YAML file fmhub reads (``fmhub.yaml``, ``.fmhub/policy.yaml``),
-    each from a repository that may be hostile: the text is first checked within
-    ``limits`` (`fmhub.base.boundedyaml.check_bounds`), so no alias bomb, deep nesting,
-    bad date, unknown tag or list key gets past as a traceback. ``shape`` says
-    what the top level must be, for the error when it is not a mapping.
-    Returns the model instance and the line of each key, for later errors.
-    """
-    try:
-        return _validate_yaml(text, path, model, error, shape, limits)
-    except error as exc:  # keys and values are quoted as written: escape their control characters
-        raise error(one_line(str(exc))) from None
-
-
-def _validate_yaml(text: str, path: str, model: type[BaseModel], error: type[FmhubError], shape: str,
-                   limits: YamlLimits) -> tuple[Any, dict[Loc, int]]:
-    check_bounds(text, path, limits, error)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:  # what the events cannot show: an undefined or duplicate anchor
-        raise yaml_error(path, exc, error) from None
-    lines: dict[Loc, int] = {}
-    try:
-        data = _construct(node, (), lines) if node is not None else {}
-    except SpecError as exc:
-        raise error(str(exc).replace("{path}", path)) from None
-    if not isinstance(data, dict):
-        raise error(f"{at_line(path, 1)}: {shape}")
-    try:
-        return model.model_validate(data), lines
-    except ValidationError as exc:
-        raise error(_problems(exc, path, lines)) from None
-
-
-def _problems(exc: ValidationError, path: str, lines: dict[Loc, int]) -> str:
-    problems = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        # pydantic appends the validator's name for union members; keep the document path only
-        while loc and loc not in lines and len(loc) > 1:
-            loc = loc[:-1]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (a typo?)"
-        where = at_line(path, lines.get(tuple(err["loc"])) or lines.get(loc))
-        problems.append(f"{where}: {format_loc(tuple(err['loc'])) or 'top level'}: {msg}")
-    return "; ".join(problems)
-
 
 def parse_spec(text: str, path: str = SPEC_FILE) -> LoadedSpec:
     """Parse and validate spec text; `SpecError` with file and line on any problem."""
-    spec, lines = validate_yaml(text, path, Spec, SpecError, "the spec must be a mapping of sections (datasets, clean, label, ...)")
+    spec, lines = validate_yaml(text, path, Spec, SpecError, "the spec must be a mapping of sections (datasets, clean, label, ...)",
+                                SPEC_LIMITS)
     # record each step's location, so plugins' option errors can point at it
     for section in ("clean", "label"):
         for name, pipe in getattr(spec, section).items():
@@ -532,9 +445,12 @@ def load_spec(path: str | None = None) -> LoadedSpec:
 
 
 def _top() -> str:
-    import subprocess
+    from fmhub.base import gitrun
 
-    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    try:
+        proc = gitrun.run(["rev-parse", "--show-toplevel"], check=False)
+    except FmhubError:  # no git: the current directory
+        return os.getcwd()
     return proc.stdout.strip() if proc.returncode == 0 else os.getcwd()
 
 

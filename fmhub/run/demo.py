@@ -13,6 +13,7 @@ import tempfile
 from rich.console import Console
 from rich.table import Table
 
+from fmhub.base import gitrun
 from fmhub.base.errors import FmhubError
 from fmhub.core.store import file_sha256
 from fmhub.base.units import human_bytes
@@ -36,6 +37,7 @@ def build_tiny_llama(seed: int = 0, initializer_range: float = 0.02):
 
 
 def _sh(args: list[str], cwd: str) -> str:
+    """Run one of fmhub's own commands (git goes through `fmhub.base.gitrun`)."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise FmhubError(f"{' '.join(args)} failed: {proc.stderr.strip()}")
@@ -57,9 +59,9 @@ def run(directory: str | None, console: Console) -> str:
     fmhub = [sys.executable, "-m", "fmhub"]
     console.rule("fmhub demo")
     console.print(f"repository: {repo}", highlight=False)
-    _sh(["git", "init", "-q"], repo)
+    gitrun.run(["init", "-q"], cwd=repo)
     for key, value in (("user.name", "fmhub demo"), ("user.email", "demo@fmhub.invalid")):
-        _sh(["git", "config", key, value], repo)
+        gitrun.run(["config", key, value], cwd=repo)
     _sh([*fmhub, "install"], repo)
     _sh([*fmhub, "track", "*.safetensors"], repo)
 
@@ -68,10 +70,10 @@ def run(directory: str | None, console: Console) -> str:
     model.save_pretrained(model_dir)
     ckpt = os.path.join(model_dir, "model.safetensors")
     v0 = file_sha256(ckpt)
-    _sh(["git", "add", "."], repo)
-    _sh(["git", "commit", "-qm", "v0: tiny llama from config"], repo)
+    gitrun.run(["add", "."], cwd=repo)
+    gitrun.run(["commit", "-qm", "v0: tiny llama from config"], cwd=repo)
     console.print(f"v0 committed: {human_bytes(os.path.getsize(ckpt))} checkpoint, git stores a manifest:")
-    for line in _sh(["git", "show", "HEAD:model/model.safetensors"], repo).splitlines()[:7]:
+    for line in gitrun.run(["show", "HEAD:model/model.safetensors"], cwd=repo).stdout.splitlines()[:7]:
         console.print("  " + line, highlight=False, soft_wrap=True)
     console.print("  ...", highlight=False)
 
@@ -80,9 +82,9 @@ def run(directory: str | None, console: Console) -> str:
         model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
         model.lm_head.weight.mul_(1.1)
     model.save_pretrained(model_dir)
-    _sh(["git", "commit", "-qam", "v1: tune layer 0 q_proj and lm_head"], repo)
+    gitrun.run(["commit", "-qam", "v1: tune layer 0 q_proj and lm_head"], cwd=repo)
     console.print("\n[bold]git diff HEAD~1 -- model/model.safetensors[/bold] (changed tensors only):")
-    for line in _sh(["git", "diff", "HEAD~1", "--", "model/model.safetensors"], repo).splitlines()[1:]:
+    for line in gitrun.run(["diff", "HEAD~1", "--", "model/model.safetensors"], cwd=repo).stdout.splitlines()[1:]:
         console.print("  " + line, highlight=False, soft_wrap=True)
 
     store = _dir_size(os.path.join(repo, ".git", "lfs", "objects"))
@@ -90,7 +92,7 @@ def run(directory: str | None, console: Console) -> str:
     table = Table("what", "value")
     table.add_row("checkpoint size", human_bytes(size))
     table.add_row("object store after 2 versions", f"{human_bytes(store)} ({store / size:.2f}x one checkpoint)")
-    _sh(["git", "checkout", "-q", "HEAD~1", "--", "model/model.safetensors"], repo)
+    gitrun.run(["checkout", "-q", "HEAD~1", "--", "model/model.safetensors"], cwd=repo)
     same = file_sha256(ckpt) == v0
     table.add_row("checkout of v0 byte-identical", "yes" if same else "NO")
     reloaded = LlamaForCausalLM.from_pretrained(model_dir)

@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 
+from fmhub.base import gitrun
 from fmhub.base.errors import FmhubError
 
 SPEC = """\
@@ -116,6 +117,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def _sh(args: list[str], cwd: str) -> str:
+    """Run one of fmhub's own commands (git goes through `fmhub.base.gitrun`)."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise FmhubError(f"{' '.join(args)} failed: {proc.stderr.strip()}")
@@ -129,7 +131,7 @@ def create(directory: str, rows: int = 240) -> str:
     directory = _new_repo(directory, ["*.safetensors", "*.jsonl"])
     if not _has_identity(directory):  # commits need one; the user's own is kept when set
         for key, value in (("user.name", "fmhub example"), ("user.email", "example@fmhub.invalid")):
-            _sh(["git", "config", key, value], directory)
+            gitrun.run(["config", key, value], cwd=directory)
     build_tiny_llama(seed=0, initializer_range=0.1).save_pretrained(os.path.join(directory, "models", "tiny"))
     _write_jsonl(os.path.join(directory, "data", "reviews.jsonl"), reviews(rows, seed=1))
     _write_jsonl(os.path.join(directory, "data", "tickets.jsonl"), tickets(rows // 2, seed=2))
@@ -137,8 +139,8 @@ def create(directory: str, rows: int = 240) -> str:
         f.write(SPEC)
     with open(os.path.join(directory, ".gitignore"), "w", encoding="utf-8") as f:
         f.write("runs/*.html\n")
-    _sh(["git", "add", "."], directory)
-    _sh(["git", "commit", "-qm", "fmhub example: a tiny model, two datasets, fmhub.yaml"], directory)
+    gitrun.run(["add", "."], cwd=directory)
+    gitrun.run(["commit", "-qm", "fmhub example: a tiny model, two datasets, fmhub.yaml"], cwd=directory)
     return directory
 
 
@@ -175,7 +177,7 @@ def _new_repo(directory: str, patterns: list[str]) -> str:
         raise FmhubError(f"{directory} is not empty; give a new directory")
     os.makedirs(directory, exist_ok=True)
     fmhub = [sys.executable, "-m", "fmhub"]
-    _sh(["git", "init", "-q"], directory)
+    gitrun.run(["init", "-q"], cwd=directory)
     _sh([*fmhub, "install"], directory)
     _sh([*fmhub, "track", *patterns], directory)
     return directory

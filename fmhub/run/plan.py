@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fmhub.ml.autotune import task_of
+from fmhub.ml.tasks import task_of
 from fmhub.project.spec import model_dir_of
 from fmhub.run import dag
 from fmhub.base.errors import FmhubError
@@ -268,17 +268,10 @@ def _model_of(loaded: LoadedSpec, adapter: str) -> str:
 
 
 def task_texts(loaded: LoadedSpec, task_name: str, limit: int = 500) -> list[str]:
-    """Up to ``limit`` of a task's input texts, in file order (what the router learns the task from)."""
-    from fmhub.core.rows import read_batches
+    """Up to ``limit`` of a task's input texts, in file order (what the router learns the task from), through the governance gate."""
+    from fmhub.ml.tasks import task_texts as texts
 
-    t = loaded.spec.tasks[task_name]
-    col = t.text if t.metric != "exact_match" else t.prompt
-    out = []
-    for batch in read_batches(loaded.dataset_path(t.data), 256):
-        out += [str(r[col]) for r in batch.rows if r and r.get(col)]
-        if len(out) >= limit:
-            break
-    return out[:limit]
+    return texts(task_of(loaded, task_name), limit)
 
 
 def _merge(mg, adapter_dirs: list[str], base: str | None, out: str) -> Callable[[], dict]:
@@ -311,18 +304,20 @@ def _deploy(loaded: LoadedSpec, base: str, adapters: dict[str, str]) -> Callable
 
 
 def check_local(base: str, specs: list, loaded: LoadedSpec, prompt: str, max_tokens: int) -> dict:
-    """Serve the adapters from a local server on a free port and ask each one thing through HTTP."""
+    """Serve the adapters from a local server on a free port and ask each one thing through HTTP.
+
+    The server is the ``local`` serving backend's, found in the plugin registry as ``fmhub serve`` finds it.
+    """
     import urllib.request
 
+    from fmhub.serving.backends import backend
     from fmhub.serving.config import ServeConfig
-    from fmhub.serving.engine import Engine
-    from fmhub.serving.http import HttpServer
     from fmhub.serving.sources import Source
 
     router = loaded.resolve(loaded.spec.select.router) if loaded.spec.select and loaded.spec.select.router else None
     config = ServeConfig(Source(base, given=base), specs, port=0, gpu_slots=max(1, len(specs)), cache_dir=None,
                          backend_options={"router": router} if router and os.path.exists(router) else {})
-    server = HttpServer(Engine(config), port=0)
+    server = backend("local").serve(config)
     answers = {}
     try:
         for name in [s.name for s in specs] + (["auto"] if config.backend_options else []):
@@ -339,9 +334,9 @@ def check_local(base: str, specs: list, loaded: LoadedSpec, prompt: str, max_tok
 
 
 def state_path(loaded: LoadedSpec) -> str:
-    import subprocess
+    from fmhub.base import gitrun
 
-    proc = subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=loaded.root, capture_output=True, text=True)
+    proc = gitrun.run(["rev-parse", "--git-common-dir"], cwd=loaded.root, check=False)
     if proc.returncode == 0:
         return os.path.join(os.path.abspath(os.path.join(loaded.root, proc.stdout.strip())), "fmhub", "run-state.json")
     return os.path.join(loaded.root, ".fmhub-run-state.json")
@@ -349,20 +344,28 @@ def state_path(loaded: LoadedSpec) -> str:
 
 def commit(loaded: LoadedSpec, outcomes: list[dag.Outcome], steps: list[dag.Step], message: str | None = None) -> str | None:
     """``git add`` the outputs (and their lineage records) of the steps that ran, and commit them; the commit id, or None."""
+    ran = {o.step for o in outcomes if o.status == "ran"}
+    paths = [p for s in steps if s.id in ran for p in s.outputs]
+    return commit_paths(loaded.root, paths, message or f"fmhub run: {', '.join(sorted(ran))}")
+
+
+def commit_paths(root: str, paths: list[str], message: str, only: bool = False) -> str | None:
+    """``git add`` ``paths`` and the lineage records next to them, and commit the index in the repository at ``root``
+    as a new version (``only``: commit just these paths, leaving anything else staged): the commit id, or None when
+    nothing is staged. ``fmhub run --commit`` and ``fmhub patch --commit`` both commit through here."""
     from fmhub.core.repo import git
 
-    ran = {o.step for o in outcomes if o.status == "ran"}
-    paths = []
-    for s in steps:
-        if s.id in ran:
-            for p in s.outputs:
-                paths.append(p)
-                if os.path.exists(p + ".lineage.json"):
-                    paths.append(p + ".lineage.json")
-    if not paths:
+    staged = []
+    for p in paths:
+        staged.append(p)
+        if os.path.exists(p + ".lineage.json"):
+            staged.append(p + ".lineage.json")
+    if not staged:
         return None
-    git("add", "--", *[os.path.relpath(p, loaded.root) for p in paths], cwd=loaded.root)
-    if not git("diff", "--cached", "--name-only", cwd=loaded.root).strip():
+    rel = [os.path.relpath(p, root) for p in staged]
+    git("add", "--", *rel, cwd=root)
+    limit = ["--", *rel] if only else []
+    if not git("diff", "--cached", "--name-only", *limit, cwd=root).strip():
         return None
-    git("commit", "-q", "-m", message or f"fmhub run: {', '.join(sorted(ran))}", cwd=loaded.root)
-    return git("rev-parse", "HEAD", cwd=loaded.root).strip()
+    git("commit", "-q", "-m", message, *limit, cwd=root)
+    return git("rev-parse", "HEAD", cwd=root).strip()

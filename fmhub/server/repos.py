@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from typing import Optional
 
 from fmhub.base.errors import FmhubError
+from fmhub.base.gitrun import run
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 
@@ -50,9 +50,7 @@ def init_repo(root: str, name: str, branch: str = "main") -> str:
     if os.path.exists(path):
         raise FmhubError(f"{path} already exists")
     os.makedirs(root, exist_ok=True)
-    proc = subprocess.run(["git", "init", "--bare", "--quiet", f"--initial-branch={branch}", path], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise FmhubError(f"git init failed: {proc.stderr.strip()}")
+    run(("init", "--bare", "--quiet", f"--initial-branch={branch}", path))
     return path
 
 

@@ -190,8 +190,6 @@ def check_adapter(spec: AdapterSpec, base_view, base_label: str, max_rank: int |
 
     ``max_rank`` None skips the rank limit (the running server enforces its own).
     """
-    from fmhub.models.adapters import _check_fits
-
     src = spec.source
     who = f"adapter {spec.name!r} ({src.label})"
     try:
@@ -204,7 +202,7 @@ def check_adapter(spec: AdapterSpec, base_view, base_label: str, max_rank: int |
     try:
         view = src.view()
         adapter = lora.adapter_from(src.label, cfg, view)
-        _check_fits(adapter, base_view, f"the base {base_label}")
+        lora.check_fits(adapter, base_view, f"the base {base_label}")
     except FmhubError as exc:
         raise FmhubError(f"{who} cannot be served on {base_label}: {exc}") from None
     if not adapter.updates:

@@ -107,7 +107,7 @@ def parse_source(spec: str, cwd: str | None = None) -> Source:
     path, sep, rev = spec.rpartition("@")
     if not sep or not path or os.path.exists(os.path.join(cwd, spec)):
         return Source(os.path.abspath(os.path.join(cwd, spec)), given=spec)
-    from fmhub.models.diff import resolve_rev
+    from fmhub.models.diffsides import resolve_rev
 
     absolute = os.path.abspath(os.path.join(cwd, path))
     # the repository is the one around the path (or around cwd, for a path that only exists at REV)
@@ -179,7 +179,7 @@ def declared_adapters(rev: str, base: Source | None = None, cwd: str | None = No
     This is what ``fmhub deploy`` serves: an adapter's name is its directory's name.
     """
     from fmhub.models.adapters import list_adapters
-    from fmhub.models.diff import resolve_rev
+    from fmhub.models.diffsides import resolve_rev
 
     top = toplevel(cwd)
     sha = resolve_rev(rev, top)

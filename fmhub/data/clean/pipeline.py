@@ -38,15 +38,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from fmhub.governance import access
-from fmhub.governance import audit
+from fmhub.governance import gate as governance
 from fmhub.plugin import host
-from fmhub.governance import licences
-from fmhub.governance import lineage
 from fmhub.data.clean.overrides import Overrides, load_overrides, row_hash
-from fmhub.data.clean.cleaners import CleanerError
+from fmhub.plugin.options import OptionError
 from fmhub.base.errors import PluginError
 from fmhub.plugin.interfaces import CleanContext, Drop, Edit
-from fmhub.core.rows import Batch, DataError, RowWriter, count_rows, data_format, read_batches
+from fmhub.core.rows import Batch, DataError, RowWriter, count_rows, data_format
 from fmhub.project.spec import CleanPipeline, LoadedSpec, pipeline
 from fmhub.core.store import file_sha256
 
@@ -179,7 +177,7 @@ def plan_steps(loaded: LoadedSpec, name: str, pipe: CleanPipeline) -> list[Plann
             raise loaded.error(loc + (step.name, "columns"), "columns must be a column name or a non-empty list of them")
         try:
             config = cleaner.configure(options, CleanContext(columns, loaded.root))
-        except CleanerError as exc:
+        except OptionError as exc:
             raise loaded.error(loc + ((step.name, exc.option) if exc.option else ()), str(exc)) from None
         except (ValueError, TypeError) as exc:  # a third-party cleaner's own validation
             raise loaded.error(loc, f"{step.name}: {exc}") from None
@@ -389,10 +387,9 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
         raise loaded.error(("clean", name, "input"), f"input {src} does not exist")
     if os.path.realpath(src) == os.path.realpath(dst):
         raise loaded.error(("clean", name, "output"), "output is the input; fmhub clean never modifies its input: write to another path")
-    access.check_pipeline(loaded, "clean", name, src)  # columns the user may not read: refused before any row is read
-    gate = access.pipeline_rows(loaded, "clean", name, src)  # rows the user may not read: withheld as they are read
-    lineage.check_not_excluded(src, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
-    licences.check_pipeline(loaded, "clean", name, pipe.input, src)
+    # columns the user may not read, excluded sources, licences: refused before any row is read; rows withheld as read
+    reader = governance.pipeline_step(loaded, "clean", name)
+    rows = governance.open_rows(reader, src, access.pipeline_columns(loaded, "clean", name), dataset=pipe.input)
     reports = list(reports) or ([loaded.resolve(pipe.report)] if pipe.report else [])
     for r in reports:
         if os.path.splitext(r)[1].lower() not in REPORT_FORMATS:
@@ -426,12 +423,11 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
     with tempfile.TemporaryFile("w+", encoding="utf-8") if reports else contextlib.nullcontext() as spool:
         state = Run(steps, result, spool, text_columns, excerpt)
         with RowWriter(dst) as writer:
-            batches = read_batches(src, pipe.batch_size)
-            for out in engine.map_batches(fn, gate.filter(batches) if gate else batches, workers):
+            for out in engine.map_batches(fn, rows.batches(pipe.batch_size), workers):
                 writer.write(state.apply(out))
                 if progress:
                     progress(len(out.positions) + len(out.errors))
-            result.withheld = gate.withheld if gate else 0
+            result.withheld = rows.withheld
             if result.rows_read == 0 and result.malformed == 0 and not result.withheld:
                 raise DataError(f"{src} holds no rows (only blank lines): there is nothing to clean")
         result.seconds = time.perf_counter() - t0
@@ -450,13 +446,10 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
                 spool.seek(0)
                 clean_report.write(path, header, _decisions(spool))
                 result.reports.append(path)
-    audit.pipeline_run("clean-pipeline", name, src, dst, {"rows_read": result.rows_read, "malformed": result.malformed, "rows_out": result.rows_out,
-                       "dropped": sum(s.dropped for s in result.steps), "edited": sum(s.edited for s in result.steps),
-                       "override_drops": result.override_drops, "withheld": result.withheld, "backend": backend_name}, loaded.root)
-    if gate:
-        gate.record()
-    lineage.record(dst, "clean", [lineage.describe_input(src, "dataset", loaded.root) | licences.dataset_terms(loaded, pipe.input)],
-                   {"steps": [s.name for s in steps]}, pipeline=name, cwd=loaded.root)
+    governance.record_output(reader, dst, [rows], {"steps": [s.name for s in steps]}, audit_what="clean-pipeline", counts={
+        "rows_read": result.rows_read, "malformed": result.malformed, "rows_out": result.rows_out,
+        "dropped": sum(s.dropped for s in result.steps), "edited": sum(s.edited for s in result.steps),
+        "override_drops": result.override_drops, "withheld": result.withheld, "backend": backend_name})
     return result
 
 

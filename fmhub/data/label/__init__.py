@@ -1,6 +1,6 @@
 """``fmhub label``: the pipeline (`pipeline`), labelling functions' votes (`votes`), the label model that
 turns votes into probabilistic labels (`model`), suggestions of new functions (`suggest`), the report
-(`report`) and the helpers labeler plugins build on (`labelers`).
+(`report`). Labelling functions are plugins (``plugins/label_*.py``), built on `fmhub.plugin.options`.
 
 Part of the `fmhub.data` layer.
 """

@@ -36,14 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from fmhub.governance import access
-from fmhub.governance import audit
-from fmhub.governance import licences
-from fmhub.governance import lineage
+from fmhub.governance import gate as governance
 from fmhub.base.errors import FmhubError
 from fmhub.plugin.interfaces import LabelContext
 from fmhub.data.label.model import ABSTAIN, LabelModel, LabelModelError, redundancy_weights, redundant_pairs
 from fmhub.data.label.votes import LFSpec, apply, configure, vote_batch
-from fmhub.core.rows import Batch, DataError, RowWriter, count_rows, read_batches
+from fmhub.core.rows import Batch, DataError, RowWriter, count_rows
 from fmhub.project.spec import LabelPipeline, LoadedSpec, pipeline
 
 FIRST_ERRORS = 20  # errors kept per function (and malformed rows) in the report
@@ -70,12 +68,12 @@ class Prepared:
     context: LabelContext
     specs: list[LFSpec]
     key: Optional[str]
-    gate: Optional[access.RowGate] = None  # rows the access policy withholds from this user (both passes skip them alike)
+    rows: governance.Rows  # the input through the governance gate: both passes skip withheld rows alike
+    step: governance.Step
 
     def batches(self) -> Iterator[Batch]:
         """The input's batches, less the rows the user may not read (their positions stay those of the file)."""
-        batches = read_batches(self.input, self.pipe.batch_size)
-        return self.gate.filter(batches) if self.gate else batches
+        return self.rows.batches(self.pipe.batch_size)
 
 
 @dataclass
@@ -101,9 +99,9 @@ def prepare(loaded: LoadedSpec, name: Optional[str] = None, report: Optional[str
     inp, out = loaded.dataset_path(pipe.input), loaded.resolve(pipe.output)
     if os.path.realpath(inp) == os.path.realpath(out):
         raise loaded.error(("label", name, "output"), "output is the input file; fmhub never modifies its input: write to a new path")
-    access.check_pipeline(loaded, "label", name, inp)  # columns the user may not read: refused before any row is read
-    lineage.check_not_excluded(inp, loaded.root)  # a source `fmhub unlearn --remove` took out stays out of new versions
-    licences.check_pipeline(loaded, "label", name, pipe.input, inp)
+    # columns the user may not read, excluded sources, licences: refused before any row is read; rows withheld as read
+    reader = governance.pipeline_step(loaded, "label", name)
+    rows = governance.open_rows(reader, inp, access.pipeline_columns(loaded, "label", name), dataset=pipe.input)
     report_path = loaded.resolve(report or pipe.report) if (report or pipe.report) else os.path.splitext(out)[0] + ".report.json"
     from fmhub.plugin import host
 
@@ -127,8 +125,7 @@ def prepare(loaded: LoadedSpec, name: Optional[str] = None, report: Optional[str
         if seen[display] > 1:  # two entries with the same words, say: keep names unique in the report
             display = f"{display} #{seen[display]}"
         specs.append(LFSpec(step.name, options, display, bool(getattr(lf, "in_driver", False))))
-    return Prepared(name, pipe, loaded, inp, out, report_path, context, specs, pipe.key or (ds.key if ds else None),
-                    access.pipeline_rows(loaded, "label", name, inp))
+    return Prepared(name, pipe, loaded, inp, out, report_path, context, specs, pipe.key or (ds.key if ds else None), rows, reader)
 
 
 def collect_votes(prep: Prepared, backend: Optional[str] = None, workers: Optional[int] = None,
@@ -231,7 +228,9 @@ def load_gold(prep: Prepared, collected: Collected) -> tuple[dict[int, int], int
     by_key = {k: i for i, k in enumerate(collected.keys or []) if k is not None} if prep.key else {}
     gold: dict[int, int] = {}
     unmatched = 0
-    for batch in read_batches(path, 10_000):
+    gold_rows = governance.open_rows(prep.step, path, [pipe.gold_column, *([prep.key] if prep.key else [])], field="gold",
+                                     new_version=False)
+    for batch in gold_rows.batches(10_000):
         if batch.errors:
             pos, msg = batch.errors[0]
             raise LabelError(f"gold file {path}: {msg}; fix the file")
@@ -252,6 +251,7 @@ def load_gold(prep: Prepared, collected: Collected) -> tuple[dict[int, int], int
                 unmatched += 1
             else:
                 gold[i] = index[value]
+    gold_rows.record_withheld()
     if not gold:
         raise LabelError(f"gold file {path}: none of its {unmatched} row(s) matches an input row; check the positions or keys")
     return gold, unmatched
@@ -327,15 +327,12 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, backend: Optional[str] =
     t3 = time.monotonic()
     rep = build_report(prep, collected, model, proba, labelled, gold, unmatched, pairs, picks, preview, replaced,
                        backend or prep.pipe.backend, {"votes": t1 - t0, "model": t2 - t1, "write": t3 - t2})
-    if prep.gate:
-        rep["withheld_by_policy"] = prep.gate.withheld  # a count only: withheld rows leave no other trace
+    if prep.rows.gate:
+        rep["withheld_by_policy"] = prep.rows.withheld  # a count only: withheld rows leave no other trace
     write_report(prep.report, rep)
-    if prep.gate:
-        prep.gate.record()
-    audit.pipeline_run("label-pipeline", prep.name, prep.input, prep.output, {"rows": rep["rows"], "classes": rep["labels"]["counts"],
-                       "unlabelled": rep["labels"]["unlabelled"], "malformed": collected.malformed, "backend": rep["backend"]}, loaded.root)
-    lineage.record(prep.output, "label", [lineage.describe_input(prep.input, "dataset", loaded.root) | licences.dataset_terms(loaded, prep.pipe.input)],
-                   {"classes": list(prep.pipe.classes)}, pipeline=prep.name, cwd=loaded.root)
+    governance.record_output(prep.step, prep.output, [prep.rows], {"classes": list(prep.pipe.classes)}, audit_what="label-pipeline",
+                             counts={"rows": rep["rows"], "classes": rep["labels"]["counts"], "unlabelled": rep["labels"]["unlabelled"],
+                                     "malformed": collected.malformed, "backend": rep["backend"]})
     return rep
 
 
