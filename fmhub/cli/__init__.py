@@ -187,6 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         typer.main.get_command(app).main(args=argv, standalone_mode=True)
     except SystemExit as exc:
         code = exc.code
+        if isinstance(code, str):  # sys.exit("message"), from a library or a plugin: say it, as Python would
+            say_error(code, markup=False)
         return code if isinstance(code, int) else (0 if code is None else 1)
     except Exception as exc:  # outside any command (e.g. while listing them): one line too
         if debug() and not isinstance(exc, FmhubError):

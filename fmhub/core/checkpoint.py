@@ -128,7 +128,7 @@ def clean(src: Readable, store: ObjectStore, path: str, previous: Manifest | Non
         why = diagnose(head)
         if why:
             raise CorruptCheckpoint(f"{path}: {why}; the file is corrupt or not a checkpoint")
-        names = ", ".join(f.name for f in checkpoint_formats())
+        names = ", ".join(f.name for f in checkpoint_formats()) or "none loaded: see FMHUB_DISABLE_PLUGINS and `fmhub plugins`"
         data_names = ", ".join(f"{f.name} ({' '.join('*' + e for e in f.extensions)})" for f in data_formats())
         raise CorruptCheckpoint(
             f"{path}: not a checkpoint fmhub can store (formats: {names}; data files by name: {data_names}); "

@@ -43,7 +43,7 @@ from collections import namedtuple
 from fmhub.base.errors import PluginError
 from fmhub.plugin import hookspecs
 from fmhub.plugin import checks
-from fmhub.plugin.checks import Failure, Registry, _settle
+from fmhub.plugin.checks import ACCESS_HOOK, Failure, Registry, _settle
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
 if TYPE_CHECKING:
@@ -69,8 +69,19 @@ def set_strict(strict: bool = True) -> None:
 
 
 def disabled() -> tuple[str, ...]:
-    """The entry-point names ``FMHUB_DISABLE_PLUGINS`` names (comma-separated; spaces ignored)."""
-    return tuple(dict.fromkeys(n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()))
+    """The entry-point names ``FMHUB_DISABLE_PLUGINS`` names (comma-separated; spaces ignored).
+
+    A built-in plugin that provides the access policy cannot be disabled: the policy committed in the repository
+    would silently stop applying (and the audit log would record every read as allowed). `PluginError` if named.
+    """
+    names = tuple(dict.fromkeys(n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()))
+    if names:
+        guards = {ep.name for ep in _discovered() if ACCESS_HOOK in BUILTIN_HOOKS.get(ep.module, ())}
+        refused = [n for n in names if n in guards]
+        if refused:
+            raise PluginError(f"{DISABLE_ENV}: {', '.join(refused)} provides the access policy and cannot be disabled "
+                              "(the policy a repository commits must keep applying)")
+    return names
 
 # The hooks each built-in plugin module implements, so that asking for one kind imports only the
 # built-ins that provide it. tests/git/test_startup.py checks it against the modules themselves.
@@ -216,10 +227,23 @@ def _entry_points(dist: str) -> list[tuple[str, str]]:
 # -- failures -------------------------------------------------------------------------------
 
 
-def _failure(ep: EntryPoint, exc: BaseException, what: str = "cannot load plugin") -> Failure:
-    """One line naming the plugin and its package, as pytest reports a broken plugin."""
+def _failure(ep: EntryPoint, exc: BaseException, what: str = "cannot load plugin", plugin: Any = None) -> Failure:
+    """One line naming the plugin and its package, as pytest reports a broken plugin. The hooks it may have
+    provided: a built-in's; for an imported third-party ``plugin``, all but the access policy's unless it has that
+    hook (or a typo of it); else None (not imported: possibly any, so commands that check access fail closed)."""
     detail = " ".join(str(exc).split()) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    return Failure(ep.name, f"{what} {ep.name!r} ({ep.value}, from {ep.dist_label}): {detail}", BUILTIN_HOOKS.get(ep.module))
+    hooks = BUILTIN_HOOKS.get(ep.module)
+    if hooks is None and plugin is not None and not _may_be_a_policy(plugin):
+        hooks = frozenset(KINDS) - {ACCESS_HOOK}  # imported, and visibly no access policy: refusing it fails nothing closed
+    return Failure(ep.name, f"{what} {ep.name!r} ({ep.value}, from {ep.dist_label}): {detail}", hooks)
+
+
+def _may_be_a_policy(plugin: Any) -> bool:
+    """Whether a refused plugin implements the access-policy hook, or a name close to it (a typo of it)."""
+    import difflib
+
+    names = [n for n in dir(plugin) if n.startswith("fmhub_")]
+    return ACCESS_HOOK in names or bool(difflib.get_close_matches(ACCESS_HOOK, names, n=1, cutoff=0.8))
 
 
 # -- the manager ----------------------------------------------------------------------------
@@ -304,13 +328,13 @@ def _manager_class() -> type:
             try:
                 super().register(plugin, name=ep.name)
             except (ValueError, pluggy.PluginValidationError) as exc:
-                self.failures[ep.name] = _failure(ep, exc, "cannot register plugin")
+                self.failures[ep.name] = _failure(ep, exc, "cannot register plugin", plugin)
                 return
             try:
                 checks.check_hooks(self, plugin, ep.name)
             except PluginError as exc:
                 super().unregister(plugin)
-                self.failures[ep.name] = _failure(ep, exc, "refused plugin")
+                self.failures[ep.name] = _failure(ep, exc, "refused plugin", plugin)
                 return
             self._loaded[ep.name] = (ep, plugin)
 
@@ -363,7 +387,7 @@ def _import(ep: EntryPoint) -> Any:
         if full_site():  # started without `site` (fmhub.boot): the plugin may need a .pth file's import hook
             return _import(ep)
         raise _failure(ep, exc).error() from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() as it loads is a broken plugin too
         raise _failure(ep, exc).error() from exc
 
 
@@ -441,7 +465,14 @@ def _collect(pm: pluggy.PluginManager, hooks: Iterable[str]) -> tuple[list[Provi
             ep = pm.entry_point(impl.plugin_name) if hasattr(pm, "entry_point") else None
             where = f"plugin {impl.plugin_name!r}" + (f" ({ep.value}, from {ep.dist_label})" if ep else "")
             try:
-                objs = list(impl.function() or [])
+                result = impl.function()
+            except (Exception, SystemExit) as exc:  # the plugin's own failure: named, as one that fails to load
+                detail = " ".join(str(exc).split())
+                bad.append(Failure(impl.plugin_name, f"{where}: {hook_name}() failed: {type(exc).__name__}: {detail}",
+                                   frozenset({hook_name})))
+                continue
+            try:
+                objs = list(result or [])
             except TypeError:
                 bad.append(Failure(impl.plugin_name, f"{where}: {hook_name}() must return a list of {KINDS[hook_name]}s",
                                    frozenset({hook_name})))

@@ -52,7 +52,7 @@ class Description(namedtuple("Description", "plugins provided clashes disabled p
 
 def describe(pm: pluggy.PluginManager | None = None) -> Description:
     """Every installed plugin (all loaded), what each provides, clashes, disabled plugins and failures, for
-    ``fmhub plugins``. Raises nothing and warns about nothing: it reports."""
+    ``fmhub plugins``. Warns about nothing and raises nothing (but for an invalid ``FMHUB_DISABLE_PLUGINS``): it reports."""
     pm = pm or host._shared()
     if isinstance(pm, host._manager_class()):
         pm.load_all()

@@ -5,7 +5,10 @@ one layer (`LAYERS`, lowest first). A module may import modules of its own
 layer and of lower ones, never of a higher one, and no module may be part of
 an import cycle. Imports made inside functions count as much as those at the
 top of a file (they only run later); imports under ``if TYPE_CHECKING:`` do
-not (they never run). The check reads the source with `ast`: it imports
+not (they never run), unless the module sets ``TYPE_CHECKING`` to anything
+but False. ``importlib.import_module`` and ``__import__`` of a literal name
+count as imports; a name computed at run time cannot be seen (the plugin
+host's entry points, the CLI's table of command modules). The check reads the source with `ast`: it imports
 nothing, so it also runs on a tree that does not import.
 
 Prints each layer with the layers it imports, then every upward edge and
@@ -79,15 +82,38 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _dynamic_import(node: ast.Call) -> ast.Import | None:
+    """``importlib.import_module("a.b")`` or ``__import__("a.b")`` with a literal name, as the import it makes."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+            and isinstance(node.args[0].value, str):
+        return ast.Import(names=[ast.alias(name=node.args[0].value)], lineno=node.lineno)
+    return None
+
+
+def _truthy_type_checking(tree: ast.AST) -> bool:
+    """Whether the module sets ``TYPE_CHECKING`` to anything but False (its ``if TYPE_CHECKING:`` bodies then run)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TYPE_CHECKING" for t in node.targets):
+            if not (isinstance(node.value, ast.Constant) and node.value.value is False):
+                return True
+    return False
+
+
 def _import_nodes(tree: ast.AST):
-    """Every Import / ImportFrom of the tree, outside ``if TYPE_CHECKING:`` bodies."""
+    """Every Import / ImportFrom of the tree (and import_module / __import__ of a literal name), outside
+    ``if TYPE_CHECKING:`` bodies."""
+    skip_type_checking = not _truthy_type_checking(tree)
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
+        elif isinstance(node, ast.Call) and (dynamic := _dynamic_import(node)) is not None:
+            yield dynamic
         children = list(ast.iter_child_nodes(node))
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if skip_type_checking and isinstance(node, ast.If) and _is_type_checking(node):
             children = node.orelse
         stack.extend(children)
 

@@ -302,3 +302,48 @@ def test_a_clash_is_shown_and_refused_only_where_the_name_is_used(venv, env, tmp
     assert "3 of 4 rows kept" in fmhub(venv, path, "clean").stdout  # length alone: the clashes do not block it
     (path / "fmhub.yaml").write_text(SPEC)
     assert "2 of 4 rows kept" in fmhub(venv, path, "clean", FMHUB_DISABLE_PLUGINS="clash").stdout
+
+
+def test_a_misspelt_hook_does_not_block_commands_that_check_access(venv, env, tmp_path):
+    add_plugin(tmp_path, env, "fmhub_typo_plugin", "from fmhub import hookimpl\n\n@hookimpl\ndef fmhub_merge_strategys():\n"
+                                                  "    return []\n", name="typo")
+    proc = fmhub(venv, project(tmp_path / "p"), "clean")  # imported, and provides no access policy: a warning only
+    assert "2 of 4 rows kept" in proc.stdout and proc.stderr.count("\n") == 1
+    assert "refused plugin 'typo'" in proc.stderr and "did you mean fmhub_merge_strategies?" in proc.stderr
+
+
+def test_a_hook_that_raises_is_blamed_on_its_plugin(venv, env, tmp_path):
+    add_plugin(tmp_path, env, "fmhub_raiser_plugin", "from fmhub import hookimpl\n\n@hookimpl\ndef fmhub_cleaners():\n"
+                                                    "    raise ValueError('hook body fails')\n", name="raiser")
+    proc = cleaners(venv, tmp_path)
+    assert proc.stderr == ("fmhub: warning: plugin 'raiser' (fmhub_raiser_plugin, from fmhub_raiser_plugin-0.1): "
+                           "fmhub_cleaners() failed: ValueError: hook body fails; skipped it (fix or uninstall that package, "
+                           "or set FMHUB_DISABLE_PLUGINS=raiser)\n") and "caps" in proc.stdout.split()
+    listed = fmhub(venv, tmp_path, "plugins", "--json")  # the diagnostic command itself still answers
+    assert json.loads(listed.stdout)["problems"] and "Traceback" not in listed.stderr
+
+
+def test_a_plugin_that_exits_as_it_loads_is_named(venv, env, tmp_path):
+    add_plugin(tmp_path, env, "fmhub_exit_plugin", "import sys\nsys.exit('bye from plugin')\n", name="quitter")
+    proc = cleaners(venv, tmp_path)
+    assert "cannot load plugin 'quitter'" in proc.stderr and "SystemExit: bye from plugin" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "caps" in proc.stdout.split()
+
+
+def test_the_access_policy_plugin_cannot_be_disabled(venv, env, tmp_path):
+    proc = fmhub(venv, project(tmp_path / "p"), "clean", check=False, FMHUB_DISABLE_PLUGINS="policy-roles")
+    assert proc.returncode == 1 and proc.stderr == (
+        "fmhub: FMHUB_DISABLE_PLUGINS: policy-roles provides the access policy and cannot be disabled "
+        "(the policy a repository commits must keep applying)\n")
+    repo = venv_repo(venv, tmp_path / "repo")
+    save_tensors(repo / "model.safetensors", {"w": torch.zeros(4)})
+    env.setenv("FMHUB_DISABLE_PLUGINS", "policy-roles")
+    proc = git(repo, "add", "model.safetensors", check=False)
+    assert proc.returncode != 0 and b"policy-roles provides the access policy and cannot be disabled" in proc.stderr
+
+
+def test_a_typo_of_the_access_policy_hook_fails_closed(venv, env, tmp_path):
+    add_plugin(tmp_path, env, "fmhub_guard_plugin", "from fmhub import hookimpl\n\n@hookimpl\ndef fmhub_access_policy():\n"
+                                                   "    return []\n", name="guard")
+    proc = fmhub(venv, project(tmp_path / "p"), "clean", check=False)  # meant to be a policy: nothing is read without it
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "refused plugin 'guard'" in proc.stderr

@@ -91,3 +91,15 @@ def test_a_cycle_within_a_layer_is_found(tmp_path):
 def test_a_plugin_module_imported_by_core_is_upward(tmp_path):
     root = _tree(tmp_path, {"fmhub/core/a.py": "from fmhub_plugins.x import BITS\n", "plugins/x.py": "BITS = 1\n"})
     assert [(m, t) for m, t, _ in layers.check(str(root)).upward] == [("fmhub.core.a", "fmhub_plugins.x")]
+
+
+def test_import_module_and_dunder_import_of_a_literal_name_are_edges(tmp_path):
+    root = _tree(tmp_path, {"fmhub/base/a.py": "import importlib\ndef f():\n    return importlib.import_module('fmhub.core.b')\n",
+                            "fmhub/base/c.py": "def g():\n    return __import__('fmhub.core.b')\n", "fmhub/core/b.py": ""})
+    assert sorted(m for m, _, _ in layers.check(str(root)).upward) == ["fmhub.base.a", "fmhub.base.c"]
+
+
+def test_type_checking_set_true_runs_its_imports(tmp_path):
+    root = _tree(tmp_path, {"fmhub/base/a.py": "TYPE_CHECKING = True\nif TYPE_CHECKING:\n    import fmhub.core.b\n",
+                            "fmhub/core/b.py": ""})
+    assert not layers.check(str(root)).ok
