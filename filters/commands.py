@@ -1,4 +1,4 @@
-"""The commands git runs: the filters, the diff and merge drivers, the pre-push hook.
+"""The commands git runs: the filters, the diff and merge drivers, the pre-push and pre-commit hooks.
 
 git starts them often (the filter once per ``git add``, ``git status``,
 ``git checkout``), so they run without the CLI framework: `run` parses their
@@ -164,6 +164,31 @@ def pre_push(remote: str, url: str = "") -> int:
     return 0
 
 
+def pre_commit() -> int:
+    """git's pre-commit hook: refuse a raw checkpoint staged at a path .gitattributes routes through fmhub
+    (committed, its bytes would stay in history for good); one line naming the paths and the fix."""
+    import shlex
+
+    from fmhub.base.errors import FmhubError
+    from fmhub.git.fsck import staged_raw_checkpoints
+    from fmhub.git.install import install_state
+
+    try:
+        raw = staged_raw_checkpoints()
+        setup = "fmhub install && " if raw and install_state() != "ok" else ""
+    except FmhubError as exc:
+        _say_error(f"pre-commit check failed: {exc}")
+        return 1
+    if not raw:
+        return 0
+    shown = ", ".join(raw[:5]) + (f" and {len(raw) - 5} more" if len(raw) > 5 else "")
+    quoted = " ".join(shlex.quote(p) for p in raw[:5]) if len(raw) <= 5 else "."
+    _say_error(f"commit refused: {shown} staged as raw checkpoint bytes, not through fmhub's filter (staged before "
+               f"`fmhub track`, or without the filter installed); run `{setup}git add --renormalize {quoted}` and commit "
+               "again (`git commit --no-verify` commits the raw bytes)")
+    return 1
+
+
 def summary(verb: str, report) -> str:
     """One line for a transfer: how many objects, how many bytes, where, how many were already there."""
     from fmhub.base.units import human_bytes
@@ -212,4 +237,5 @@ COMMANDS: dict[str, tuple[int, int, bool, Callable[..., int]]] = {
     "textconv": (1, 1, True, textconv),
     "merge-driver": (4, 4, True, merge_driver),
     "pre-push": (1, 2, False, pre_push),  # pushes take seconds; and a push may change the config it reads
+    "pre-commit": (0, 0, False, pre_commit),
 }

@@ -15,6 +15,8 @@ file itself (bytes by offset). A missing side (``/dev/null``) is empty.
 ``git log -p`` and ``git show`` (without ``--ext-diff``) use the textconv
 instead: ``fmhub textconv FILE`` prints one line per tensor (name, dtype,
 shape, short sha256, norm, mean, std), so a changed tensor shows as a -/+ pair;
+a side that is a Git LFS pointer (committed before ``fmhub track`` replaced
+``filter=lfs``) is read through its LFS object, so it compares by content;
 ``diff.fmhub.cachetextconv`` keeps git from recomputing it per blob.
 
 Datasets (jsonl, parquet: `fmhub.core.datafile`) are diffed by rows instead
@@ -40,7 +42,7 @@ GIT_DIFF = "git diff"  # the reader, in the audit log's records of read decision
 def _side(filename: str, hexid: str, path: str, blobs, store_opener):
     """One side as a CheckpointView (empty when the file does not exist on that side); tensors the read policy
     denies the user are withheld (`fmhub.models.views.guard`: git runs the driver at the top of the work tree)."""
-    from fmhub.models.views import CheckpointView, guard
+    from fmhub.models.views import CheckpointView, guard, lfs_object, lfs_pointer_in
 
     if filename == "/dev/null" or (hexid == "." and not os.path.exists(filename)):
         return CheckpointView.empty(path)
@@ -48,6 +50,9 @@ def _side(filename: str, hexid: str, path: str, blobs, store_opener):
         data = blobs().get(hexid)
         if data is not None and is_manifest(data):
             return guard(CheckpointView.from_manifest(Manifest.from_bytes(data, path), store_opener(), path), path, via=GIT_DIFF)
+        pointer = lfs_pointer_in(data) if data is not None else None
+        if pointer is not None:  # committed while git-lfs stored it: read through its LFS object, by content
+            return CheckpointView.from_file(lfs_object(pointer, store_opener(), path), path)
     return guard(CheckpointView.from_file(filename, path, store_opener()), path, via=GIT_DIFF)
 
 

@@ -11,6 +11,7 @@ records the path as conflicted (``git merge --abort`` restores everything).
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from typing import Any, TextIO
 
@@ -22,6 +23,7 @@ from fmhub.plugin.interfaces import TensorInfo
 from fmhub.core.manifest import Manifest, TensorEntry, is_manifest
 from fmhub.models.merge import MergePlan, load_plan_file, merge_tensor, strategy_named
 from fmhub.core.repo import git, open_store, toplevel
+from fmhub.git import merge_notes
 from fmhub.core.store import ObjectStore
 from fmhub.models.views import CheckpointView, entry_ref, from_path
 
@@ -51,8 +53,11 @@ def merge_manifests(
     plan: MergePlan | None = None,
     path: str = "<file>",
     fisher: list[CheckpointView] | None = None,
+    used: dict[str, int] | None = None,
 ) -> Manifest:
-    """The merged manifest; raises MergeConflict naming every tensor that could not be merged."""
+    """The merged manifest; raises MergeConflict naming every tensor that could not be merged.
+
+    ``used``: counts, per strategy, the tensors it merged (changed on both sides; see `fmhub.git.merge_notes`)."""
     if ours.format != theirs.format:
         raise MergeConflict(f"{path}: cannot merge a {ours.format} file with a {theirs.format} file")
     if ours.is_data or theirs.is_data:
@@ -71,6 +76,9 @@ def merge_manifests(
         resolved = _resolve(name, b_t.get(name), o_t.get(name), t_t.get(name), store, plan, fisher, problems, path)
         if resolved is not None:
             merged.append(resolved)
+            if used is not None:
+                sname = plan.for_tensor(name)[0] if plan is not None else None
+                used[sname or "?"] = used.get(sname or "?", 0) + 1
     ok, metadata = _three_way(
         base.metadata if base else None, ours.metadata, theirs.metadata
     )
@@ -79,10 +87,16 @@ def merge_manifests(
     if problems:
         # one conflict per line: each escaped, so a tensor name holding a newline cannot forge a line of its own
         shown = "\n  ".join(map(one_line, problems[:20])) + (f"\n  and {len(problems) - 20} more" if len(problems) > 20 else "")
+        p = shlex.quote(one_line(path))  # a path with spaces still pastes into a shell
         how = (
-            "set a merge strategy (`fmhub-merge=NAME` in .gitattributes, rules in .fmhub/merge.yaml, or "
-            "`git config fmhub.merge.strategy NAME`; `fmhub plugins` lists them), or keep one side with "
-            "`git checkout --ours/--theirs` and `git add`"
+            "to merge them, either\n"
+            "  `git merge --abort`, choose a strategy for these tensors (a `tensors:` rule in .fmhub/merge.yaml, "
+            "`fmhub-merge=NAME` in .gitattributes or `git config fmhub.merge.strategy NAME`; `fmhub plugins` lists them; "
+            "`ours`/`theirs` keep one side's version of just those tensors) and merge again, or\n"
+            f"  `fmhub merge HEAD:{p} MERGE_HEAD:{p} --base $(git merge-base HEAD MERGE_HEAD):{p} -s NAME -o {p}`, "
+            f"then `git add {p}`\n"
+            "(`git checkout --ours/--theirs` would keep one side's whole file, dropping the other side's changes to "
+            "every other tensor of it)"
         )
         raise MergeConflict(f"{one_line(path)}: {len(problems)} tensor(s) could not be merged:\n  {shown}\n{how}", conflicts=len(problems))
     for side in (ours, theirs):
@@ -189,8 +203,9 @@ def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr:
         plan, fisher = plan_for(pathname)
         facts["strategy"] = plan.strategy if plan is not None else None
         store = open_store()
+        used: dict[str, int] = {}
         try:
-            result = merge_manifests(base, ours, theirs, store, plan, pathname, fisher)
+            result = merge_manifests(base, ours, theirs, store, plan, pathname, fisher, used)
         finally:
             store.close()
     except FmhubError as exc:
@@ -201,4 +216,9 @@ def run(base_path: str, ours_path: str, theirs_path: str, pathname: str, stderr:
     with open(ours_path, "wb") as f:
         f.write(merged)
     audit.record("merge", pathname, "ok", {**facts, "conflicts": 0, "result": audit.manifest_facts(merged)["blob"]})
+    try:
+        merge_notes.record(pathname, ours_path, used)  # the line the merge commit's message gets
+    except (FmhubError, OSError) as exc:
+        stderr.write(f"fmhub: the merge commit's message will not say which strategies merged {one_line(pathname)}: "
+                     f"{one_line(str(exc))}\n")
     return 0

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from fmhub.base.errors import FmhubError
@@ -12,18 +12,23 @@ from fmhub.base.errors import FmhubError
 
 @dataclass
 class Installed:
-    """What `install` wrote: the git config entries and, for a repository, the pre-push hook."""
+    """What `install` wrote: the git config entries and, for a repository, the pre-push and pre-commit hooks."""
 
     config: dict[str, str]
     pre_push_hook: Optional[str]
+    pre_commit_hook: Optional[str] = None
+    command: str = ""  # how git starts fmhub: each command entry is it and a subcommand
 
 
 def install(global_: bool = False, command: Optional[str] = None) -> Installed:
     """Register fmhub's filter, diff and merge drivers with git (this repository's config, or the user's)."""
     from fmhub.git import install as inst
 
+    command = command or inst.default_command()
     cfg = inst.install(global_, command)
-    return Installed(cfg, None if global_ else inst.pre_push_path())
+    if global_:
+        return Installed(cfg, None, None, command)
+    return Installed(cfg, inst.pre_push_path(), inst.pre_commit_path(), command)
 
 
 def uninstall(global_: bool = False) -> None:
@@ -40,11 +45,25 @@ def tracked_patterns() -> list[str]:
     return list(inst.tracked_patterns())
 
 
-def track(patterns: Sequence[str]) -> list[str]:
-    """Route files matching ``patterns`` through fmhub (writes .gitattributes); the lines it replaced."""
-    from fmhub.git import install as inst
+@dataclass
+class Tracked:
+    """What `track` did: the .gitattributes lines it replaced; why it installed fmhub's filter first (None: it was
+    in place; "missing": not installed, so `git add` would have stored the files raw; "stale": the recorded Python is
+    gone); the files already staged raw at the tracked paths (`git add --renormalize` stores them through fmhub)."""
 
-    return list(inst.track(list(patterns)))
+    replaced: list[str]
+    installed: Optional[str] = None
+    raw_staged: list[str] = field(default_factory=list)
+
+
+def track(patterns: Sequence[str]) -> Tracked:
+    """Route files matching ``patterns`` through fmhub (writes .gitattributes), installing fmhub's filter in this
+    repository first when it is not (as `install` does): without it, `git add` would commit the raw checkpoints."""
+    from fmhub.git import fsck as fsck_mod, install as inst
+
+    installed = inst.ensure_installed()
+    replaced = list(inst.track(list(patterns)))
+    return Tracked(replaced, installed, fsck_mod.staged_raw_checkpoints())
 
 
 def untrack(patterns: Sequence[str]) -> list[str]:
@@ -85,19 +104,33 @@ def describe(path: str, rev: Optional[str] = None):
     """The tensors of a checkpoint in the work tree, or as committed at ``rev`` (`fmhub.git.worktree.describe`)."""
     from fmhub.git import worktree
 
-    return worktree.describe(path, rev)
+    try:
+        return worktree.describe(path, rev)
+    except OSError as exc:  # a missing file, a directory, no permission: one line, not a traceback
+        why = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or type(exc).__name__).lower()
+        raise FmhubError(f"{path}: {why}") from None
 
 
-def checkout(paths: Sequence[str] = ()) -> list[str]:
-    """Turn work-tree files that are still manifests into checkpoints, downloading only what the store lacks;
-    the paths written."""
+@dataclass
+class CheckedOut:
+    """What `checkout` wrote, and why it installed fmhub's filter first (None: it was in place; see `Tracked`)."""
+
+    paths: list[str]
+    installed: Optional[str] = None
+
+
+def checkout(paths: Sequence[str] = ()) -> CheckedOut:
+    """Turn work-tree files that are still manifests into checkpoints, downloading only what the store lacks,
+    installing fmhub's filter first when it is not (a clone made without fmhub: else `git add` would commit the
+    checkpoints raw, and git would see them as modified)."""
     from fmhub.base.errors import MissingObject
-    from fmhub.git import sync, worktree
+    from fmhub.git import install as inst, sync, worktree
 
+    installed = inst.ensure_installed() if worktree.tracked_files() else None
     reason = None
     try:
         reason = sync.prefetch_index(tuple(paths))
-        return list(worktree.materialize(list(paths) or None))
+        return CheckedOut(list(worktree.materialize(list(paths) or None)), installed)
     except MissingObject as exc:
         if reason:
             raise MissingObject(f"{exc}; downloading them failed: {reason}") from None

@@ -18,7 +18,7 @@ import os
 from typing import Any, Optional, Sequence
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from fmhub.base.errors import FmhubError
 
@@ -34,9 +34,11 @@ COMMANDS: dict[str, tuple[str, bool, str]] = {
     "filter-clean": ("filters", True, ""),
     "filter-smudge": ("filters", True, ""),
     "pre-push": ("filters", True, ""),
+    "pre-commit": ("filters", True, ""),
     "fetch": ("git", False, "Download every tensor object the checkpoints committed at REVs (default HEAD) need, so checkouts work offline."),
     "push-objects": ("git", False, "Upload the tensor objects of REVs' history (default HEAD) that the server lacks: for commits "
                                    "pushed before `fmhub install`."),
+    "migrate": ("migrate", False, "Rewrite a branch's history so checkpoints stored by git-lfs (or as raw blobs) become fmhub manifests."),
     "merge-driver": ("filters", True, ""),
     "diff-driver": ("filters", True, ""),
     "textconv": ("filters", True, ""),
@@ -166,13 +168,34 @@ class FmhubGroup(TyperGroup):
             raise typer.Exit(1) from None
 
 
+def _flag_type(self: TyperOption, ctx: Any) -> Optional[str]:
+    """An option's type label in help (``<int>``, ``<str>``), none for a flag (typer would show ``<bool>``)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = getattr(TyperOption, "display_type_rich", None)  # typer >= 0.20 labels types, <bool> included
+if _option_type is not None:
+    TyperOption.display_type_rich = _flag_type  # every command's help, however loaded (the help options' too)
+
+# `-h` is `--help`, for `fmhub` and every command under it (click hands a context's settings down to its children)
 app = typer.Typer(cls=FmhubGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Engineer foundation models like software, in plain git.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fmhub import __version__
+
+        print(f"fmhub {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    # no options of its own: the callback makes typer build a group (FmhubGroup) though no command is registered here
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print fmhub's version and exit."),
+) -> None:
+    # the callback also makes typer build a group (FmhubGroup) though no command is registered here
     pass
 
 

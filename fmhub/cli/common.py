@@ -5,11 +5,37 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 10_000  # columns when writing to a pipe or a file: wide enough that no tensor name is cut
+
+
+class _Console(Console):
+    """A rich console that cuts nothing when its output is not a terminal (a pipe, a file, a test's capture):
+    tables and lines get `PIPE_WIDTH` columns, not 80, unless ``COLUMNS`` says otherwise. A rule stays 80 wide."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self._width is None and not self.is_terminal and not self._environ.get("COLUMNS", "").isdigit():
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+    def rule(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_terminal:
+            return super().rule(*args, **kwargs)
+        from rich.rule import Rule
+
+        self.print(Rule(*args, **kwargs), width=80)
+
+
+console = _Console()
+err = _Console(stderr=True)
 
 
 def utf8_stdout() -> None:

@@ -64,7 +64,7 @@ class _CleanGroup(TyperGroup):
     """``fmhub clean [PIPELINE] [OPTIONS]`` runs a pipeline (the ``run`` command); ``fmhub clean review ...`` is the other one."""
 
     def parse_args(self, ctx, args):
-        if not args or (args[0] not in self.commands and args[0] != "--help"):
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):  # -h too
             args = ["run", *args]
         return super().parse_args(ctx, args)
 

@@ -42,6 +42,14 @@ def pre_push(remote: str, url: str = typer.Argument("")) -> None:
     raise typer.Exit(gitcmd.pre_push(remote, url))
 
 
+@app.command("pre-commit", hidden=True)
+def pre_commit() -> None:
+    """git's pre-commit hook: refuse a commit that stages a raw checkpoint at a path fmhub tracks."""
+    from fmhub_filters import commands as gitcmd
+
+    raise typer.Exit(gitcmd.pre_commit())
+
+
 @app.command("merge-driver", hidden=True)
 def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> None:
     """Three-way tensor merge for git (merge.fmhub.driver)."""

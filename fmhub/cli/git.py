@@ -15,17 +15,27 @@ app = typer.Typer()
 @app.command()
 def install(
     global_: bool = typer.Option(False, "--global", help="Write the drivers to your user git config instead of this repo's."),
-    command: Optional[str] = typer.Option(None, help="How git should start fmhub (default: this Python, `-m fmhub`)."),
+    command: Optional[str] = typer.Option(None, help="How git should start fmhub (default: this Python through fmhub/boot.py, behind a check that both still exist)."),
 ) -> None:
     """Register fmhub's filter, diff and merge drivers with git."""
     from fmhub.api import git
 
     done = git.install(global_, command)
     console.print(f"fmhub drivers installed ({'global' if global_ else 'this repository'}):")
+    console.print(f"  git starts fmhub as ($FMHUB below): {done.command}", highlight=False, markup=False, soft_wrap=True)
     for key, value in done.config.items():
-        console.print(f"  {key} = {value}", highlight=False)
+        shown = "$FMHUB" + value[len(done.command):] if done.command and value.startswith(done.command + " ") else value
+        console.print(f"  {key} = {shown}", highlight=False, markup=False)
     if done.pre_push_hook:
         console.print(f"  pre-push hook: {done.pre_push_hook} (uploads tensor objects on git push)", highlight=False)
+    if done.pre_commit_hook:
+        console.print(f"  pre-commit hook: {done.pre_commit_hook} (refuses raw checkpoints staged at tracked paths)", highlight=False)
+
+
+INSTALLED = {
+    "missing": "fmhub's filter was not installed in this repository: installed it (as `fmhub install`), so `git add` stores these files through fmhub",
+    "stale": "the Python that `fmhub install` recorded is gone: installed fmhub again with this one (as `fmhub install`)",
+}
 
 
 @app.command()
@@ -46,9 +56,16 @@ def track(patterns: List[str] = typer.Argument(None, help='e.g. "*.safetensors"'
         for p in git.tracked_patterns():
             console.print(p, highlight=False)
         return
-    for line in git.track(patterns):
+    done = git.track(patterns)
+    if done.installed:
+        say(INSTALLED[done.installed])
+    for line in done.replaced:
         console.print(f"replaced: {line}", highlight=False)
     console.print(f"tracking {', '.join(patterns)}; commit .gitattributes", highlight=False)
+    if done.raw_staged:
+        shown = ", ".join(done.raw_staged[:5]) + (f" and {len(done.raw_staged) - 5} more" if len(done.raw_staged) > 5 else "")
+        console.print(f"already staged as raw checkpoint bytes: {shown}; `git add --renormalize .` stores them through fmhub",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -103,9 +120,11 @@ def checkout(paths: List[str] = typer.Argument(None)) -> None:
     from fmhub.api import git
 
     done = git.checkout(paths or ())
-    for p in done:
+    if done.installed:
+        say(INSTALLED[done.installed].replace(", so `git add` stores these files through fmhub", ""))
+    for p in done.paths:
         console.print(f"checked out {p}", highlight=False)
-    if not done:
+    if not done.paths:
         console.print("nothing to check out")
 
 
@@ -119,6 +138,8 @@ def fsck(rev: str = typer.Option("HEAD", help="Check that every checkpoint commi
 
     report = git.fsck(rev)
     console.print(f"{report.objects} objects checked, {report.stale_temp} stale temp files removed")
+    for line in report.notes:
+        err.print(f"note: {escape(one_line(line))}", highlight=False, soft_wrap=True)
     for line in report.problems:  # one line each, whatever the paths in them hold
         err.print(f"[red]problem:[/red] {escape(one_line(line))}", highlight=False, soft_wrap=True)
     if report.problems:

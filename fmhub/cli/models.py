@@ -36,13 +36,16 @@ def merge(
                               progress=lambda name: status.update(f"merging {name}"))
     if as_json:
         console.print_json(json.dumps({"output": report.output, "bytes": report.bytes_written,
-                                       "tensors": [{"name": n, "action": a} for n, a in report.actions]}))
+                                       "tensors": [{"name": n, "action": a} for n, a in report.actions],
+                                       "carried": report.carried, "carried_from": report.carried_from}))
         return
     counts = Counter(a for _, a in report.actions)
     table = Table("action", "tensors", title=f"wrote {report.output} ({human_bytes(report.bytes_written)})")
     for action, n in counts.most_common():
         table.add_row(action, str(n))
     console.print(table)
+    if report.carried:
+        say(f"with {', '.join(report.carried)} from {report.carried_from}")
 
 
 @app.command()

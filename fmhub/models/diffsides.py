@@ -20,11 +20,12 @@ from typing import Any, Mapping, Sequence
 
 from fmhub.base import gitrun
 from fmhub.base.errors import FmhubError
+from fmhub.core.formats import data_format_for
 from fmhub.core.manifest import MAX_MANIFEST_BYTES, Manifest, is_manifest
 from fmhub.core.store import ObjectStore
 from fmhub.models.diff import TensorChange, diff_views, withheld_note
 from fmhub.models.tensorstats import CHUNK_ELEMS
-from fmhub.models.views import CheckpointView, guard
+from fmhub.models.views import CheckpointView, guard, lfs_object, lfs_pointer_in
 
 
 class GitBlobs:
@@ -162,6 +163,9 @@ def side_at_rev(rev: str, pathspecs: list[str], top: str, store: ObjectStore, bl
                 datasets[path] = guard_data(DataSide.from_manifest(m, store, path), path, top)
             else:
                 files[path] = guard(CheckpointView.from_manifest(m, store, path), path, top, DIFF_VIA)
+        elif data is not None and (pointer := lfs_pointer_in(data)) is not None and data_format_for(path, b"") is None:
+            # a checkpoint committed while git-lfs stored it: read through its LFS object, by content
+            files[path] = CheckpointView.from_file(lfs_object(pointer, store, f"{rev}:{path}"), path)
     return Side(rev, files, datasets)
 
 
@@ -252,4 +256,15 @@ def load_sides(revs: Sequence[str], paths: Sequence[str] = (), cwd: str | None =
     with GitBlobs(top) as blobs:
         old = side_at_rev(revs[0] if revs else "HEAD", pathspecs, top, store, blobs)
         new = side_at_rev(revs[1], pathspecs, top, store, blobs) if len(revs) == 2 else side_in_worktree(pathspecs, top, store, blobs)
+    if paths and not (old.files or old.data or new.files or new.data):
+        for path, spec in zip(paths, pathspecs):
+            if not _matches_anything(spec, revs, top):
+                raise FmhubError(f"{path}: matches no file at {old.label} or {new.label} (check the path)")
     return top, old, new
+
+
+def _matches_anything(spec: str, revs: Sequence[str], top: str) -> bool:
+    """Whether a pathspec names something in the work tree, the index, or the tree of one of ``revs`` (default HEAD)."""
+    if os.path.exists(os.path.join(top, spec)) or _git(["ls-files", "-z", "--", spec], top):
+        return True
+    return any(_git(["ls-tree", "-r", "-z", "--name-only", "--full-tree", rev, "--", spec], top) for rev in (revs or ["HEAD"]))

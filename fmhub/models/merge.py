@@ -183,6 +183,8 @@ class MergeReport:
     output: str
     actions: list[tuple[str, str]]  # (tensor, what was done)
     bytes_written: int
+    carried: list[str] = field(default_factory=list)  # config and tokenizer files written next to it (`_copy_configs`)
+    carried_from: str | None = None  # the model (path or REV:PATH) they came from
 
 
 def merge_models(
@@ -211,6 +213,7 @@ def merge_models(
 
     # everything that can be checked without reading tensor bytes, for every tensor, first
     jobs = []
+    without_base: set[str] = set()  # strategies that merge changes from a base, asked to merge without one
     for name in names:
         sides = [m.tensors.get(name) for m in models]
         absent = [models[i].label for i, s in enumerate(sides) if s is None]
@@ -226,11 +229,19 @@ def merge_models(
             problems.append(f"{name}: no merge strategy (set `strategy:` or a `tensors:` rule)")
             continue
         strategy = strategies[sname]
+        if base is None and getattr(strategy, "needs_base", False):
+            without_base.add(sname)
+            continue
         problem = check_compatible(name, b, sides, strategy)
         if problem:
             problems.append(f"{name}: {problem}")
             continue
         jobs.append((name, b, sides, strategy, opts))
+    if without_base:
+        names_ = ", ".join(sorted(without_base))
+        raise MergeConflict(f"strategy {names_} merges each model's changes from a common base: give --base (the model "
+                            "they were fine-tuned from; `base:` in a recipe), or use a strategy without one (linear, "
+                            "slerp, ours, theirs)")
     if problems:
         raise MergeConflict(_summary(problems), conflicts=len(problems))
 
@@ -398,7 +409,7 @@ def _run_recipe(recipe: Recipe, output: str | None, progress: Callable[[str], No
         if (recipe.into or ("base" if recipe.base else "adapter")) == "adapter":
             return _merge_adapters(recipe, out, progress)
         report = _merge_adapters(recipe, _output_file(out), progress)
-        _copy_configs(out, recipe.base)
+        report.carried_from, report.carried = _copy_configs(out, [recipe.base])
         return report
     if recipe.into:
         raise FmhubError("`into` applies to PEFT adapter directories only")
@@ -406,7 +417,7 @@ def _run_recipe(recipe: Recipe, output: str | None, progress: Callable[[str], No
     models = [open_view(m) for m in recipe.models]
     fisher = _fisher_views(recipe, models) if _uses(recipe.plan, "fisher") else None
     report = merge_models(base, models, recipe.plan, _output_file(out), fisher, progress)
-    _copy_configs(out, recipe.models[0])
+    report.carried_from, report.carried = _copy_configs(out, [recipe.models[0], recipe.base])
     return report
 
 
@@ -466,6 +477,12 @@ def _hook_fisher_view(spec: str, model: CheckpointView) -> CheckpointView:
 
 
 CONFIG_FILES = ("config.json", "generation_config.json")
+# what a merged model directory gets from the model it came from, besides the weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
+CARRIED_FILES = CONFIG_FILES + TOKENIZER_FILES
+MAX_CARRIED_BYTES = 256 << 20
 
 
 def _output_file(out: str) -> str:
@@ -475,14 +492,50 @@ def _output_file(out: str) -> str:
     return os.path.join(out, "model.safetensors")
 
 
-def _copy_configs(out: str, like: str | None) -> None:
-    """Next to a merged model written into a directory, the config files of the model it came from,
-    so `transformers.AutoModel.from_pretrained(out)` loads it."""
-    import shutil
+def _copy_configs(out: str, sources: Sequence[str | None]) -> tuple[str | None, list[str]]:
+    """Next to a merged model written into a directory, the config and tokenizer files (`CARRIED_FILES`) of the
+    first of ``sources`` (directories on disk or ``REV:PATH`` directories in git) that has any, so
+    `transformers.AutoModel.from_pretrained(out)` loads it. (that source, the names written)."""
+    if not os.path.isdir(out):
+        return None, []
+    for src in sources:
+        files = _carried_files(src) if src else {}
+        if not files:
+            continue
+        for name, read in files.items():
+            with atomic_write(os.path.join(out, name), prefix=".fmhub-merge-") as f:
+                f.write(read())
+        return src, sorted(files)
+    return None, []
 
-    if not os.path.isdir(out) or not like or not os.path.isdir(like):
-        return
-    for name in CONFIG_FILES:
-        src = os.path.join(like, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, name))
+
+def _carried_files(spec: str) -> dict[str, Callable[[], bytes]]:
+    """The `CARRIED_FILES` of a model directory: on disk, or ``REV:PATH`` read from git as committed (name -> reader)."""
+    if os.path.isdir(spec):
+        def reader(path: str) -> Callable[[], bytes]:
+            def read() -> bytes:
+                with open(path, "rb") as f:
+                    return f.read()
+
+            return read
+
+        return {n: reader(os.path.join(spec, n)) for n in CARRIED_FILES if os.path.isfile(os.path.join(spec, n))}
+    if os.path.exists(spec) or ":" not in spec:
+        return {}
+    from fmhub.core.manifest import is_manifest
+    from fmhub.core.repo import blob_at, git
+
+    rev, _, path = spec.partition(":")
+    path = path.strip("/")
+    # the directory's entries, named from the top (as REV:PATH is); a file PATH lists nothing
+    listing = git("ls-tree", "-z", "--full-tree", rev, "--", f"{path}/" if path else ".", check=False)
+    found: dict[str, Callable[[], bytes]] = {}
+    for entry in listing.split("\0"):
+        meta, _, name = entry.partition("\t")
+        if meta.split(" ")[1:2] != ["blob"] or os.path.basename(name) not in CARRIED_FILES:
+            continue
+        data = blob_at(rev, name, limit=MAX_CARRIED_BYTES)
+        if is_manifest(data) or data.startswith(b"version https://git-lfs"):
+            continue  # stored as a pointer, not as the file: not a config transformers could read
+        found[os.path.basename(name)] = lambda data=data: data
+    return found

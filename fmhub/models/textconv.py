@@ -105,6 +105,18 @@ def textconv(filename: str, store_opener: Callable[[], ObjectStore] | None = Non
                         pass  # object not here: name and hash only
                 yield _tensor_line(t.name, t.dtype, t.shape, t.oid, stats)
             return
+        if head.startswith(b"version https:/"):  # a Git LFS pointer: described by its object, as the file it stands for
+            from fmhub.models.views import LFS_POINTER_MAX, lfs_object, lfs_pointer_in
+
+            pointer = lfs_pointer_in(head + f.read(LFS_POINTER_MAX))
+            if pointer is not None:
+                try:
+                    where = lfs_object(pointer, store_opener() if store_opener else None, filename)
+                except FmhubError:
+                    yield f"git-lfs object sha256:{pointer.oid[:12]} ({pointer.size} bytes) is not local; `git lfs fetch` to read it"
+                    return
+                yield from textconv(where, store_opener, chunk_elems)
+                return
         if sniff_format(head) is None:
             yield f"not a checkpoint fmhub can read ({os.path.getsize(filename)} bytes, sha256:{file_sha256(filename)[:12]})"
             return

@@ -9,7 +9,7 @@ Sources:
   equal tensors are recognised without reading them),
 * a checkpoint file on disk (header parsed by the format plugin, tensors read
   by offset; no oid); a work-tree file that still holds a manifest is read
-  through the store,
+  through the store, and one holding a Git LFS pointer through its LFS object,
 * several shard files combined (`CheckpointView.combine`; names must be unique
   across shards, which is what lets a tensor move between shards),
 * ``REV:PATH`` in the current git repository (a file or a directory of shards;
@@ -191,6 +191,9 @@ class CheckpointView:
                 if store is None:
                     raise FmhubError(f"{label}: holds an fmhub manifest but no object store was given to read it")
                 return cls.from_manifest(Manifest.from_bytes(data, label), store, label)
+            pointer = lfs_pointer_in(head + f.read(LFS_POINTER_MAX)) if head.startswith(b"version https:/") else None
+            if pointer is not None:  # a Git LFS pointer (committed before `fmhub track` replaced filter=lfs)
+                return cls.from_file(lfs_object(pointer, store, label), label)
             _fmt, layout = file_layout(f, label)
         end = len(layout.header) + sum(t.size for t in layout.tensors)
         actual = os.path.getsize(filename)
@@ -221,6 +224,26 @@ class CheckpointView:
                     )
                 out.tensors[name] = ref
         return out
+
+
+LFS_POINTER_MAX = 1024  # git-lfs pointers are at most this long
+
+
+def lfs_pointer_in(data: bytes):
+    """The Git LFS pointer ``data`` holds (`fmhub.git.history.lfs_pointer`), or None."""
+    from fmhub.git.history import lfs_pointer
+
+    return lfs_pointer(data) if len(data) <= LFS_POINTER_MAX else None
+
+
+def lfs_object(pointer, store: ObjectStore | None, label: str) -> str:
+    """The file holding a Git LFS pointer's object: git-lfs keeps it in .git/lfs/objects, fmhub's store; MissingObject
+    (one line) when it is not local."""
+    path = store.object_path(pointer.oid) if store is not None else None
+    if path is None or not os.path.isfile(path) or os.path.getsize(path) != pointer.size:
+        raise MissingObject(f"{label}: a Git LFS pointer whose object sha256:{pointer.oid} is not local; "
+                            "run `git lfs fetch` (or `git lfs fetch --all`) to read it")
+    return path
 
 
 def guard(view: CheckpointView, path: str, root: str | None = None, via: str = "") -> CheckpointView:

@@ -66,6 +66,12 @@ def filter_command(repo: Path) -> str:
     return git(repo, "config", "filter.fmhub.process").stdout.decode().strip()
 
 
+def launcher(command: str) -> list[str]:
+    """PYTHON -S BOOT SUBCOMMAND: the words after `sh -c GUARD`, the guard `fmhub install` puts first
+    (`fmhub.git.install.guarded`)."""
+    return shlex.split(command)[-4:]
+
+
 # -- the filter's imports -----------------------------------------------------------------
 
 
@@ -79,7 +85,7 @@ def add_with_importtime(repo: Path, command: str, i: int) -> bytes:
 
 def test_filter_start_up_imports_only_what_a_clean_needs(repo):
     command = filter_command(repo)
-    python, flag, boot, sub = shlex.split(command)
+    python, flag, boot, sub = launcher(command)
     assert (flag, sub) == ("-S", "filter-process") and Path(boot) == BOOT
     runs = [imports_of(add_with_importtime(repo, shlex.join([python, "-X", "importtime", "-S", boot, sub]), i)) for i in range(3)]
     modules = runs[0][0]
@@ -103,7 +109,7 @@ def test_git_invoked_commands_skip_the_cli(repo):
     (repo / "m.safetensors").write_bytes(tiny_checkpoint(1))
     git(repo, "add", "m.safetensors")
     git(repo, "commit", "-qm", "m")
-    python, flag, boot, _ = shlex.split(filter_command(repo))
+    python, flag, boot, _ = launcher(filter_command(repo))
     proc = run([python, "-X", "importtime", flag, boot, "textconv", "m.safetensors"], repo)
     assert b'tensor "w" F32 [2]' in proc.stdout
     modules, _ = imports_of(proc.stderr)
@@ -120,12 +126,19 @@ def test_malformed_git_commands_still_get_the_cli_usage(tmp_path):
 
 
 def test_install_writes_the_bootstrap_for_every_driver(repo):
-    prefix = f"{shlex.quote(sys.executable)} -S {shlex.quote(str(BOOT))}"
+    """Each command is the bootstrap behind a guard that the Python and boot.py are still there (tests/git/test_footguns.py)."""
+    from fmhub.git.install import guarded
+
+    prefix = guarded(sys.executable, "-S", str(BOOT))
     for key, sub in (("filter.fmhub.process", "filter-process"), ("filter.fmhub.clean", "filter-clean %f"),
                      ("diff.fmhub.command", "diff-driver"), ("diff.fmhub.textconv", "textconv"),
                      ("merge.fmhub.driver", "merge-driver %O %A %B %P")):
-        assert git(repo, "config", key).stdout.decode().strip() == f"{prefix} {sub}"
+        value = git(repo, "config", key).stdout.decode().strip()
+        assert value == f"{prefix} {sub}"
+        words = shlex.split(value)
+        assert words[:2] == ["sh", "-c"] and words[3:6] == [sys.executable, "-S", str(BOOT)]
     assert f"{prefix} pre-push" in (repo / ".git" / "hooks" / "pre-push").read_text()
+    assert f"{prefix} pre-commit" in (repo / ".git" / "hooks" / "pre-commit").read_text()
 
 
 def test_add_and_checkout_through_the_bootstrap(repo):
@@ -311,7 +324,7 @@ def test_filter_of_a_non_editable_install(tmp_path, monkeypatch):
         f.write("\nimport os as _os\nif _os.environ.get('FMHUB_TEST_MARK'):\n    open(_os.environ['FMHUB_TEST_MARK'], 'a').write(__file__ + '\\n')\n")
 
     path = venv_repo(tmp_path, python)
-    assert shlex.split(filter_command(path))[2] == str(site / "fmhub" / "boot.py")
+    assert launcher(filter_command(path))[2] == str(site / "fmhub" / "boot.py")
     data = tiny_checkpoint(3)
     (path / "m.safetensors").write_bytes(data)
     monkeypatch.setenv("FMHUB_TEST_MARK", str(mark))

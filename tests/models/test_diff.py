@@ -211,8 +211,8 @@ def test_fmhub_diff_defaults_to_head_vs_work_tree(repo):
     out = json.loads(fmhub(repo, "diff", "--json", "HEAD").stdout)
     assert out["counts"]["unchanged"] == len(new)
     assert "no tensor changed" not in fmhub(repo, "diff", "HEAD~1", "--", "model.safetensors").stdout.decode()
-    out = json.loads(fmhub(repo, "diff", "--json", "HEAD~1", "--", "nothing-here").stdout)
-    assert out["tensors"] == []
+    nothing = fmhub(repo, "diff", "--json", "HEAD~1", "--", "nothing-here", check=False)  # a path matching nothing: one line
+    assert nothing.returncode == 1 and nothing.stderr.decode().strip() == "fmhub: nothing-here: matches no file at HEAD~1 or work tree (check the path)"
 
 
 def write_shards(d: Path, shards: list[dict[str, torch.Tensor]]) -> None:
