@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,6 +20,7 @@ class RunResult:
     loaded: Any
     outcomes: list
     commit: Optional[str] = None
+    scores: Optional["Scores"] = None  # when select ran: every candidate on every task (see `scores`)
 
     def to_json(self) -> dict[str, Any]:
         """The document ``fmhub run --json`` prints (values not JSON-able are for ``default=str``)."""
@@ -30,6 +32,17 @@ def run(only: Sequence[str] = (), spec: Optional[str] = None, dry_run: bool = Fa
     """Build what ``spec`` (default: fmhub.yaml at the top of the work tree) declares, only what is out of date:
     data pipelines, adapters per task, selection, merge, deploy. ``only``: just these steps; ``dry_run``: say what is
     out of date, run nothing; ``commit``: commit what the steps wrote (and their lineage records)."""
+    with warnings.catch_warnings():
+        # deprecation notices of the libraries the steps call (transformers, peft, ...) are not the user's to act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=_THIRD_PARTY)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=_THIRD_PARTY)
+        return _run(only, spec, dry_run, commit, on_step)
+
+
+_THIRD_PARTY = r"(transformers|peft|accelerate|torch|safetensors|huggingface_hub)(\.|$)"
+
+
+def _run(only: Sequence[str], spec: Optional[str], dry_run: bool, commit: bool, on_step: Optional[OnStep]) -> RunResult:
     from fmhub.project.spec import load_spec
     from fmhub.run import dag
     from fmhub.run import plan as runner
@@ -42,7 +55,39 @@ def run(only: Sequence[str] = (), spec: Optional[str] = None, dry_run: bool = Fa
             raise FmhubError(f"no step {name!r}; {loaded.path} declares: {', '.join(sorted(known)) or 'none'}")
     outcomes = dag.run(p.steps, dag.State(runner.state_path(loaded)), set(only) if only else None, dry_run, on_step)
     committed = runner.commit(loaded, outcomes, p.steps) if commit and not dry_run else None
-    return RunResult(loaded, outcomes, committed)
+    result = RunResult(loaded, outcomes, committed)
+    result.scores = scores(result)  # read here: the spec's paths are relative to this working directory
+    return result
+
+
+@dataclass
+class Scores:
+    """Every candidate's score on every task's held-out rows: the leaderboard ``select`` wrote, plus the merged
+    adapter's scores that ``merge`` reported. ``tasks``: (name, metric, higher is better); ``rows``: (name, what it
+    is, {task: score}), the bare models first, then the adapters, then the merged adapter."""
+
+    tasks: list
+    rows: list
+
+
+def scores(result: RunResult) -> Optional[Scores]:
+    """The `Scores` of a run whose ``select`` step ran (None otherwise, or when its leaderboard is gone)."""
+    import json
+
+    loaded = result.loaded
+    ran = {o.step: o for o in result.outcomes if o.status == "ran"}
+    sel = getattr(loaded.spec, "select", None)
+    if "select" not in ran or sel is None or not os.path.isfile(loaded.resolve(sel.output)):
+        return None
+    with open(loaded.resolve(sel.output), encoding="utf-8") as f:
+        board = json.load(f)
+    tasks = [(t["name"], t["metric"], t["higher_is_better"]) for t in board.get("tasks", [])]
+    rows = sorted(((r["name"], "adapter" if r.get("adapter_dir") else "base model", r.get("scores", {})) for r in board["rows"]),
+                  key=lambda r: r[1] == "adapter")
+    merged = ran.get("merge")
+    if merged is not None and isinstance(merged.summary.get("scores"), dict):
+        rows.append((merged.summary.get("output", "merged"), "merged adapter", merged.summary["scores"]))
+    return Scores(tasks, rows)
 
 
 @dataclass

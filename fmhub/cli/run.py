@@ -51,14 +51,48 @@ def run_steps(
     _print_run(result)
 
 
+# what the keys of the steps' results mean: the table's caption explains those that appear in it
+GLOSSARY = {
+    "rows_in": "rows read", "rows_out": "rows written", "rows": "rows read", "labelled": "rows given a label",
+    "output": "what the step wrote",
+    "metric": "the task's metric", "score": "the adapter's metric on the task's held-out rows (accuracy: fraction right)",
+    "lr": "the learning rate the search chose", "eval_loss": "the adapter's loss on the held-out rows",
+    "trials": "learning rates tried",
+    "best": "the top candidate per task (task: candidate)", "tensors": "tensors written",
+    "scores": "the merged adapter's metric per task, on each task's held-out rows",
+    "served": "names answered by a local server (started for the check, then stopped)",
+    "routed": "the adapter the router chose for the deploy prompt",
+}
+
+
 def _print_run(result) -> None:
     table = Table("step", "status", "seconds", "result", title=f"fmhub run ({result.loaded.path})", title_justify="left")
+    used = []
     for o in result.outcomes:
         summary = ", ".join(f"{k}={short(v)}" for k, v in o.summary.items() if v is not None)
+        used += [k for k, v in o.summary.items() if v is not None and k in GLOSSARY and k not in used]
         table.add_row(o.step, o.status, f"{o.seconds:.1f}" if o.status == "ran" else "", escape(summary))
     console.print(table)
+    if any(o.status == "ran" for o in result.outcomes):
+        console.print("status: ran, or up to date (its inputs and parameters did not change since it last ran); "
+                      "seconds: how long it ran", highlight=False, style="dim")
+    if used:
+        console.print("result: " + "; ".join(f"{k}: {GLOSSARY[k]}" for k in used), highlight=False, style="dim")
+    _print_scores(result)
     if result.commit:
         console.print(f"committed {result.commit[:12]}", highlight=False)
+
+
+def _print_scores(result) -> None:
+    """The base, each adapter and the merged adapter on every task: what the run shows."""
+    sc = result.scores
+    if sc is None or not sc.tasks:
+        return
+    table = Table("candidate", "what", *[f"{name} {metric} {'↑' if up else '↓'}" for name, metric, up in sc.tasks],
+                  title="scores on each task's held-out rows (↑: higher is better, ↓: lower)", title_justify="left")
+    for name, what, scores in sc.rows:
+        table.add_row(name, what, *[f"{scores[t]:.3f}" if isinstance(scores.get(t), (int, float)) else "-" for t, _, _ in sc.tasks])
+    console.print(table)
 
 
 @app.command("init")

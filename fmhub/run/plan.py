@@ -118,7 +118,8 @@ def plan(loaded: LoadedSpec, progress: Callable[[str], None] | None = None) -> P
             raise loaded.error(("merge",), "merge: needs at least two task adapters")
         out = res(mg.output)
         steps.append(dag.Step("merge", [adapters[t] for t in chosen] + ([base] if mg.into == "base" else []), [out],
-                              {"merge": _dump(mg)}, _merge(mg, [adapters[t] for t in chosen], base, out), _where(loaded, ("merge",))))
+                              {"merge": _dump(mg)}, _merge(mg, [adapters[t] for t in chosen], base, out, loaded, chosen),
+                              _where(loaded, ("merge",))))
         adapters["merged"] = out
     if spec.deploy is not None:
         if base is None:
@@ -274,14 +275,21 @@ def task_texts(loaded: LoadedSpec, task_name: str, limit: int = 500) -> list[str
     return texts(task_of(loaded, task_name), limit)
 
 
-def _merge(mg, adapter_dirs: list[str], base: str | None, out: str) -> Callable[[], dict]:
+def _merge(mg, adapter_dirs: list[str], base: str | None, out: str, loaded: LoadedSpec | None = None,
+           task_names: list[str] = ()) -> Callable[[], dict]:
     def go() -> dict:
         from fmhub.models.merge import Recipe, run_recipe
 
         recipe = Recipe.from_dict({"models": adapter_dirs, "strategy": mg.strategy, "options": dict(mg.options), "into": mg.into,
                                    "base": base if mg.into == "base" else None, "output": out}, "fmhub.yaml: merge")
         report = run_recipe(recipe, out)
-        return {"output": os.path.basename(out), "tensors": len(report.actions)}
+        summary: dict[str, Any] = {"output": os.path.basename(out), "tensors": len(report.actions)}
+        if loaded is not None and base is not None and mg.into == "adapter" and task_names:
+            # how much of each task adapter's gain the merged adapter keeps: its score on every merged task's held-out rows
+            from fmhub.ml.scoring import evaluate
+
+            summary["scores"] = {t: round(evaluate(base, out, task_of(loaded, t)), 4) for t in task_names}
+        return summary
 
     return go
 
@@ -330,7 +338,8 @@ def check_local(base: str, specs: list, loaded: LoadedSpec, prompt: str, max_tok
         raise FmhubError(f"the local serving check failed: {exc}") from None
     finally:
         server.stop()
-    return {"url": server.url, "served": sorted(answers), "routed": answers.get("auto")}
+    # the server was stopped: its URL is not part of the result
+    return {"served": sorted(answers), "routed": answers.get("auto")}
 
 
 def state_path(loaded: LoadedSpec) -> str:

@@ -19,7 +19,8 @@ from tests.helpers import BENCHMARKS
 
 BENCH = BENCHMARKS / "filter_bench.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs is not installed")
+# slow: the benchmarks end to end take ~8 min of one core together; the default tier leaves them to `-m slow`
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs is not installed")]
 
 
 def test_filter_benchmark_small(tmp_path):

@@ -13,20 +13,39 @@ pytestmark = pytest.mark.slow
 
 def test_example_end_to_end_then_only_dependent_steps_rerun(tmp_path):
     proc = run([*FMHUB, "init", "--example", str(tmp_path / "ex")], tmp_path)
-    out = proc.stdout.decode()
+    out, err = proc.stdout.decode(), proc.stderr.decode()
     ex = tmp_path / "ex"
     for step in ("clean:reviews", "label:sentiment", "finetune:sentiment", "finetune:tickets", "select", "merge", "deploy"):
         assert step in out
-    assert "committed" in out and "url=http://127.0.0.1:" in out
+    # the table explains itself, names no server that has stopped, and no library's warning reaches the terminal
+    assert "committed" in out and "http://" not in out and "result: rows_in: rows read" in out
+    assert "scores on each task's held-out rows" in out
+    assert "Warning" not in err and "warnings.warn" not in err and "Writing model shards" not in err
+    assert git(ex, "status", "--porcelain").stdout.decode() == ""  # every file the run wrote is committed or ignored
     state = json.loads((ex / ".git" / "fmhub" / "run-state.json").read_text())["steps"]
     assert set(state) == {"clean:reviews", "clean:tickets", "label:sentiment", "finetune:sentiment", "finetune:tickets",
                           "select", "merge", "deploy"}
-    sentiment = state["finetune:sentiment"]["summary"]
-    # above chance (about 0.5): the eval split is a handful of rows, so the score moves in steps of a sixth between
-    # torch builds (0.8 measured once, 0.67 with torch 2.13.0's CPU wheel); a higher bar would have no margin
-    assert sentiment["metric"] == "accuracy" and sentiment["score"] > 0.5
+    # the point of the example: each adapter beats the base on its own task by a clear margin and ranks first there
+    # (measured: 1.0 against the base's 0.62 on sentiment, 1.0 against 0.49 on tickets; the bar leaves room for either
+    # score to move by several held-out rows between torch builds)
     board = json.loads((ex / "runs" / "leaderboard.json").read_text())
-    assert board and (ex / "runs" / "router.json").is_file()
+    scores = {r["name"]: r["scores"] for r in board["rows"]}
+    assert board["best"] == {"sentiment": "sentiment", "tickets": "tickets"}
+    for task in ("sentiment", "tickets"):
+        assert state[f"finetune:{task}"]["summary"]["metric"] == "accuracy"
+        assert scores[task][task] >= scores["tiny"][task] + 0.15, (task, scores)
+        other = "tickets" if task == "sentiment" else "sentiment"
+        assert scores[task][task] > scores[other][task], (task, scores)
+    # the merge step scores the merged adapter on both tasks
+    assert set(state["merge"]["summary"]["scores"]) == {"sentiment", "tickets"}
+    # the router sends each task's rows to that task's adapter
+    from fmhub.serving.router import Router
+
+    router = Router.load(str(ex / "runs" / "router.json"))
+    for task, data in (("sentiment", "data/labelled/reviews.jsonl"), ("tickets", "data/clean/tickets.jsonl")):
+        texts = [json.loads(line)["text"] for line in (ex / data).read_text().splitlines()]
+        routed = [router.route(t)[0] for t in texts]
+        assert routed.count(task) >= 0.95 * len(texts), (task, sorted(set(routed)))
     assert state["deploy"]["summary"]["routed"] == "sentiment"  # "the battery" goes to the review adapter
     # the results are a committed version: adapters stored by fmhub, with lineage records
     files = git(ex, "show", "--name-only", "--format=", "HEAD").stdout.decode().split()
@@ -39,7 +58,7 @@ def test_example_end_to_end_then_only_dependent_steps_rerun(tmp_path):
     assert "adapters/tickets" in ranked and "data/raw" not in ranked and "data/tickets.jsonl" in ranked
 
     with open(ex / "data" / "tickets.jsonl", "a") as f:
-        f.write(json.dumps({"id": 999, "text": "hello, my invoice is missing (order 1234). thanks"}) + "\n")
+        f.write(json.dumps({"id": 999, "text": "hello (order 1234), my invoice is missing", "label": "billing"}) + "\n")
     again = json.loads(fmhub(ex, "run", "--json").stdout)
     status = {s["step"]: s["status"] for s in again["steps"]}
     assert status == {"clean:tickets": "ran", "finetune:tickets": "ran", "select": "ran", "merge": "ran", "deploy": "ran",
