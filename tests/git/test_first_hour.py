@@ -71,25 +71,8 @@ def test_merge_commit_message_names_the_strategies_that_merged_tensors(repo):
     assert "fmhub:" not in message(repo)
 
 
-def test_an_aborted_merge_leaves_no_strategy_line_behind(repo):
-    base, a, b = two_finetunes(repo)
-    (repo / "other.txt").write_text("ours\n")  # a text conflict stops the merge after the driver merged the model
-    git(repo, "add", "other.txt")
-    git(repo, "commit", "-qm", "ours text")
-    git(repo, "checkout", "-q", "task-b")
-    (repo / "other.txt").write_text("theirs\n")
-    git(repo, "add", "other.txt")
-    git(repo, "commit", "-qm", "theirs text")
-    git(repo, "checkout", "-q", "task-a")
-    assert git(repo, "merge", "--no-edit", "task-b", check=False).returncode != 0
-    git(repo, "merge", "--abort")
-    # merged again, but this time taking ours wholesale: the model is not what the driver wrote
-    git(repo, "merge", "-q", "--no-edit", "-s", "ours", "task-b")
-    assert "fmhub:" not in message(repo)
-
-
-def test_merge_commit_after_a_resolved_text_conflict_keeps_the_line(repo):
-    two_finetunes(repo)
+def stop_on_a_text_conflict(repo) -> None:
+    """Merge task-b into task-a with a text file changed on both sides: git stops after the driver merged the model."""
     (repo / "other.txt").write_text("ours\n")
     git(repo, "add", "other.txt")
     git(repo, "commit", "-qm", "ours text")
@@ -99,6 +82,20 @@ def test_merge_commit_after_a_resolved_text_conflict_keeps_the_line(repo):
     git(repo, "commit", "-qm", "theirs text")
     git(repo, "checkout", "-q", "task-a")
     assert git(repo, "merge", "--no-edit", "task-b", check=False).returncode != 0
+
+
+def test_an_aborted_merge_leaves_no_strategy_line_behind(repo):
+    two_finetunes(repo)
+    stop_on_a_text_conflict(repo)
+    git(repo, "merge", "--abort")
+    # merged again, but this time taking ours wholesale: the model is not what the driver wrote
+    git(repo, "merge", "-q", "--no-edit", "-s", "ours", "task-b")
+    assert "fmhub:" not in message(repo)
+
+
+def test_merge_commit_after_a_resolved_text_conflict_keeps_the_line(repo):
+    two_finetunes(repo)
+    stop_on_a_text_conflict(repo)
     (repo / "other.txt").write_text("both\n")
     git(repo, "add", "other.txt")
     git(repo, "commit", "-q", "--no-edit")
