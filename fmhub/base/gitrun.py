@@ -164,3 +164,10 @@ def start(args: Sequence[str], *, cwd: str | None = None, **popen) -> subprocess
         return subprocess.Popen(["git", *args], cwd=cwd, **popen)
     except OSError as exc:
         raise _not_started(args, cwd, exc) from None
+
+
+def toplevel(cwd: str | None = None) -> str | None:
+    """The work tree's top directory (``git rev-parse --show-toplevel``); None outside a work tree.
+    `GitError` when git cannot start: callers choose their own fallback for both."""
+    done = run(["rev-parse", "--show-toplevel"], cwd=cwd, check=False)
+    return done.stdout.strip() or None if done.returncode == 0 else None

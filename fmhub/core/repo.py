@@ -12,6 +12,7 @@ import re
 import sys
 
 from fmhub.base.errors import FmhubError
+from fmhub.base import gitrun
 from fmhub.base.gitrun import GitError, failure, run, start
 
 TYPE_CHECKING = False  # the names below are for annotations only: typing costs git's filter ~9 ms at start-up
@@ -195,7 +196,7 @@ def config_values(pattern: str, cwd: str | None = None) -> dict[str, str]:
 
 
 def toplevel(cwd: str | None = None) -> str:
-    out = git("rev-parse", "--show-toplevel", cwd=cwd, check=False).strip()
+    out = gitrun.toplevel(cwd)
     if not out:
         raise FmhubError("not inside a git work tree; run this in one")
     return out

@@ -459,7 +459,6 @@ def _repo_root(start: str) -> str:
     from fmhub.base.errors import FmhubError
 
     try:
-        proc = gitrun.run(["rev-parse", "--show-toplevel"], cwd=start, check=False)
+        return gitrun.toplevel(start) or start
     except FmhubError:  # git cannot start here: the directory itself is the root
         return start
-    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else start

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from fmhub.base import boundedjson
 from fmhub.base.atomic import atomic_write
 from fmhub.base.errors import FmhubError
-from fmhub.base.gitrun import GitError, run
+from fmhub.base.gitrun import GitError, run, toplevel
 
 VERSION = 1
 SUFFIX = ".lineage.json"
@@ -47,7 +47,7 @@ def _git(args: Sequence[str], cwd: str, limit: Optional[int] = None) -> Optional
 
 
 def _root(cwd: str) -> str:
-    return _git(["rev-parse", "--show-toplevel"], cwd) or os.path.abspath(cwd)
+    return toplevel(cwd) or os.path.abspath(cwd)
 
 
 repo_root = _root

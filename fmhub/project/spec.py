@@ -448,10 +448,9 @@ def _top() -> str:
     from fmhub.base import gitrun
 
     try:
-        proc = gitrun.run(["rev-parse", "--show-toplevel"], check=False)
+        return gitrun.toplevel() or os.getcwd()
     except FmhubError:  # no git: the current directory
         return os.getcwd()
-    return proc.stdout.strip() if proc.returncode == 0 else os.getcwd()
 
 
 def pipeline(loaded: LoadedSpec, section: str, name: str | None) -> tuple[str, Any]:
