@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from fmhub.base.errors import FmhubError
@@ -64,10 +64,12 @@ def _run(only: Sequence[str], spec: Optional[str], dry_run: bool, commit: bool, 
 class Scores:
     """Every candidate's score on every task's held-out rows: the leaderboard ``select`` wrote, plus the merged
     adapter's scores that ``merge`` reported. ``tasks``: (name, metric, higher is better); ``rows``: (name, what it
-    is, {task: score}), the bare models first, then the adapters, then the merged adapter."""
+    is, {task: score}), the bare models first, then the adapters, then the merged adapter; ``kept``: {task: the
+    share of the best adapter's gain over the best base model that the merged adapter keeps}."""
 
     tasks: list
     rows: list
+    kept: dict = field(default_factory=dict)
 
 
 def scores(result: RunResult) -> Optional[Scores]:
@@ -87,7 +89,21 @@ def scores(result: RunResult) -> Optional[Scores]:
     merged = ran.get("merge")
     if merged is not None and isinstance(merged.summary.get("scores"), dict):
         rows.append((merged.summary.get("output", "merged"), "merged adapter", merged.summary["scores"]))
-    return Scores(tasks, rows)
+    return Scores(tasks, rows, _kept(tasks, rows))
+
+
+def _kept(tasks: list, rows: list) -> dict:
+    """{task: (merged − base) / (best adapter − base)} where the merged adapter was scored and an adapter beat the base."""
+    kept = {}
+    for name, _metric, up in tasks:
+        def best(what: str) -> Optional[float]:
+            vals = [s[name] for _n, w, s in rows if w == what and isinstance(s.get(name), (int, float))]
+            return (max(vals) if up else min(vals)) if vals else None
+
+        base, adapter, merged = best("base model"), best("adapter"), best("merged adapter")
+        if None not in (base, adapter, merged) and (adapter - base) * (1 if up else -1) > 0:
+            kept[name] = (merged - base) / (adapter - base)
+    return kept
 
 
 @dataclass

@@ -48,15 +48,23 @@ def uninstall(global_: bool = typer.Option(False, "--global")) -> None:
 
 
 @app.command()
-def track(patterns: List[str] = typer.Argument(None, help='e.g. "*.safetensors"')) -> None:
+def track(patterns: List[str] = typer.Argument(None, help='e.g. "*.safetensors"'),
+          as_json: bool = typer.Option(False, "--json", help="Print the tracked patterns (or what tracking did) as JSON.")) -> None:
     """Store files matching PATTERNS tensor by tensor (writes .gitattributes); no patterns lists them."""
+    from dataclasses import asdict
+
     from fmhub.api import git
 
     if not patterns:
-        for p in git.tracked_patterns():
+        listed = git.tracked_patterns()
+        if as_json:
+            return _json(listed)
+        for p in listed:
             console.print(p, highlight=False)
         return
     done = git.track(patterns)
+    if as_json:
+        return _json({"tracking": list(patterns), **asdict(done)})
     if done.installed:
         say(INSTALLED[done.installed])
     for line in done.replaced:
@@ -74,6 +82,17 @@ def untrack(patterns: List[str]) -> None:
     from fmhub.api import git
 
     console.print(f"untracked {len(git.untrack(patterns))} pattern(s)")
+
+
+def _json(doc) -> None:
+    """JSON on stdout, whole (no terminal width or markup applies)."""
+    import json
+    import sys
+
+    from fmhub.cli.common import utf8_stdout
+
+    utf8_stdout()
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def _summary(verb: str, report) -> str:
@@ -102,12 +121,16 @@ def push_objects(
 
 
 @app.command()
-def ls(path: str, rev: Optional[str] = typer.Option(None, help="Read the file as committed at REV.")) -> None:
+def ls(path: str, rev: Optional[str] = typer.Option(None, help="Read the file as committed at REV."),
+       as_json: bool = typer.Option(False, "--json", help="Every tensor (name, dtype, shape, bytes, object id) as JSON.")) -> None:
     """List the tensors of a checkpoint (in the work tree, or at --rev)."""
     from fmhub.api import git
     from fmhub.base.units import human_bytes
 
     m = git.describe(path, rev)
+    if as_json:
+        return _json({"path": path, "rev": rev, "bytes": m.size, "tensors": [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.size, "object": t.oid or None} for t in m.tensors]})
     table = Table("tensor", "dtype", "shape", "size", "object", title=f"{path}: {len(m.tensors)} tensors, {human_bytes(m.size)}")
     for t in m.tensors:
         table.add_row(t.name, t.dtype, str(list(t.shape)), human_bytes(t.size), t.oid[:12] if t.oid else "-")

@@ -8,8 +8,11 @@ reviews' sentiment by weak supervision, trains one LoRA adapter per task
 (both scored by accuracy on held-out rows) with a small learning-rate
 search, ranks them, trains a router, merges the two adapters, and checks the
 result through a local server. Each class has words of its own, so each
-adapter learns its task clearly (1.0 against the base's 0.62 and 0.49, as
-measured). Everything is generated from a seed: nothing is downloaded.
+adapter learns its task clearly, and the model reads whole words (a
+word-level tokenizer built from the example's vocabulary, saved beside the
+model), so each answer is one token and the two adapters' updates barely
+interfere: the merged adapter keeps both gains. Everything is generated from
+a seed: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -50,7 +54,7 @@ label:
       - keyword: {words: [terrible, broke, awful, waste], label: negative}
       - regex: {pattern: "refund|send it back", label: negative, name: returns}
 models:
-  tiny: {path: models/tiny, description: a 1M-parameter Llama built from a config}
+  tiny: {path: models/tiny, description: "a 1M-parameter Llama built from a config, with a word-level tokenizer"}
 tasks:
   sentiment:
     data: data/labelled/reviews.jsonl
@@ -64,12 +68,11 @@ tasks:
     description: customer support tickets about accounts, passwords and invoices
 finetune:
   r: 8
-  steps: 100
+  steps: 60
   trial_steps: 20
-  lrs: [0.01, 0.03]
+  lrs: [0.02, 0.05]
   batch_size: 8
-  # every linear layer: a random tiny model needs them all to learn a task in 100 steps
-  target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+  # target_modules left out: peft's default for Llama (q_proj, v_proj), small updates that merge well
 select:
   output: runs/leaderboard.json
   router: runs/router.json
@@ -126,6 +129,33 @@ def tickets(n: int, seed: int) -> list[dict]:
     return rows
 
 
+# what the word-level tokenizer knows besides the phrases above: the rest of the templates, the class names, digits, punctuation
+_OTHER_WORDS = ("the is would not buy again I want a refund write me at user example com hello order ok "
+                "negative positive account billing")
+_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0, 1, 2 match LlamaConfig's defaults for unk, bos and eos
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the example's vocabulary (about 100 words; unknown words read as ``<unk>``).
+
+    A tiny random model reading bytes spreads every class name over many tokens,
+    and two adapters' updates then interfere on all of them; one token per word
+    keeps each task's answer a single choice. Built with `tokenizers`, which
+    transformers already installs.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w for phrases in (_POS, _NEG, _THINGS, _WHEN, _ACCOUNT, _BILLING) for p in phrases for w in re.findall(r"[A-Za-z]+", p)}
+    words |= set(_OTHER_WORDS.split())
+    vocab = {t: i for i, t in enumerate(_SPECIALS + list("0123456789") + list(",.:;!?()@'-") + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -152,7 +182,9 @@ def create(directory: str, rows: int = 480) -> str:
 
     hf_logging.disable_progress_bar()  # a one-file checkpoint: transformers' "Writing model shards" bar says nothing here
     try:
-        build_tiny_llama(seed=0, initializer_range=0.1).save_pretrained(os.path.join(directory, "models", "tiny"))
+        model_dir = os.path.join(directory, "models", "tiny")
+        build_tiny_llama(seed=0, initializer_range=0.1).save_pretrained(model_dir)
+        word_tokenizer().save_pretrained(model_dir)
     finally:
         hf_logging.enable_progress_bar()
     _write_jsonl(os.path.join(directory, "data", "reviews.jsonl"), reviews(rows, seed=1))

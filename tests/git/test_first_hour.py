@@ -3,6 +3,7 @@ errors, output through a pipe, ``--version``, ``-h`` and help without ``<bool>``
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tests.helpers import fmhub, git, save_tensors
+from tests.helpers import FMHUB, fmhub, git, run, save_tensors
 
 import fmhub as fmhub_pkg
 
@@ -157,9 +158,27 @@ def test_piped_ls_shows_long_tensor_names_whole(repo, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     long = "model.layers.17.self_attn.rotary_embedding_with_a_really_quite_long_descriptive_name.inv_freq"
     save_tensors(repo / CKPT, {long: torch.zeros(3), "b": torch.zeros(1)})
-    out = fmhub(repo, "ls", CKPT).stdout.decode()  # stdout is a pipe here
+    # stdout is a pipe here; the environment is os.environ's (some pytest setups also leave COLUMNS=80 in the process's
+    # C environment, which a child given no env would inherit)
+    out = run([*FMHUB, "ls", CKPT], repo, env=dict(os.environ)).stdout.decode()
     assert long in out
     assert "…" not in out
+
+
+def test_ls_and_track_json_give_every_field_whole(repo):
+    import json
+
+    long = "model.layers.17.self_attn.rotary_embedding_with_a_really_quite_long_descriptive_name.inv_freq"
+    save_tensors(repo / CKPT, {long: torch.zeros(3, 2), "b": torch.zeros(1)})
+    git(repo, "add", CKPT)
+    git(repo, "commit", "-qm", "one")
+    doc = json.loads(fmhub(repo, "ls", CKPT, "--rev", "HEAD", "--json").stdout)
+    by_name = {t["name"]: t for t in doc["tensors"]}
+    assert by_name[long]["shape"] == [3, 2] and by_name[long]["bytes"] == 24 and by_name[long]["dtype"] == "F32"
+    assert len(by_name[long]["object"]) == 64 and doc["bytes"] == (repo / CKPT).stat().st_size
+    assert "*.safetensors" in json.loads(fmhub(repo, "track", "--json").stdout)
+    done = json.loads(fmhub(repo, "track", "*.bin", "--json").stdout)
+    assert done["tracking"] == ["*.bin"] and done["installed"] is None and done["raw_staged"] == []
 
 
 # -- --version, -h, help without <bool> ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def test_example_end_to_end_then_only_dependent_steps_rerun(tmp_path):
     assert set(state) == {"clean:reviews", "clean:tickets", "label:sentiment", "finetune:sentiment", "finetune:tickets",
                           "select", "merge", "deploy"}
     # the point of the example: each adapter beats the base on its own task by a clear margin and ranks first there
-    # (measured: 1.0 against the base's 0.62 on sentiment, 1.0 against 0.49 on tickets; the bar leaves room for either
+    # (measured: 1.0 against the base's 0.655 on sentiment, 1.0 against 0.574 on tickets; the bar leaves room for either
     # score to move by several held-out rows between torch builds)
     board = json.loads((ex / "runs" / "leaderboard.json").read_text())
     scores = {r["name"]: r["scores"] for r in board["rows"]}
@@ -36,8 +36,13 @@ def test_example_end_to_end_then_only_dependent_steps_rerun(tmp_path):
         assert scores[task][task] >= scores["tiny"][task] + 0.15, (task, scores)
         other = "tickets" if task == "sentiment" else "sentiment"
         assert scores[task][task] > scores[other][task], (task, scores)
-    # the merge step scores the merged adapter on both tasks
-    assert set(state["merge"]["summary"]["scores"]) == {"sentiment", "tickets"}
+    # the merge step scores the merged adapter on both tasks, and it keeps most of each adapter's gain over the base
+    # (measured: 0.931 and 1.0, i.e. 80 % and 100 % of the gains; the bar is half of each)
+    merged = state["merge"]["summary"]["scores"]
+    assert set(merged) == {"sentiment", "tickets"}
+    for task in ("sentiment", "tickets"):
+        gain = scores[task][task] - scores["tiny"][task]
+        assert merged[task] - scores["tiny"][task] >= 0.5 * gain, (task, merged, scores)
     # the router sends each task's rows to that task's adapter
     from fmhub.serving.router import Router
 
