@@ -94,9 +94,9 @@ def _print_scores(result) -> None:
         table.add_row(name, what, *[f"{scores[t]:.3f}" if isinstance(scores.get(t), (int, float)) else "-" for t, _, _ in sc.tasks])
     console.print(table)
     if sc.kept:
-        shares = [f"{share:.0%} on {task}" for task, share in sc.kept.items()]
-        console.print(f"the merged adapter keeps {shares[0]} of the best adapter's gain over the base"
-                      + "".join(f", {s}" for s in shares[1:]), highlight=False, style="dim")
+        (task, share), *rest = sc.kept.items()
+        console.print(f"the merged adapter keeps {share:.0%} of the best adapter's gain over the base on {task}"
+                      + "".join(f", {s:.0%} on {t}" for t, s in rest), highlight=False, style="dim")
 
 
 @app.command("init")
