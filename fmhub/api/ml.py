@@ -6,7 +6,7 @@ commits through `fmhub.run.plan.commit_paths`, the commit of ``fmhub run --commi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from fmhub.base.errors import FmhubError
@@ -79,10 +79,13 @@ EVAL_FAIL_ON = ("flagged", "worse")
 
 @dataclass
 class Evaluated:
-    """What `evaluate` found: the eval's report (``report.json``'s contents), and whether it fails ``fail_on``."""
+    """What `evaluate` found: the eval's report (``report.json``'s contents), and whether it fails ``fail_on``: the
+    rule and one line per slice that broke it (``failures``)."""
 
     report: dict[str, Any]
     failed: bool = False
+    failures: list[str] = field(default_factory=list)
+    rule: Optional[str] = None
 
 
 def evaluate(name: Optional[str] = None, model: Optional[str] = None, adapter: Optional[str] = None,
@@ -95,9 +98,12 @@ def evaluate(name: Optional[str] = None, model: Optional[str] = None, adapter: O
     from fmhub.project.spec import load_spec
 
     check_fail_on(fail_on)
+    if fail_on == "worse" and compare_to is None:  # a CI gate that could never fail
+        raise FmhubError("--fail-on worse needs --compare REV (or a predictions file): without one no slice can get worse")
     rep = evaluation.run_eval(load_spec(spec), name, model=model, adapter=adapter, output=output, compare_to=compare_to,
                               plots=plots, progress=progress)
-    return Evaluated(rep, eval_failed(rep, fail_on))
+    failures = eval_failures(rep, fail_on)
+    return Evaluated(rep, bool(failures), failures, fail_on)
 
 
 def check_fail_on(fail_on: Optional[str]) -> None:
@@ -108,22 +114,34 @@ def check_fail_on(fail_on: Optional[str]) -> None:
 
 def eval_failed(report: dict[str, Any], fail_on: Optional[str]) -> bool:
     """Whether an eval ``report`` fails the gate ``fail_on``: a slice 'flagged', or (compared) a slice got 'worse'."""
+    return bool(eval_failures(report, fail_on))
+
+
+def eval_failures(report: dict[str, Any], fail_on: Optional[str]) -> list[str]:
+    """One line per slice that fails the gate ``fail_on``, saying what the rule saw (empty: it passes)."""
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     if fail_on == "flagged":
-        return any(s["flagged"] for s in report["slices"])
-    if fail_on == "worse":
-        return bool(report.get("compare")) and any(r["verdict"] == "worse" for r in report["compare"]["rows"])
-    return False
+        return [f"{s['name']}: {num(s['value'])} against {num(s.get('rest'))} on the other rows (n={s['n']}): flagged"
+                for s in report["slices"] if s["flagged"]]
+    if fail_on == "worse" and report.get("compare"):
+        return [f"{r['slice']}: {num(r['old'])} -> {num(r['new'])} (n={r['n_new']}): worse than {report['compare']['old']['label']}"
+                for r in report["compare"]["rows"] if r["verdict"] == "worse"]
+    return []
 
 
 def explain(name: Optional[str] = None, slice_name: Optional[str] = None, rows: Optional[Sequence[int]] = None, limit: int = 5,
-            k: int = 10, method: str = "gradient", train: Optional[Sequence[str]] = None, spec: Optional[str] = None) -> dict[str, Any]:
+            k: int = 10, method: str = "gradient", train: Optional[Sequence[str]] = None, spec: Optional[str] = None,
+            model: Optional[str] = None, adapter: Optional[str] = None) -> dict[str, Any]:
     """For an eval's failing rows, the training rows most responsible for what the model predicted
-    (`fmhub.ml.explain.explain_eval`)."""
+    (`fmhub.ml.explain.explain_eval`); ``model``/``adapter``: explain the predictions ``fmhub eval --model`` wrote for
+    them (refused unless those predictions were made by exactly these weights)."""
     from fmhub.ml import explain as provenance
     from fmhub.project.spec import load_spec
 
     return provenance.explain_eval(load_spec(spec), name, slice_name=slice_name, rows=list(rows) if rows else None, limit=limit,
-                                   k=k, method=method, train=list(train) if train else None)
+                                   k=k, method=method, train=list(train) if train else None, model=model, adapter=adapter)
 
 
 @dataclass

@@ -70,9 +70,9 @@ def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Score this model instead: PATH or PATH@REV."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="With this PEFT adapter: PATH or PATH@REV."),
     compare_to: Optional[str] = typer.Option(None, "--compare", help="A revision (or predictions file) to compare with: the regression table."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where predictions and reports go (default: the eval's output)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where predictions and reports go (default: the eval's output; another model's: its own directory under it)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Write no PNG/HTML."),
-    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when a slice is 'flagged' or (with --compare) got 'worse'."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when a slice is 'flagged' or (with --compare, required) got 'worse'."),
     as_json: bool = typer.Option(False, "--json"),
     spec_file: Optional[str] = typer.Option(None, "--spec"),
 ) -> None:
@@ -85,7 +85,10 @@ def eval_cmd(
         console.print_json(json.dumps(done.report, default=str))
     else:
         _print_eval(done.report)
-    if done.failed:
+    if done.failed:  # which slices broke which rule, then the exit status a CI check reads
+        err.print(f"fmhub eval: --fail-on {done.rule}: {len(done.failures)} slice(s) failed", highlight=False)
+        for line in done.failures:
+            err.print(f"  {escape(line)}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -100,12 +103,15 @@ def _print_eval(rep: dict) -> None:
         t.add_row(escape(s["name"]), s["kind"], str(s["n"]), value(s["value"]), value(s["stderr"]),
                   "—" if s["gap"] is None else f"{s['gap']:+.3f}", "[red]FLAGGED[/red]" if s["flagged"] else "")
     console.print(t)
+    for name, c in (rep.get("clusters") or {}).items():
+        say(escape(f"clusters {name}: fitted on {c['reference']} ({c['rows']} rows placed)"))
     if rep.get("compare"):
         c = Table("slice", "n", "old", "new", "delta", "verdict", title=f"compared with {rep['compare']['old']['label']}",
                   title_justify="left")
         colour = {"worse": "red", "better": "green", "same": "dim"}
         for r in rep["compare"]["rows"]:
-            c.add_row(escape(r["slice"]), str(r["n_new"]), value(r["old"]), value(r["new"]),
+            n = str(r["n_new"]) if r["n_old"] == r["n_new"] else f"{r['n_old']} -> {r['n_new']}"  # rows one side lacks
+            c.add_row(escape(r["slice"]), n, value(r["old"]), value(r["new"]),
                       "—" if r["delta"] is None else f"{r['delta']:+.3f}", f"[{colour[r['verdict']]}]{r['verdict']}[/]")
         console.print(c)
     html = rep.get("files", {}).get("html")
@@ -121,16 +127,19 @@ def explain_cmd(
     k: int = typer.Option(10, "-k", help="Training rows listed per failing row."),
     method: str = typer.Option("gradient", "--method", help="gradient (TracIn: gradient similarity) or embedding (nearest neighbours)."),
     train: List[str] = typer.Option(None, "--train", help="Training data (default: what the model's lineage records)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Explain the predictions `fmhub eval --model` wrote for this model: PATH or PATH@REV."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="With this PEFT adapter, as `fmhub eval --adapter` scored it."),
     as_json: bool = typer.Option(False, "--json"),
     spec_file: Optional[str] = typer.Option(None, "--spec"),
 ) -> None:
     """Provenance of predictions: for failing rows, the training rows most responsible for what the model predicted."""
     from fmhub.api import ml
 
-    result = ml.explain(name, slice_name, rows or None, limit, k, method, train or None, spec_file)
+    result = ml.explain(name, slice_name, rows or None, limit, k, method, train or None, spec_file, model, adapter)
     if as_json:
         console.print_json(json.dumps(result, default=str))
         return
+    say(escape(f"explaining {result['described']}: its predictions {result['predictions']}; training data {', '.join(result['train'])}"))
     for q in result["queries"]:
         t = Table("score", "training row", "label", title=f"row {q['row']}: {escape(str(q['text']))!s} — predicted "
                   f"{escape(str(q['prediction']))}, expected {escape(str(q['target']))}", title_justify="left")

@@ -94,6 +94,7 @@ def train_adapter(
     progress: Optional[Callable[[str], None]] = None,
     sparsity: Optional[float] = None,
     init_adapter: Optional[str] = None,
+    weak_labels: bool = False,
 ) -> TrainResult:
     """Train a LoRA adapter of ``base_dir`` for ``task``, picking the learning rate by a short search, and score it.
 
@@ -125,6 +126,8 @@ def train_adapter(
     :param progress: called with a line after each trial and at the end.
     :param sparsity: in [0, 1): train only the top ``1 - sparsity`` of the weights' entries by Fisher, no adapter.
     :param init_adapter: continue training this adapter of the base (its r, alpha and targets) instead of a fresh one.
+    :param weak_labels: the task's labels came from labelling functions, not people: the log says the score is
+        measured on them (a model that learnt wrong labels well scores high there).
     :return: a `TrainResult`.
     :raises TaskError: bad task data (naming file and line), bad hyperparameters, every learning rate diverging.
     """
@@ -201,7 +204,7 @@ def train_adapter(
              else {"method": "fishmask", "sparsity": sparsity, "entries_trained": kept, "entries": entries})
     params = {"task": task.name, "metric": task.metric, "lr": lr, "lrs": candidates, **shape,
               "steps": steps, "trial_steps": trial_steps if trials else None, "batch_size": batch_size, "seed": seed,
-              "max_length": max_length}
+              "max_length": max_length, **({"labels": "weak"} if weak_labels else {})}
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -229,7 +232,7 @@ def train_adapter(
     accelerator.wait_for_everyone()
     result.seconds = time.monotonic() - start
     say(f"{task.name}: saved {output_dir}: lr {lr:g}, {steps} steps, eval loss {base_loss:.4f} -> {eval_loss:.4f}, "
-        f"{task.metric} {score:.4f} ({result.seconds:.1f} s)")
+        f"{task.metric}{' on weak labels' if weak_labels else ''} {score:.4f} ({result.seconds:.1f} s)")
     return result
 
 

@@ -312,7 +312,10 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, str] | None = No
               f"<tr><th>overall</th><td class=n>{_fmt(overall.get('value'))} ± {_fmt(overall.get('stderr'))} "
               f"(n={e(overall.get('n'))})</td></tr>"]
     flagged = [s for s in slices if s.get("flagged")]
-    parts.append(f"<tr><th>slices</th><td>{len(slices)} declared, {len(flagged)} flagged</td></tr></table>")
+    parts.append(f"<tr><th>slices</th><td>{len(slices)} declared, {len(flagged)} flagged</td></tr>")
+    for name, c in (report.get("clusters") or {}).items():  # which model's embeddings a cluster slice was fitted on
+        parts.append(f"<tr><th>clusters {e(name)}</th><td>fitted on {e(c.get('reference'))} ({e(c.get('rows'))} rows placed)</td></tr>")
+    parts.append("</table>")
 
     parts.append("<h2>Slices</h2>")
     if not slices:

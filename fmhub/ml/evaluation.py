@@ -21,6 +21,7 @@ row's mean NLL per token (lower is better). Predictions are deterministic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from fmhub.base import boundedjson
 from fmhub.governance import lineage
 from fmhub.base.atomic import atomic_write
 from fmhub.governance import gate
-from fmhub.ml import tasks
+from fmhub.ml import identity, tasks
 from fmhub.ml.tasks import Task, TaskError, TaskRow
 from fmhub.base.errors import FmhubError
 from fmhub.ml.slices import Sliced, compare, membership, metrics
@@ -61,8 +62,11 @@ class Resolved:
         return lineage.describe_input(f"{self.rev}:{self.path}" if self.rev else self.dir, "model", root)
 
 
-def local_dir(given: str, cwd: str, kind: str = "model") -> Resolved:
+def local_dir(given: str, cwd: str, kind: str = "model", check: bool = True) -> Resolved:
     """A directory for ``PATH`` or ``PATH@REV``: the path itself, or the directory as committed, materialized once.
+
+    ``check`` False takes a work-tree path as it is: ``fmhub run`` plans an
+    eval of a model another step has yet to write, and the eval step checks it.
 
     Materialized copies live in the git dir under ``fmhub/eval-models/<tree id>``,
     so evaluating the same version again reads nothing from the store. The read
@@ -75,9 +79,9 @@ def local_dir(given: str, cwd: str, kind: str = "model") -> Resolved:
     src = parse_source(given, cwd)
     if src.rev is None:
         marker = "adapter_config.json" if kind == "adapter" else "config.json"
-        if not os.path.isfile(os.path.join(src.path, marker)):
+        if check and not os.path.isfile(os.path.join(src.path, marker)):
             raise EvalError(f"{given}: not a {kind} directory (no {marker})")
-        return Resolved(given, src.path)
+        return Resolved(given, os.path.normpath(src.path))
     dest = materialized(src, os.path.join(common_dir(src.repo), "fmhub", "eval-models", src.version))
     return Resolved(given, dest, src.rev, src.path)
 
@@ -98,14 +102,16 @@ class Plan:
 
 
 def plan(loaded: LoadedSpec, name: Optional[str] = None, model: Optional[str] = None, adapter: Optional[str] = None,
-         output: Optional[str] = None, read_rows: bool = True) -> Plan:
+         output: Optional[str] = None, read_rows: bool = True, check: bool = True) -> Plan:
     """Resolve ``eval.NAME`` (``model``/``adapter`` override the spec's, e.g. ``models/base@v1``).
 
     ``read_rows`` False resolves paths only (``fmhub run`` plans before the
-    steps that write the rows have run); ``rows`` is then empty.
+    steps that write the rows have run); ``rows`` is then empty. ``check``
+    False does not look into the declared model's directory yet (another step
+    may write it; the eval step checks it). The output (default ``evals/NAME``)
+    belongs to the declared model: another model's predictions go to
+    ``evals/NAME/by-model/SLUG``, so neither overwrites the other.
     """
-    from fmhub.project.spec import model_dir_of
-
     name, ev = pipeline(loaded, "eval", name)
     ev: EvalSpec
     if ev.task not in loaded.spec.tasks:
@@ -126,21 +132,53 @@ def plan(loaded: LoadedSpec, name: Optional[str] = None, model: Optional[str] = 
     missing = [s for s in wanted if s not in loaded.spec.slices]
     if missing:
         raise loaded.error(("eval", name, "slices"), f"no slice {missing[0]!r}; slices: {', '.join(loaded.spec.slices) or 'none'}")
-    if model is None:
-        given = ev.model
-        if given is None:
-            if len(loaded.spec.models) != 1:
-                raise loaded.error(("eval", name), "name the model: (the spec declares "
-                                   f"{len(loaded.spec.models)} models)" if loaded.spec.models else "declare a model under models:")
-            given = next(iter(loaded.spec.models))
-        resolved = (Resolved(given, model_dir_of(loaded, given)) if given in loaded.spec.models
-                    else local_dir(loaded.resolve(given), loaded.root))
-    else:
-        resolved = local_dir(model, os.getcwd())
-    given_adapter = adapter if adapter is not None else (loaded.resolve(ev.adapter) if ev.adapter else None)
-    res_adapter = local_dir(given_adapter, os.getcwd(), "adapter") if given_adapter else None
+    try:
+        declared, declared_adapter = _declared(loaded, name, ev, check and model is None, check and adapter is None)
+    except FmhubError:
+        if model is None:
+            raise
+        declared, declared_adapter = None, None  # a Hub model not in the cache, say: --model is another model anyway
+    resolved = declared if model is None else local_dir(model, os.getcwd())
+    res_adapter = declared_adapter if adapter is None else local_dir(adapter, os.getcwd(), "adapter")
     out = output or loaded.resolve(ev.output or os.path.join("evals", name))
+    if output is None and not (_same(resolved, declared) and _same(res_adapter, declared_adapter)):
+        out = os.path.join(out, identity.BY_MODEL, identity.slug(_named(resolved, res_adapter, loaded.root)))
     return Plan(name, task, data, rows, resolved, res_adapter, {s: loaded.spec.slices[s] for s in wanted}, out, ev.min_rows)
+
+
+def _declared(loaded: LoadedSpec, name: str, ev: EvalSpec, check_model: bool,
+              check_adapter: bool) -> tuple[Resolved, Optional[Resolved]]:
+    """The model and adapter ``eval.NAME`` declares (a ``models:`` name, a path, ``PATH@REV``)."""
+    from fmhub.project.spec import model_dir_of
+
+    given = ev.model
+    if given is None:
+        if len(loaded.spec.models) != 1:
+            raise loaded.error(("eval", name), "name the model: (the spec declares "
+                               f"{len(loaded.spec.models)} models)" if loaded.spec.models else "declare a model under models:")
+        given = next(iter(loaded.spec.models))
+    model = (Resolved(given, model_dir_of(loaded, given)) if given in loaded.spec.models
+             else local_dir(loaded.resolve(given), loaded.root, check=check_model))
+    model.given = given  # as the spec writes it, for reports
+    adapter = local_dir(loaded.resolve(ev.adapter), loaded.root, "adapter", check=check_adapter) if ev.adapter else None
+    if adapter is not None:
+        adapter.given = ev.adapter
+    return model, adapter
+
+
+def _same(a: Optional[Resolved], b: Optional[Resolved]) -> bool:
+    """Whether two resolved models are one name (a symlink to the declared model is another name: its own directory)."""
+    if a is None or b is None:
+        return a is b
+    return a.rev == b.rev and (os.path.abspath(a.dir) == os.path.abspath(b.dir) if a.rev is None else a.path == b.path)
+
+
+def _named(model: Resolved, adapter: Optional[Resolved], root: str) -> dict[str, Any]:
+    """An identity without the weights' hashes: enough to name the model's directory."""
+    def one(r: Resolved) -> dict[str, Any]:
+        return {"path": r.path if r.rev is not None else identity.place(r.dir, root), "rev": r.rev}
+
+    return {"model": one(model), "adapter": one(adapter) if adapter else None}
 
 
 # ------------------------------------------------------------------ scoring
@@ -210,9 +248,53 @@ def _text_column(task: Task) -> str:
     return task.prompt if task.metric == "exact_match" else task.text
 
 
-def slice_rows(p: Plan, rows: Sequence[dict], loaded: Optional[LoadedSpec], embeddings: Any = None) -> Sliced:
+def slice_rows(p: Plan, rows: Sequence[dict], loaded: Optional[LoadedSpec], embeddings: Any = None,
+               fixed: Optional[dict[str, list[list[bool]]]] = None) -> Sliced:
     return membership(p.slices, rows, text_column=_text_column(p.task), classes=p.task.classes or (), loaded=loaded,
-                      embeddings=embeddings)
+                      embeddings=embeddings, fixed=fixed)
+
+
+def row_keys(rows: Sequence[TaskRow]) -> list[str]:
+    """Each row's content key; the n-th copy of a repeated line is ``KEY.n``, pairing with the other version's n-th copy."""
+    seen: dict[str, int] = {}
+    out = []
+    for row in rows:
+        key = row_key(row)
+        seen[key] = seen.get(key, 0) + 1
+        out.append(key if seen[key] == 1 else f"{key}.{seen[key]}")
+    return out
+
+
+def reference_clusters(p: Plan, keys: Sequence[str], old: Sequence[dict]) -> dict[str, list[list[bool]]]:
+    """Cluster slices as the reference predictions (the ``--compare`` side) hold them, applied to ``keys``.
+
+    A cluster slice is defined once, on the reference model's embeddings, so
+    both sides of a comparison count the same rows; a row the reference did
+    not score is in none of its clusters. A slice the reference has no
+    clusters of, or clusters of another ``clusters:`` count, is left out
+    (this run fits it, and the report says so).
+    """
+    by_key = {r["key"]: set(r.get("slices") or ()) for r in old}
+    out = {}
+    for name, s in p.slices.items():
+        if s.clusters is None:
+            continue
+        names = [f"{name}:{k}" for k in range(s.clusters)]
+        theirs = {n for held in by_key.values() for n in held if n.startswith(f"{name}:")}
+        if theirs and theirs <= set(names):  # a reference of another K is another definition: fitted here instead
+            out[name] = [[n in by_key.get(key, ()) for key in keys] for n in names]
+    return out
+
+
+def check_owner(output: str, ident: dict, root: str) -> None:
+    """Refuse to write over the predictions of another model (another path, revision or adapter)."""
+    pred = os.path.join(output, PREDICTIONS)
+    there = identity.recorded(pred) if os.path.isfile(pred) else None
+    if there is not None and identity.who(there) != identity.who(ident):
+        rel = os.path.relpath(output, root)
+        home = os.path.join(rel, identity.BY_MODEL, identity.slug(there))  # where fmhub eval --model puts them now
+        raise EvalError(f"{rel} holds the predictions of {identity.describe(there)}, not of {identity.describe(ident)}; "
+                        f"move them to {home} (or remove them), or write these elsewhere (--output DIR)")
 
 
 def run_eval(loaded: LoadedSpec, name: Optional[str] = None, *, model: Optional[str] = None, adapter: Optional[str] = None,
@@ -221,31 +303,35 @@ def run_eval(loaded: LoadedSpec, name: Optional[str] = None, *, model: Optional[
     """Run an eval end to end and write its files; returns the report (``report.json``'s contents).
 
     :param compare_to: a revision (or a predictions file) whose predictions of
-        this eval the report's regression table compares against.
+        this eval (the declared model's, ``evals/NAME``) the report's regression
+        table compares against; cluster slices are taken from them.
     """
     say = progress or (lambda _: None)
     t0 = time.monotonic()
     p = plan(loaded, name, model, adapter, output)
-    embed = any(s.clusters is not None for s in p.slices.values())
-    say(f"eval {p.name}: {len(p.rows)} rows, {p.model.given}{' + ' + p.adapter.given if p.adapter else ''}")
-    preds, vectors = predict(p.model.dir, p.adapter.dir if p.adapter else None, p.task, p.rows, embed=embed)
-    rows = [r.values for r in p.rows]
-    sliced = slice_rows(p, rows, loaded, vectors)
-    records = []
-    seen: dict[str, int] = {}
-    for i, (row, pr) in enumerate(zip(p.rows, preds)):
-        key = row_key(row)
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:  # the same line again: its n-th copy pairs with the other version's n-th copy
-            key = f"{key}.{seen[key]}"
-        records.append({"key": key, "where": _rel_where(row.where, loaded.root), "row": row.values, **pr,
-                        "slices": [s for s, m in sliced.members.items() if m[i]]})
-    report = build_report(p, records, sliced)
+    ident = identity.of(p.model, p.adapter, loaded.root)
+    check_owner(p.output, ident, loaded.root)
+    keys = row_keys(p.rows)
+    old = None
     if compare_to is not None:
-        # at a revision, the eval's own output directory holds the committed predictions, wherever this run writes
-        committed = plan(loaded, p.name, read_rows=False).output if output else p.output
-        report["compare"] = compare_section(load_predictions(compare_to, committed, loaded.root), records, p.task.metric != "loss",
-                                            old_label=compare_to, new_label="this run", order=[s["name"] for s in report["slices"]])
+        # at a revision, the declared model's output directory holds the committed predictions, wherever this run writes
+        old = load_predictions(compare_to, plan(loaded, p.name, read_rows=False, check=False).output, loaded.root)
+    fixed = reference_clusters(p, keys, old) if old is not None else {}
+    embed = any(s.clusters is not None and n not in fixed for n, s in p.slices.items())
+    say(f"eval {p.name}: {len(p.rows)} rows, {identity.describe(ident)}")
+    preds, vectors = predict(p.model.dir, p.adapter.dir if p.adapter else None, p.task, p.rows, embed=embed)
+    sliced = slice_rows(p, [r.values for r in p.rows], loaded, vectors, fixed)
+    records = [{"key": key, "where": _rel_where(row.where, loaded.root), "row": row.values, **pr,
+                "slices": [s for s, m in sliced.members.items() if m[i]]}
+               for i, (key, row, pr) in enumerate(zip(keys, p.rows, preds))]
+    report = build_report(p, records, sliced)
+    report["identity"] = ident
+    report["clusters"] = {n: {"reference": compare_to if n in fixed else "this run",
+                              "rows": sum(any(m[i] for m in fixed[n]) for i in range(len(keys))) if n in fixed else len(keys)}
+                          for n, s in p.slices.items() if s.clusters is not None}
+    if old is not None:
+        report["compare"] = compare_section(old, records, p.task.metric != "loss", old_label=compare_to, new_label="this run",
+                                            order=[s["name"] for s in report["slices"]])
     report["seconds"] = time.monotonic() - t0
     write(p, loaded, records, report, plots)
     return report
@@ -287,18 +373,31 @@ def load_predictions(source: str, output_dir: str, root: str) -> list[dict]:
                     if len(line) > MAX_PREDICTION_LINE:
                         raise ValueError("a line too long")
                     rec = boundedjson.loads(line, allow_nan=True)  # a NaN score is one fmhub wrote
-                    rec["key"], rec["score"]  # noqa: B018 (the two fields a comparison needs)
+                    _check_record(rec)
                 except (ValueError, KeyError, TypeError):
                     raise EvalError(f"{source}:{n}: not a predictions record (fmhub eval writes them)") from None
                 out.append(rec)
     return out
 
 
+def _check_record(rec: Any) -> None:
+    """Raise ValueError unless ``rec`` has what a comparison reads, in the types fmhub writes: a string ``key``, a
+    numeric ``score`` and (if any) a list of slice names."""
+    slices = rec.get("slices", []) if isinstance(rec, dict) else None
+    if (not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or isinstance(rec.get("score"), bool)
+            or not isinstance(rec.get("score"), (int, float)) or not isinstance(slices, list)
+            or not all(isinstance(x, str) for x in slices)):
+        raise ValueError("not a predictions record")
+
+
 def compare_section(old: Sequence[dict], new: Sequence[dict], higher_is_better: bool, *, old_label: str, new_label: str,
                     threshold: float = COMPARE_THRESHOLD, order: Sequence[str] = ()) -> dict[str, Any]:
     """The regression table between two versions' predictions; slices as the records assign them, ``order`` first."""
     members: dict[str, set[str]] = {name: set() for name in order}
-    for rec in (*new, *old):
+    fresh = {r["key"] for r in new}
+    # one membership per row: the new records' (this run's slices, clusters from the reference) where they have the
+    # row, the old records' only for rows the new run did not score
+    for rec in (*new, *(r for r in old if r["key"] not in fresh)):
         for s in rec.get("slices", []):
             members.setdefault(s, set()).add(rec["key"])
     rows = compare({r["key"]: float(r["score"]) for r in old}, {r["key"]: float(r["score"]) for r in new}, members,
@@ -310,9 +409,12 @@ def write(p: Plan, loaded: LoadedSpec, records: Sequence[dict], report: dict, pl
     """Predictions, report, plots and lineage, each file renamed into place whole."""
     os.makedirs(p.output, exist_ok=True)
     pred_path = os.path.join(p.output, PREDICTIONS)
-    with atomic_write(pred_path, "w") as f:
+    digest = hashlib.sha256()  # recorded with the identity: explain refuses predictions edited or copied in since
+    with atomic_write(pred_path, "wb") as f:  # bytes: what is hashed is what is written
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+            line = (json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+            digest.update(line)
+            f.write(line)
     if plots:
         from fmhub.ml import eval_report
 
@@ -325,5 +427,6 @@ def write(p: Plan, loaded: LoadedSpec, records: Sequence[dict], report: dict, pl
         inputs.insert(1, p.adapter.lineage_input(loaded.root))
     lineage.record(pred_path, "eval", inputs, {"task": p.task.name, "metric": p.task.metric, "model": p.model.given,
                                                "model_rev": p.model.rev, "adapter": p.adapter.given if p.adapter else None,
-                                               "rows": len(records), "overall": report["overall"]["value"]},
+                                               "rows": len(records), "overall": report["overall"]["value"],
+                                               "identity": report.get("identity"), identity.PREDICTIONS_SHA: digest.hexdigest()},
                    pipeline=p.name, cwd=loaded.root)

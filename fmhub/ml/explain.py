@@ -61,10 +61,11 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from fmhub.ml import autotune, tasks
+from fmhub.ml import autotune, identity, tasks
 from fmhub.base import boundedjson
 from fmhub.data import texts as datasets_io
 from fmhub.governance import gate, lineage
@@ -99,7 +100,7 @@ class Influence:
 # ------------------------------------------------------------------ which rows
 
 
-def training_data(model_or_adapter: str, cwd: str = ".") -> list[str]:
+def training_data(model_or_adapter: str, cwd: str = ".", rev: Optional[str] = None) -> list[str]:
     """The datasets ``model_or_adapter`` was trained on, from its lineage records and those of the models it came from.
 
     Paths are relative to ``cwd`` (so they open from there); a dataset a
@@ -113,14 +114,15 @@ def training_data(model_or_adapter: str, cwd: str = ".") -> list[str]:
     start = lineage._rel(os.path.join(cwd, os.fspath(model_or_adapter)), root)
     found: list[str] = []
     seen: set[tuple[str, Optional[str]]] = set()
-    todo: list[tuple[str, Optional[str]]] = [(start, None)]
+    first = (start, rev)  # ``rev``: the model as committed there (its record read at that revision)
+    todo: list[tuple[str, Optional[str]]] = [first]
     while todo:
         path, rev = todo.pop(0)
         if (path, rev) in seen:
             continue
         seen.add((path, rev))
         rec = lineage.read(path, rev, root)
-        if rec is None and (path, rev) == (start, None):
+        if rec is None and (path, rev) == first:
             raise ProvenanceError(f"{model_or_adapter} has no lineage record ({model_or_adapter}{lineage.SUFFIX}) to find its "
                                   "training data in; record lineage by training with fmhub finetune/run, or pass --train")
         if rec is None or rec.get("step") not in MODEL_STEPS:
@@ -451,45 +453,90 @@ def precision_at_k(ranked: Sequence[Sequence[int]], relevant: set[int], k: int) 
 
 
 def explain_eval(loaded: Any, name: Optional[str] = None, *, slice_name: Optional[str] = None, rows: Optional[Sequence[int]] = None,
-                 limit: int = 5, k: int = 10, method: str = "gradient", train: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Explain an eval's failing predictions (``fmhub explain``): its stored predictions, its model, its training data.
+                 limit: int = 5, k: int = 10, method: str = "gradient", train: Optional[Sequence[str]] = None,
+                 model: Optional[str] = None, adapter: Optional[str] = None) -> dict[str, Any]:
+    """Explain an eval's failing predictions (``fmhub explain``): its stored predictions, the model that made them, its training data.
 
     :param loaded: the `fmhub.project.spec.LoadedSpec`.
     :param slice_name: take failing rows of this slice (default: any failing row).
     :param rows: positions in ``predictions.jsonl`` to explain instead (failing or not).
     :param limit: at most this many rows.
     :param train: training data files (default: `training_data` of the eval's model, or its adapter).
-    :return: ``{"eval", "model", "adapter", "method", "train": [files], "queries": [{"row", "where", "text", "target",
-        "prediction", "influences": [{"index", "file", "where", "score", "text", "label"}]}]}``; ``index`` counts rows
-        across the training files in order.
-    :raises ProvenanceError: no predictions yet, a row or slice that is not there, no failing row, no training data.
+    :param model: the model (``PATH`` or ``PATH@REV``) whose predictions to explain, as ``fmhub eval --model`` wrote
+        them (default: the eval's declared model); ``adapter`` the same for an adapter.
+    :return: ``{"eval", "model", "adapter", "identity", "predictions", "method", "train": [files], "queries": [{"row",
+        "where", "text", "target", "prediction", "influences": [{"index", "file", "where", "score", "text", "label"}]}]}``;
+        ``index`` counts rows across the training files in order.
+    :raises ProvenanceError: no predictions yet, predictions of another model (or other weights or config) than the
+        one to explain, a predictions file edited or copied in since eval wrote it, a row or slice that is not there,
+        no failing row, no training data.
     """
     from fmhub.ml import evaluation
 
-    p = evaluation.plan(loaded, name, read_rows=False)
+    p = evaluation.plan(loaded, name, model=model, adapter=adapter, read_rows=False)
     pred_path = os.path.join(p.output, evaluation.PREDICTIONS)
-    if not os.path.isfile(pred_path):
-        raise ProvenanceError(f"{os.path.relpath(pred_path, loaded.root)}: no predictions; run `fmhub eval {p.name}` first")
+    ident = _checked_identity(loaded, p, pred_path, model, adapter)
     preds = evaluation.load_predictions(pred_path, p.output, loaded.root)
+    picked = _pick(p, preds, pred_path, rows, slice_name)[:limit]
+    owner = p.adapter or p.model
+    files = list(train) if train else training_data(owner.path if owner.rev else identity.place(owner.dir, loaded.root, real=True),
+                                                    loaded.root, owner.rev)
+    train_rows, where = _training_rows(loaded, p, files)
+    queries = [preds[i]["row"] for i in picked]
+    targets = [str(preds[i]["prediction"]) if preds[i].get("prediction") is not None else "" for i in picked]
+    ranked = explain(p.model.dir, p.adapter.dir if p.adapter else None, p.task, train_rows, queries, targets, method=method, k=k)
+    text_col = p.task.prompt if p.task.metric == "exact_match" else p.task.text
+    answer_col = {"accuracy": p.task.label, "exact_match": p.task.completion}.get(p.task.metric)
+    out = []
+    for i, infl in zip(picked, ranked):
+        out.append({"row": i, "where": preds[i].get("where"), "text": preds[i]["row"].get(text_col), "target": preds[i].get("target"),
+                    "prediction": preds[i].get("prediction"),
+                    "influences": [{"index": x.index, "file": where[x.index][0], "where": f"{where[x.index][0]}:{where[x.index][1]}",
+                                    "score": x.score, "text": x.row.get(text_col), "label": x.row.get(answer_col) if answer_col else None}
+                                   for x in infl]})
+    return {"eval": p.name, "model": p.model.given, "adapter": p.adapter.given if p.adapter else None, "identity": ident,
+            "described": identity.describe(ident), "predictions": os.path.relpath(pred_path, loaded.root), "method": method,
+            "train": files, "queries": out}
+
+
+def _checked_identity(loaded: Any, p: Any, pred_path: str, model: Optional[str], adapter: Optional[str]) -> dict[str, Any]:
+    """The identity of the model to explain, refused unless the predictions were made by exactly it (same path, same weights)."""
+    rel = os.path.relpath(pred_path, loaded.root)
+    again = shlex.join(["fmhub", "eval", p.name] + (["--model", model] if model else []) + (["--adapter", adapter] if adapter else []))
+    if not os.path.isfile(pred_path):
+        raise ProvenanceError(f"{rel}: no predictions; run `{again}` first")
+    ident = identity.of(p.model, p.adapter, loaded.root)
+    there = identity.recorded(pred_path)
+    if there is None or identity.who(there) != identity.who(ident) or there.get("id") != ident["id"]:
+        raise ProvenanceError(f"{rel} holds predictions of {identity.describe(there)}, not of {identity.describe(ident)}, whose "
+                              f"gradients explain would take; run `{again}` first, then explain")
+    if not identity.intact(pred_path):  # the record names the model, but these may be another model's rows copied in
+        raise ProvenanceError(f"{rel} is not the file fmhub eval wrote for {identity.describe(ident)} (edited or copied in "
+                              f"since); run `{again}` first, then explain")
+    return ident
+
+
+def _pick(p: Any, preds: list[dict], pred_path: str, rows: Optional[Sequence[int]], slice_name: Optional[str]) -> list[int]:
+    """The positions of the predictions to explain: ``rows``, else the failing ones (of ``slice_name``)."""
     if rows:
         bad = [r for r in rows if not 0 <= r < len(preds)]
         if bad:
             raise ProvenanceError(f"row {bad[0]} is not in {pred_path} ({len(preds)} rows, counted from 0)")
-        picked = list(rows)
-    else:
-        if slice_name is not None and not any(slice_name in r.get("slices", []) for r in preds):
-            raise ProvenanceError(f"no row of the predictions is in slice {slice_name!r}; slices: "
-                                  f"{', '.join(sorted({s for r in preds for s in r.get('slices', [])})) or 'none'}")
-        picked = [i for i, r in enumerate(preds) if r.get("correct") is False and (slice_name is None or slice_name in r.get("slices", []))]
-        if p.task.metric == "loss":  # no right or wrong: the worst-scored rows
-            picked = sorted(range(len(preds)), key=lambda i: -float(preds[i]["score"]))
-            picked = [i for i in picked if slice_name is None or slice_name in preds[i].get("slices", [])]
-        if not picked:
-            raise ProvenanceError(f"no failing prediction{' in slice ' + repr(slice_name) if slice_name else ''} to explain")
-    picked = picked[:limit]
-    owner = p.adapter.dir if p.adapter else p.model.dir
-    files = list(train) if train else training_data(os.path.relpath(owner, loaded.root) if not p.adapter or p.adapter.rev is None
-                                                    else owner, loaded.root)
+        return list(rows)
+    if slice_name is not None and not any(slice_name in r.get("slices", []) for r in preds):
+        raise ProvenanceError(f"no row of the predictions is in slice {slice_name!r}; slices: "
+                              f"{', '.join(sorted({s for r in preds for s in r.get('slices', [])})) or 'none'}")
+    picked = [i for i, r in enumerate(preds) if r.get("correct") is False and (slice_name is None or slice_name in r.get("slices", []))]
+    if p.task.metric == "loss":  # no right or wrong: the worst-scored rows
+        picked = sorted(range(len(preds)), key=lambda i: -float(preds[i]["score"]))
+        picked = [i for i in picked if slice_name is None or slice_name in preds[i].get("slices", [])]
+    if not picked:
+        raise ProvenanceError(f"no failing prediction{' in slice ' + repr(slice_name) if slice_name else ''} to explain")
+    return picked
+
+
+def _training_rows(loaded: Any, p: Any, files: Sequence[str]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The training rows of ``files`` (``REV:PATH`` as lineage pins them), through the governance gate, and where each is."""
     train_rows, where = [], []
     for f in files:
         path = f if os.path.isabs(f) else os.path.join(loaded.root, f)
@@ -504,17 +551,4 @@ def explain_eval(loaded: Any, name: Optional[str] = None, *, slice_name: Optiona
         for r in tasks.read_rows(path, p.task, step=gate.pipeline_step(loaded, "eval", p.name), governed_as=governed):
             train_rows.append(r.values)
             where.append((f, r.where.rsplit(":", 1)[1]))
-    queries = [preds[i]["row"] for i in picked]
-    targets = [str(preds[i]["prediction"]) if preds[i].get("prediction") is not None else "" for i in picked]
-    ranked = explain(p.model.dir, p.adapter.dir if p.adapter else None, p.task, train_rows, queries, targets, method=method, k=k)
-    text_col = p.task.prompt if p.task.metric == "exact_match" else p.task.text
-    answer_col = {"accuracy": p.task.label, "exact_match": p.task.completion}.get(p.task.metric)
-    out = []
-    for i, infl in zip(picked, ranked):
-        out.append({"row": i, "where": preds[i].get("where"), "text": preds[i]["row"].get(text_col), "target": preds[i].get("target"),
-                    "prediction": preds[i].get("prediction"),
-                    "influences": [{"index": x.index, "file": where[x.index][0], "where": f"{where[x.index][0]}:{where[x.index][1]}",
-                                    "score": x.score, "text": x.row.get(text_col), "label": x.row.get(answer_col) if answer_col else None}
-                                   for x in infl]})
-    return {"eval": p.name, "model": p.model.given, "adapter": p.adapter.given if p.adapter else None, "method": method,
-            "train": files, "queries": out}
+    return train_rows, where

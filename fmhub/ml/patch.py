@@ -33,9 +33,9 @@ import shutil
 import tempfile
 import time
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
-from fmhub.ml import evaluation
+from fmhub.ml import evaluation, identity
 from fmhub.governance import gate, lineage
 from fmhub.base.atomic import atomic_write
 from fmhub.ml.autotune import train_adapter
@@ -72,8 +72,30 @@ def _read_gated(rows: gate.Rows) -> list[dict]:
     return out
 
 
-def _augment(loaded: LoadedSpec, name: str, ps: PatchSpec, rows: list[dict], column: str) -> list[dict]:
-    """Each augmentation's extra rows (the originals are not repeated)."""
+def _rejoiners(loaded: LoadedSpec, pool_path: str) -> list[Any]:
+    """The `fmhub.data.join.Joiner` of each ``join:`` whose output is the pool: its columns describe the text, so an
+    augmented row's are recomputed from its new text (a swapped brand is another entity)."""
+    from fmhub.data import join
+
+    out = []
+    for jn in loaded.spec.join.values():
+        if os.path.realpath(loaded.resolve(jn.output)) == os.path.realpath(pool_path):
+            table = join.read_table(loaded.resolve(jn.table), jn.key, fold_case=jn.mentions is not None)
+            out.append(join.Joiner(table, jn))
+    return out
+
+
+def _rejoin(row: dict, joiners: Sequence[Any], where: str) -> Optional[dict]:
+    """``row`` with each join's columns dropped and joined again from its text (None: a ``missing: drop`` join drops it)."""
+    for j in joiners:
+        row = j.join({k: v for k, v in row.items() if k not in j.added}, where)
+        if row is None:
+            return None
+    return row
+
+
+def _augment(loaded: LoadedSpec, name: str, ps: PatchSpec, rows: list[dict], column: str, joiners: Sequence[Any] = ()) -> list[dict]:
+    """Each augmentation's extra rows (the originals are not repeated), their joined columns recomputed by ``joiners``."""
     out: list[dict] = []
     rng = random.Random(ps.seed)
     for i, step in enumerate(ps.augment):
@@ -96,7 +118,9 @@ def _augment(loaded: LoadedSpec, name: str, ps: PatchSpec, rows: list[dict], col
                 continue
             others = [w for w in words if w != found.group(1)]
             for w in rng.sample(others, min(copies, len(others))):
-                out.append({**row, column: text[: found.start()] + w + text[found.end() :]})
+                new = _rejoin({**row, column: text[: found.start()] + w + text[found.end() :]}, joiners, f"patch {name}: augment")
+                if new is not None:
+                    out.append(new)
     return out
 
 
@@ -141,13 +165,15 @@ def patch_set(loaded: LoadedSpec, name: str, p: evaluation.Plan, ps: PatchSpec, 
             raise loaded.error(("patch", name, "label"), "the label pipeline abstained on every slice row; add labelling functions that cover them")
     elif any(task.label not in r for r in rows) and task.metric == "accuracy":
         raise loaded.error(("patch", name), f"the pool's rows have no {task.label!r} column; name a label pipeline (label:) to label them")
-    extra = _augment(loaded, name, ps, rows, column)
+    counts["labelled"] = len(rows) if ps.label else None  # rows a labelling function voted on (the rest are dropped)
+    counts["used"] = len(rows)  # slice rows the patch trains on: replay is sized from these
+    extra = _augment(loaded, name, ps, rows, column, _rejoiners(loaded, pool_path))
     counts["augmented"] = len(extra)
     rows = [{**r, "_patch": "slice"} for r in rows] + [{**r, "_patch": "augment"} for r in extra]
     train = _read_gated(train_rows)
     outside = [r for r, m in zip(train, membership(spec, train, text_column=column, classes=task.classes or (),
                                                           loaded=loaded).members[ps.slice]) if not m]
-    n = min(len(outside), int(round(ps.replay * counts["slice_rows"])))
+    n = min(len(outside), int(round(ps.replay * counts["used"])))
     replay = random.Random(ps.seed).sample(outside, n) if n else []
     counts["replay"] = len(replay)
     return rows + [{**r, "_patch": "replay"} for r in replay], counts
@@ -225,7 +251,8 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
     data_out = loaded.resolve(ps.data_output) if ps.data_output else out.rstrip("/") + ".patch.jsonl"
     higher = p.task.metric != "loss"
 
-    say(f"patch {name}: scoring {p.model.given} on {len(p.rows)} rows")
+    ident = identity.of(p.model, None, loaded.root)  # exactly the weights patched, scored before and gated against
+    say(f"patch {name}: scoring {identity.describe(ident)} on {len(p.rows)} rows")
     before, sliced = _score(p, p.model.dir, loaded)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -237,13 +264,15 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
         gate.record_output(gate.pipeline_step(loaded, "patch", name), data_out,
                            [("dataset", os.path.join(loaded.root, counts["pool"])), ("dataset", p.task.data)],
                            {"slice": ps.slice, **{k: v for k, v in counts.items() if k != "pool"}}, lineage_step="patch-data")
-        say(f"patch {name}: {len(rows)} rows ({counts['slice_rows']} in slice {ps.slice}, {counts['augmented']} augmented, "
-            f"{counts['replay']} replayed)")
+        labelled = f"{counts['labelled']} labelled, " if counts["labelled"] is not None else ""
+        say(f"patch {name}: {len(rows)} rows: {counts['slice_rows']} in slice {ps.slice}, {labelled}{counts['used']} used, "
+            f"{counts['augmented']} augmented, {counts['replay']} replayed")
 
         task = Task(name=f"patch-{name}", data=data_out, metric=p.task.metric, classes=p.task.classes, text=p.task.text,
                     prompt=p.task.prompt, completion=p.task.completion, label=p.task.label)
         cand = os.path.join(tmp, "model")
-        train = dict(steps=ps.steps, batch_size=ps.batch_size, lrs=ps.lrs, trial_steps=ps.trial_steps, seed=ps.seed, progress=say)
+        train = dict(steps=ps.steps, batch_size=ps.batch_size, lrs=ps.lrs, trial_steps=ps.trial_steps, seed=ps.seed, progress=say,
+                     weak_labels=bool(ps.label))
         if ps.method == "fishmask":
             result = train_adapter(p.model.dir, task, cand, sparsity=ps.sparsity, **train)
         else:
@@ -256,6 +285,7 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
         after, _ = _score(p, cand, loaded, sliced)
         passed, table = _gate(before, after, ps, higher, p.min_rows)
         report = {"v": 1, "patch": name, "slice": ps.slice, "eval": ps.eval, "metric": p.task.metric, "model": p.model.given,
+                  "identity": ident, "clusters_reference": f"{p.model.given} (the model before the patch)",
                   "method": ps.method, "sparsity": ps.sparsity if ps.method == "fishmask" else None, "lr": result.lr,
                   "steps": ps.steps, "data": os.path.relpath(data_out, loaded.root), "counts": counts,
                   "gate": {"min_gain": ps.gate.min_gain, "max_regression": ps.gate.max_regression, "passed": passed, "table": table},
@@ -278,7 +308,7 @@ def run_patch(loaded: LoadedSpec, name: Optional[str] = None, *, progress: Optio
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lineage.record(out, "patch", [p.model.lineage_input(loaded.root), lineage.describe_input(data_out, "dataset", loaded.root)],
-                   {"slice": ps.slice, "eval": ps.eval, "method": ps.method, "gate": "passed",
+                   {"slice": ps.slice, "eval": ps.eval, "method": ps.method, "gate": "passed", "identity": ident,
                     "gain": next(r["gain"] for r in table if r["slice"] == ps.slice)}, pipeline=name, cwd=loaded.root)
     from fmhub.governance import audit
 

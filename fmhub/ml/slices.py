@@ -87,7 +87,7 @@ class Sliced:
 
 def membership(slices: Mapping[str, SliceSpec], rows: Sequence[Mapping[str, Any]], *, text_column: str = "text",
                classes: Sequence[str] = (), loaded: Optional[LoadedSpec] = None, embeddings: Any = None,
-               seed: int = 0) -> Sliced:
+               seed: int = 0, fixed: Optional[Mapping[str, Sequence[list[bool]]]] = None) -> Sliced:
     """Which rows each slice holds.
 
     :param slices: name -> `SliceSpec`, in the order reports show them.
@@ -96,15 +96,18 @@ def membership(slices: Mapping[str, SliceSpec], rows: Sequence[Mapping[str, Any]
     :param classes: the task's class names: what an lf slice's function may vote (its ``vote`` is added).
     :param loaded: the spec, so errors name the slice's line in fmhub.yaml.
     :param embeddings: (rows, dim) array of the evaluated model's embeddings; needed by clusters slices.
+    :param fixed: cluster slice name -> its clusters' memberships as a reference fitted them (see
+        `fmhub.ml.evaluation.reference_clusters`): used as they are, not fitted again.
     :raises SliceError: a bad predicate, regex, labelling function, or clusters without embeddings.
     """
     out = Sliced({}, {}, {})
     for name, s in slices.items():
         try:
             if s.clusters is not None:
-                if embeddings is None:
+                if embeddings is None and name not in (fixed or {}):
                     raise SliceError(f"slice {name!r}: clusters need the model's embeddings; run it through fmhub eval")
-                for k, member in enumerate(kmeans(embeddings, s.clusters, seed)):
+                clusters = fixed[name] if name in (fixed or {}) else kmeans(embeddings, s.clusters, seed)
+                for k, member in enumerate(clusters):
                     out.members[f"{name}:{k}"] = member
                     out.kinds[f"{name}:{k}"] = "cluster"
                     out.descriptions[f"{name}:{k}"] = s.description or f"cluster {k} of {s.clusters} (k-means of embeddings)"

@@ -207,7 +207,7 @@ class FinetuneSpec(_Strict):
 
     method: str = Field("lora", pattern="^(lora|fishmask)$",
                         description="lora (an adapter per task) or fishmask (the base's top-Fisher entries, a full model per task)")
-    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="fishmask: the fraction of weight entries left unchanged (0.99)")
+    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="fishmask: the fraction of weight entries left unchanged (0.99; 0.0: a full fine-tune)")
     models: Optional[list[str]] = Field(None, description="candidate models to train on (default: every one)")
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)

@@ -76,11 +76,12 @@ def order(steps: list[Step]) -> list[Step]:
     by_id = {s.id: s for s in steps}
     producer = {}
     for s in steps:
-        for out in s.outputs:
+        for out in map(os.path.normpath, s.outputs):  # "models/ft/x" and "models/ft/./x/" are one path
             if out in producer:
                 raise DagError(f"{s.where or s.id}: {s.id} and {producer[out].id} both write {out}; give one another output")
             producer[out] = s
-    deps = {s.id: [producer[p].id for p in s.inputs if p in producer and producer[p] is not s] + list(s.after) for s in steps}
+    deps = {s.id: [producer[p].id for p in map(os.path.normpath, s.inputs) if p in producer and producer[p] is not s]
+            + list(s.after) for s in steps}
     done: list[Step] = []
     state: dict[str, str] = {}
 
@@ -141,7 +142,9 @@ def run(steps: Iterable[Step], state: State, only: set[str] | None = None, dry_r
     """
     outcomes: list[Outcome] = []
     stale: set[str] = set()  # steps that would run in a dry run: their outputs are not final yet
-    for step in order(list(steps)):
+    steps = list(steps)
+    makers = {os.path.normpath(o): s.id for s in steps for o in s.outputs}  # for a step named alone whose input is not made yet
+    for step in order(steps):
         if only is not None and step.id not in only:
             continue
         key, missing = step_key(step)
@@ -157,8 +160,10 @@ def run(steps: Iterable[Step], state: State, only: set[str] | None = None, dry_r
             outcomes.append(Outcome(step.id, "would run"))
             continue
         if missing:
-            raise DagError(f"{step.where or step.id}: {step.id} needs {missing[0]}, which does not exist "
-                           "and no step makes it; check the path")
+            maker = makers.get(os.path.normpath(missing[0]))
+            raise DagError(f"{step.where or step.id}: {step.id} needs {_shown(missing[0])}, which does not exist "
+                           + (f"yet; step {maker} makes it: run it first (or run without naming steps)" if maker
+                              else "and no step makes it; check the path"))
         if on_event:
             on_event("start", step, None)
         start = time.monotonic()
@@ -183,3 +188,9 @@ def run(steps: Iterable[Step], state: State, only: set[str] | None = None, dry_r
         if on_event:
             on_event("done", step, out)
     return outcomes
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory (the repository root, for `fmhub run`) when it is inside it."""
+    rel = os.path.relpath(path)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel

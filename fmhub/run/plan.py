@@ -137,7 +137,8 @@ def _monitoring_steps(loaded: LoadedSpec) -> list[dag.Step]:
 
     spec, res = loaded.spec, loaded.resolve
     steps = []
-    plans = {name: evaluation.plan(loaded, name, read_rows=False) for name in spec.eval}  # a patch reads its eval's plan
+    # a patch reads its eval's plan; check=False: a model another step writes (a fine-tune's) is checked when read
+    plans = {name: evaluation.plan(loaded, name, read_rows=False, check=False) for name in spec.eval}
     for name, ev in spec.eval.items():
         p = plans[name]
         inputs = [p.model.dir, p.data] + ([p.adapter.dir] if p.adapter else [])

@@ -7,6 +7,7 @@ pii-readers) may read every row. ``data/users.jsonl`` has a column (``email``) b
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -191,6 +192,13 @@ def test_explain_reads_training_rows_through_the_gate(governed, monkeypatch):
     out.mkdir(parents=True)
     (out / "predictions.jsonl").write_text(json.dumps({"key": "k", "row": {"text": "ticket 0 abcdefgh"}, "target": None,
                                                        "prediction": None, "correct": None, "score": 3.0, "slices": []}) + "\n")
+    from fmhub.ml import evaluation, identity
+
+    # the predictions name the model that made them, as fmhub eval records it: explain takes exactly that model
+    made_by = identity.of(evaluation.plan(loaded, "e", read_rows=False).model, None, str(governed))
+    digest = hashlib.sha256((out / "predictions.jsonl").read_bytes()).hexdigest()  # and are bound to these bytes
+    (out / "predictions.jsonl.lineage.json").write_text(json.dumps({"params": {"identity": made_by,
+                                                                               identity.PREDICTIONS_SHA: digest}}))
     got: dict = {}
 
     def fake_explain(model_dir, adapter_dir, task, train_rows, queries, targets, **kw):

@@ -113,10 +113,12 @@ def test_planted_slice_found_blamed_patched_and_gated(project):
     again = json.loads(fmhub(repo, "eval", "sentiment", "--model", "models/base-patched", "--compare", "HEAD", "--json").stdout)
     verdicts = {r["slice"]: r["verdict"] for r in again["compare"]["rows"]}
     assert verdicts["toys"] == "better" and verdicts["tools"] != "worse" and verdicts["food"] != "worse"
-    assert (repo / "evals/sentiment/compare.png").is_file()
-    worse = fmhub(repo, "eval", "sentiment", "--model", "models/base@HEAD", "--compare", "evals/sentiment/predictions.jsonl",
-                  "--fail-on", "worse", "--no-plots", check=False)
+    assert (repo / "evals/sentiment/by-model/models--base-patched/compare.png").is_file()  # its own directory
+    assert rep == json.loads((repo / "evals/sentiment/report.json").read_text())  # the declared model's stays as it was
+    worse = fmhub(repo, "eval", "sentiment", "--model", "models/base@HEAD", "--compare",
+                  "evals/sentiment/by-model/models--base-patched/predictions.jsonl", "--fail-on", "worse", "--no-plots", check=False)
     assert worse.returncode == 1 and b"worse" in worse.stdout  # the old model is worse than the patched one on toys
+    assert b"--fail-on worse" in worse.stderr and b"toys: " in worse.stderr  # the rule, and the slice that broke it
 
     # 4. rebase: adapters trained on the old base move onto the patched one; the check catches one the patch broke
     from fmhub.ml.autotune import train_adapter
