@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from fmhub.base.errors import FmhubError
 
 # the options `serve` takes, as fmhub.yaml's serve: section names them
-SERVE_OPTIONS = ("base", "adapters", "declared", "backend", "host", "port", "device", "dtype", "max_batch", "gpu_slots",
+SERVE_OPTIONS = ("base", "adapters", "declared", "backend", "host", "port", "device", "dtype", "max_batch", "gpu_slots", "adapter_memory_mb",
                  "cpu_cache_mb", "disk_cache_mb", "eviction", "cycle_time", "max_lora_rank", "max_model_len", "cache_dir",
                  "admin_token")
 

@@ -24,11 +24,12 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Rows decoding together (32)."),
-    gpu_slots: Optional[int] = typer.Option(None, "--gpu-slots", help="Adapters active on the device at once (8)."),
+    gpu_slots: Optional[int] = typer.Option(None, "--gpu-slots", help="At most this many adapters on the device at once (default: as many as --adapter-memory-mb holds)."),
+    adapter_memory_mb: Optional[float] = typer.Option(None, "--adapter-memory-mb", help="Device memory for the active adapters (default: 10% of the GPU's free memory, 1024 on the CPU)."),
     cpu_cache_mb: Optional[float] = typer.Option(None, "--cpu-cache-mb", help="Warm tier: adapters in host memory (2048)."),
     disk_cache_mb: Optional[float] = typer.Option(None, "--disk-cache-mb", help="Cold tier: adapters materialized from the store (20480)."),
     eviction: Optional[str] = typer.Option(None, "--eviction", help="lru (default) or lfu, for every tier."),
-    cycle_time: Optional[float] = typer.Option(None, "--cycle-time", help="Seconds an adapter keeps its slot while others wait for one (0.5)."),
+    cycle_time: Optional[float] = typer.Option(None, "--cycle-time", help="Seconds an adapter stays on the device while others wait for room (0.5)."),
     max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="Largest adapter rank served (64)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Prompt + completion tokens (default: the model's)."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Default: .git/fmhub/serve-cache."),
@@ -43,7 +44,7 @@ def serve(
     from fmhub.api import serve as serving
 
     done = serving.serve(spec_file, export_only, base=base, adapters=adapters or None, declared=declared, backend=backend_name,
-                         host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, gpu_slots=gpu_slots,
+                         host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, gpu_slots=gpu_slots, adapter_memory_mb=adapter_memory_mb,
                          cpu_cache_mb=cpu_cache_mb, disk_cache_mb=disk_cache_mb, eviction=eviction, cycle_time=cycle_time,
                          max_lora_rank=max_lora_rank, max_model_len=max_model_len, cache_dir=cache_dir, admin_token=admin_token)
     if isinstance(done, serving.Exported):

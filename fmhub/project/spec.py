@@ -156,6 +156,7 @@ class ServeSpec(_Strict):
     dtype: Optional[str] = None
     max_batch: Optional[int] = Field(None, ge=1)
     gpu_slots: Optional[int] = Field(None, ge=1)
+    adapter_memory_mb: Optional[float] = Field(None, gt=0)
     cpu_cache_mb: Optional[float] = Field(None, ge=0)
     disk_cache_mb: Optional[float] = Field(None, ge=0)
     eviction: Optional[str] = Field(None, pattern="^(lru|lfu)$")

@@ -1,4 +1,4 @@
-"""The adapter cache: device slots (active), host memory (warm), disk (cold), each bounded, LRU or LFU.
+"""The adapter cache: the device's adapter pool (active), host memory (warm), disk (cold), each bounded, LRU or LFU.
 
 An adapter moves up the tiers when a request asks for it:
 
@@ -9,12 +9,13 @@ An adapter moves up the tiers when a request asks for it:
   the device is a GPU, so the copy to a slot is a DMA). Bounded by
   ``cpu_cache_mb``. Loading runs in a loader thread: a request for a cold
   adapter waits while it loads and everyone else keeps decoding.
-* **gpu** (active): a slot of the `LoraBank`; ``gpu_slots`` of them. The
-  engine's scheduler decides who gets a slot (`DeviceSlots`).
+* **gpu** (active): pages of the `LoraBank`'s pool, sized by a memory budget
+  (``adapter_memory_mb``; ``gpu_slots``, when given, also caps how many are
+  resident). The engine's scheduler decides who is resident (`DeviceSlots`).
 
 Entries are keyed by name and content version, so a hot swap (a new version
 of a name) never changes the weights under a request already decoding.
-Eviction skips what is in use: a slot with rows, an entry a request waits for.
+Eviction skips what is in use: a resident adapter with rows, an entry a request waits for.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fmhub.base.errors import FmhubError, ServeError
-from fmhub.serving.multilora import Factors
+from fmhub.serving.multilora import Factors, LoraBank, Pages, rank_of
 from fmhub.serving.sources import AdapterSpec, Source, check_readable, dir_bytes, materialize
 from fmhub.base.units import human_bytes
 
@@ -126,63 +127,98 @@ class _DiskItem:
     uses: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
-    """One adapter slot of the device: who holds it, how many rows decode with it, since when."""
+    """One adapter resident on the device: its pages of the pool, how many rows decode with it, since when."""
 
-    index: int
+    index: int  # a serial number, for logs and tests
     entry: Entry | None = None
+    pages: Pages | None = None
     rows: int = 0
     since: float = 0.0
     last_used: float = 0.0
     uses: int = 0
-    draining: bool = False  # its turn is over: no new rows until it is reassigned or nobody waits
+    draining: bool = False  # its turn is over: no new rows until it leaves or nobody waits
 
 
 class DeviceSlots:
-    """Which adapter each device slot holds, and the cycle-time rule for taking a slot from an active adapter.
+    """Which adapters are resident in the bank's pool, which one leaves to make room, and the cycle-time rule.
 
-    A free slot (no rows) is reused by eviction order (LRU/LFU), so adapters
-    that keep being asked for stay on the device. When every slot has rows and
-    a request waits for an adapter that is not on the device, the slot that has
-    been active longest, once it has held its adapter for ``cycle_time``
-    seconds, stops admitting new rows: it drains, and the waiting adapter gets
-    it. ``cycle_time`` trades throughput (large: full batches of few adapters)
-    for latency (small: adapters take turns quickly).
+    An adapter is placed in the pool when a request needs it and there is room
+    (pages of the memory budget; and, with ``limit``, fewer than that many
+    resident). To make room, resident adapters without rows leave, retired
+    ones first, then by eviction order (LRU/LFU), so adapters that keep being
+    asked for stay. When the pool is full of adapters with rows and a request
+    waits for one that is not resident, the adapter that has been resident
+    longest, once it has been for ``cycle_time`` seconds, stops admitting new
+    rows: it drains, and leaves when its rows are done. ``cycle_time`` trades
+    throughput (large: full batches of few adapters) for latency (small:
+    adapters take turns quickly).
     """
 
-    def __init__(self, count: int, cycle_time: float, policy: str) -> None:
-        self.slots = [Slot(i) for i in range(count)]
+    def __init__(self, bank: LoraBank, cycle_time: float, policy: str, limit: int | None = None) -> None:
+        self.bank, self.limit = bank, limit
+        self.slots: list[Slot] = []
+        self._by_entry: dict[int, Slot] = {}  # id(entry) -> its slot: the scheduler asks for every waiting request
         self.cycle_time, self.policy = cycle_time, policy
+        self._serial = 0
 
     def find(self, entry: Entry) -> Slot | None:
-        for s in self.slots:
-            if s.entry is entry:
-                return s
-        return None
+        return self._by_entry.get(id(entry))
 
     def admissible(self, entry: Entry) -> Slot | None:
         s = self.find(entry)
         return s if s is not None and not s.draining else None
 
-    def free_slot(self) -> Slot | None:
-        free = [s for s in self.slots if s.rows == 0]
-        if not free:
+    def can_place(self, rank: int) -> bool:
+        """Whether an adapter of ``rank`` fits now, counting the room that idle resident adapters would leave."""
+        idle = [s for s in self.slots if s.rows == 0]
+        if self.limit is not None and len(self.slots) - len(idle) >= self.limit:
+            return False
+        return rank <= self.bank.free_pages + sum(s.pages.rank for s in idle)
+
+    def place(self, entry: Entry, factors: dict[str, Factors]) -> Slot | None:
+        """Make ``entry`` resident, evicting idle adapters as needed; None when it does not fit."""
+        rank = rank_of(factors)
+        while (self.limit is not None and len(self.slots) >= self.limit) or not self.bank.fits(rank):
+            if not self._evict_one():
+                return None
+        pages = self.bank.load(factors)
+        if pages is None:
             return None
-        empty = [s for s in free if s.entry is None or s.entry.retired]
-        return empty[0] if empty else _victim(free, self.policy)
-
-    def assign(self, slot: Slot, entry: Entry) -> None:
+        self._serial += 1
         now = time.monotonic()
-        slot.entry, slot.since, slot.last_used, slot.uses, slot.draining = entry, now, now, 0, False
+        slot = Slot(self._serial, entry, pages, since=now, last_used=now)
+        self.slots.append(slot)
+        self._by_entry[id(entry)] = slot
+        return slot
 
-    def drain_for(self, waiting: int) -> None:
-        """Mark up to ``waiting`` slots whose turn is over as draining (there is no free slot for waiting adapters)."""
+    def _evict_one(self) -> bool:
+        idle = [s for s in self.slots if s.rows == 0]
+        if not idle:
+            return False
+        retired = [s for s in idle if s.entry is None or s.entry.retired]
+        victim = retired[0] if retired else _victim(idle, self.policy)
+        self.slots.remove(victim)
+        del self._by_entry[id(victim.entry)]
+        self.bank.release(victim.pages)
+        return True
+
+    def drain_for(self, ranks: list[int]) -> None:
+        """Mark adapters whose turn is over as draining, oldest turn first, until the waiting adapters (their ``ranks``)
+        would fit once the draining and idle ones leave: pages for all of them, and with ``limit`` places too."""
         now = time.monotonic()
+        leaving = [s for s in self.slots if s.draining or s.rows == 0]
+        pages = self.bank.free_pages + sum(s.pages.rank for s in leaving)
+        places = len(ranks) if self.limit is None else self.limit - len(self.slots) + len(leaving)
+        need = min(sum(ranks), self.bank.capacity)
         busy = sorted((s for s in self.slots if s.rows and not s.draining and now - s.since >= self.cycle_time), key=lambda s: s.since)
-        already = sum(1 for s in self.slots if s.draining)
-        for s in busy[: max(0, waiting - already)]:
+        for s in busy:
+            if pages >= need and places >= min(len(ranks), self.limit or len(ranks)):
+                return
             s.draining = True
+            pages += s.pages.rank
+            places += 1
 
     def undrain(self) -> None:
         for s in self.slots:
@@ -204,6 +240,7 @@ class AdapterCache:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fmhub-adapter-load")
         self.in_use: Callable[[], set[str]] = lambda: set()  # keys on device with rows; set by the engine
+        self._largest = 0  # bytes of the largest adapter loaded
 
     # -- what the server serves -------------------------------------------------------------
     def set_adapters(self, specs: list[AdapterSpec], replace: bool) -> dict[str, list[str]]:
@@ -281,6 +318,7 @@ class AdapterCache:
                                       f"warm cache ({human_bytes(self.cpu_limit)}); restart with a larger --cpu-cache-mb",
                                  "server_error", "model")
             with self._lock:
+                self._largest = max(self._largest, nbytes)
                 entry.factors, entry.nbytes, entry.state = factors, nbytes, "cpu"
                 self._evict_cpu(keep=entry)
         except ServeError as exc:
@@ -303,6 +341,10 @@ class AdapterCache:
             v.factors, v.state, v.nbytes = None, "cold", 0
             if self.metrics:
                 self.metrics.cache_event("cpu", "evict")
+
+    def holds(self) -> int:
+        """About how many adapters the warm tier holds, judged by the largest loaded so far (a large number before any)."""
+        return max(1, self.cpu_limit // self._largest) if self._largest else 1 << 30
 
     @property
     def warm_bytes(self) -> int:

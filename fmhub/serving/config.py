@@ -21,8 +21,13 @@ EVICTION = ("lru", "lfu")
 class ServeConfig:
     """One base model, the adapters to serve on it, and the server's limits.
 
-    Sizes are in MiB. ``gpu_slots`` is how many adapters the device holds at
-    once (the *active set*; on a CPU-only machine "gpu" is the compute device);
+    Sizes are in MiB. ``adapter_memory_mb`` is the device memory for the
+    adapters active at once (the *active set*, a pool of rank rows; on a
+    CPU-only machine "gpu" is the compute device): by default 10 % of the GPU's
+    free memory once the base model is loaded, or 1024 MiB on the CPU, so how
+    many adapters are resident follows from their ranks. ``gpu_slots``, when
+    given, caps how many adapters are resident (and, without
+    ``adapter_memory_mb``, sizes the pool for that many of ``max_lora_rank``);
     ``cpu_cache_mb`` the warm tier in host memory; ``disk_cache_mb`` the cold
     tier of adapters materialized from the fmhub store. ``cycle_time`` is how
     long (seconds) an adapter keeps its slot while requests for adapters
@@ -37,7 +42,8 @@ class ServeConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
     max_batch: int = 32  # rows decoding together
-    gpu_slots: int = 8
+    gpu_slots: int | None = None  # default: as many as adapter_memory_mb holds
+    adapter_memory_mb: float | None = None  # default: 10 % of the GPU's free memory, 1024 on the CPU
     cpu_cache_mb: float = 2048.0
     disk_cache_mb: float = 20480.0
     eviction: str = "lru"
@@ -55,11 +61,15 @@ class ServeConfig:
             raise FmhubError(f"eviction {self.eviction!r}: use one of {', '.join(EVICTION)}")
         for name in ("max_batch", "gpu_slots", "max_lora_rank", "port"):
             value = getattr(self, name)
+            if name == "gpu_slots" and value is None:
+                continue
             if not isinstance(value, int) or value < (0 if name == "port" else 1):
                 raise FmhubError(f"{name.replace('_', '-')} must be a positive whole number, not {value!r}")
         for name in ("cpu_cache_mb", "disk_cache_mb", "cycle_time"):
             if getattr(self, name) < 0:
                 raise FmhubError(f"{name.replace('_', '-')} must not be negative")
+        if self.adapter_memory_mb is not None and not self.adapter_memory_mb > 0:
+            raise FmhubError(f"adapter-memory-mb must be positive, not {self.adapter_memory_mb!r}")
         names = [a.name for a in self.adapters]
         if self.base_name in names:
             raise FmhubError(f"an adapter is named {self.base_name!r}, the name of the bare base model; rename it")

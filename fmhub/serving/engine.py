@@ -4,10 +4,11 @@ One engine thread owns the model. Each turn of its loop it
 
 1. admits waiting requests, oldest first, into the free rows of the batch:
    a request whose adapter is on the device joins at once; one whose adapter
-   is warm takes a free slot (the adapter is copied in); one whose adapter is
-   cold starts a load in the loader thread and waits, without holding up
-   anyone behind it (see `fmhub.serving.cache.DeviceSlots` for how a slot is
-   taken from an adapter whose turn, ``cycle_time``, is over);
+   is warm is copied into free pages of the adapter pool (sized by memory,
+   so every client's adapter usually fits); one whose adapter is cold starts
+   a load in the loader thread and waits, without holding up anyone behind it
+   (see `fmhub.serving.cache.DeviceSlots` for who leaves a full pool, and
+   the ``cycle_time`` rule that keeps any adapter from starving);
 2. prefills the admitted prompts together and joins them to the batch;
 3. runs one decode step for every row at once, each row through its own
    adapter (`fmhub.serving.multilora`), and streams each row's token to its
@@ -32,13 +33,14 @@ from typing import Iterator
 
 import torch
 
+from fmhub.serving import sampling
 from fmhub.serving.batch import Forward, RunningBatch
 from fmhub.base.errors import ServeError
 from fmhub.serving.cache import AdapterCache, DeviceSlots, Entry, Slot
 from fmhub.serving.config import ServeConfig
 from fmhub.serving.metrics import Metrics
 from fmhub.serving.model import Loaded, load_base
-from fmhub.serving.multilora import LoraBank, factors_from
+from fmhub.serving.multilora import Pages, adapter_pool, factors_from, rank_of
 from fmhub.serving.sources import AdapterSpec, check_recorded_base
 
 log = logging.getLogger("fmhub.serve")
@@ -53,6 +55,11 @@ class GenParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_ids: frozenset[int] = frozenset()
+    # OpenAI's logits processing (fmhub.serving.sampling): checked by the API before they get here
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens' log-probabilities
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Request:
     finish_reason: str | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
+    logprob: tuple | None = None  # the last sampled token's (logprob, top), when params.logprobs asks; see _emit
 
     def cancel(self) -> None:
         """Stop generating (client gone, or a stop string seen); the engine drops the row at its next turn."""
@@ -82,7 +90,8 @@ class Request:
         return self._cancelled.is_set()
 
     def stream(self, timeout: float | None = None) -> Iterator[tuple]:
-        """``("token", id)`` events, then one ``("done", finish_reason)`` or ``("error", ServeError)``."""
+        """``("token", id, logprob)`` events (logprob: ``(logprob, [(id, logprob), ...])`` when ``params.logprobs`` asks,
+        else None), then one ``("done", finish_reason)`` or ``("error", ServeError)``."""
         while True:
             event = self.events.get(timeout=timeout)
             yield event
@@ -111,8 +120,8 @@ class Engine:
         self.cache_dir = config.cache_dir or _default_cache_dir(config)
         self.loaded = loaded or load_base(config.base, self.cache_dir, config.device, config.dtype, config.max_model_len)
         self.model, self.device = self.loaded.model, self.loaded.device
-        self.bank = LoraBank(self.model, config.gpu_slots, config.max_lora_rank)
-        self.slots = DeviceSlots(config.gpu_slots, config.cycle_time, config.eviction)
+        self.bank = adapter_pool(self.model, config, self.device)
+        self.slots = DeviceSlots(self.bank, config.cycle_time, config.eviction, limit=config.gpu_slots)
         self.cache = AdapterCache(os.path.join(self.cache_dir, "adapters"), config.cpu_cache_mb, config.disk_cache_mb,
                                   config.eviction, self._load_factors, self._wake, self.metrics)
         self.cache.in_use = self._keys_in_use
@@ -234,6 +243,7 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
+            admitted: list[Request] = []
             try:
                 admitted = self._admit()
                 if admitted:
@@ -246,7 +256,7 @@ class Engine:
                 self.cache.collect()
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, never the server
                 log.exception("decode step failed")
-                self._fail_running(ServeError(500, f"generation failed: {exc.__class__.__name__}: {exc}", "server_error"))
+                self._fail_running(ServeError(500, f"generation failed: {exc.__class__.__name__}: {exc}", "server_error"), admitted)
         self._fail_running(ServeError(503, "the server is shutting down", "server_error"))
         with self._cv:
             for r in self.waiting:
@@ -257,10 +267,8 @@ class Engine:
         room = self.config.max_batch - len(self.batch)
         budget = MAX_PREFILL_TOKENS
         admitted: list[Request] = []
-        want_slot: set[str] = set()
-        # adapters loaded ahead of a free slot: as many as there are slots, so the warm tier is not filled with
-        # adapters whose turn is far off (and evicted again before it comes)
-        self._prefetch = self.config.gpu_slots - self.cache.loading
+        want_slot: dict[str, int] = {}  # adapters that wait for room in the pool: key -> rank
+        self._prefetch = self._prefetch_room()
         with self._cv:
             queue_now = list(self.waiting)
         for r in queue_now:
@@ -289,10 +297,17 @@ class Engine:
             room -= 1
             budget -= len(r.prompt)
         if want_slot:
-            self.slots.drain_for(len(want_slot))
+            self.slots.drain_for(list(want_slot.values()))
         else:
             self.slots.undrain()
         return admitted
+
+    def _prefetch_room(self) -> int:
+        """How many more cold adapters to start loading: as many as could decode at once, and no more than the warm tier
+        holds besides those loaded and still waiting for the device (else loads evict each other before their turn)."""
+        resident = {id(s.entry) for s in self.slots.slots}
+        parked = sum(1 for e in list(self.cache.entries.values()) if e.state == "cpu" and e.waiters and id(e) not in resident)
+        return min(self.config.gpu_slots or self.config.max_batch, self.cache.holds()) - self.cache.loading - parked
 
     def _rebind(self, r: Request) -> bool:
         """A queued request for an adapter a deploy replaced gets the new version (or an error, if it was removed)."""
@@ -307,8 +322,9 @@ class Engine:
             r.entry = current
         return True
 
-    def _slot_for(self, r: Request, want_slot: set[str], admit: bool) -> Slot | None:
-        """The slot ``r`` decodes with, claimed now if ``admit``; else None, noting in ``want_slot`` an adapter that waits for one."""
+    def _slot_for(self, r: Request, want_slot: dict[str, int], admit: bool) -> Slot | None:
+        """The resident adapter ``r`` decodes with, placed now if ``admit``; else None, noting in ``want_slot`` an adapter
+        that waits for room in the pool."""
         e = r.entry
         slot = self.slots.admissible(e)
         if slot is not None:
@@ -332,21 +348,22 @@ class Engine:
                 self._prefetch -= 1
             self.cache.ensure_warm(e)
             return None
-        free = self.slots.free_slot()
-        if free is None:
-            want_slot.add(e.key)
-            return None
-        if not admit:
-            return None
         factors = e.factors
         if factors is None:  # evicted from the warm tier in the meantime: load again
             e.state = "cold"
             self.cache.ensure_warm(e)
             return None
-        self.bank.load(free.index, factors)
-        self.slots.assign(free, e)
+        if not self.slots.can_place(rank_of(factors)):
+            want_slot[e.key] = rank_of(factors)
+            return None
+        if not admit:
+            return None
+        slot = self.slots.place(e, factors)
+        if slot is None:  # the free pages are scattered: wait for rows to finish like any adapter without room
+            want_slot[e.key] = rank_of(factors)
+            return None
         self.metrics.cache_event("gpu", "miss")
-        return free
+        return slot
 
     def _leave_queue(self, r: Request) -> None:
         with self._cv:
@@ -354,12 +371,13 @@ class Engine:
             if r.entry is not None:
                 r.entry.waiters -= 1
 
-    def _slot_index(self, r: Request) -> int:
-        return r.slot.index if r.slot is not None else self.bank.none_slot
+    @staticmethod
+    def _pages(r: Request) -> Pages | None:
+        return r.slot.pages if r.slot is not None else None
 
     def _prefill(self, rows: list[Request]) -> None:
         ids, mask, positions = RunningBatch.prefill_inputs([r.prompt for r in rows], self.loaded.pad, self.device)
-        self.bank.select([self._slot_index(r) for r in rows], self.device)
+        self.bank.select([self._pages(r) for r in rows], self.device)
         start = time.monotonic()
         logits, kv = self.forward(ids, mask, positions, None)
         self.metrics.observe("fmhub_prefill_seconds", "Time of one prefill of the requests admitted together.", time.monotonic() - start)
@@ -370,20 +388,27 @@ class Engine:
         rows = self.batch.rows
         last = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long, device=self.device)
         ids, mask, positions = self.batch.step_inputs(last)
-        self.bank.select([self._slot_index(r) for r in rows], self.device)
+        self.bank.select([self._pages(r) for r in rows], self.device)
         start = time.monotonic()
         logits, kv = self.forward(ids, mask, positions, self.batch.kv)
         self.batch.advance(kv, mask)
         self.metrics.observe("fmhub_decode_step_seconds", "Time of one decode step of the whole batch.", time.monotonic() - start)
         self.metrics.inc("fmhub_decode_steps_total", "Decode steps run.")
+        self.metrics.inc("fmhub_decode_rows_total", "Rows of all decode steps (over fmhub_decode_steps_total: rows per step).",
+                         float(len(rows)))
         self._emit(self._sample(logits, rows), offset=0)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
-        out = logits.argmax(-1)
+        """Each row's next token: greedy rows without processing in one argmax, the others one by one
+        (`fmhub.serving.sampling`), noting the log-probabilities a row asked for on the row."""
+        out = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
-            if r.params.temperature > 0:
-                out[i] = _sample_row(logits[i].float(), r.params, r.generator)
-        return out.tolist()
+            p = r.params
+            if p.temperature > 0 or sampling.needs_processing(p):
+                x = sampling.processed(logits[i], p, r.tokens)
+                out[i] = _sample_row(x, p, r.generator) if p.temperature > 0 else int(x.argmax())
+                r.logprob = None if p.logprobs is None else sampling.logprob_info(x, out[i], p.logprobs)
+        return out
 
     def _emit(self, tokens: list[int], offset: int) -> None:
         """Hand each row its token; finished and cancelled rows leave the batch."""
@@ -399,7 +424,7 @@ class Engine:
                 reason = "stop"
             else:
                 r.tokens.append(tok)
-                r.events.put(("token", tok))
+                r.events.put(("token", tok, r.logprob))
                 if r.first_token is None:
                     r.first_token = now
                     self.metrics.observe("fmhub_time_to_first_token_seconds", "Arrival to first token.", now - r.arrival, adapter=r.adapter)
@@ -420,8 +445,10 @@ class Engine:
         self.metrics.inc("fmhub_requests_finished_total", "Requests finished, by reason.", reason=reason)
         self.metrics.observe("fmhub_request_seconds", "Arrival to last token.", now - r.arrival, adapter=r.adapter)
 
-    def _fail_running(self, err: ServeError) -> None:
-        for r in self.batch.rows:
+    def _fail_running(self, err: ServeError, admitted: list[Request] = ()) -> None:
+        """Fail every row of the batch, and rows admitted but not yet in it (a prefill that raised before joining)."""
+        joined = {id(r) for r in self.batch.rows}
+        for r in [*self.batch.rows, *(r for r in admitted if id(r) not in joined)]:
             if r.slot is not None:
                 r.slot.rows -= 1
             r.events.put(("error", err))
@@ -431,14 +458,19 @@ class Engine:
         m = self.metrics
         m.gauge("fmhub_batch_rows", "Rows decoding now.", lambda: {(): len(self.batch)})
         m.gauge("fmhub_waiting_requests", "Requests queued for a row, a slot or an adapter load.", lambda: {(): len(self.waiting)})
-        m.gauge("fmhub_adapter_slots_used", "Device slots holding an adapter with rows.",
+        m.gauge("fmhub_adapter_slots_used", "Adapters resident on the device with rows decoding.",
                 lambda: {(): sum(1 for s in self.slots.slots if s.rows)})
+        m.gauge("fmhub_adapters_resident", "Adapters resident in the device's adapter pool.", lambda: {(): len(self.slots.slots)})
+        m.gauge("fmhub_adapter_pool_bytes", "The device's adapter pool: bytes its resident adapters take, and its budget.",
+                lambda: {(("state", "used"),): self.bank.used_bytes, (("state", "budget"),): self.bank.budget_bytes})
         m.gauge("fmhub_adapter_cache_bytes", "Bytes held by each adapter cache tier.",
                 lambda: {(("tier", "cpu"),): self.cache.warm_bytes, (("tier", "disk"),): self.cache.disk.used})
         m.gauge("fmhub_adapters_served", "Adapters this server serves.", lambda: {(): len(self.cache.current)})
 
 
 def _sample_row(logits: torch.Tensor, params: GenParams, gen: torch.Generator | None) -> int:
+    if params.temperature < sampling.GREEDY_BELOW:  # logits / T would overflow to inf and nan: take T → 0's limit, greedy
+        return int(logits.argmax())
     probs = torch.softmax(logits / params.temperature, -1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)

@@ -155,6 +155,14 @@ def export(config: ServeConfig, out_dir: str) -> ExportPlan:
                       written, unchanged, removed, secret_env, warnings)
 
 
+
+VLLM_MAX_LORAS = 8  # vLLM preallocates max_loras adapters of max_lora_rank; fmhub's local backend sizes its pool by memory
+
+
+def max_loras(config: ServeConfig) -> int:
+    """vLLM's --max-loras: ``gpu_slots``, or `VLLM_MAX_LORAS` when it is not given."""
+    return config.gpu_slots or VLLM_MAX_LORAS
+
 def backend_options(config: ServeConfig) -> dict[str, Any]:
     """The vllm backend's options from ``config.backend_options``, checked; unknown keys are refused."""
     opts = dict(config.backend_options or {})
@@ -173,8 +181,8 @@ def backend_options(config: ServeConfig) -> dict[str, Any]:
     except (TypeError, ValueError):
         raise FmhubError(f"backend option timeout: {opts.get('timeout')!r} is not a number of seconds") from None
     cpu = opts.get("max_cpu_loras")
-    if cpu is not None and (not isinstance(cpu, int) or cpu < config.gpu_slots):
-        raise FmhubError(f"backend option max_cpu_loras: {cpu!r} must be a whole number ≥ gpu-slots ({config.gpu_slots}); "
+    if cpu is not None and (not isinstance(cpu, int) or cpu < max_loras(config)):
+        raise FmhubError(f"backend option max_cpu_loras: {cpu!r} must be a whole number ≥ gpu-slots ({max_loras(config)}); "
                          "vLLM refuses fewer")
     return opts
 
@@ -259,7 +267,7 @@ def engine_args(config: ServeConfig, base_dir: str, adapter_dirs: dict[str, str]
     cpu = opts.get("max_cpu_loras")
     if cpu is None:
         largest = max(sizes.values(), default=0)
-        cpu = config.gpu_slots if not largest else max(config.gpu_slots, int(config.cpu_cache_mb * 2**20 // largest))
+        cpu = max_loras(config) if not largest else max(max_loras(config), int(config.cpu_cache_mb * 2**20 // largest))
     return {
         "model": base_dir,
         "served_model_name": config.base_name,
@@ -267,7 +275,7 @@ def engine_args(config: ServeConfig, base_dir: str, adapter_dirs: dict[str, str]
         "port": config.port,
         "enable_lora": True,
         "lora_modules": [{"name": n, "path": p, "base_model_name": config.base_name} for n, p in adapter_dirs.items()],
-        "max_loras": config.gpu_slots,
+        "max_loras": max_loras(config),
         "max_cpu_loras": cpu,
         "max_lora_rank": rank,
         "max_num_seqs": config.max_batch,

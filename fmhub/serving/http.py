@@ -2,9 +2,13 @@
 
 ``POST /v1/completions`` and ``/v1/chat/completions`` take OpenAI's request
 bodies; ``model`` names the adapter (``base`` for the bare model). With
-``"stream": true`` the answer is server-sent events, one chunk per token,
-then ``data: [DONE]``. ``GET /v1/models`` lists the base and the adapters,
-``GET /health`` the engine's state, ``GET /metrics`` Prometheus text.
+``"stream": true`` the answer is server-sent events, a chunk whenever a
+choice has new text, then ``data: [DONE]``; its status line waits for every
+choice's first token, so an error before it (an adapter that fails to load)
+is a real HTTP error, while one after it (a failed decode step) can only be
+an error event that ends the stream. ``GET /v1/models`` lists the base and
+the adapters, ``GET /v1/models/{id}`` gives one, ``GET /health`` the
+engine's state, ``GET /metrics`` Prometheus text.
 ``GET``/``POST /fmhub/adapters`` read and replace the served adapters (what
 ``fmhub deploy`` calls), always behind a bearer token: the one given, or one
 made up at start (`HttpServer.generated_token`, which ``fmhub serve`` prints).
@@ -36,6 +40,7 @@ and checked by `fmhub.serving.openai_requests`, answers shaped by
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import queue
 import re
@@ -47,6 +52,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
+from urllib.parse import unquote
 
 from fmhub.base import boundedjson
 from fmhub.base.errors import FmhubError, ServeError
@@ -54,12 +60,13 @@ from fmhub.serving import connections
 from fmhub.serving.config import check_exposure
 from fmhub.serving.connections import ClientGone, Closer, Input, Output, linger
 from fmhub.serving.engine import Engine, Request
-from fmhub.serving.openai_requests import Api, field, token_ok
+from fmhub.serving.openai_requests import Api, Asked, field, token_ok
 from fmhub.serving.openai_responses import ERROR_CODES, Completion, error_doc, sse_event
 
 POLL = 0.25  # seconds between checks that the client is still there
 BACKLOG = 256  # connections the kernel holds while every thread is busy; socketserver's 5 reset bursts of clients
 MAX_CONNECTIONS = 64  # connections served at once, one thread each (backend option max_connections)
+HANDOVER_S = 0.5  # how long a spare thread waits for a serving thread to come free before it answers 503
 SPARE_THREADS = 16  # threads that only answer 503 while every serving thread is busy; beyond them, the backlog waits
 RETRY_AFTER_S = 1
 _LENGTH = re.compile(r"[0-9]{1,19}")
@@ -259,6 +266,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, self.api.engine.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/v1/models":
             self._send_json(200, self.api.models())
+        elif path.startswith("/v1/models/"):
+            self._send_json(200, self.api.model(unquote(path[len("/v1/models/"):], errors="replace")))
         elif path == "/fmhub/adapters":
             self._admin()
             self._send_json(200, {"base": self.api.engine.config.base.label, "adapters": self.api.engine.adapters()})
@@ -283,20 +292,34 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, body: dict, chat: bool) -> None:
         api = self.api
-        stream = field(body, "stream", bool, False)
+        field(body, "stream", bool, False)  # a bad one is refused before routing costs anything
         body, routed = api.route(body, chat)  # "model": "auto" → the router's adapter (fmhub.serving.router)
-        requests, stops, prompt_tokens = api.submit(body, chat)
-        answer = Completion(requests[0].id, body["model"], chat, routed)
+        requests, asked, prompt_tokens = api.submit(body, chat)
+        answer = Completion(requests[0].id, body["model"], chat, routed, asked.params.logprobs is not None)
         try:
-            if stream:
-                self._stream(answer, requests, stops)
+            if asked.stream:
+                self._stream(answer, requests, asked, prompt_tokens)
                 return
-            self._send_json(200, answer.whole(requests, self._events, api.tok, stops, prompt_tokens))
+            self._send_json(200, answer.whole(requests, self._events, api.tok, asked.stops, prompt_tokens))
         finally:
             for r in requests:
                 r.cancel()  # a no-op for finished ones; frees the rows of a request whose client went away
 
-    def _stream(self, answer: Completion, requests: list[Request], stops: list[str]) -> None:
+    def _first_events(self, requests: list[Request]) -> Callable[[Request], Iterator[tuple]]:
+        """Wait for every request's first event before answering, so an error before the first token (an adapter
+        that fails to load, a shutdown) is a real HTTP error; the events, the first ones included, as `_events` gives
+        them."""
+        streams = {}
+        for r in requests:
+            events = self._events(r)
+            first = next(events)
+            if first[0] == "error":
+                raise first[1]
+            streams[id(r)] = itertools.chain([first], events)
+        return lambda r: streams[id(r)]
+
+    def _stream(self, answer: Completion, requests: list[Request], asked: Asked, prompt_tokens: int) -> None:
+        events = self._first_events(requests)
         self._responded = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -309,7 +332,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(sse_event(doc))
             self.wfile.flush()
 
-        answer.stream(requests, self._events, self.api.tok, stops, send)
+        # an error from here on (a decode step that failed) is an error event: the 200 has been sent
+        answer.stream(requests, events, self.api.tok, asked.stops, send, prompt_tokens, asked.include_usage)
 
 
 class _Busy(Handler):
@@ -404,6 +428,14 @@ class _Server(ThreadingHTTPServer):
             print(f"fmhub serve: error serving {client_address[0]}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
 
     def _refuse(self, request: Any, client_address: Any) -> None:
+        # A client that closes one connection and opens the next at once can find its old thread not yet
+        # released (it has still to read the end of the stream): wait a moment for a serving thread first.
+        if self.serving.acquire(timeout=HANDOVER_S):
+            try:
+                self.process_request_thread(request, client_address)
+            finally:
+                self.serving.release()
+            return
         try:
             self.busy_handler(request, client_address, self)
         except Exception:  # noqa: BLE001 - a refusal that failed is the client's loss alone

@@ -36,6 +36,9 @@ class ByteTokenizer:
     def chat_prompt(self, messages: list[dict]) -> str:
         return plain_chat(messages)
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.chat_prompt(messages))
+
 
 class HFTokenizer:
     """A transformers tokenizer, with the model's chat template when it has one."""
@@ -55,6 +58,15 @@ class HFTokenizer:
         if getattr(self.tok, "chat_template", None):
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return plain_chat(messages)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids. A chat template writes its own special tokens (Llama 3's ``{{ bos_token }}``), so its
+        text is tokenized without adding any, as transformers' ``apply_chat_template(tokenize=True)`` and vLLM do;
+        without a template, the ``role: content`` lines get the tokenizer's usual BOS."""
+        text = self.chat_prompt(messages)
+        if getattr(self.tok, "chat_template", None):
+            return list(self.tok.encode(text, add_special_tokens=False))
+        return self.encode(text)
 
 
 def plain_chat(messages: list[dict]) -> str:

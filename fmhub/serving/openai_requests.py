@@ -11,6 +11,7 @@ checked.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import os
@@ -20,8 +21,10 @@ from typing import Any
 
 from fmhub.base.errors import FmhubError, ServeError
 from fmhub.models import lora
+from fmhub.serving import sampling
 from fmhub.serving.engine import Engine, GenParams, Request
 from fmhub.serving.sources import AdapterSpec, Source, check_name
+from fmhub.serving.stops import MAX_STOP_CHARS
 
 MAX_WAITING = 1024  # generations queued in the engine; more are answered 503
 MAX_MODEL_NAME = 256
@@ -30,6 +33,8 @@ MAX_ADAPTER_FILES = 64
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 MAX_TOKENS_LIMIT = (1 << 31) - 1
 _COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def field(body: dict, name: str, kind: type | tuple, default: Any = None, check=None, what: str = "") -> Any:
@@ -73,25 +78,51 @@ class Api:
                          "root": a["source"], "fmhub": {"version": a["version"], "tier": a["tier"], "state": a["state"]}})
         return {"object": "list", "data": data}
 
-    def params(self, body: dict) -> tuple[GenParams, int, list[str]]:
+    def model(self, name: str) -> dict:
+        """``GET /v1/models/{name}``: one served model, or 404 as OpenAI answers for an unknown one."""
+        found = next((m for m in self.models()["data"] if m["id"] == name), None)
+        if found is None:
+            raise ServeError(404, f"The model {name[:200]!r} does not exist; GET /v1/models lists the served ones", param="model")
+        return found
+
+    def params(self, body: dict, chat: bool = False) -> Asked:
+        """The sampling parameters, ``n``, stops and streaming options of a body, each checked."""
         counts = lambda v: 1 <= v <= MAX_TOKENS_LIMIT  # noqa: E731
-        max_tokens = field(body, "max_tokens", int, self.engine.config.max_tokens_default, counts, "a whole number ≥ 1")
+        # OpenAI's defaults: 16 for (legacy) completions, the context left for chat (set per prompt in `submit`)
+        max_tokens = field(body, "max_tokens", int, None if chat else self.engine.config.max_tokens_default, counts, "a whole number ≥ 1")
         max_tokens = field(body, "max_completion_tokens", int, max_tokens, counts, "a whole number ≥ 1")
         temperature = field(body, "temperature", float, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")  # OpenAI's default
         top_p = field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
         # torch.Generator.manual_seed raises (not a ValueError) past 64 bits
         seed = field(body, "seed", int, None, lambda v: SEED_MIN <= v <= SEED_MAX, "a whole number that fits in 64 bits")
         n = field(body, "n", int, 1, lambda v: 1 <= v <= 16, "a whole number in 1..16")
-        stop = body.get("stop")
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-            raise ServeError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-        for unsupported, harmless in (("logprobs", (None, False, 0)), ("echo", (None, False)), ("best_of", (None, 1)),
-                                      ("suffix", (None, "")), ("tools", (None, []))):
+        for unsupported, harmless in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")), ("tools", (None, []))):
             if body.get(unsupported) not in harmless:
                 raise ServeError(400, f"'{unsupported}' is not supported by this server", param=unsupported)
-        ignore_eos = field(body, "ignore_eos", bool, False)
-        return GenParams(max_tokens, temperature, top_p, seed, ignore_eos), n, stops
+        params = GenParams(max_tokens or 1, temperature, top_p, seed, field(body, "ignore_eos", bool, False),
+                           presence_penalty=_penalty(body, "presence_penalty"), frequency_penalty=_penalty(body, "frequency_penalty"),
+                           logit_bias=self._logit_bias(body), logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body))
+        stream, include_usage = _stream_options(body)
+        return Asked(params, n, _stops(body), max_tokens is not None, stream, include_usage)
+
+    def _logit_bias(self, body: dict) -> tuple[tuple[int, float], ...]:
+        """``logit_bias``: ``{"token id": bias}``, at most `MAX_LOGIT_BIAS` entries, ids in the vocabulary, bias in -100..100."""
+        bias = body.get("logit_bias")
+        if bias is None:
+            return ()
+        if not isinstance(bias, dict) or len(bias) > sampling.MAX_LOGIT_BIAS:
+            raise ServeError(400, f"'logit_bias' must be an object of at most {sampling.MAX_LOGIT_BIAS} token ids to biases",
+                             param="logit_bias")
+        out = []
+        for key, value in bias.items():
+            if not _TOKEN_ID.fullmatch(key) or int(key) >= self.engine.vocab:
+                raise ServeError(400, f"'logit_bias' key {key[:40]!r} is not a token id of this model (0..{self.engine.vocab - 1})",
+                                 param="logit_bias")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -sampling.BIAS_LIMIT <= value <= sampling.BIAS_LIMIT:
+                raise ServeError(400, f"'logit_bias' of token {key} must be a number in -100..100, not {json.dumps(value)[:40]}",
+                                 param="logit_bias")
+            out.append((int(key), float(value)))
+        return tuple(out)
 
     def prompts(self, body: dict) -> list[list[int]]:
         prompt = body.get("prompt")
@@ -118,12 +149,11 @@ class Api:
             raise ServeError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
         clean = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer") \
-                    or not isinstance(m.get("content"), str):
-                raise ServeError(400, f"messages[{i}] must be an object with a role (system, user, assistant) and a string content",
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise ServeError(400, f"messages[{i}] must be an object with a role (system, user, assistant) and a content",
                                  param=f"messages[{i}]")
-            clean.append({"role": m["role"], "content": checked_text(m["content"], f"messages[{i}]")})
-        return self.tok.encode(self.tok.chat_prompt(clean))
+            clean.append({"role": m["role"], "content": checked_text(message_text(m.get("content"), i), f"messages[{i}]")})
+        return self.tok.chat_ids(clean)
 
     # -- "model": "auto": composition of experts (fmhub.serving.router) ---------------------------------------
     def route(self, body: dict, chat: bool) -> tuple[dict, dict | None]:
@@ -141,9 +171,10 @@ class Api:
                                   "train one (fmhub.serving.router.Router.fit, then .save(PATH)) and serve with backend_options: "
                                   "{router: PATH} in the serve: section of fmhub.yaml", param="model")
         if chat:
-            messages = [m for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
-            users = [m["content"] for m in messages if m.get("role") == "user"]
-            text = users[-1] if users else "\n".join(m["content"] for m in messages)
+            messages = [(m.get("role"), _text_or_none(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict)]
+            messages = [(role, text) for role, text in messages if text is not None]
+            users = [text for role, text in messages if role == "user"]
+            text = users[-1] if users else "\n".join(text for _, text in messages)
         else:
             prompt = body.get("prompt")
             items = [prompt] if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) \
@@ -155,27 +186,38 @@ class Api:
         return {**body, "model": name}, {"routed_to": name, "confidence": round(confidence, 6)}
     # -- end of "model": "auto" ----------------------------------------------------------------------
 
-    def submit(self, body: dict, chat: bool) -> tuple[list[Request], list[str], int]:
+    def submit(self, body: dict, chat: bool) -> tuple[list[Request], Asked, int]:
+        """The engine requests of a body (one per prompt and choice, in OpenAI's choice order), what it asked for, and
+        its prompt tokens (each prompt counted once, whatever ``n``)."""
         model = body.get("model")
         if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME:
             raise ServeError(400, "'model' must name an adapter (or the base model); see GET /v1/models", param="model")
-        params, n, stops = self.params(body)
+        asked = self.params(body, chat)
         prompts = [self.chat_prompt(body)] if chat else self.prompts(body)
+        jobs = [(p, self._choice_params(asked, p, k * asked.n + i)) for k, p in enumerate(prompts) for i in range(asked.n)]
         # refuse the whole request before queueing any of it
-        for p in prompts:
+        for p, params in jobs:
             self.engine.check_prompt(p, params.max_tokens)
-        if len(self.engine.waiting) + len(prompts) * n > MAX_WAITING:
+        if len(self.engine.waiting) + len(jobs) > MAX_WAITING:
             raise ServeError(503, f"the server is busy: over {MAX_WAITING} generations are queued; retry shortly", "server_error")
         requests = []
         try:
-            for p in prompts:
-                for _ in range(n):
-                    requests.append(self.engine.submit(p, params, model))
+            for p, params in jobs:
+                requests.append(self.engine.submit(p, params, model))
         except ServeError:
             for r in requests:
                 r.cancel()
             raise
-        return requests, stops, sum(len(p) for p in prompts) * n
+        return requests, asked, sum(len(p) for p in prompts)
+
+    def _choice_params(self, asked: Asked, prompt: list[int], index: int) -> GenParams:
+        """Choice ``index``'s parameters: its own seed (``seed + index``), so the choices of one seeded body are
+        different samples, each reproducible; without ``max_tokens``, the context the prompt leaves (at least 1, so
+        an over-long prompt is refused by its length)."""
+        p = asked.params
+        seed = p.seed if p.seed is None or index == 0 else (p.seed + index) % (1 << 64)
+        max_tokens = p.max_tokens if asked.max_given else max(1, self.engine.loaded.max_len - len(prompt))
+        return dataclasses.replace(p, seed=seed, max_tokens=max_tokens)
 
     def deploy(self, body: dict) -> dict:
         """``POST /fmhub/adapters``: the adapters a deploy body names, all checked readable before any is served; the
@@ -198,6 +240,86 @@ class Api:
         except (FmhubError, OSError) as exc:
             raise ServeError(400, f"cannot deploy: {exc}".splitlines()[0], param="adapters") from None
         return self.engine.set_adapters(specs, replace=replace)
+
+
+@dataclasses.dataclass
+class Asked:
+    """What a completion body asked for besides its prompts."""
+
+    params: GenParams
+    n: int
+    stops: list[str]
+    max_given: bool  # False: max_tokens is the context each prompt leaves
+    stream: bool
+    include_usage: bool
+
+
+def _penalty(body: dict, name: str) -> float:
+    return field(body, name, float, 0.0, lambda v: -sampling.PENALTY_LIMIT <= v <= sampling.PENALTY_LIMIT, "a number in [-2, 2]")
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """Completions' ``logprobs``: how many most likely tokens to list with each token's own (0..5), or none."""
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return None
+    return field(body, "logprobs", int, None, lambda v: 0 <= v <= sampling.MAX_COMPLETION_LOGPROBS, "a whole number in 0..5")
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's ``logprobs`` (true or false) and ``top_logprobs`` (0..20, only with logprobs): as for completions."""
+    wanted = field(body, "logprobs", bool, False)
+    top = field(body, "top_logprobs", int, None, lambda v: 0 <= v <= sampling.MAX_TOP_LOGPROBS, "a whole number in 0..20")
+    if top is not None and not wanted:
+        raise ServeError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ServeError(400, f"'stop' must be a string or a list of up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
+                         param="stop")
+    return [checked_text(s, "stop") for s in stops]
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    """``stream``, and ``stream_options.include_usage`` (a last chunk with the usage); stream_options only with stream."""
+    stream = field(body, "stream", bool, False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise ServeError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"} \
+            or not isinstance(options.get("include_usage", False), (bool, type(None))):
+        raise ServeError(400, "'stream_options' must be an object with 'include_usage' (true or false)", param="stream_options")
+    return stream, bool(options.get("include_usage"))
+
+
+def message_text(content: Any, i: int) -> str:
+    """A message's content as text: a string, or a list of text parts (``{"type": "text", "text": ...}``) joined with
+    newlines as vLLM does; any other part (an image, audio, a file) is refused, as this server reads only text."""
+    text = _text_or_none(content)
+    if text is not None:
+        return text
+    if isinstance(content, list) and content:
+        kind = next((p.get("type") for p in content if isinstance(p, dict) and p.get("type") != "text"), None)
+        if isinstance(kind, str):
+            raise ServeError(400, f"messages[{i}]: content parts of type {kind[:40]!r} are not supported; this server reads text only",
+                             param=f"messages[{i}].content")
+    raise ServeError(400, f"messages[{i}].content must be a string or a non-empty list of {{\"type\": \"text\", \"text\": ...}} parts",
+                     param=f"messages[{i}].content")
+
+
+def _text_or_none(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                                     for p in content):
+        return "\n".join(p["text"] for p in content)
+    return None
 
 
 def checked_text(value: str, param: str) -> str:

@@ -552,6 +552,27 @@ def test_slowloris_keeps_no_thread_and_an_honest_client_gets_an_answer_at_once(m
         srv.stop()
 
 
+def test_a_connection_opened_as_another_closes_is_served_not_refused(models):
+    """Every serving thread taken, a new connection waits a moment (HANDOVER_S) for one to come free before a 503:
+    a client that closes one connection and opens the next at once (64 clients at the default 64 connections)
+    was refused while its old thread had still to see the close."""
+    srv = _serve(models, "handover", backend_options={"max_connections": 1})
+    try:
+        holder = socket.create_connection(_address(srv.url), timeout=10)  # an idle keep-alive connection: the one thread
+        time.sleep(0.3)
+        threading.Timer(0.1, holder.close).start()
+        assert request(srv.url, "GET", "/health")[0] == 200
+        holder = socket.create_connection(_address(srv.url), timeout=10)  # held past the wait: refused, with Retry-After
+        time.sleep(0.3)
+        try:
+            status, headers, _ = request(srv.url, "GET", "/health")
+            assert status == 503 and headers.get("retry-after") == "1"
+        finally:
+            holder.close()
+    finally:
+        srv.stop()
+
+
 def test_a_body_that_trickles_in_is_408_at_its_deadline(server, monkeypatch):
     monkeypatch.setattr(connections, "BODY_TIMEOUT", 1.0)
     body = json.dumps({"model": "a0", "prompt": PROMPT, "max_tokens": 1}).encode()
