@@ -170,12 +170,15 @@ class DeviceSlots:
         s = self.find(entry)
         return s if s is not None and not s.draining else None
 
-    def can_place(self, rank: int) -> bool:
-        """Whether an adapter of ``rank`` fits now, counting the room that idle resident adapters would leave."""
+    def can_place(self, rank: int, reserved: list[int] = ()) -> bool:
+        """Whether an adapter of ``rank`` fits now, counting the room that idle resident adapters would leave, less the
+        room ``reserved`` for adapters (their ranks) whose requests came earlier and still wait for it: a large adapter
+        waiting for pages to free up keeps them from younger small ones, which would otherwise take each page as it
+        frees and starve it."""
         idle = [s for s in self.slots if s.rows == 0]
-        if self.limit is not None and len(self.slots) - len(idle) >= self.limit:
+        if self.limit is not None and len(self.slots) - len(idle) + len(reserved) >= self.limit:
             return False
-        return rank <= self.bank.free_pages + sum(s.pages.rank for s in idle)
+        return rank + sum(reserved) <= self.bank.free_pages + sum(s.pages.rank for s in idle)
 
     def place(self, entry: Entry, factors: dict[str, Factors]) -> Slot | None:
         """Make ``entry`` resident, evicting idle adapters as needed; None when it does not fit."""

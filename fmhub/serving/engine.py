@@ -269,6 +269,7 @@ class Engine:
         admitted: list[Request] = []
         want_slot: dict[str, int] = {}  # adapters that wait for room in the pool: key -> rank
         self._prefetch = self._prefetch_room()
+        self._parked: set[int] = set()  # warm adapters seen in this turn's queue (they take prefetch room in arrival order)
         with self._cv:
             queue_now = list(self.waiting)
         for r in queue_now:
@@ -304,10 +305,11 @@ class Engine:
 
     def _prefetch_room(self) -> int:
         """How many more cold adapters to start loading: as many as could decode at once, and no more than the warm tier
-        holds besides those loaded and still waiting for the device (else loads evict each other before their turn)."""
-        resident = {id(s.entry) for s in self.slots.slots}
-        parked = sum(1 for e in list(self.cache.entries.values()) if e.state == "cpu" and e.waiters and id(e) not in resident)
-        return min(self.config.gpu_slots or self.config.max_batch, self.cache.holds()) - self.cache.loading - parked
+        holds, less those loading. Adapters loaded and still waiting for the device (parked) take their share of it as
+        `_slot_for` meets them in the queue: in arrival order, so a parked adapter whose requests are younger never
+        keeps an older request's cold adapter from loading (counted up front, two warm adapters taking turns on one
+        slot starved every cold one for good)."""
+        return min(self.config.gpu_slots or self.config.max_batch, self.cache.holds()) - self.cache.loading
 
     def _rebind(self, r: Request) -> bool:
         """A queued request for an adapter a deploy replaced gets the new version (or an error, if it was removed)."""
@@ -348,12 +350,15 @@ class Engine:
                 self._prefetch -= 1
             self.cache.ensure_warm(e)
             return None
+        if id(e) not in self._parked:
+            self._parked.add(id(e))
+            self._prefetch -= 1
         factors = e.factors
         if factors is None:  # evicted from the warm tier in the meantime: load again
             e.state = "cold"
             self.cache.ensure_warm(e)
             return None
-        if not self.slots.can_place(rank_of(factors)):
+        if not self.slots.can_place(rank_of(factors), [rank for key, rank in want_slot.items() if key != e.key]):
             want_slot[e.key] = rank_of(factors)
             return None
         if not admit:

@@ -52,7 +52,10 @@ class HFTokenizer:
         return list(self.tok.encode(text, add_special_tokens=True))
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        # no clean-up of spaces (" ." to ".", " n't" to "n't"): text is decoded a few tokens at a time
+        # (fmhub.serving.stops), and a clean-up that reaches back into text already given out ("x ." after "x ")
+        # stalled the decoding for good, losing the rest of the completion; vLLM's detokenizer does not clean up either
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         if getattr(self.tok, "chat_template", None):

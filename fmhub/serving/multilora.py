@@ -8,6 +8,8 @@ does for its unified pool)::
 
 An adapter of rank r holds r consecutive pages, the same ones in every layer;
 a module it does not target, or targets with a lower rank, keeps zeros there.
+When the free pages are enough but scattered in gaps, the resident adapters
+are moved together (`LoraBank._compact`), so a free page always counts.
 The pool's size is a memory budget (``--adapter-memory-mb``, or a share of
 the device's free memory), so how many adapters are resident follows from
 their ranks, not from a fixed number of slots. Storage grows on demand (by
@@ -178,6 +180,7 @@ class LoraBank:
         self.capacity = pages if pages is not None else int(budget_bytes or 0) // self.page_bytes
         self.allocated = 0  # pages with storage, page 0 aside
         self._free: list[list[int]] = []  # free [start, length] ranges, by start
+        self._resident: dict[int, Pages] = {}  # id -> the handle of each loaded adapter, for `_compact` to move
 
     @property
     def used_bytes(self) -> int:
@@ -220,22 +223,49 @@ class LoraBank:
 
     # -- pages ------------------------------------------------------------------------------
     def fits(self, rank: int) -> bool:
-        """Whether ``rank`` consecutive pages are free now (or once storage grows)."""
-        tail = self._free[-1][1] if self._free and sum(self._free[-1]) == self.allocated + 1 else 0
-        return any(n >= rank for _, n in self._free) or tail + self.capacity - self.allocated >= rank
+        """Whether ``rank`` pages are free: consecutive now, or once storage grows or `_compact` closes the gaps."""
+        return self.free_pages >= rank
 
     def _take(self, rank: int) -> int | None:
-        for _ in range(2):
-            for i, (start, n) in enumerate(self._free):
-                if n >= rank:  # first fit
-                    if n == rank:
-                        del self._free[i]
-                    else:
-                        self._free[i] = [start + rank, n - rank]
-                    return start
-            if not self._grow(rank):
-                return None
+        if self.free_pages < rank:
+            return None
+        start = self._first_fit(rank)
+        while start is None and self._grow(rank):
+            start = self._first_fit(rank)
+        if start is None:
+            # enough pages, but in gaps between resident adapters (loads and unloads of different ranks): counted as
+            # room while no gap is large enough, they would keep an adapter waiting for as long as its neighbours
+            # have rows (nothing drains for it), so close the gaps
+            self._compact()
+            start = self._first_fit(rank)
+        return start
+
+    def _first_fit(self, rank: int) -> int | None:
+        for i, (start, n) in enumerate(self._free):
+            if n >= rank:
+                if n == rank:
+                    del self._free[i]
+                else:
+                    self._free[i] = [start + rank, n - rank]
+                return start
         return None
+
+    def _compact(self) -> None:
+        """Move the resident adapters' pages to the front of the pool, in order, leaving one free range at its end.
+
+        Called between forwards (by the engine thread, as every load is): the moved adapters' handles change in
+        place, and the next `select` reads them.
+        """
+        at = 1
+        for p in sorted(self._resident.values(), key=lambda p: p.start):
+            if p.start != at:
+                for layer in self.modules.values():
+                    if layer.a is not None:  # moving down, maybe onto itself: copy out first
+                        layer.a[at:at + p.rank] = layer.a[p.start:p.start + p.rank].clone()
+                        layer.b[at:at + p.rank] = layer.b[p.start:p.start + p.rank].clone()
+                p.start = at
+            at += p.rank
+        self._free = [[at, self.allocated + 1 - at]] if at <= self.allocated else []
 
     def _grow(self, rank: int) -> bool:
         if self.allocated >= self.capacity:
@@ -254,6 +284,7 @@ class LoraBank:
         if start is None:
             return None
         pages = Pages(start, rank_of(updates))
+        self._resident[id(pages)] = pages
         for layer in self.modules.values():  # a module it does not target (or with a lower rank) keeps zeros
             if layer.a is not None:
                 layer.a[start:start + pages.rank].zero_()
@@ -269,6 +300,7 @@ class LoraBank:
 
     def release(self, pages: Pages) -> None:
         """Give an adapter's pages back to the pool (merged with free neighbours)."""
+        self._resident.pop(id(pages), None)
         free = sorted(self._free + [[pages.start, pages.rank]])
         merged: list[list[int]] = []
         for start, n in free:

@@ -35,6 +35,16 @@ MAX_TOKENS_LIMIT = (1 << 31) - 1
 _COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")
 ROLES = ("system", "user", "assistant", "tool", "developer")
+# Fields this server does not implement, with the values that ask for nothing (what a client sends by default). Any
+# other value is a 400, never ignored: a client asking for JSON output (response_format) or vLLM's top_k would
+# otherwise get an answer that silently is not what it asked for.
+UNSUPPORTED = (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")), ("tools", (None, [])),
+               ("tool_choice", (None, "none", "auto")), ("functions", (None, [])), ("function_call", (None, "none", "auto")),
+               ("response_format", (None, {"type": "text"})),
+               # vLLM's sampling extensions (fmhub's vLLM backend takes them; this one does not)
+               ("top_k", (None, -1, 0)), ("min_p", (None, 0)), ("repetition_penalty", (None, 1)), ("min_tokens", (None, 0)),
+               ("stop_token_ids", (None, [])), ("include_stop_str_in_output", (None, False)), ("guided_json", (None,)),
+               ("guided_regex", (None,)), ("guided_choice", (None,)), ("guided_grammar", (None,)), ("structured_outputs", (None,)))
 
 
 def field(body: dict, name: str, kind: type | tuple, default: Any = None, check=None, what: str = "") -> Any:
@@ -96,8 +106,9 @@ class Api:
         # torch.Generator.manual_seed raises (not a ValueError) past 64 bits
         seed = field(body, "seed", int, None, lambda v: SEED_MIN <= v <= SEED_MAX, "a whole number that fits in 64 bits")
         n = field(body, "n", int, 1, lambda v: 1 <= v <= 16, "a whole number in 1..16")
-        for unsupported, harmless in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")), ("tools", (None, []))):
-            if body.get(unsupported) not in harmless:
+        for unsupported, harmless in UNSUPPORTED:
+            value = body.get(unsupported)
+            if value not in harmless or isinstance(value, bool) and not any(h is value for h in harmless):
                 raise ServeError(400, f"'{unsupported}' is not supported by this server", param=unsupported)
         params = GenParams(max_tokens or 1, temperature, top_p, seed, field(body, "ignore_eos", bool, False),
                            presence_penalty=_penalty(body, "presence_penalty"), frequency_penalty=_penalty(body, "frequency_penalty"),
@@ -153,7 +164,13 @@ class Api:
                 raise ServeError(400, f"messages[{i}] must be an object with a role (system, user, assistant) and a content",
                                  param=f"messages[{i}]")
             clean.append({"role": m["role"], "content": checked_text(message_text(m.get("content"), i), f"messages[{i}]")})
-        return self.tok.chat_ids(clean)
+        from jinja2 import TemplateError  # what transformers' chat templates raise; jinja2 comes with transformers
+
+        try:
+            return self.tok.chat_ids(clean)
+        except TemplateError as exc:  # raise_exception("roles must alternate"), messages[1] of one message: the request's fault
+            raise ServeError(400, f"the model's chat template refuses these messages: {exc}".splitlines()[0][:500],
+                             param="messages") from None
 
     # -- "model": "auto": composition of experts (fmhub.serving.router) ---------------------------------------
     def route(self, body: dict, chat: bool) -> tuple[dict, dict | None]:

@@ -153,7 +153,7 @@ class Completion:
                     delta = c.push(event)
                     if c.text.stopped:
                         r.cancel()
-                    elif delta:
+                    if delta:  # with a stop too: the token that completed it may also spell text before it
                         send({**self._chunk(c, i, delta, None), **extra})
                 elif event[0] == "error":
                     err = event[1]

@@ -131,6 +131,29 @@ def test_a_stop_string_spanning_tokens_never_leaks(env):
     assert "".join(c.choices[0].text for c in tail) == text
 
 
+def test_a_stop_inside_a_token_keeps_the_text_before_it_when_streamed(env):
+    """A token that spells text and then a stop ("ga" with stop "a"), after text held for another stop: streamed, the "g"
+    and the held text come out as they do whole (they were dropped with the token), with the token's log-probability."""
+    _, client, _, tok = env
+    whole = client.completions.create(model="base", prompt="hello", max_tokens=24, temperature=0, extra_body=NO_EOS)
+    pieces = [_piece(tok, t) for t in whole.choices[0].token_ids]
+    k = next(k for k in range(1, len(pieces)) if len(pieces[k]) == 2 and pieces[k - 1]
+             and pieces[k][1] not in "".join(pieces[:k]) + pieces[k][0])
+    stops = [pieces[k][1], pieces[k - 1][-1] + "\x7f"]  # the second only holds back the character before the token
+    want = "".join(pieces[:k]) + pieces[k][0]
+    ask = dict(model="base", prompt="hello", max_tokens=24, temperature=0, stop=stops, logprobs=1, extra_body=NO_EOS)
+    got = client.completions.create(**ask)
+    assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
+    chunks = [c for c in client.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == got.choices[0].logprobs.tokens
+    chat = [c for c in client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}], max_tokens=24,
+                                                      temperature=0, stop=stops[:1], stream=True, extra_body=NO_EOS) if c.choices]
+    full = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}], max_tokens=24,
+                                          temperature=0, stop=stops[:1], extra_body=NO_EOS)
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == full.choices[0].message.content
+
+
 def test_chat_template_bos_is_not_doubled_and_text_parts_are_read(env):
     _, client, model, tok = env
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
@@ -148,6 +171,24 @@ def test_chat_template_bos_is_not_doubled_and_text_parts_are_read(env):
         client.chat.completions.create(model="base", max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     assert "'image_url' are not supported" in info.value.body["message"]
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(env):
+    """Mistral's and Llama 2's templates raise_exception on roles that do not alternate: the client's fault, as in vLLM."""
+    server, client, _, _ = env
+    hf = server.engine.loaded.tokenizer.tok
+    kept = hf.chat_template
+    hf.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                        "{% endif %}{{ m['content'] }}{% endfor %}{{ messages[1]['content'] }}")
+    try:
+        for messages, why in (([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
+                              ([{"role": "user", "content": "a"}], "no element 1")):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model="base", messages=messages, max_tokens=1)
+            assert info.value.body["param"] == "messages" and why in info.value.body["message"]
+    finally:
+        hf.chat_template = kept
 
 
 def test_n_with_a_seed_gives_different_reproducible_samples_and_usage_counts_the_prompt_once(env):
@@ -207,6 +248,22 @@ def test_penalties_and_logit_bias_change_the_logits_as_openai_defines(env):
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model="base", prompt="a", max_tokens=1, extra_body=bad)
         assert info.value.body["param"] == next(iter(bad)), bad
+
+
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(env):
+    """JSON mode, functions and vLLM's sampling extensions are not implemented: asking for them is a 400 naming the
+    field (ignored, a client asking for JSON or top_k got free text without knowing); their defaults pass."""
+    _, client, _, _ = env
+    messages = [{"role": "user", "content": "hi"}]
+    for bad in ({"response_format": {"type": "json_object"}}, {"top_k": 1}, {"min_p": 0.5}, {"repetition_penalty": 1.3},
+                {"min_tokens": 4}, {"stop_token_ids": [5]}, {"include_stop_str_in_output": True}, {"guided_json": {}},
+                {"tool_choice": "required"}, {"functions": [{"name": "f"}]}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="base", messages=messages, max_tokens=1, extra_body=bad)
+        assert info.value.body["param"] == next(iter(bad)), bad
+    defaults = {"response_format": {"type": "text"}, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+                "stop_token_ids": [], "tool_choice": "none"}
+    assert client.chat.completions.create(model="base", messages=messages, max_tokens=1, extra_body=defaults).choices
 
 
 def test_max_tokens_defaults(env):
@@ -325,6 +382,41 @@ def test_stop_text_decodes_each_token_a_bounded_number_of_times():
     out = "".join(st_.push(b) for b in text) + st_.flush()
     assert out == text.decode() and not st_.stopped
     assert Counting.decoded < 8 * len(text)  # whole-text decoding each time would be ~len(text)² / 2 = 8e6
+
+
+def test_a_tokenizer_that_cleans_up_spaces_loses_no_text(tmp_path):
+    """GPT-2's and Llama 3's tokenizers clean up spaces (" ." to "."), which reaches back into text already decoded:
+    the decoding stalled at "x " for good, and the rest of the completion was lost (vLLM does not clean up either)."""
+    from transformers import AutoTokenizer
+
+    from fmhub.serving.model import HFTokenizer
+    from fmhub.serving.stops import StopText
+
+    _char_tokenizer(tmp_path)
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(tmp_path, clean_up_tokenization_spaces=True))
+    for stops in ([], ["cd!"]):
+        st_ = StopText(tok, stops)
+        out = "".join(st_.push(t) for t in tok.encode("x .ab , cd")[1:])
+        assert out + st_.flush() == "x .ab , cd"
+
+
+def test_stop_text_costs_the_same_per_token_with_long_stop_strings():
+    """Four stops of 512 characters that never match cost about what one short stop does per token (they held the GIL
+    ~60x longer: each beginning of each stop tested against the text), so no client slows the engine thread with them."""
+    from fmhub.serving.model import ByteTokenizer
+    from fmhub.serving.stops import MAX_STOP_CHARS, StopText
+
+    def per_token(stops):
+        best = float("inf")
+        for _ in range(3):
+            st_, start = StopText(ByteTokenizer(None), stops), time.perf_counter()
+            for i in range(1500):
+                st_.push(ord("ab"[i % 3 == 0]))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    hostile = ["ba" * (MAX_STOP_CHARS // 2), "x" * MAX_STOP_CHARS, "ab" * (MAX_STOP_CHARS // 2 - 1) + "c", "a" * MAX_STOP_CHARS]
+    assert per_token(hostile) < 8 * per_token(["\n\n"])
 
 
 _anything = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -109,6 +110,30 @@ def test_pool_pages_are_reused_and_merged():
     assert bank.free_pages == 2 and bank.load(up[4]) is None
 
 
+def test_pages_scattered_in_gaps_are_compacted_so_a_waiting_adapter_is_placed():
+    """Four rank-2 adapters fill 8 pages; two go idle, leaving two gaps of 2: a rank-4 adapter is placed by moving the
+    busy ones together (it waited as long as they had rows, nothing draining for it), and their updates stay theirs."""
+    from fmhub.serving.cache import DeviceSlots, Entry
+    from fmhub.serving.sources import Source
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5, bias=False)
+    model = torch.nn.Sequential(layer)
+    slots = DeviceSlots(LoraBank(model, max_rank=8, pages=8), cycle_time=0.0, policy="lru")
+    ups = {n: {"0": Factors(torch.randn(r, 6), torch.randn(5, r))} for n, r in zip("XYZWV", (2, 2, 2, 2, 4))}
+    placed = {n: slots.place(Entry(n, "v", Source("/x")), ups[n]) for n in "XYZW"}
+    placed["X"].rows = placed["Z"].rows = 1  # Y and W are idle: 4 pages could be free, in two gaps
+    assert slots.can_place(4)
+    placed["V"] = slots.place(Entry("V", "v", Source("/x")), ups["V"])
+    assert placed["V"] is not None and {s.entry.name for s in slots.slots} == {"X", "Z", "V"}
+    assert slots.bank.used_bytes <= slots.bank.budget_bytes
+    x = torch.randn(3, 2, 6)
+    slots.bank.select([placed[n].pages for n in "XZV"], "cpu")
+    with torch.no_grad():
+        got = model(x) - layer(x)
+    torch.testing.assert_close(got, _naive(x, [ups[n]["0"] for n in "XZV"]), atol=1e-5, rtol=1e-5)
+
+
 def _finish_order(eng: Engine, queue: list[str], late: list[str]) -> list[str]:
     """Submit a request for each adapter of ``queue``, then (a moment later) of ``late``; the names in finishing order."""
     order: list[str] = []
@@ -148,6 +173,48 @@ def test_a_full_pool_lets_every_adapter_run_and_stays_within_its_budget(many, la
         last_of_queue = min(max(i for i, name in enumerate(order) if name.startswith(q + "-")) for q in set(queue))
         assert max(order.index(n) for n in late) < last_of_queue, order  # the late ones did not wait for any queue to end
         assert seen["used"] <= eng.bank.budget_bytes and seen["storage"] <= eng.bank.capacity == 8
+    finally:
+        eng.close()
+
+
+def _served_while_others_are_busy(eng: Engine, busy: list[str], late: str) -> bool:
+    """Clients ask for each of ``busy`` without a pause; does one request for ``late`` get its answer (in 20 s)?"""
+    stop = threading.Event()
+
+    def client(name):
+        while not stop.is_set():
+            eng.submit([3, 4, 5], greedy(4), name).result(60)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in busy for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        eng.submit([9, 10, 11], greedy(3), late).result(20)
+        return True
+    except queue.Empty:
+        return False
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+
+@pytest.mark.parametrize("late, busy, kw", [
+    ("m03", ["m00", "m01", "m09"], {"gpu_slots": 1}),  # cold: warm adapters taking turns on the one slot held its load back
+    # rank 8 in a pool of 8 pages, five small adapters (12 pages) taking turns: they took each page as it freed
+    ("m02", ["m00", "m01", "m09", "m03", "m05"], {"pages": 8}),
+])
+def test_no_adapter_starves_while_others_are_asked_for_without_a_pause(many, late, busy, kw):
+    if "pages" in kw:
+        probe = engine(many, adapter_memory_mb=1.0)
+        kw = {"adapter_memory_mb": kw["pages"] * probe.bank.page_bytes / (1 << 20)}
+        probe.close()
+    eng = engine(many, cycle_time=0.0, **kw)
+    try:
+        for n in busy:
+            eng.submit([1], greedy(1), n).result(30)
+        assert _served_while_others_are_busy(eng, busy, late)
     finally:
         eng.close()
 
