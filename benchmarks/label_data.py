@@ -134,3 +134,119 @@ def stars(row):
         return None
     return "positive" if s >= 4 else "negative" if s <= 2 else None
 '''
+
+
+# ---------------------------------------------------------------------------------------------
+# Label-model regimes: vote matrices with ground truth drawn straight from a seed (no text), each
+# built to stress one assumption of a label model. `REGIMES` maps a name to a function
+# (n, seed) -> (L, y, k); `label_bench.py` runs every label model on each of them.
+
+
+def _np_rng(seed: int, salt: int):
+    import numpy as np
+
+    return np, np.random.default_rng([seed, salt])
+
+
+def _vote(np, rng, y, k, acc, cov, fire_scale=None, polarity=None):
+    """One function's votes: fires with probability ``cov`` (times ``fire_scale`` per row), is right with
+    probability ``acc[y]``, else votes a uniform other class (within ``polarity`` when given)."""
+    n = len(y)
+    p_fire = np.clip(cov * (fire_scale if fire_scale is not None else 1.0), 0, 1)
+    right = rng.random(n) < np.asarray(acc)[y]
+    others = list(range(k)) if polarity is None else list(polarity)
+    wrong = rng.choice(others, size=n)
+    clash = wrong == y  # a wrong vote must be another class
+    while clash.any() and len(others) > 1:
+        wrong[clash] = rng.choice(others, size=int(clash.sum()))
+        clash = wrong == y
+    vote = np.where(right, y, wrong)
+    if polarity is not None:
+        vote = np.where(np.isin(vote, others), vote, -1)
+    return np.where(rng.random(n) < p_fire, vote, -1)
+
+
+def _generic(n, seed, salt, prior, accs, covs):
+    np, rng = _np_rng(seed, salt)
+    k = len(prior)
+    y = rng.choice(k, size=n, p=prior)
+    cols = [_vote(np, rng, y, k, acc, cov) for acc, cov in zip(accs, covs)]
+    return np.stack(cols, 1).astype(np.int8), y, k
+
+
+def regime_balanced(n: int, seed: int):
+    """Two classes 50/50; ten independent functions, accuracy 0.6-0.85 per class, coverage 0.3-0.7."""
+    _, rng = _np_rng(seed, 100)
+    return _generic(n, seed, 1, [0.5, 0.5], rng.uniform(0.6, 0.85, (10, 2)), rng.uniform(0.3, 0.7, 10))
+
+
+def regime_imbalanced(n: int, seed: int):
+    """Two classes 10/90; ten independent functions as in balanced."""
+    _, rng = _np_rng(seed, 101)
+    return _generic(n, seed, 2, [0.1, 0.9], rng.uniform(0.6, 0.85, (10, 2)), rng.uniform(0.3, 0.7, 10))
+
+
+def regime_one_class(n: int, seed: int):
+    """Keyword-like rules: each votes only its class, fires 10-40 % of the rows of that class and 1-8 % of the
+    others, and every rule fires more on long rows (a latent length that is not the label)."""
+    np, rng = _np_rng(seed, 3)
+    y = (rng.random(n) < 0.6).astype(np.int64)
+    length = np.clip(rng.lognormal(0, 0.6, n), 0.2, 4)
+    cols = []
+    for j in range(10):
+        cls = j % 2
+        hit, miss = rng.uniform(0.1, 0.4), rng.uniform(0.01, 0.08)
+        p = np.where(y == cls, hit, miss) * length
+        cols.append(np.where(rng.random(n) < np.clip(p, 0, 1), cls, -1))
+    return np.stack(cols, 1).astype(np.int8), y, 2
+
+
+def regime_three_classes(n: int, seed: int):
+    """Three classes 60/30/10; twelve functions, accuracy 0.55-0.85 per class, coverage 0.2-0.6."""
+    _, rng = _np_rng(seed, 103)
+    return _generic(n, seed, 4, [0.6, 0.3, 0.1], rng.uniform(0.55, 0.85, (12, 3)), rng.uniform(0.2, 0.6, 12))
+
+
+def regime_copies(n: int, seed: int):
+    """Six independent functions (accuracy 0.65-0.8) and two groups of four near-copies of a mediocre rule
+    (accuracy 0.6): each copy repeats its rule's output on 95 % of rows, else votes on its own."""
+    np, rng = _np_rng(seed, 5)
+    y = (rng.random(n) < 0.5).astype(np.int64)
+    cols = [_vote(np, rng, y, 2, rng.uniform(0.65, 0.8, 2), rng.uniform(0.3, 0.6)) for _ in range(6)]
+    for _ in range(2):
+        base = _vote(np, rng, y, 2, [0.6, 0.6], rng.uniform(0.4, 0.7))
+        for _ in range(4):
+            own = _vote(np, rng, y, 2, [0.6, 0.6], rng.uniform(0.4, 0.7))
+            cols.append(np.where(rng.random(n) < 0.95, base, own))
+    return np.stack(cols, 1).astype(np.int8), y, 2
+
+
+def regime_adversarial(n: int, seed: int):
+    """Ten functions, three of them worse than chance (accuracy 0.25-0.4), the rest 0.65-0.85."""
+    np, rng = _np_rng(seed, 106)
+    accs = np.concatenate([rng.uniform(0.25, 0.4, (3, 2)), rng.uniform(0.65, 0.85, (7, 2))])
+    return _generic(n, seed, 6, [0.5, 0.5], accs, rng.uniform(0.3, 0.7, 10))
+
+
+def regime_sparse(n: int, seed: int):
+    """Ten functions with coverage 3-12 %: most rows get one vote or none."""
+    _, rng = _np_rng(seed, 107)
+    return _generic(n, seed, 7, [0.5, 0.5], rng.uniform(0.65, 0.9, (10, 2)), rng.uniform(0.03, 0.12, 10))
+
+
+def regime_many_weak(n: int, seed: int):
+    """Sixty weak functions: accuracy 0.52-0.62, coverage 0.1-0.4, classes 40/60."""
+    _, rng = _np_rng(seed, 108)
+    return _generic(n, seed, 8, [0.4, 0.6], rng.uniform(0.52, 0.62, (60, 2)), rng.uniform(0.1, 0.4, 60))
+
+
+REGIMES = {
+    "balanced": regime_balanced,
+    "imbalanced 10/90": regime_imbalanced,
+    "one-class rules": regime_one_class,
+    "3 classes 60/30/10": regime_three_classes,
+    "near-copies": regime_copies,
+    "3 of 10 worse than chance": regime_adversarial,
+    "sparse coverage": regime_sparse,
+    "60 weak functions": regime_many_weak,
+}

@@ -54,7 +54,9 @@ def label(
     if bad["count"]:
         warn(f"skipped {bad['count']} malformed row(s) (first: {bad['first'][0]['error']})")
     for p in rep["label_model"]["redundant_pairs"]:
-        console.print(f"{p['a']} and {p['b']} agree on {100 * p['agreement']:.0f}% of their votes: counted as one source", highlight=False)
+        console.print(f"{p['a']} agrees with {p['b']} beyond what the class explains (kappa {p['kappa']:.2f}): read as one group", highlight=False)
+    for w in rep["label_model"].get("warnings", []):
+        warn(f"label model: {w}")
     if rep.get("withheld_by_policy"):
         console.print(f"{rep['withheld_by_policy']} row(s) withheld by policy (not read, not labelled, not written)", highlight=False)
     say(f"labelled {rep['rows']} rows -> {rep['output']}; report: {rep['report']}")

@@ -93,16 +93,22 @@ def test_a_copied_rule_is_found_and_counted_once():
     assert all({a, b} != {2, 3} for a, b, _ in redundant_pairs(L))
 
 
-def test_votes_reading_ignores_silence_and_auto_falls_back_to_it_when_evidence_is_implausible():
-    L, y, true_acc = synthetic(n=4000, seed=1)
-    votes = LabelModel(2, abstains="votes").fit(L)
-    assert votes.mode == "votes"
-    np.testing.assert_allclose(votes.predict_proba(np.full((1, L.shape[1]), ABSTAIN))[0], votes.prior)
-    assert accuracy(votes.predict(L), y) > accuracy(np.where(majority_vote(L, 2) == ABSTAIN, 0, majority_vote(L, 2)), y)
-    assert LabelModel(2).fit(L).mode == "evidence"  # independent functions: the evidence fit is plausible and kept
-    # rules that fire together on long rows, whatever the class: a latent "long row" explains the firing better than the label
-    rng = np.random.default_rng(2)
-    n = 4000
+def mv_accuracy(L, y, k=2):
+    """Majority vote's accuracy on the rows some function votes on, ties broken at random (seeded)."""
+    counts = np.stack([(L == c).sum(1) for c in range(k)], 1) + np.random.default_rng(0).random((len(L), k)) * 1e-3
+    covered = (L != ABSTAIN).any(1)
+    return float((counts.argmax(1) == y)[covered].mean())
+
+
+def covered_accuracy(model, L, y):
+    covered = (L != ABSTAIN).any(1)
+    return float((model.predict(L) == y)[covered].mean())
+
+
+def long_rows(seed=2, n=4000):
+    """Keyword rules that fire together on long rows, whatever the class: a latent "long row" explains the firing
+    better than the label (two strong negative rules, three weak positive ones)."""
+    rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.6).astype(int)
     long_row = rng.random(n) < 0.4
     cols = []
@@ -110,13 +116,119 @@ def test_votes_reading_ignores_silence_and_auto_falls_back_to_it_when_evidence_i
         fires = rng.random(n) < np.where(long_row, 0.7, 0.08)
         right = rng.random(n) < acc
         cols.append(np.where(fires & ((y == cls) == right), cls, ABSTAIN))
-    L = np.stack(cols, 1)
-    evidence = LabelModel(2, abstains="evidence").fit(L)
-    assert (evidence.accuracies()[3:] < 0.2).all()  # the strong negative rules read as anti-informative: not the label
+    return np.stack(cols, 1), y
+
+
+def test_votes_reading_ignores_silence_and_auto_rejects_collapsed_readings():
+    L, y, true_acc = synthetic(n=4000, seed=1)
+    votes = LabelModel(2, abstains="votes").fit(L)
+    assert votes.mode == "votes"
+    np.testing.assert_allclose(votes.predict_proba(np.full((1, L.shape[1]), ABSTAIN))[0], votes.prior)
+    assert accuracy(votes.predict(L), y) > accuracy(np.where(majority_vote(L, 2) == ABSTAIN, 0, majority_vote(L, 2)), y)
     auto = LabelModel(2).fit(L)
-    assert auto.mode == "votes"
-    assert (auto.accuracies() >= 0.5).all()
-    assert accuracy(auto.predict(L), y) > accuracy(evidence.predict(L), y) + 0.1
+    assert auto.mode == "evidence" and auto.warnings == []  # independent functions: the evidence fit is kept, silently
+    L, y = long_rows()
+    evidence = LabelModel(2, abstains="evidence").fit(L)
+    assert (evidence.accuracies()[3:] < 0.5).all()  # the strong negative rules read as anti-informative: not the label
+    assert covered_accuracy(evidence, L, y) < mv_accuracy(L, y) - 0.05  # the input collapses a plain fit...
+    auto = LabelModel(2).fit(L)
+    assert auto.mode == "majority"  # ... and auto notices: both readings rejected, labels are majority vote's
+    assert any("evidence reading was rejected (collapse)" in w for w in auto.warnings)
+    assert covered_accuracy(auto, L, y) >= mv_accuracy(L, y) - 0.01
+
+
+def near_copies(seed, n=4000):
+    """Six independent functions (accuracy 0.65-0.8) and two groups of four near-copies of a mediocre rule (0.6)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(np.int64)
+
+    def vote(acc, cov):
+        v = np.where(rng.random(n) < acc, y, 1 - y)
+        return np.where(rng.random(n) < cov, v, ABSTAIN)
+
+    cols = [vote(rng.uniform(0.65, 0.8), rng.uniform(0.3, 0.6)) for _ in range(6)]
+    for _ in range(2):
+        base = vote(0.6, rng.uniform(0.4, 0.7))
+        cols += [np.where(rng.random(n) < 0.95, base, vote(0.6, rng.uniform(0.4, 0.7))) for _ in range(4)]
+    return np.stack(cols, 1), y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_near_copies_are_grouped_and_counted_once(seed):
+    from fmhub.data.label.pipeline import model_from_options
+
+    L, y = near_copies(seed)
+    mv = mv_accuracy(L, y)
+    plain = LabelModel(2, abstains="evidence", dependencies=None).fit(L)
+    assert covered_accuracy(plain, L, y) < mv - 0.02  # what used to happen: the copies pass for the label
+    model = LabelModel(2).fit(L)
+    assert sorted(sorted(g) for g in model.groups) == [[6, 7, 8, 9], [10, 11, 12, 13]]
+    assert covered_accuracy(model, L, y) >= mv + 0.03
+    assert any("rejected (collapse)" in w for w in model.warnings)  # the evidence reading still latches on: said so
+    configured = model_from_options({}, 2).fit(L)  # as `fmhub label` configures it: the same model
+    np.testing.assert_allclose(configured.predict_proba(L), model.predict_proba(L))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_functions_worse_than_chance_count_against_their_vote_in_every_reading(seed):
+    rng = np.random.default_rng(seed)
+    n = 4000
+    y = (rng.random(n) < 0.5).astype(np.int64)
+    accs = [0.3, 0.35, 0.3] + list(rng.uniform(0.65, 0.85, 7))
+    L = np.stack([np.where(rng.random(n) < rng.uniform(0.3, 0.7), np.where(rng.random(n) < a, y, 1 - y), ABSTAIN) for a in accs], 1)
+    mv = mv_accuracy(L, y)
+    for reading in ("auto", "evidence", "votes"):
+        model = LabelModel(2, abstains=reading).fit(L)
+        assert (model.accuracies()[:3] < 0.45).all(), reading
+        assert covered_accuracy(model, L, y) >= mv + 0.05, reading
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_class_rules_stay_at_least_at_majority_vote(seed):
+    """Keyword-like rules (one class each) that fire more on long rows: neither reading may fall below majority vote."""
+    rng = np.random.default_rng(seed)
+    n = 4000
+    y = (rng.random(n) < 0.6).astype(np.int64)
+    length = np.clip(rng.lognormal(0, 0.6, n), 0.2, 4)
+    cols = []
+    for j in range(10):
+        hit, miss = rng.uniform(0.1, 0.4), rng.uniform(0.01, 0.08)
+        cols.append(np.where(rng.random(n) < np.clip(np.where(y == j % 2, hit, miss) * length, 0, 1), j % 2, ABSTAIN))
+    L = np.stack(cols, 1)
+    mv = mv_accuracy(L, y)
+    for reading in ("auto", "votes"):
+        assert covered_accuracy(LabelModel(2, abstains=reading).fit(L), L, y) >= mv - 0.01, reading
+
+
+def test_distinct_patterns_with_counts_fit_as_the_expanded_rows_do(monkeypatch):
+    from fmhub.data.label import em, model as model_mod
+
+    L, y, _ = synthetic(n=3000, seed=4)
+    pats = em.unique_rows(L, inverse=True)
+    assert len(pats.X) < len(L) and pats.counts.sum() == len(L)
+    np.testing.assert_array_equal(pats.X[pats.inverse], L)
+    exact = em._exact_unique(np.asarray(L, np.int8), True)  # the collision fallback groups the same rows
+    assert len(exact.X) == len(pats.X) and sorted(exact.counts) == sorted(pats.counts)
+    # one EM step on patterns with counts equals the same step on every row with count 1
+    k = 2
+    parents = np.full(L.shape[1], -1)
+    post = np.random.default_rng(0).dirichlet([1, 1], len(pats.X))
+    on_patterns = em.expected_counts(em.Codes(em.outcome_codes(pats.X, k, parents), k), post * pats.counts[:, None], k)
+    rows = em.Codes(em.outcome_codes(np.asarray(L, np.int8), k, parents), k)
+    np.testing.assert_allclose(on_patterns, em.expected_counts(rows, post[pats.inverse], k))
+    table = np.random.default_rng(1).normal(size=(k, L.shape[1] * (k + 1) ** 2))
+    np.testing.assert_allclose(em.posterior(rows, table, np.log([0.3, 0.7]))[0],
+                               em.posterior(em.Codes(em.outcome_codes(pats.X, k, parents), k), table, np.log([0.3, 0.7]))[0][pats.inverse])
+    # past SAMPLE_ROWS distinct patterns, EM runs on a sample of rows and takes one step on all of them: as good
+    rng = np.random.default_rng(7)
+    y = (rng.random(4000) < 0.4).astype(np.int64)
+    L = np.stack([np.where(rng.random(4000) < rng.uniform(0.3, 0.6), np.where(rng.random(4000) < rng.uniform(0.6, 0.8), y, 1 - y), ABSTAIN)
+                  for _ in range(20)], 1)
+    full = LabelModel(2).fit(L).predict(L)
+    monkeypatch.setattr(model_mod, "SAMPLE_ROWS", 1500)
+    assert len(em.unique_rows(L).X) > 1500  # so the sampled path runs
+    sampled = LabelModel(2).fit(L).predict(L)
+    assert (full == sampled).mean() > 0.97 and accuracy(sampled, y) >= accuracy(full, y) - 0.005
 
 
 def test_suggestions_prefer_uncertain_conflicted_rows_one_per_vote_pattern():

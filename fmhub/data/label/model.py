@@ -2,326 +2,283 @@
 
 A label matrix ``L`` (n rows × m labelling functions) holds each function's
 vote for each row: a class in ``0 … k-1``, or ``ABSTAIN`` (-1). `LabelModel`
-learns a class prior π and how far each function can be trusted, by EM
-(Dawid–Skene), and combines the votes of each row into P(class | votes). It
-has two ways to read a function, and by default picks between them:
+learns a class prior π and, per function, the distribution of its output
+given the class (Dawid–Skene, fitted by EM from a majority-vote start), and
+combines the votes of each row into P(class | votes).
+
+**Two readings of a function.**
 
 ``evidence``
-    The Dawid–Skene generative model with abstain as one more outcome: per
-    function j a confusion matrix θⱼ[c, v] = P(j outputs v | true class c),
-    v over the k classes *and abstain*. A rule that fires mostly for one class
-    (a keyword) says something even by staying silent. It is the most
-    informative reading, and the most fragile: it assumes the functions fire
-    independently given the class, and when they do not (every function
-    fires more on long texts, two rules share their words), EM is free to
-    explain *when functions fire* by a latent variable that is not the label,
-    and it will, with confidence.
+    Abstain is one more outcome: θⱼ[c, v] = P(j outputs v | class c), v over
+    the k classes and abstain. A rule that fires mostly for one class (a
+    keyword) says something even by staying silent. The most informative
+    reading, and the most fragile: when functions fire together for a reason
+    that is not the label (all fire more on long texts), EM can explain the
+    firing by a latent variable that is not the label.
 ``votes``
-    Abstains carry no evidence: per function j and class v it votes, the
-    precision Qⱼ[v, c] = P(true class c | j votes v), learnt by EM from how
-    the function's votes agree with the combined posterior of every row it
-    votes on, and held at least at the base rate and at 1/k (Qⱼ[v, v] ≥
-    max(π_v, 1/k): a function is no worse than chance, the assumption Snorkel
-    makes too; the 1/k keeps EM from collapsing the prior onto one class). A vote v
-    multiplies the odds of class c by Qⱼ[v, c] / π_c. It needs only that the
-    functions' *errors* are independent given the class, not their firing.
-``auto`` (default)
-    Fits ``evidence`` and keeps it if every function comes out better than
-    chance for each class it votes; otherwise (the sign that the latent
-    variable is not the label) refits with ``votes``. ``mode`` says which.
+    The same parameters, but silence is no evidence: a vote v multiplies the
+    odds of class c by P(v | c) / P(v), an abstain by 1. A function that
+    votes two classes or more is read by P(v | c, it votes): when it fires is
+    no evidence either, only what it says. A function that votes one class
+    (a keyword rule) keeps P(v | c), or it would say nothing at all.
 
-Why this and not a dependency on ``snorkel``: it is ~200 lines of numpy with no
-heavy or pinned dependencies, learns per-class parameters, anchors on gold
-labels by clamping them in EM, and, on the benchmark (benchmarks/label_bench.py,
-reviews whose functions fire more on longer texts and include a rule's narrower
-copy), snorkel's LabelModel ends up worse than majority vote while this does
-not.
+Neither reading floors a function at chance: a function that is right less
+often than chance comes out with a confusion matrix whose votes point away
+from the class they name, and counts as evidence *against* it (a negative
+weight), in both readings.
 
-`lf_summary` gives Snorkel-style statistics per function: coverage, overlaps,
-conflicts, and (when gold labels are known) empirical accuracy.
+**Dependencies** (`fmhub.data.label.structure`): pairs of functions that agree
+beyond what the class explains (a kappa given the class, from the votes) are
+grouped, and each member of a group is modelled given the group's broadest
+member, so a group of near-copies counts once. ``dependencies=None``
+assumes independence.
 
-**Correlated functions.** Conditional independence is what lets a model
-learn accuracies without labels, and what a copied rule breaks: two functions
-that always vote together count as two independent witnesses, so their shared
-errors outvote a third, better function. Snorkel models such dependencies
-when it is told the graph; here `redundant_pairs` finds them from the votes:
-a function that votes with another on nearly all of its own votes (a copy, or
-a narrower variant of a rule), far more often than the other's coverage
-explains. `redundancy_weights` then gives the contained function a weight
-near 0 in the posterior (it adds nothing its container did not say), so the
-evidence counts once; its own parameters are still learnt and reported. The
-pipelines report the pairs found.
+**One-class functions.** When every function votes a single class, the votes
+say only *when* functions fire, and whatever makes them fire together can
+pass for the label; EM's expected counts then keep a tenth (`ANCHOR`) of
+majority vote's, which holds the fit near the label without fixing it there.
+
+**Collapse check** (`fmhub.data.label.collapse`, with ``abstains="auto"``):
+a fitted reading can still latch onto something that is not the label.
+Both readings are fitted and scored, with majority vote, by how well each
+predicts every function's vote from the other functions' votes; the best
+is used (``votes`` on a tie, then ``evidence``, then majority vote). When
+every function votes one class only, a reading is rejected if it strays
+from majority vote or reads a rule as evidence against its own class. Each
+reading rejected as collapsed gets a sentence in ``warnings`` (`fmhub label`
+reports and prints them); ``mode`` says what was used: "evidence", "votes"
+or "majority"; ``diagnostics`` holds the scores.
 
 **Scale.** Rows with the same votes have the same posterior, so EM runs on
-the distinct vote patterns with their counts (a few thousand at most for a
-dozen functions, however many rows), and on gold rows individually.
+the distinct vote patterns with their counts; beyond `SAMPLE_ROWS` distinct
+patterns EM runs on a sample of that many rows and finishes with one step
+on every pattern (see `fmhub.data.label.em`); memory stays a small multiple
+of the int8 label matrix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
 
-from fmhub.base.errors import FmhubError
+import numpy as np
 
-ABSTAIN = -1
+from fmhub.data.label import em
+from fmhub.data.label.matrix import (ABSTAIN, LabelModelError, LFStats, check_matrix, lf_summary, majority_vote,
+                                     redundancy_weights, redundant_pairs)
 
+__all__ = ["ABSTAIN", "LabelModel", "LabelModelError", "LFStats", "check_matrix", "lf_summary", "majority_vote",
+           "redundancy_weights", "redundant_pairs", "MODES"]
 
-class LabelModelError(FmhubError):
-    """The label matrix cannot be modelled: wrong shape or values, or every function abstains everywhere."""
-
-
-def _np():
-    import numpy as np
-
-    return np
-
-
-def check_matrix(L, cardinality: int):
-    """``L`` as an int64 array of shape (n, m) with values in {-1, 0, …, k-1}, or a clear error."""
-    np = _np()
-    arr = np.asarray(L)
-    if arr.ndim != 2:
-        raise LabelModelError(f"the label matrix must be 2-D (rows × labelling functions); got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise LabelModelError(f"the label matrix must hold integers (a class, or {ABSTAIN} for abstain); got {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = (arr < ABSTAIN) | (arr >= cardinality)
-    if bad.any():
-        i, j = map(int, np.argwhere(bad)[0])
-        raise LabelModelError(f"row {i}, labelling function {j}: vote {arr[i, j]} is not a class 0..{cardinality - 1} or {ABSTAIN} (abstain)")
-    return arr
+MODES = ("auto", "evidence", "votes")
+SAMPLE_ROWS = 100_000  # EM on a sample of this many rows when there are more distinct patterns than this
+FIRING_FREE = True  # in the votes reading, functions voting two classes or more: their firing is no evidence
+ANCHOR = 0.1  # one-class functions only: EM's counts are pulled towards majority vote's by this share (see _em)
+STRUCTURE_TOL = 1e-5  # the independent fit behind the dependency search needs a fair posterior, not a converged one
 
 
 @dataclass
-class LFStats:
-    name: str
-    coverage: float  # fraction of rows it votes on
-    overlaps: float  # fraction of rows it votes on where another function votes too
-    conflicts: float  # fraction of rows it votes on where another function votes differently
-    polarity: list[int]  # the classes it ever votes for
-    accuracy: float | None = None  # on the gold rows it votes on, when gold labels are given
+class Fit:
+    """One reading's EM result on the fitting patterns."""
 
-
-def lf_summary(L, names: Sequence[str] | None = None, gold: Mapping[int, int] | None = None, cardinality: int | None = None) -> list[LFStats]:
-    """Per-function coverage, overlaps and conflicts as fractions of all rows (Snorkel's LF analysis)."""
-    np = _np()
-    arr = np.asarray(L)
-    k = cardinality if cardinality is not None else int(arr.max(initial=0)) + 1
-    arr = check_matrix(arr, k)
-    n, m = arr.shape
-    names = list(names) if names is not None else [f"lf{j}" for j in range(m)]
-    votes = arr != ABSTAIN
-    n_votes = votes.sum(1)
-    per_class = np.stack([(arr == c).sum(1) for c in range(k)], 1) if n else np.zeros((0, k), np.int64)
-    gold_rows = np.array([i for i in (gold or {}) if 0 <= i < n], dtype=np.int64)
-    gold_cls = np.array([gold[i] for i in gold_rows], dtype=np.int64)
-    out = []
-    for j in range(m):
-        mine = votes[:, j]
-        # rows where some other function votes a class other than this one's: all votes minus those for its class
-        same = per_class[np.arange(n), np.where(mine, arr[:, j], 0)]
-        disagree = mine & (n_votes - same > 0)
-        acc = None
-        if gold_rows.size:
-            hit = mine[gold_rows]
-            acc = float((arr[gold_rows[hit], j] == gold_cls[hit]).mean()) if hit.any() else None
-        out.append(LFStats(
-            names[j], float(mine.mean()) if n else 0.0, float((mine & (n_votes > 1)).mean()) if n else 0.0,
-            float(disagree.mean()) if n else 0.0, sorted(int(v) for v in np.unique(arr[mine, j])), acc,
-        ))
-    return out
-
-
-def redundant_pairs(L, threshold: float = 0.8) -> list[tuple[int, int, float]]:
-    """Pairs (j, k, c): function ``j`` votes as ``k`` does on a fraction ``c`` ≥ ``threshold`` of its own votes.
-
-    ``j`` is the function with fewer votes (the copy, or the narrower rule).
-    Agreement that ``k``'s breadth explains is not redundancy: a function
-    voting on 90 % of rows agrees with most others on most of their rows. So
-    a pair also needs the excess (c − coverage of k) / (1 − coverage of k) to
-    be at least 1/2: ``j``'s votes fill at least half the room between chance
-    and a perfect copy.
-    """
-    np = _np()
-    arr = np.asarray(L)
-    n, m = arr.shape
-    votes = arr != ABSTAIN
-    counts = votes.sum(0)
-    out = []
-    for a in range(m):
-        for b in range(a + 1, m):
-            small, big = (a, b) if (counts[a], a) < (counts[b], b) else (b, a)
-            if counts[small] == 0 or counts[big] == n:
-                continue
-            contained = float((votes[:, small] & (arr[:, small] == arr[:, big])).sum() / counts[small])
-            cover = counts[big] / n
-            if contained >= threshold and (contained - cover) / (1 - cover) >= 0.5:
-                out.append((int(small), int(big), contained))
-    return out
-
-
-def redundancy_weights(m: int, pairs: Sequence[tuple[int, int, float]], threshold: float = 0.8):
-    """Per function, its weight in the posterior: 1, scaled down for each function it copies (see `redundant_pairs`).
-
-    A perfect copy (agreement 1) gets 0: it adds nothing its container did not
-    say. The weight rises linearly to 1 at agreement ``threshold``, so a
-    function just over the line keeps nearly all of its say.
-    """
-    np = _np()
-    w = np.ones(m)
-    for small, _big, contained in pairs:
-        w[small] *= min(1.0, max(0.0, (1.0 - contained) / max(1.0 - threshold, 1e-9)))
-    return w
-
-
-def majority_vote(L, cardinality: int):
-    """The most common vote per row (ties and all-abstain rows: ``ABSTAIN``)."""
-    np = _np()
-    arr = check_matrix(L, cardinality)
-    counts = np.stack([(arr == c).sum(1) for c in range(cardinality)], 1)
-    best = counts.argmax(1)
-    tie = (counts == counts.max(1, keepdims=True)).sum(1) > 1
-    return np.where(tie | (counts.max(1) == 0), ABSTAIN, best)
-
-
-MODES = ("auto", "evidence", "votes")
+    reading: str
+    prior: Any  # (k,)
+    logp: Any  # (m, k, (k+1)²): log P(outcome code | class), abstain 0 in the votes reading
+    counts: Any  # (m, k, (k+1)²): expected counts from the last E-step
+    post: Any  # (p, k) on the fitting patterns
+    iterations: int = 0
+    notes: dict = field(default_factory=dict)
 
 
 class LabelModel:
-    """Dawid–Skene label model fitted by EM, reading abstains as evidence or not (see the module docstring)."""
+    """Dawid–Skene label model with learnt dependencies, two readings of abstains, and a collapse check."""
 
     def __init__(self, cardinality: int = 2, max_iter: int = 500, tol: float = 1e-7, pseudo_count: float = 1.0,
-                 abstains: str = "auto") -> None:
+                 abstains: str = "auto", dependencies: Optional[float] = 0.7) -> None:
+        """:param dependencies: the kappa given the class above which two functions are grouped (see
+        `fmhub.data.label.structure`); None to assume every function independent."""
         if cardinality < 2:
             raise LabelModelError("a label model needs at least two classes")
         if abstains not in MODES:
             raise LabelModelError(f"abstains must be one of {', '.join(MODES)}, not {abstains!r}")
+        if dependencies is not None and not 0 < float(dependencies) <= 1:
+            raise LabelModelError("dependencies must be a kappa threshold in (0, 1], or None")
         self.k = cardinality
         self.max_iter, self.tol, self.alpha, self.abstains = max_iter, tol, pseudo_count, abstains
-        self.mode = None  # the reading used: "evidence" or "votes"
+        self.dependencies = dependencies
+        self.mode: Optional[str] = None  # the reading used: "evidence", "votes" or "majority"
         self.prior = None  # π, shape (k,)
-        self.confusion = None  # evidence: θ, shape (m, k, k+1), the last column is abstain
-        self.precision = None  # votes: Q, shape (m, k, k): Q[j, v, c] = P(class c | j votes v)
-        self.weights = None  # per function, its vote's weight in the posterior
+        self.confusion = None  # (m, k, k+1): P(output v | class c), v = k is abstain
+        self.weights = None  # per function, its weight in the posterior (given, default 1)
+        self.parents = None  # per function, the function it is modelled given (-1: none)
+        self.groups: list[list[int]] = []  # dependent groups found, each [root, members...]
+        self.kappa = None  # (m, m): agreement beyond the class, per pair
+        self.warnings: list[str] = []  # what the collapse check found, in words
+        self.diagnostics: dict = {}  # per reading: agreement with majority vote and the other reading
         self.iterations = 0
-        self._loglik = None  # (m, k, k+1): what each outcome v adds to log P(class c), before weighting
-        self._vote_freq = None  # (m, k): how often each function votes each class
+        self._logp = None
+        self._acc = None
+        self._one_class = False
+        self._polar = None
+
+    # ----------------------------------------------------------------------------------- fitting
 
     def fit(self, L, gold: Mapping[int, int] | None = None, class_balance: Sequence[float] | None = None,
             weights: Sequence[float] | None = None) -> "LabelModel":
-        """Learn the prior and each function's parameters from ``L``.
+        """Learn the prior, the dependencies and each function's parameters from ``L``.
 
         :param gold: known labels of some rows (row -> class): clamped during EM, which anchors the estimate.
         :param class_balance: a known class prior; learnt from the data when not given.
-        :param weights: per function, how much its vote counts in the posterior (see `redundancy_weights`); default 1.
+        :param weights: per function, how much its vote counts in the posterior; default 1.
         """
-        np = _np()
+        from fmhub.data.label import collapse
+
         arr = check_matrix(L, self.k)
         n, m = arr.shape
         if n == 0 or m == 0:
             raise LabelModelError("the label matrix is empty: no rows or no labelling functions")
-        if (arr == ABSTAIN).all():
+        if not (arr != ABSTAIN).any():
             raise LabelModelError("every labelling function abstains on every row: there is nothing to learn from")
-        fixed_prior = None
-        if class_balance is not None:
-            fixed_prior = np.asarray(class_balance, dtype=np.float64)
-            if fixed_prior.shape != (self.k,) or (fixed_prior <= 0).any():
-                raise LabelModelError(f"class_balance must be {self.k} positive numbers")
-            fixed_prior = fixed_prior / fixed_prior.sum()
+        fixed_prior = self._check_prior(class_balance)
         self.weights = self._check_weights(weights, m)
-        gold_rows = np.array(sorted(gold), dtype=np.int64) if gold else np.empty(0, np.int64)
-        gold_cls = np.array([gold[i] for i in gold_rows], dtype=np.int64) if gold else np.empty(0, np.int64)
-        if gold_rows.size and ((gold_rows < 0).any() or (gold_rows >= n).any() or (gold_cls < 0).any() or (gold_cls >= self.k).any()):
-            raise LabelModelError("a gold label names a row or class outside the label matrix")
-        # EM over distinct vote patterns (weighted by how many rows have each), gold rows one by one
-        free = np.ones(n, bool)
-        free[gold_rows] = False
-        patterns, counts = np.unique(arr[free], axis=0, return_counts=True) if free.any() else (np.empty((0, m), np.int64), np.empty(0, np.int64))
-        X = np.concatenate([patterns, arr[gold_rows]]).astype(np.int64)
-        w = np.concatenate([counts, np.ones(gold_rows.size)]).astype(np.float64)
-        idx = np.where(X == ABSTAIN, self.k, X)
-        self._vote_freq = np.stack([np.bincount(idx[:, j], weights=w, minlength=self.k + 1)[: self.k] for j in range(m)]) / n
-        clamp = (len(patterns), np.eye(self.k)[gold_cls])
-        if self.abstains in ("auto", "evidence"):
-            self._em(idx, w, clamp, fixed_prior, "evidence")
-            if self.abstains == "evidence" or self._plausible():
-                return self
-        self._em(idx, w, clamp, fixed_prior, "votes")
+        everything, (X, w, clamp) = self._fitting_patterns(arr, gold)
+        q0 = mv_posterior(X, self.k)
+        self._polar = polar(X, w, self.k)
+        self._one_class = not self._polar.any()
+        self.parents, self.groups, self.kappa = np.full(m, -1, np.int64), [], np.zeros((m, m))
+        if self.dependencies is not None:
+            self._learn_structure(X, w, clamp, fixed_prior, q0)
+        codes = em.Codes(em.outcome_codes(X, self.k, self.parents), self.k)
+        readings = ("evidence", "votes") if self.abstains == "auto" else (self.abstains,)
+        fits = {r: self._em(codes, w, clamp, fixed_prior, r, q0.copy()) for r in readings}
+        fits["majority"] = self._majority_fit(codes, w, q0, fixed_prior)
+        for f in fits.values():
+            if f.reading != "majority":
+                collapse.align(f, X, w, self.k)
+        chosen, self.warnings, self.diagnostics = collapse.choose(fits, codes, X, w, self.parents, self.weights, self.k, self.abstains)
+        if len(everything[0]) > len(X):
+            chosen = self._polish(everything, chosen, fixed_prior)
+        self._keep(chosen)
         return self
 
-    def _em(self, idx, w, clamp, fixed_prior, mode: str) -> None:
-        np = _np()
-        n, k = w.sum(), self.k
-        post = self._initial_posterior(idx)
+    def _learn_structure(self, X, w, clamp, fixed_prior, q0) -> None:
+        """Group dependent functions (see `fmhub.data.label.structure`), from kappas given the class as an
+        independent evidence fit reads it and as majority vote does, the larger of the two."""
+        from fmhub.data.label import structure
+
+        m = X.shape[1]
+        codes = em.Codes(em.outcome_codes(X, self.k, self.parents), self.k)
+        q = self._em(codes, w, clamp, fixed_prior, "evidence", q0.copy(), tol=max(self.tol, STRUCTURE_TOL)).post
+        # agreement beyond the class as majority vote reads it, or as the fit does: a group the fit latched onto
+        # looks independent given the fit's "class" (it is that class), never given majority vote's
+        self.kappa = np.maximum(structure.conditional_kappa(X, w, q, self.k), structure.conditional_kappa(X, w, q0, self.k))
+        found = structure.groups(self.kappa, float(self.dependencies))
+        self.parents = structure.parents_of(found, (w[:, None] * (X != ABSTAIN)).sum(0), m)
+        self.groups = [sorted(g, key=lambda j: (self.parents[j] >= 0, j)) for g in found]
+
+    def _fitting_patterns(self, arr, gold):
+        """(all, fitting): each as (patterns, counts, clamp), distinct free patterns with counts, then gold rows one
+        by one (clamp: where they start, their one-hot classes). ``fitting`` is ``all`` unless there are more than
+        `SAMPLE_ROWS` distinct patterns; then it holds those of a sample of that many rows (the counts scaled up)."""
+        n, m = arr.shape
+        gold_rows, gold_cls = self._check_gold(gold, n)
+        free = np.ones(n, bool)
+        free[gold_rows] = False
+        pats = em.unique_rows(arr[free] if gold_rows.size else arr)
+        known = np.eye(self.k)[gold_cls]
+
+        def with_gold(X, w):
+            return (np.concatenate([X, arr[gold_rows].astype(X.dtype)]), np.concatenate([w, np.ones(gold_rows.size)]),
+                    (len(X), known))
+
+        everything = with_gold(pats.X, pats.counts)
+        if len(pats.X) <= SAMPLE_ROWS:
+            return everything, everything
+        w = pats.counts
+        drawn = np.random.default_rng(0).multinomial(SAMPLE_ROWS, w / w.sum()).astype(np.float64)
+        keep = drawn > 0
+        return everything, with_gold(pats.X[keep], drawn[keep] * (w.sum() / SAMPLE_ROWS))
+
+    def _em(self, codes, w, clamp, fixed_prior, reading: str, post, iters: Optional[int] = None,
+            tol: Optional[float] = None) -> Fit:
+        """EM from the posterior ``post`` until the mean log-likelihood per row moves less than ``tol``."""
+        k = self.k
         start, known = clamp
-        for it in range(1, self.max_iter + 1):
+        total = w.sum()
+        prev = -np.inf
+        fit = Fit(reading, None, None, None, post)
+        # when every function votes one class, the votes say only *when* functions fire, and anything that makes
+        # them fire together (long rows) can pass for the label: EM's counts keep a share of majority vote's
+        anchor = em.expected_counts(codes, post * w[:, None], k) * ANCHOR if self._one_class else 0.0
+        for it in range(1, (iters or self.max_iter) + 1):
             post[start:] = known
-            prior = fixed_prior if fixed_prior is not None else (w @ post + self.alpha) / (n + self.alpha * k)
-            wp = post * w[:, None]
-            # (m, k, k+1): expected count of rows of class c where function j output v (v = k: abstain)
-            counts = np.stack([np.stack([np.bincount(col, weights=wp[:, c], minlength=k + 1) for c in range(k)]) for col in idx.T])
-            loglik = self._evidence_params(counts) if mode == "evidence" else self._votes_params(counts, prior)
-            log_joint = self._log_joint(idx, prior, loglik)
-            new = np.exp(log_joint - log_joint.max(1, keepdims=True))
-            new /= new.sum(1, keepdims=True)
-            self.iterations = it
-            done = np.abs(new - post).max() < self.tol * 10 if it > 1 else False
-            post = new
-            if done:
+            prior = fixed_prior if fixed_prior is not None else (w @ post + self.alpha) / (total + self.alpha * k)
+            counts = em.expected_counts(codes, post * w[:, None], k) + anchor
+            logp = em.cpt(counts, k, self.parents, self.alpha, reading == "votes", FIRING_FREE and self._polar)
+            post, ll = em.posterior(codes, em.table_of(logp, self.weights), np.log(prior))
+            mean_ll = float(w @ ll) / total
+            fit = Fit(reading, prior, logp, counts, post, it)
+            if abs(mean_ll - prev) < (tol or self.tol):
                 break
-        self.mode, self.prior, self._loglik = mode, prior, loglik
+            prev = mean_ll
+        fit.post[start:] = known
+        return fit
 
-    def _evidence_params(self, counts):
-        np = _np()
-        counts = counts + self.alpha
-        self.confusion = counts / counts.sum(2, keepdims=True)
-        self.precision = None
-        return np.log(self.confusion)
-
-    def _votes_params(self, counts, prior):
-        np = _np()
+    def _majority_fit(self, codes, w, q0, fixed_prior) -> Fit:
+        """Majority vote as a candidate: each vote adds one to the log-odds of its class (abstains nothing); its
+        counts, for the collapse check and the accuracies, are those of majority vote's soft labels."""
         k = self.k
-        # Q[j, v, c] = P(class c | j votes v), smoothed towards the prior by alpha*k pseudo-rows
-        votes = counts[:, :, :k].transpose(0, 2, 1) + self.alpha * k * prior[None, None, :]
-        Q = votes / votes.sum(2, keepdims=True)
-        for v in range(k):
-            # no worse than chance: lift Q[j, v, v] to the base rate π_v, and to 1/k, so that a vote is never
-            # evidence against its own class (1/k keeps the prior from collapsing onto one class: against a
-            # prior of 0.999 every rule for the other class would pass as "better than chance"), shrinking the rest
-            floor = max(prior[v], 1.0 / k)
-            low = Q[:, v, v] < floor
-            if low.any():
-                rest = Q[low, v].copy()
-                rest[:, v] = 0
-                rest *= (1 - floor) / np.maximum(rest.sum(1, keepdims=True), 1e-300)
-                rest[:, v] = floor
-                Q[low, v] = rest
-        self.precision, self.confusion = Q, None
-        loglik = np.zeros((Q.shape[0], k, k + 1))
-        loglik[:, :, :k] = (np.log(Q) - np.log(prior)[None, None, :]).transpose(0, 2, 1)  # abstain (v = k) adds 0
-        return loglik
+        fit = self._em(codes, w, (len(w), np.empty((0, k))), fixed_prior, "votes", q0.copy(), iters=1)
+        logp = np.zeros((len(self.parents), k, k + 1, k + 1))
+        logp[:, :, :, :k] = np.eye(k)[None, :, None, :]
+        logp[self.parents < 0, :, 1:, :] = 0.0
+        fit.logp = logp.reshape(len(self.parents), k, (k + 1) ** 2)
+        fit.reading, fit.post, fit.prior = "majority", q0, np.full(k, 1.0 / k)
+        return fit
 
-    def _plausible(self) -> bool:
-        """Whether no function that counts is clearly worse than chance for a class it votes, under the evidence fit.
+    def _polish(self, everything, fit: Fit, fixed_prior) -> Fit:
+        """One EM step on every distinct pattern from the sampled fit's parameters: its E-step labels them all, its
+        M-step re-estimates the parameters from all of them (from a sample of 10⁵ rows EM has converged to within
+        sampling noise; one pass over everything removes that noise without another dozen passes)."""
+        if fit.reading == "majority":
+            return fit
+        X, w, (start, known) = everything
+        codes = em.Codes(em.outcome_codes(X, self.k, self.parents), self.k)
+        post, _ = em.posterior(codes, em.table_of(fit.logp, self.weights), np.log(fit.prior))
+        post[start:] = known
+        prior = fixed_prior if fixed_prior is not None else (w @ post + self.alpha) / (w.sum() + self.alpha * self.k)
+        counts = em.expected_counts(codes, post * w[:, None], self.k)
+        if self._one_class:  # the same pull towards majority vote as in _em
+            counts = counts + em.expected_counts(codes, mv_posterior(X, self.k) * w[:, None], self.k) * ANCHOR
+        logp = em.cpt(counts, self.k, self.parents, self.alpha, fit.reading == "votes", FIRING_FREE and self._polar)
+        return Fit(fit.reading, prior, logp, counts, fit.post, fit.iterations + 1, fit.notes)
 
-        "Clearly": its vote for v at least halves the odds of v against the base
-        rate. Real rules hover near chance (a broad keyword may be right a little
-        less often than the base rate); a fit that has latched onto something
-        other than the label makes whole groups of rules anti-informative.
-        """
-        np = _np()
+    def _keep(self, fit: Fit) -> None:
         k = self.k
-        # P(class v | j votes v) = π_v θ[j, v, v] / Σ_c π_c θ[j, c, v], against the base rate π_v
-        joint = self.prior[None, :, None] * self.confusion[:, :, :k]  # (m, c, v)
-        hit = np.clip(np.einsum("jvv->jv", joint) / np.maximum(joint.sum(1), 1e-300), 1e-12, 1 - 1e-12)
-        base = np.broadcast_to(self.prior, hit.shape)
-        odds_ratio = (hit / (1 - hit)) / (base / (1 - base))
-        counts = (self._vote_freq > 0) & (self.weights[:, None] > 0)
-        return bool((odds_ratio[counts] >= 0.5).all())
+        self.mode, self.prior, self._logp, self.iterations = fit.reading, fit.prior, fit.logp, fit.iterations
+        own = em.root_counts(fit.counts, k, self.parents) + self.alpha  # (m, k, k+1), summed over parents' outcomes
+        self.confusion = own / own.sum(2, keepdims=True)
+        votes = fit.counts.reshape(len(own), k, k + 1, k + 1).sum(2)[:, :, :k]
+        self._acc = np.einsum("jcc->j", votes) / np.maximum(votes.sum((1, 2)), 1e-12)
+
+    # ----------------------------------------------------------------------------------- checks
+
+    def _check_prior(self, class_balance):
+        if class_balance is None:
+            return None
+        p = np.asarray(class_balance, dtype=np.float64)
+        if p.shape != (self.k,) or (p <= 0).any():
+            raise LabelModelError(f"class_balance must be {self.k} positive numbers")
+        return p / p.sum()
+
+    def _check_gold(self, gold, n: int):
+        rows = np.array(sorted(gold), dtype=np.int64) if gold else np.empty(0, np.int64)
+        cls = np.array([gold[i] for i in rows], dtype=np.int64) if gold else np.empty(0, np.int64)
+        if rows.size and ((rows < 0).any() or (rows >= n).any() or (cls < 0).any() or (cls >= self.k).any()):
+            raise LabelModelError("a gold label names a row or class outside the label matrix")
+        return rows, cls
 
     def _check_weights(self, weights, m: int):
-        np = _np()
         if weights is None:
             return np.ones(m)
         w = np.asarray(weights, dtype=np.float64)
@@ -329,49 +286,53 @@ class LabelModel:
             raise LabelModelError(f"weights must be {m} non-negative numbers, one per labelling function")
         return w
 
-    def _log_joint(self, idx, prior, loglik):
-        """log π_c + Σ_j w_j loglik_j[c, v_ij] for each row of ``idx`` (votes with abstain as class k)."""
-        np = _np()
-        out = np.tile(np.log(prior), (len(idx), 1))
-        for j in range(idx.shape[1]):
-            out += self.weights[j] * loglik[j][:, idx[:, j]].T
-        return out
-
-    def _initial_posterior(self, idx):
-        np = _np()
-        counts = np.stack([(idx == c).sum(1) for c in range(self.k)], 1).astype(np.float64) + 0.1
-        return counts / counts.sum(1, keepdims=True)
+    # ----------------------------------------------------------------------------------- using it
 
     def predict_proba(self, L):
         """P(class | votes) per row, shape (n, k).
 
-        In the evidence reading, abstains count: a row where every function
+        In the evidence reading abstains count: a row where every function
         abstains gets P(class | all abstained), not the bare prior, since a
         rule that fires mostly for one class says something by staying silent.
-        In the votes reading it gets the prior.
+        In the votes reading (and majority vote's) it gets the prior.
         """
-        np = _np()
-        if self._loglik is None:
+        if self._logp is None:
             raise LabelModelError("fit the label model first")
         arr = check_matrix(L, self.k)
-        if arr.shape[1] != self._loglik.shape[0]:
-            raise LabelModelError(f"fitted on {self._loglik.shape[0]} labelling functions, given {arr.shape[1]}")
+        m = self._logp.shape[0]
+        if arr.shape[1] != m:
+            raise LabelModelError(f"fitted on {m} labelling functions, given {arr.shape[1]}")
         if not len(arr):
             return np.empty((0, self.k))
-        patterns, inverse = np.unique(arr, axis=0, return_inverse=True)
-        log_joint = self._log_joint(np.where(patterns == ABSTAIN, self.k, patterns), self.prior, self._loglik)
-        p = np.exp(log_joint - log_joint.max(1, keepdims=True))
-        return (p / p.sum(1, keepdims=True))[inverse.reshape(-1)]
+        pats = em.unique_rows(arr, inverse=True)
+        codes = em.Codes(em.outcome_codes(pats.X, self.k, self.parents), self.k)
+        post, _ = em.posterior(codes, em.table_of(self._logp, self.weights), np.log(self.prior))
+        return post[pats.inverse]
+
+    def dependent_pairs(self) -> list[tuple[int, int, float]]:
+        """(member, root, kappa) for each function read as part of another's group (see `fmhub.data.label.structure`)."""
+        if self.parents is None:
+            return []
+        return [(j, int(p), float(self.kappa[j, p])) for j, p in enumerate(self.parents) if p >= 0]
 
     def predict(self, L):
+        """The most probable class per row."""
         return self.predict_proba(L).argmax(1)
 
     def accuracies(self):
         """Each function's estimated accuracy when it votes: P(its vote is the true class | it votes)."""
-        np = _np()
-        if self.mode == "evidence":
-            diag = np.einsum("c,jcc->j", self.prior, self.confusion[:, :, : self.k])
-            fires = np.einsum("c,jc->j", self.prior, 1 - self.confusion[:, :, self.k])
-            return diag / np.maximum(fires, 1e-12)
-        hit = np.einsum("jvv->jv", self.precision)
-        return (hit * self._vote_freq).sum(1) / np.maximum(self._vote_freq.sum(1), 1e-12)
+        if self._acc is None:
+            raise LabelModelError("fit the label model first")
+        return self._acc
+
+
+def polar(X, w, k: int):
+    """Per function, whether it votes two classes or more (each on at least 1 % of its votes, and 5 rows)."""
+    per = np.stack([(w[:, None] * (X == c)).sum(0) for c in range(k)], 1)  # (m, k)
+    return (per >= np.maximum(5.0, 0.01 * per.sum(1, keepdims=True))).sum(1) >= 2
+
+
+def mv_posterior(X, k: int):
+    """A soft majority vote per pattern: each vote adds one to its class, plus 0.1 to every class."""
+    counts = np.stack([(X == c).sum(1) for c in range(k)], 1).astype(np.float64) + 0.1
+    return counts / counts.sum(1, keepdims=True)

@@ -39,7 +39,7 @@ from fmhub.governance import access
 from fmhub.governance import gate as governance
 from fmhub.base.errors import FmhubError
 from fmhub.plugin.interfaces import LabelContext
-from fmhub.data.label.model import ABSTAIN, LabelModel, LabelModelError, redundancy_weights, redundant_pairs
+from fmhub.data.label.model import ABSTAIN, LabelModel, LabelModelError
 from fmhub.data.label.votes import LFSpec, apply, configure, vote_batch
 from fmhub.core.rows import Batch, DataError, RowWriter, count_rows
 from fmhub.project.spec import LabelPipeline, LoadedSpec, pipeline
@@ -257,39 +257,52 @@ def load_gold(prep: Prepared, collected: Collected) -> tuple[dict[int, int], int
     return gold, unmatched
 
 
+MODEL_OPTIONS = ("abstains", "class_balance", "dependencies", "max_iter", "pseudo_count", "redundancy")
+
+
+def model_from_options(opts: Mapping[str, Any], k: int) -> LabelModel:
+    """The label model a pipeline's ``model:`` options describe; with none, exactly `LabelModel`'s API defaults.
+
+    ``dependencies`` is the kappa above which two functions are read as one
+    group (false: assume independence). ``redundancy``, the older option, is
+    read the same way (a number: that threshold; false: none).
+    """
+    deps = opts.get("dependencies", opts.get("redundancy", 0.7))
+    if deps is not False and not (isinstance(deps, (int, float)) and not isinstance(deps, bool) and 0 < deps <= 1):
+        raise ValueError("dependencies must be a number in (0, 1] (how far two functions must agree beyond the class "
+                         "to count as one group) or false")
+    return LabelModel(k, max_iter=int(opts.get("max_iter", 500)), pseudo_count=float(opts.get("pseudo_count", 1.0)),
+                      abstains=str(opts.get("abstains", "auto")), dependencies=None if deps is False else float(deps))
+
+
 def fit_model(prep: Prepared, collected: Collected, gold: Optional[Mapping[int, int]] = None) -> tuple[LabelModel, list]:
-    """The label model fitted on the votes, with the pipeline's ``model:`` options; and the redundant pairs it down-weighted."""
+    """The label model fitted on the votes, with the pipeline's ``model:`` options; and the dependent pairs it grouped
+    (member, root, kappa)."""
     opts = dict(prep.pipe.model)
     loc = ("label", prep.name, "model")
     k = len(prep.pipe.classes)
-    unknown = set(opts) - {"abstains", "class_balance", "max_iter", "pseudo_count", "redundancy"}
+    unknown = set(opts) - set(MODEL_OPTIONS)
     if unknown:
-        raise prep.loaded.error(loc, f"unknown option(s) {', '.join(sorted(unknown))}; model takes abstains, class_balance, max_iter, pseudo_count, redundancy")
+        raise prep.loaded.error(loc, f"unknown option(s) {', '.join(sorted(unknown))}; model takes {', '.join(MODEL_OPTIONS)}")
     balance = opts.get("class_balance")
     if isinstance(balance, dict):
         missing = set(prep.pipe.classes) - set(balance)
         if missing or set(balance) - set(prep.pipe.classes):
             raise prep.loaded.error(loc, f"class_balance must give a weight to each class: {', '.join(prep.pipe.classes)}")
         balance = [balance[c] for c in prep.pipe.classes]
-    threshold = opts.get("redundancy", 0.8)
-    if threshold is not False and not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-        raise prep.loaded.error(loc, "redundancy must be a number in (0, 1] (the agreement above which two functions count as one) or false")
-    pairs = redundant_pairs(collected.matrix, float(threshold)) if threshold is not False else []
     try:
-        model = LabelModel(k, max_iter=int(opts.get("max_iter", 500)), pseudo_count=float(opts.get("pseudo_count", 1.0)),
-                           abstains=str(opts.get("abstains", "auto")))
+        model = model_from_options(opts, k)
     except (LabelModelError, TypeError, ValueError) as exc:
         raise prep.loaded.error(loc, str(exc)) from None
     try:
-        weights = redundancy_weights(len(prep.specs), pairs, float(threshold) if threshold is not False else 1.0)
-        model.fit(collected.matrix, gold=gold or None, class_balance=balance, weights=weights)
+        model.fit(collected.matrix, gold=gold or None, class_balance=balance)
     except LabelModelError as exc:
         if "class_balance" in str(exc):
             raise prep.loaded.error(loc, str(exc)) from None
         raise LabelModelError(f"label.{prep.name}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise prep.loaded.error(loc, str(exc)) from None
-    return model, pairs
+    return model, model.dependent_pairs()
 
 
 def run(loaded: LoadedSpec, name: Optional[str] = None, backend: Optional[str] = None, workers: Optional[int] = None,
@@ -354,12 +367,12 @@ def write_output(prep: Prepared, collected: Collected, proba, is_gold, wanted: s
             if not np.array_equal(np.asarray(batch.positions, dtype=np.int64), collected.positions[r:r + n]):
                 raise LabelError(f"{prep.input} changed while it was being labelled; run again")
             out = []
-            for i, row in enumerate(batch.rows):
-                ri = r + i
+            # the batch's slices as Python values once: indexing numpy row by row cost more than the writing
+            for i, (row, quiet, b, probs) in enumerate(zip(batch.rows, silent[r:r + n].tolist(), best[r:r + n].tolist(), proba[r:r + n].tolist())):
                 new = dict(row)
                 replaced += col in row or probs_col in row
-                new[col] = None if silent[ri] else classes[best[ri]]
-                new[probs_col] = {c: round(float(p), 6) for c, p in zip(classes, proba[ri])}
+                new[col] = None if quiet else classes[b]
+                new[probs_col] = {c: round(p, 6) for c, p in zip(classes, probs)}
                 if batch.positions[i] in wanted:
                     preview[batch.positions[i]] = row
                 out.append(new)

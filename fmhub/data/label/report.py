@@ -34,6 +34,7 @@ def build_report(prep, collected, model, proba, labelled, gold: Mapping[int, int
             "polarity": [classes[c] for c in st.polarity],
             "learned_accuracy": float(learned[j]), "gold_accuracy": st.accuracy,
             "weight": float(model.weights[j]),
+            "group_of": prep.specs[int(model.parents[j])].name if model.parents[j] >= 0 else None,
             "errors": collected.error_counts[j],
             "first_errors": [{"position": p, "error": e} for p, e in collected.errors[j]],
         })
@@ -50,10 +51,13 @@ def build_report(prep, collected, model, proba, labelled, gold: Mapping[int, int
         "labels": {"counts": counts, "unlabelled": int(silent.sum()), "coverage": float(1 - (L == ABSTAIN).all(1).mean())},
         "label_model": {
             "kind": "dawid-skene",
-            "abstains": model.mode,  # how the fit read abstains: "evidence" or "votes" (see fmhub.data.label.model)
+            "abstains": model.mode,  # the reading used: "evidence", "votes" or "majority" (see fmhub.data.label.model)
             "iterations": model.iterations,
             "class_balance": {c: float(p) for c, p in zip(classes, model.prior)},
-            "redundant_pairs": [{"a": prep.specs[a].name, "b": prep.specs[b].name, "agreement": round(s, 4)} for a, b, s in pairs],
+            # functions read as one group: a is modelled given b; kappa is their agreement beyond what the class explains
+            "redundant_pairs": [{"a": prep.specs[a].name, "b": prep.specs[b].name, "kappa": round(s, 4)} for a, b, s in pairs],
+            "warnings": list(model.warnings),  # what the collapse check rejected, and why
+            "diagnostics": model.diagnostics,
         },
         "gold": None,
         "replaced_label_columns": replaced,
@@ -121,7 +125,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         return f"<table><tr>{head}</tr>{body}</table>"
 
     sugg = [[s["position"], s["text"] or "", ", ".join(f"{c} {p:.2f}" for c, p in s["probs"].items())] for s in report["suggestions"]]
-    pairs = [[p["a"], p["b"], f"{p['agreement']:.2f}"] for p in report["label_model"]["redundant_pairs"]]
+    pairs = [[p["a"], p["b"], f"{p['kappa']:.2f}"] for p in report["label_model"]["redundant_pairs"]]
     parts = [
         f"<h1>fmhub label: {html.escape(report['pipeline'])}</h1>",
         f"<p>{report['rows']} rows from {html.escape(report['input'])} to {html.escape(report['output'])}; "
@@ -130,7 +134,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<h2>Classes</h2>", table(CLASS_HEADER, class_rows(report)),
     ]
     if pairs:
-        parts += ["<h2>Redundant functions (counted as one)</h2>", table(["a", "b", "agreement"], pairs)]
+        parts += ["<h2>Dependent functions (a read given b: counted as one group)</h2>", table(["a", "b", "kappa given the class"], pairs)]
+    if report["label_model"].get("warnings"):
+        parts += ["<h2>Label model warnings</h2>"] + [f"<p>{html.escape(w)}</p>" for w in report["label_model"]["warnings"]]
     if sugg:
         parts += ["<h2>Label these next</h2>", table(["position", "text", "probabilities"], sugg)]
     style = "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
