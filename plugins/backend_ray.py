@@ -4,9 +4,13 @@ Each batch is one Ray task; at most two per worker are in flight and results
 come back in input order, like the ``processes`` backend, so a pipeline's
 output is byte-identical on either. The first use starts Ray: a local
 instance with ``workers`` CPUs (no dashboard, quiet logs), or, when
-``RAY_ADDRESS`` is set, a connection to that cluster. On a cluster every
+``RAY_ADDRESS`` is set (``ray://head:10001`` for Ray Client, or the head's
+``host:6379``), a connection to that cluster; a program that called
+``ray.init(address=...)`` itself keeps its connection. On a cluster every
 node needs fmhub and the plugins the pipeline uses installed (or a
 ``runtime_env``): tasks look their cleaners up through fmhub's plugin host.
+Batches travel as unparsed lines (`fmhub.core.rows.LineBatch`) and come back
+as encoded rows, so the calling process reads, looks up and writes bytes.
 ``ray`` is imported only here, on first use, so fmhub starts as fast
 without it.
 """

@@ -12,14 +12,15 @@ for a whole batch at once with numpy). Signatures are cut into LSH bands as
 datasketch's `MinHashLSH` chooses them for ``threshold``, weighted for recall
 (at 0.7 and 128 permutations: 20 bands of 6 values, which make a pair at the
 threshold a candidate 92% of the time, at 0.8 99.8%). The workers also hash
-each band to a 64-bit key, so the pass only looks keys up in one dict per
-band (datasketch's own index re-encodes every band in the calling process,
-which made it the pipeline's bottleneck: 300 µs a row against about 15). A
-candidate counts as a duplicate when the signatures agree on at least
-``threshold`` of their positions: the estimated Jaccard similarity of the
-shingle sets, recorded with the drop. Memory in the calling process: the
-signature (``num_perm × 4`` bytes) and one entry per band, about 1.5 KB, per
-kept row at the defaults.
+each band to a 64-bit key and send signatures and keys back as bytes; the
+pass (`fmhub.data.clean.lsh.BandIndex`) looks a whole batch's keys up in
+sorted numpy runs and goes through Python only for rows with a candidate
+(datasketch's own index re-encodes every band in the calling process: 300 µs
+a row; a dict per band: ~30 µs and 2.4 KB a kept row). A candidate counts as
+a duplicate when the signatures agree on at least ``threshold`` of their
+positions: the estimated Jaccard similarity of the shingle sets, recorded
+with the drop. Memory in the calling process: about 760 bytes per kept row
+at the defaults (the signature and 12 bytes per band).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from pydantic import Field
 
 from fmhub import hookimpl
+from fmhub.data.clean.lsh import STEP, BandIndex, mix64
 from fmhub.plugin.options import Options, parse_options, text_of
 from fmhub.plugin.interfaces import CleanContext, Drop
 
@@ -114,6 +116,8 @@ class NearDupOptions(Options):
     threshold: float = Field(0.7, gt=0, lt=1, description="estimated Jaccard similarity at which a row is a near-duplicate")
     seed: int = Field(1, ge=0)
     casefold: bool = True
+    verify: bool = Field(True, description="check each LSH candidate's estimated similarity against threshold; false: a "
+                                           "shared band alone makes a duplicate, as datatrove's MinHash pipeline does")
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class NearDupConfig:
     casefold: bool
     bands: int = 0
     band_size: int = 0
+    verify: bool = True
 
 
 class NearDup:
@@ -143,16 +148,17 @@ class NearDup:
         # datasketch's choice of bands for this threshold, weighted for recall: a candidate is checked
         # against its signature, so a false positive costs one comparison, a false negative a duplicate kept
         lsh = MinHashLSH(threshold=o.threshold, num_perm=o.num_perm, weights=(0.1, 0.9))
-        return NearDupConfig(tuple(context.columns), o.shingle, ngram, o.num_perm, o.threshold, o.seed, o.casefold, lsh.b, lsh.r)
+        return NearDupConfig(tuple(context.columns), o.shingle, ngram, o.num_perm, o.threshold, o.seed, o.casefold, lsh.b, lsh.r,
+                             o.verify)
 
     def prepare(self, rows: Sequence[Mapping[str, Any]], config: NearDupConfig) -> list:
-        """Per row: ``(signature bytes, band keys)``; None without shingles; a `Drop` without text."""
+        """Per row: ``(signature bytes, band keys as uint64 bytes)``; None without shingles; a `Drop` without text."""
         sigs = signatures([text_of(row, config.columns) for row in rows], config)
         have = [i for i, s in enumerate(sigs) if isinstance(s, np.ndarray)]
         if have:
-            keys = band_keys(np.stack([sigs[i] for i in have]), config.bands, config.band_size).tolist()
+            keys = band_keys(np.stack([sigs[i] for i in have]), config.bands, config.band_size)
             for k, i in enumerate(have):
-                sigs[i] = (sigs[i].tobytes(), tuple(keys[k]))
+                sigs[i] = (sigs[i].tobytes(), keys[k].tobytes())  # bytes: pickled back to the pass at memory speed
         return sigs
 
     def open(self, config: NearDupConfig) -> "NearDupPass":
@@ -160,65 +166,32 @@ class NearDup:
 
 
 class NearDupPass:
-    """The LSH index of the rows kept so far: per band, band key -> kept position(s), and their signatures."""
+    """The rows kept so far, in a `BandIndex`: each batch is looked up at once, the rows with candidates decided in order."""
 
     def __init__(self, config: NearDupConfig) -> None:
-        self.threshold = config.threshold
-        self.tables: list[dict[int, Any]] = [{} for _ in range(config.bands)]
-        self.kept: dict[int, bytes] = {}
+        self.threshold = config.threshold if config.verify else 0.0  # unverified: any candidate (a shared band) is a match
+        self.index = BandIndex(config.num_perm, config.bands)
 
     def clean(self, positions: Sequence[int], prepared: Sequence[Any]) -> list:
-        out: list = []
-        for pos, p in zip(positions, prepared):
-            if not isinstance(p, tuple):  # no text (a Drop), or too little to shingle (None): nothing to compare
-                out.append(p)
-                continue
-            sig, keys = p
-            candidates: set[int] = set()
-            for table, key in zip(self.tables, keys):
-                hit = table.get(key)
-                if hit is not None:
-                    if type(hit) is int:
-                        candidates.add(hit)
-                    else:
-                        candidates.update(hit)
-            best, best_j = -1, -1.0
-            if candidates:
-                mine = np.frombuffer(sig, dtype=np.uint32)
-                for cand in sorted(candidates):
-                    j = np.count_nonzero(np.frombuffer(self.kept[cand], dtype=np.uint32) == mine) / len(mine)
-                    if j > best_j:
-                        best, best_j = cand, j
-            if best_j >= self.threshold:
-                out.append(Drop(f"near-duplicate of position {best} (Jaccard ≈ {best_j:.2f})", {"duplicate_of": best, "jaccard": round(best_j, 4)}))
-                continue
-            for table, key in zip(self.tables, keys):
-                hit = table.get(key)
-                if hit is None:
-                    table[key] = pos  # most buckets hold one row: an int, not a list
-                elif type(hit) is int:
-                    table[key] = [hit, pos]
-                else:
-                    hit.append(pos)
-            self.kept[pos] = sig
-            out.append(None)
+        out: list = list(prepared)  # no text (a Drop), or too little to shingle (None): nothing to compare
+        have = [i for i, p in enumerate(prepared) if isinstance(p, tuple)]
+        if not have:
+            return out
+        sigs = np.frombuffer(b"".join(prepared[i][0] for i in have), dtype=np.uint32).reshape(len(have), -1)
+        keys = np.frombuffer(b"".join(prepared[i][1] for i in have), dtype=np.uint64).reshape(len(have), -1)
+        found = self.index.decide([positions[i] for i in have], sigs, keys, self.threshold)
+        for i, f in zip(have, found):
+            if f is None:
+                out[i] = None
+            else:
+                best, j = f
+                out[i] = Drop(f"near-duplicate of position {best} (Jaccard ≈ {j:.2f})", {"duplicate_of": best, "jaccard": round(j, 4)})
         return out
 
 
 # ---------------------------------------------------------------- signatures
 
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_STEP = np.uint64(0x9E3779B97F4A7C15)
 _CHUNK = 4096  # shingles per matrix: 4096 x num_perm x 8 bytes (4 MB at 128) stays in cache
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: spreads every input bit over the output (uint64, wrapping)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _MIX1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _MIX2
-    return x ^ (x >> np.uint64(31))
 
 
 @functools.lru_cache(maxsize=8)
@@ -250,14 +223,28 @@ def _units(text: str, config: NearDupConfig) -> np.ndarray:
             hashes = [h if h is not None else _word_hash(w) for h, w in zip(hashes, words)]
         return np.array(hashes, dtype=np.uint64)
     text = _normalize(text, config.casefold, True)
-    return _mix(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64) + _STEP)
+    return mix64(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64) + STEP)
+
+
+def _batch_units(texts: list[tuple[int, str]], config: NearDupConfig) -> list[tuple[int, np.ndarray]]:
+    """`_units` of each text, the word hashes of a whole batch looked up in one pass and made one array."""
+    if config.shingle != "word":
+        return [(i, _units(t, config)) for i, t in texts]
+    words = [_WORD.findall(t.casefold() if config.casefold else t) for _, t in texts]
+    flat = [w for ws in words for w in ws]
+    hashes = list(map(_word_hashes.get, flat))  # mostly cache hits: word frequencies are Zipfian
+    if None in hashes:
+        hashes = [h if h is not None else _word_hash(w) for h, w in zip(hashes, flat)]
+    arr = np.array(hashes, dtype=np.uint64)
+    cuts = np.cumsum([len(ws) for ws in words])[:-1]
+    return [(i, u) for (i, _), u in zip(texts, np.split(arr, cuts))] if texts else []
 
 
 def _ngrams(units: np.ndarray, n: int) -> np.ndarray:
     """The hash of every run of ``n`` consecutive units (order matters: "a b c" and "c b a" differ)."""
     acc = units[: len(units) - n + 1].copy()
     for k in range(1, n):
-        acc = _mix(acc * _STEP + units[k: len(units) - n + 1 + k])
+        acc = mix64(acc * STEP + units[k: len(units) - n + 1 + k])
     return acc
 
 
@@ -275,7 +262,8 @@ def signatures(texts: Sequence[str | Drop], config: NearDupConfig) -> list:
     """
     n = config.ngram
     out: list = [t if isinstance(t, Drop) else None for t in texts]
-    rows = [(i, u) for i, u in ((i, _units(t, config)) for i, t in enumerate(texts) if not isinstance(t, Drop)) if len(u)]
+    units = _batch_units([(i, t) for i, t in enumerate(texts) if not isinstance(t, Drop)], config)
+    rows = [(i, u) for i, u in units if len(u)]
     if not rows:
         return out
     lens = np.array([len(u) for _, u in rows])
@@ -335,9 +323,9 @@ def _permute(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def band_keys(sigs: np.ndarray, bands: int, size: int) -> np.ndarray:
     """One 64-bit key per band of ``size`` signature values, for each signature (rows): the LSH buckets."""
     cut = sigs[:, : bands * size].reshape(len(sigs), bands, size).astype(np.uint64)
-    acc = cut[:, :, 0] + _STEP
+    acc = cut[:, :, 0] + STEP
     for k in range(1, size):
-        acc = _mix(acc * _STEP + cut[:, :, k])
+        acc = mix64(acc * STEP + cut[:, :, k])
     return acc
 
 

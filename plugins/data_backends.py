@@ -4,7 +4,9 @@
 large dataset never runs ahead of the workers (``Pool.imap`` would read the
 whole input into its task queue). Workers are started with ``spawn``: the
 calling process may hold threads (torch, tokenizers) that ``fork`` would copy
-in a locked state.
+in a locked state. The function is sent to each worker once, when it
+starts, not with every batch (a pipeline's function carries its whole
+configuration, overrides included).
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ class Serial:
             yield fn(batch)
 
 
+_installed: Callable[[Any], Any] | None = None
+
+
+def _install(fn: Callable[[Any], Any]) -> None:
+    global _installed
+    _installed = fn
+
+
+def _call_installed(batch: Any) -> Any:
+    return _installed(batch)
+
+
 class Processes:
     name = "processes"
 
@@ -32,10 +46,10 @@ class Processes:
             yield from Serial().map_batches(fn, batches, workers)
             return
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
+        with ctx.Pool(workers, initializer=_install, initargs=(fn,)) as pool:
             pending: deque = deque()
             for batch in batches:
-                pending.append(pool.apply_async(fn, (batch,)))
+                pending.append(pool.apply_async(_call_installed, (batch,)))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().get()
             while pending:

@@ -76,6 +76,20 @@ def _too_deep(text: str, max_depth: int) -> bool:
     return text.count("[") + text.count("{") > max_depth and depth(text, max_depth) > max_depth
 
 
+_DECODERS: dict = {}
+
+
+def _decoder(allow_nan: bool, max_int_digits: int) -> json.JSONDecoder:
+    """One decoder per setting, kept: `json.loads` with these options builds a new one (and its scanner) per call,
+    which cost a dataset reader as much as the parsing of a short row. Decoders keep no state between calls."""
+    key = (allow_nan, max_int_digits)
+    decoder = _DECODERS.get(key)
+    if decoder is None:
+        decoder = _DECODERS[key] = json.JSONDecoder(parse_int=_parse_int(max_int_digits), parse_float=float if allow_nan else _float,
+                                                    parse_constant=float if allow_nan else _constant)
+    return decoder
+
+
 def loads(
     data: str | bytes,
     max_depth: int = MAX_DEPTH,
@@ -99,6 +113,8 @@ def loads(
     if _too_deep(data, max_depth):
         raise JSONLimitError(f"nested deeper than {max_depth} levels")
     try:
+        if object_pairs_hook is None and not data.startswith("\ufeff"):  # json.loads refuses a BOM: below, in its words
+            return _decoder(allow_nan, max_int_digits).decode(data)
         return json.loads(
             data, parse_int=_parse_int(max_int_digits), parse_float=float if allow_nan else _float,
             parse_constant=float if allow_nan else _constant, object_pairs_hook=object_pairs_hook,

@@ -111,29 +111,62 @@ def _open(path: str):
 
 
 def _jsonl_batches(path: str, batch_size: int, columns: Sequence[str] | None) -> Iterator[Batch]:
-    keep = set(columns) if columns is not None else None
-    batch = Batch([], [])
+    for raw in read_line_batches(path, batch_size):
+        yield parse_lines(raw, columns)
+
+
+@dataclass
+class LineBatch:
+    """Consecutive non-blank ``.jsonl`` lines as read (bytes, unparsed): ``lines[i]`` is the line at ``positions[i]``.
+
+    What a pipeline sends its workers, which parse it (`parse_lines`): bytes
+    pickle at memory speed, where dicts of parsed rows cost the reading
+    process as much again as parsing them.
+    """
+
+    positions: list[int]
+    lines: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def read_line_batches(path: str, batch_size: int = 1000) -> Iterator[LineBatch]:
+    """The non-blank lines of a ``.jsonl`` file in batches of at most ``batch_size``, unparsed, with their positions."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, not {batch_size}")
+    batch = LineBatch([], [])
     with _open(path) as f:
         for pos, raw in enumerate(f):
             if not raw.strip():
                 continue
-            try:
-                row = parse_row(raw)
-            except ValueError as exc:
-                batch.errors.append((pos, f"line {pos + 1} is {row_problem(exc)}"))
-                continue
-            if not isinstance(row, dict):
-                batch.errors.append((pos, f"line {pos + 1} is a JSON {type(row).__name__}, not an object"))
-                continue
-            if keep is not None:
-                row = {k: v for k, v in row.items() if k in keep}
             batch.positions.append(pos)
-            batch.rows.append(row)
-            if len(batch.rows) >= batch_size:
+            batch.lines.append(raw)
+            if len(batch.lines) >= batch_size:
                 yield batch
-                batch = Batch([], [])
-    if batch.rows or batch.errors:
+                batch = LineBatch([], [])
+    if batch.lines:
         yield batch
+
+
+def parse_lines(raw: LineBatch, columns: Sequence[str] | None = None) -> Batch:
+    """A `LineBatch` parsed: its rows, and a one-line error per line that is not a JSON object."""
+    keep = set(columns) if columns is not None else None
+    batch = Batch([], [])
+    for pos, line in zip(raw.positions, raw.lines):
+        try:
+            row = parse_row(line)
+        except ValueError as exc:
+            batch.errors.append((pos, f"line {pos + 1} is {row_problem(exc)}"))
+            continue
+        if not isinstance(row, dict):
+            batch.errors.append((pos, f"line {pos + 1} is a JSON {type(row).__name__}, not an object"))
+            continue
+        if keep is not None:
+            row = {k: v for k, v in row.items() if k in keep}
+        batch.positions.append(pos)
+        batch.rows.append(row)
+    return batch
 
 
 def _parquet_file(path: str):
@@ -189,12 +222,19 @@ class RowWriter:
 
     def write(self, rows: Sequence[Row]) -> None:
         if self.format == "jsonl":
-            self._f.write(b"".join(json.dumps(r, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n" for r in rows))
+            self._f.write(b"".join(map(encode_row, rows)))
         else:
             self._pending.extend(rows)
             if len(self._pending) >= self._row_group_size:
                 self._flush_parquet()
         self.rows_written += len(rows)
+
+    def write_encoded(self, lines: Sequence[bytes]) -> None:
+        """Rows a worker already encoded with `encode_row` (``.jsonl`` only: the bytes `write` would write)."""
+        if self.format != "jsonl":
+            raise DataError(f"{self.path}: encoded rows can only be written to .jsonl")
+        self._f.write(b"".join(lines))
+        self.rows_written += len(lines)
 
     def _flush_parquet(self) -> None:
         import pyarrow as pa
@@ -239,6 +279,11 @@ class RowWriter:
             with contextlib.suppress(Exception):
                 self._pq.close()
             self._pq = None
+
+
+def encode_row(row: Row) -> bytes:
+    """One row as a ``.jsonl`` line (UTF-8, newline-terminated), exactly as `RowWriter` writes it."""
+    return json.dumps(row, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
 
 
 def _json_default(obj: Any) -> Any:

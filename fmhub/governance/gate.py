@@ -37,7 +37,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
-from fmhub.core.rows import Batch, parse_row, read_batches, row_problem
+from fmhub.core.rows import Batch, LineBatch, data_format, parse_row, read_batches, read_line_batches, row_problem
 from fmhub.governance import access, licences, lineage
 
 
@@ -107,6 +107,16 @@ class Rows:
         """`fmhub.core.rows.read_batches` less the withheld rows (the others keep their file positions)."""
         batches = read_batches(self.path, batch_size)
         return self.gate.filter(batches) if self.gate else batches
+
+    def line_batches(self, batch_size: int = 1000) -> Optional[Iterator[LineBatch]]:
+        """The ``.jsonl`` input's lines unparsed (`fmhub.core.rows.read_line_batches`), for workers to parse.
+
+        None when rows must be parsed here: a ``rows:`` rule has to see each
+        row to withhold it, and parquet is read by columns anyway.
+        """
+        if self.gate is not None or data_format(self.path) != "jsonl":
+            return None
+        return read_line_batches(self.path, batch_size)
 
     def readable(self, row: Mapping[str, Any]) -> bool:
         """May the user read ``row`` of this input (a reader that parses rows itself, e.g. a join's CSV table)?"""

@@ -344,6 +344,7 @@ def test_an_interrupted_run_leaves_the_old_output_and_no_temp_files(project, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RowWriter, "write", interrupted)
+    monkeypatch.setattr(RowWriter, "write_encoded", interrupted)  # jsonl output: rows arrive encoded by the workers
     with pytest.raises(KeyboardInterrupt):
         clean.run(loaded, backend="serial", reports=[str(project / "r.json")])
     assert calls and out.read_bytes() == first

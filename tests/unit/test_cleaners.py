@@ -284,6 +284,34 @@ def test_near_dup_finds_planted_copies_and_keeps_distinct_texts():
     assert all(v[i] is None for i in range(200))
 
 
+def test_near_dup_without_verify_drops_every_band_collision():
+    """verify: false is datatrove's rule (a shared band makes a duplicate): a pair below the threshold that shares a
+    band is dropped; with the default check it is kept."""
+    rng = random.Random(3)
+    vocab = [f"w{i}" for i in range(3000)]
+    nd = host.lookup("cleaner", "near-dup")
+    config = nd.configure({"threshold": 0.7}, CleanContext(("text",), "."))
+
+    def bands(p) -> set:
+        return {p[1][i:i + 8] for i in range(0, len(p[1]), 8)}
+
+    for _ in range(200):  # edited copies until one is below the threshold yet shares a band with its source
+        doc = _doc(rng, vocab)
+        copy = [rng.choice(vocab) if rng.random() < 0.12 else w for w in doc]
+        true_j = len(_shingles(doc) & _shingles(copy)) / len(_shingles(doc) | _shingles(copy))
+        rows = texts(" ".join(doc), " ".join(copy))
+        prepared = nd.prepare(rows, config)
+        if true_j < 0.6 and bands(prepared[0]) & bands(prepared[1]):
+            break
+    else:
+        raise AssertionError("no edited copy below the threshold shared a band")
+    assert verdicts("near-dup", rows, threshold=0.7) == [None, None]
+    loose = verdicts("near-dup", rows, threshold=0.7, verify=False)
+    assert loose[0] is None and loose[1].detail["duplicate_of"] == 0 and loose[1].detail["jaccard"] < 0.7
+    with pytest.raises(CleanerError):
+        verdicts("near-dup", rows, verify="sometimes")
+
+
 def test_near_dup_char_shingles_signatures_are_deterministic():
     nd = host.lookup("cleaner", "near-dup")
     config = nd.configure({"shingle": "char", "ngram": 4}, CleanContext(("text",), "."))

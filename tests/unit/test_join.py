@@ -230,3 +230,19 @@ def test_spec_errors_name_the_fmhub_yaml_line(tmp_path: Path) -> None:
 def test_unquoted_on_key_is_accepted(tmp_path: Path) -> None:
     path = spec_file(tmp_path, "join:\n  j:\n    input: in.jsonl\n    table: t.csv\n    on: org\n    output: o.jsonl\n")
     assert load_spec(str(path)).spec.join["j"].on == "org"
+
+
+def test_mentions_trie_matches_as_the_plain_alternation_did(tmp_path: Path) -> None:
+    """Names sharing prefixes (in any case), punctuation, and names nested too deep for one trie pattern."""
+    import re
+
+    from fmhub.data.join import _name_pattern, _trie_pattern
+
+    names = ["New York", "NEW YORK CITY", "C++", "C", "Acme Lumen", "AcmeX", "a.b", "Ab"]
+    text = "new  york city, New York. c++ and C; acme lumen acmex acmexy A.B ab"
+    flat = "|".join(_name_pattern(n) for n in sorted(names, key=lambda n: (-len(n.strip()), n)))
+    matches = [re.compile(rf"(?<!\w)(?:{p})(?!\w)", re.IGNORECASE).findall(text) for p in (flat, _trie_pattern(names))]
+    assert matches[0] == matches[1] == ["new  york city", "New York", "c++", "C", "acme lumen", "acmex", "A.B", "ab"]
+    deep = {"a" * k: {"k": str(k)} for k in range(1, 400)}  # 399 branch points on one path: the plain alternation
+    out = list(join_rows([{"t": "x " + "a" * 7 + " y"}], deep, JoinSpec(input="i", table="t", key="k", mentions="t", output="o")))
+    assert out[0]["entities"] == ["a" * 7]

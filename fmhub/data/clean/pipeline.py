@@ -4,11 +4,15 @@ How a run goes:
 
 1. Every step's cleaner is looked up and configured before any row is read,
    so a bad option stops the run with its ``fmhub.yaml`` line.
-2. Batches of input rows go to the data backend (`fmhub.plugin.interfaces.DataBackend`).
-   In the workers, `run_batch` takes each row through the row-scoped steps,
+2. Batches of input go to the data backend (`fmhub.plugin.interfaces.DataBackend`):
+   a ``.jsonl`` input as unparsed lines (`fmhub.core.rows.LineBatch`) unless
+   a ``rows:`` access rule must see each row here first. In the workers,
+   `run_batch` parses them, takes each row through the row-scoped steps,
    in order, and computes the dataset-scoped steps' ``prepare`` values. A
    dataset step never edits rows, so the workers can run the row steps that
-   come after it too: their verdicts count only for rows it keeps.
+   come after it too: their verdicts count only for rows it keeps. For a
+   ``.jsonl`` output the workers also encode the rows, so this process,
+   which every batch goes through, handles bytes, not dicts.
 3. Back in this process, batch by batch in input order, `Run.apply` replays
    each row through the steps: the worker's verdicts for row steps, the
    dataset steps' passes (dedup state) live. Kept rows go to a `RowWriter`:
@@ -44,7 +48,7 @@ from fmhub.data.clean.overrides import Overrides, load_overrides, row_hash
 from fmhub.plugin.options import OptionError
 from fmhub.base.errors import PluginError
 from fmhub.plugin.interfaces import CleanContext, Drop, Edit
-from fmhub.core.rows import Batch, DataError, RowWriter, count_rows, data_format
+from fmhub.core.rows import Batch, DataError, LineBatch, RowWriter, count_rows, data_format, encode_row, parse_lines
 from fmhub.project.spec import CleanPipeline, LoadedSpec, pipeline
 from fmhub.core.store import file_sha256
 
@@ -105,7 +109,7 @@ class BatchOut:
     """What a worker hands back for one batch."""
 
     positions: list[int]
-    rows: list[Optional[dict]]  # after the row steps' edits; None once a row step dropped it
+    rows: Optional[list[Optional[dict]]]  # after the row steps' edits; None once a row step dropped it (all None: sent as lines)
     fate: list[int]  # per row: the step that dropped it, -1 a reviewer's drop, len(steps) none
     events: list[tuple[int, Decision]]  # (row index, decision) for the row steps
     prepared: dict[int, list]  # dataset step index -> one value per row (None where the row did not get there)
@@ -114,6 +118,8 @@ class BatchOut:
     seconds: list[float]
     matched: set
     errors: list[tuple[int, str]]
+    lines: Optional[list[Optional[bytes]]] = None  # the rows encoded for a .jsonl output, in the worker
+    excerpts: Optional[dict[int, str]] = None  # with lines: the excerpt of each row a dataset step may drop
 
 
 @dataclass
@@ -199,12 +205,27 @@ def _cleaner(name: str) -> Any:
 
 
 def run_batch(steps: Sequence[PlannedStep], overrides: Overrides, excerpt: int, text_columns: Sequence[str], hash_all: bool,
-              batch: Batch) -> BatchOut:
-    """The per-batch work, in a worker: reviewer drops, the row steps in order, the dataset steps' ``prepare``.
+              encode: bool, batch: Batch | LineBatch) -> BatchOut:
+    """The per-batch work, in a worker: parsing, reviewer drops, the row steps in order, the dataset steps' ``prepare``.
 
     Rows are hashed (for reports and overrides) as read, before any edit;
     ``hash_all`` hashes every row, else only those a row step decides on.
+    ``encode``: hand the surviving rows back as ``.jsonl`` lines, so the
+    calling process (the one every batch goes through) only writes bytes.
     """
+    if isinstance(batch, LineBatch):
+        batch = parse_lines(batch)
+    out = _row_steps(steps, overrides, excerpt, text_columns, hash_all, batch)
+    if encode:
+        if excerpt > 0 and out.prepared:  # a dataset step's drop shows an excerpt of the row: made here, from the row
+            out.excerpts = {i: _excerpt(r, text_columns, excerpt) for i, r in enumerate(out.rows) if r is not None}
+        out.lines = [None if r is None else encode_row(r) for r in out.rows]
+        out.rows = None
+    return out
+
+
+def _row_steps(steps: Sequence[PlannedStep], overrides: Overrides, excerpt: int, text_columns: Sequence[str], hash_all: bool,
+               batch: Batch) -> BatchOut:
     n, end = len(batch.rows), len(steps)
     rows: list[Optional[dict]] = list(batch.rows)
     fate = [end] * n
@@ -345,9 +366,8 @@ class Run:
                     if not isinstance(v, Drop):
                         raise PluginError(f"dataset cleaner {step.name!r} returned {type(v).__name__}; a dataset step keeps (None) or drops (Drop)")
                     h = out.hashes.get(i)  # hashed in the worker whenever reports or overrides need it
-                    shown = v.shown if v.shown is not None else out.rows[i]
                     events.append((i, Decision(out.positions[i], h, step.name, step.index, "drop", v.reason, _plain(v.detail),
-                                               overridden=i in out.forced, excerpt=_excerpt(shown, self.text_columns, self.excerpt))))
+                                               overridden=i in out.forced, excerpt=self._shown(out, i, v))))
                 stats.seconds += time.perf_counter() - t0
             for i, d in events:
                 if not alive[i]:
@@ -360,12 +380,20 @@ class Run:
                     alive[i] = False
                 else:
                     stats.edited += 1
-        kept = [out.rows[i] for i in range(n) if alive[i]]
+        rows = out.rows if out.lines is None else out.lines
+        kept = [rows[i] for i in range(n) if alive[i]]
         res.rows_out += len(kept)
         if self.spool is not None and decisions:
             decisions.sort(key=lambda d: (d.position, d.step_index))
             self.spool.write("".join(json.dumps(d.to_dict(), ensure_ascii=False, default=str) + "\n" for d in decisions))
         return kept
+
+
+    def _shown(self, out: BatchOut, i: int, verdict: Drop) -> Optional[str]:
+        """The excerpt a dataset step's drop shows: the verdict's own ``shown``, else the row's (made in the worker when sent as lines)."""
+        if verdict.shown is not None or out.rows is not None:
+            return _excerpt(verdict.shown if verdict.shown is not None else out.rows[i], self.text_columns, self.excerpt)
+        return (out.excerpts or {}).get(i)
 
 
 def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str] = None, workers: Optional[int] = None,
@@ -419,12 +447,19 @@ def run(loaded: LoadedSpec, name: Optional[str] = None, *, backend: Optional[str
     t0 = time.perf_counter()
     in_sha = file_sha256(src) if reports else None
     hash_all = bool(reports) and any(s.scope == "dataset" for s in steps)
-    fn = functools.partial(run_batch, tuple(steps), ov, excerpt, text_columns, hash_all)
+    encode = data_format(dst) == "jsonl"
+    fn = functools.partial(run_batch, tuple(steps), ov, excerpt, text_columns, hash_all, encode)
+    # unparsed lines where no rows: rule needs to see rows here: the workers parse them
+    batches = rows.line_batches(pipe.batch_size) or rows.batches(pipe.batch_size)
     with tempfile.TemporaryFile("w+", encoding="utf-8") if reports else contextlib.nullcontext() as spool:
         state = Run(steps, result, spool, text_columns, excerpt)
         with RowWriter(dst) as writer:
-            for out in engine.map_batches(fn, rows.batches(pipe.batch_size), workers):
-                writer.write(state.apply(out))
+            for out in engine.map_batches(fn, batches, workers):
+                kept = state.apply(out)
+                if encode:
+                    writer.write_encoded(kept)
+                else:
+                    writer.write(kept)
                 if progress:
                     progress(len(out.positions) + len(out.errors))
             result.withheld = rows.withheld
