@@ -196,8 +196,12 @@ def test_bootstrap_paths_are_sites_in_sites_order(where, tmp_path, monkeypatch):
     booted, full = [p for p in boot_paths(python) if p], [p for p in site_paths(python) if p]
     assert in_order_within(booted, full), (booted, full)
     import site
+    import sysconfig
 
-    ours = site.getsitepackages()[0]
+    # a venv made by this Python sees the *base* installation's site-packages as its system site: when the tests
+    # themselves run in a virtual environment, that is not this Python's own site-packages
+    base_site = sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_prefix})
+    ours = site.getsitepackages()[0] if where == "this" else base_site
     assert (ours in booted) == (where != "venv-isolated")
     if where != "this":
         assert str(tmp_path / "venv") in "".join(booted)
