@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -73,3 +74,21 @@ def http(method: str, url: str, body=None, headers: dict | None = None, timeout:
 def complete(url: str, model: str, prompt, n: int, **extra) -> tuple[int, dict]:
     body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, **extra}
     return http("POST", url + "/v1/completions", body)
+
+
+def finish_order(requests: list, timeout: float = 60) -> list[str]:
+    """Wait for ``requests`` ((name, engine request) pairs), each in its own thread; the names in finishing order."""
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def wait(name: str, r) -> None:
+        r.result(timeout)
+        with lock:
+            order.append(name)
+
+    threads = [threading.Thread(target=wait, args=nr) for nr in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return order

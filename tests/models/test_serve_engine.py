@@ -14,7 +14,7 @@ from fmhub.serving.config import ServeConfig
 from fmhub.serving.engine import Engine, GenParams
 from fmhub.serving.multilora import Factors, LoraBank, factors_from
 from fmhub.serving.sources import Source, parse_adapters, parse_source
-from tests.helpers.serving import random_adapter, reference, save_base
+from tests.helpers.serving import finish_order, random_adapter, reference, save_base
 
 PROMPTS = [[5, 6, 7, 8, 9], [17, 3], [40, 41, 42, 43, 44, 45, 46, 47], [100, 200, 300], [7, 7, 7, 7], [250, 11, 64]]
 
@@ -207,34 +207,21 @@ def test_a_prefill_that_raises_fails_its_requests_and_the_engine_goes_on(models)
 def test_cycle_time_lets_a_waiting_adapter_take_a_busy_slot(models):
     """One slot, a queue of a0 requests, then one a1 request: cycle_time decides whether a1 waits for the whole queue."""
 
-    def finish_order(cycle_time: float) -> list[str]:
+    def order_with(cycle_time: float) -> list[str]:
         eng = engine(models, gpu_slots=1, max_batch=2, cycle_time=cycle_time)
         slow_down(eng, 0.01)
         try:
             eng.submit([1], greedy(1), "a1").result(30)  # a1 warm, so only the slot is in question
-            order: list[str] = []
             reqs = [(f"a0-{i}", eng.submit(PROMPTS[i % 3], greedy(12), "a0")) for i in range(6)]
             time.sleep(0.05)
             reqs.append(("a1", eng.submit(PROMPTS[3], greedy(12), "a1")))
-            done = threading.Lock()
-
-            def wait(name, r):
-                r.result(60)
-                with done:
-                    order.append(name)
-
-            threads = [threading.Thread(target=wait, args=nr) for nr in reqs]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            return order
+            return finish_order(reqs)
         finally:
             eng.close()
 
-    patient = finish_order(1e9)
+    patient = order_with(1e9)
     assert patient[-1] == "a1"  # a0 kept its slot while it had requests
-    eager = finish_order(0.0)
+    eager = order_with(0.0)
     assert eager.index("a1") < len(eager) - 2  # a0's slot drained and a1 got its turn before a0's queue was done
 
 

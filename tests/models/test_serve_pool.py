@@ -14,7 +14,7 @@ from fmhub.serving.config import ServeConfig
 from fmhub.serving.engine import Engine, GenParams
 from fmhub.serving.multilora import Factors, LoraBank
 from fmhub.serving.sources import parse_adapters, parse_source
-from tests.helpers.serving import random_adapter, reference, save_base
+from tests.helpers.serving import finish_order, random_adapter, reference, save_base
 
 RANKS = (2, 4, 8, 3, 6, 2, 5, 8, 4, 1, 7, 2)  # twelve adapters: more than the eight slots the server had by default
 
@@ -136,22 +136,10 @@ def test_pages_scattered_in_gaps_are_compacted_so_a_waiting_adapter_is_placed():
 
 def _finish_order(eng: Engine, queue: list[str], late: list[str]) -> list[str]:
     """Submit a request for each adapter of ``queue``, then (a moment later) of ``late``; the names in finishing order."""
-    order: list[str] = []
-    lock = threading.Lock()
     reqs = [(f"{n}-{i}", eng.submit([3 + i, 4, 5], greedy(10), n)) for i, n in enumerate(queue)]
     time.sleep(0.05)
     reqs += [(n, eng.submit([9, 10, 11], greedy(6), n)) for n in late]
-
-    def wait(name, r):
-        r.result(60)
-        with lock:
-            order.append(name)
-
-    threads = [threading.Thread(target=wait, args=nr) for nr in reqs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    order = finish_order(reqs)
     assert len(order) == len(reqs)
     return order
 
