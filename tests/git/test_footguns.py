@@ -212,14 +212,19 @@ def test_the_guard_quotes_odd_paths_and_passes_arguments_on(tmp_path):
 # -- a clone made without fmhub -------------------------------------------------------------------------------------
 
 
-def test_a_clone_without_fmhub_holds_manifests_and_checkout_restores_it(repo, tmp_path):
+def clone_without_fmhub(repo, tmp_path):
+    """A checkpoint committed in ``repo``, then a plain `git clone` of it where git knows no fmhub filter (no
+    `fmhub install --global`): the clone's directory and the checkpoint's sha256."""
     save_tensors(repo / "m.safetensors", tensors())
     git(repo, "add", "m.safetensors")
     git(repo, "commit", "-qm", "m")
-    want = sha256_file(repo / "m.safetensors")
-
     clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(repo), str(clone))  # no `fmhub install --global`: git knows no fmhub filter
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    return clone, sha256_file(repo / "m.safetensors")
+
+
+def test_a_clone_without_fmhub_holds_manifests_and_checkout_restores_it(repo, tmp_path):
+    clone, want = clone_without_fmhub(repo, tmp_path)
     assert (clone / "m.safetensors").read_bytes().startswith(b"fmhub manifest")
     assert "fmhub install && fmhub checkout" in (clone / ".gitattributes").read_text()  # `fmhub track`'s hint
     proc = fmhub(clone, "fsck", check=False)
@@ -236,12 +241,7 @@ def test_a_clone_without_fmhub_holds_manifests_and_checkout_restores_it(repo, tm
 
 
 def test_checkout_in_a_clone_without_fmhub_installs_it_first(repo, tmp_path):
-    save_tensors(repo / "m.safetensors", tensors())
-    git(repo, "add", "m.safetensors")
-    git(repo, "commit", "-qm", "m")
-    want = sha256_file(repo / "m.safetensors")
-    clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    clone, want = clone_without_fmhub(repo, tmp_path)
     said = fmhub(clone, "checkout").stdout.decode()
     assert "installed it (as `fmhub install`)" in said and "checked out m.safetensors" in said
     assert sha256_file(clone / "m.safetensors") == want
