@@ -78,24 +78,36 @@ def sha256(paths: Iterable[str], cache_dir: Optional[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     changed = False
     for path in paths:
-        real = os.path.realpath(path)
-        # the time before the file is looked at: a write after it gives the file a later mtime and ctime, unless the
-        # filesystem's tick is coarse and the file changed within a tick of it, which `_fresh` counts as racy
-        started = _now_ns()
         try:
-            key = _key(os.stat(real))
-            hit = _fresh(entries[real], key) if real in entries else None
-            if hit is None:
-                hit = file_sha256(real)
-                if _key(os.stat(real)) == key:  # not written to while it was read, as far as the stat tells
-                    entries[real] = [*key, hit, started]
-                    changed = True
+            out[path], added = lookup(entries, path)
         except OSError as exc:  # a dangling link (a half-downloaded Hub snapshot), a file removed under us
             raise FmhubError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-        out[path] = hit
+        changed = changed or added
     if changed and cache_file:
         _save(cache_file, entries)
     return out
+
+
+def lookup(entries: dict, path: str) -> tuple[str, bool]:
+    """The sha256 of ``path`` from ``entries`` (a cache's ``{realpath: entry}``, any other value ignored) when its
+    entry is fresh, else read from the file and recorded there; and whether ``entries`` changed.
+
+    :raises OSError: the file cannot be stat'ed or read.
+    """
+    real = os.path.realpath(path)
+    # the time before the file is looked at: a write after it gives the file a later mtime and ctime, unless the
+    # filesystem's tick is coarse and the file changed within a tick of it, which `_fresh` counts as racy
+    started = _now_ns()
+    key = _key(os.stat(real))
+    entry = entries.get(real)
+    hit = _fresh(entry, key) if _well_formed(entry) else None
+    if hit is not None:
+        return hit, False
+    hit = file_sha256(real)
+    if _key(os.stat(real)) != key:  # written to while it was read, as far as the stat tells: not remembered
+        return hit, False
+    entries[real] = [*key, hit, started]
+    return hit, True
 
 
 def _save(path: str, entries: dict[str, list]) -> None:

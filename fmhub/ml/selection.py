@@ -311,24 +311,16 @@ def _share_ties(ordered: list[str], value: Callable[[str], float], scores: dict,
 # -- content keys and the cache ----------------------------------------------------------------
 
 class _Hasher:
-    """sha256 of files, remembered by (size, mtime, inode) in ``memo`` (the cache file's ``files``)."""
+    """sha256 of files, remembered in ``memo`` (the cache file's ``files``) by `fmhub.ml.hashcache`'s stat key and
+    racy-clean rule."""
 
     def __init__(self, memo: dict) -> None:
         self.memo = memo
 
     def file(self, path: str) -> str:
-        path = os.path.abspath(path)
-        st = os.stat(path)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        known = self.memo.get(path)
-        if isinstance(known, dict) and known.get("stat") == stamp:
-            return known["sha256"]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        self.memo[path] = {"stat": stamp, "sha256": h.hexdigest()}
-        return h.hexdigest()
+        from fmhub.ml import hashcache
+
+        return hashcache.lookup(self.memo, path)[0]
 
     def tree(self, path: str) -> str:
         """A directory's files (recursively, names relative to it) and their hashes, as one hash."""
